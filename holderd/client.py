@@ -1,0 +1,129 @@
+"""The client side of the holder protocol, for chatd and chatctl.
+
+Blocking and simple: one request, then its reply (or replies, for RETRIEVE and
+LIST, which come in chunks of at most 253 fds). Every failure reported by
+holderd raises :class:`HolderError` with holderd's error code; a holderd that
+cannot be reached raises :class:`HolderUnavailable`.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+from dataclasses import dataclass
+
+from . import paths
+from .wire import MAX_FDS_PER_FRAME, FrameSocket, close_fds
+
+
+class HolderError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(f"holderd: {code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class HolderUnavailable(HolderError):
+    def __init__(self, path: str, reason: str):
+        super().__init__(
+            "unavailable",
+            f"cannot reach holderd at {path} ({reason}); is it running? (start it with "
+            "`holderd`, or `systemctl start holderd`)",
+        )
+
+
+@dataclass
+class Retrieved:
+    name: str
+    meta: bytes
+    fd: int
+    ino: int
+
+
+class HolderClient:
+    def __init__(self, path: str | None = None, timeout: float = 5.0):
+        self.path = path or paths.holderd_socket()
+        self.timeout = timeout
+        self._conn: FrameSocket | None = None
+        self._ids = itertools.count(1)
+
+    def connect(self) -> "HolderClient":
+        if self._conn is None:
+            try:
+                self._conn = FrameSocket(self.path, self.timeout)
+            except OSError as exc:
+                raise HolderUnavailable(self.path, exc.strerror or str(exc)) from None
+        return self
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self):
+        return self.connect()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, body: dict, fds=()) -> list[tuple[dict, list[int]]]:
+        """Send one request; return every reply frame (chunks end with more=false)."""
+        self.connect()
+        request_id = next(self._ids)
+        replies = []
+        try:
+            self._conn.send({"id": request_id, **body}, fds)
+            while True:
+                frame = self._conn.receive()
+                if not frame.body.get("ok"):
+                    close_fds(frame.fds)
+                    for _, earlier in replies:
+                        close_fds(earlier)
+                    raise HolderError(frame.body.get("error", "unknown"), frame.body.get("message", ""))
+                replies.append((frame.body, frame.fds))
+                if not frame.body.get("more"):
+                    return replies
+        except (OSError, ConnectionError) as exc:
+            # The stream's position is unknown now: start afresh next time.
+            for _, earlier in replies:
+                close_fds(earlier)
+            self.close()
+            raise HolderUnavailable(self.path, str(exc)) from None
+
+    def ping(self) -> dict:
+        return self._call({"op": "PING"})[0][0]
+
+    def store(self, items: list[tuple[str, bytes, int]]) -> int:
+        """Store (name, meta, fd) items, in as many frames as SCM_RIGHTS needs."""
+        stored = 0
+        for start in range(0, len(items), MAX_FDS_PER_FRAME):
+            batch = items[start:start + MAX_FDS_PER_FRAME]
+            body = {
+                "op": "STORE",
+                "items": [{"name": name, "meta": base64.b64encode(meta).decode()} for name, meta, _ in batch],
+            }
+            stored += self._call(body, [fd for _, _, fd in batch])[0][0]["stored"]
+        return stored
+
+    def retrieve(self, prefix: str = "") -> list[Retrieved]:
+        """Duplicates of every held fd whose name starts with ``prefix``; the caller owns them."""
+        result = []
+        for body, fds in self._call({"op": "RETRIEVE", "prefix": prefix}):
+            for item, fd in zip(body["items"], fds):
+                result.append(Retrieved(item["name"], base64.b64decode(item["meta"]), fd, item["ino"]))
+        return result
+
+    def list(self, prefix: str = "") -> list[dict]:
+        items = []
+        for body, _ in self._call({"op": "LIST", "prefix": prefix}):
+            for item in body["items"]:
+                items.append({**item, "meta": base64.b64decode(item["meta"])})
+        return items
+
+    def remove(self, names: list[str] | None = None, prefix: str | None = None) -> int:
+        body = {"op": "REMOVE"}
+        if names is not None:
+            body["names"] = names
+        if prefix is not None:
+            body["prefix"] = prefix
+        return self._call(body)[0][0]["removed"]

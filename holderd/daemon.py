@@ -1,0 +1,175 @@
+"""holderd: keeps duplicates of its clients' file descriptors, by name.
+
+The I/O edge around :class:`holderd.protocol.HolderCore`: a UNIX stream socket,
+peer credentials, an epoll loop, and hang-up watching of held sockets.
+Run ``holderd --help`` for the options; ``holderd/PROTOCOL.md`` for the wire.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from . import paths
+from .eventloop import IN, FramePeer, Loop, peer_credentials, raise_fd_limit, stop_on_signals
+from .protocol import Held, HolderCore, Limits, Watcher, error_reply
+from .wire import DEFAULT_MAX_FRAME, send_frame
+
+log = logging.getLogger("holderd")
+
+
+class HangupWatcher(Watcher):
+    """Drops a held socket when it reports POLLHUP/POLLERR, as systemd's store does."""
+
+    def __init__(self, loop: Loop):
+        self.loop = loop
+        self.core: HolderCore | None = None
+
+    def held(self, uid: int, held: Held) -> None:
+        if held.kind != "socket" or self.loop.watching(held.fd):
+            return
+        self.loop.add(held.fd, 0, lambda mask, fd=held.fd: self._hung_up(fd))
+
+    def released(self, uid: int, held: Held) -> None:
+        self.loop.remove(held.fd)
+
+    def _hung_up(self, fd: int) -> None:
+        held = self.core.drop_fd(fd)
+        if held is not None:
+            log.info("dropped %s: its socket hung up", held.name)
+
+
+class Holderd:
+    def __init__(self, socket_path: str, allowed_uids: set[int], limits: Limits, max_frame: int):
+        self.socket_path = socket_path
+        self.allowed_uids = allowed_uids
+        self.max_frame = max_frame
+        self.loop = Loop()
+        watcher = HangupWatcher(self.loop)
+        self.core = HolderCore(limits, watcher)
+        watcher.core = self.core
+        self.peers: set[FramePeer] = set()
+        paths.prepare_socket_path(socket_path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(socket_path)
+        # Anyone may connect; SO_PEERCRED, not file modes, decides who is served.
+        os.chmod(socket_path, 0o666)
+        self.listener.listen(128)
+        self.listener.setblocking(False)
+        self.loop.add(self.listener.fileno(), IN, self._accept)
+
+    def _accept(self, mask: int) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("accept failed: %s", exc)
+                return
+            pid, uid, _ = peer_credentials(sock)
+            if uid not in self.allowed_uids:
+                log.warning("refused pid %d uid %d: not in --allow-uid", pid, uid)
+                self._refuse(sock, uid)
+                continue
+            peer = FramePeer(self.loop, sock, self._on_frame, self.peers.discard, self.max_frame)
+            self.peers.add(peer)
+
+    @staticmethod
+    def _refuse(sock: socket.socket, uid: int) -> None:
+        try:
+            sock.setblocking(False)
+            body = error_reply(None, "not-allowed", f"uid {uid} may not use this holderd").body
+            send_frame(sock, body)
+        except OSError:
+            pass
+        sock.close()
+
+    def _on_frame(self, peer: FramePeer, body: dict, fds: list[int]) -> None:
+        for reply in self.core.handle(peer.uid, body, fds):
+            if not reply.body.get("ok"):
+                log.info("%r: %s %s: %s", peer, body.get("op"), reply.body["error"], reply.body["message"])
+            peer.send(reply.body, reply.fds)
+
+    def serve(self) -> None:
+        log.info("holding for uids %s on %s", sorted(self.allowed_uids), self.socket_path)
+        while True:
+            self.loop.run_once()
+
+    def close(self) -> None:
+        for peer in list(self.peers):
+            peer.close()
+        self.core.close()
+        self.listener.close()
+        try:
+            os.unlink(self.socket_path)
+        except OSError:
+            pass
+        self.loop.close()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="holderd",
+        description=(
+            "Hold duplicates of other processes' file descriptors, each with a name and a "
+            "small metadata blob, and give them back on request. Clients speak the frame "
+            "protocol in holderd/PROTOCOL.md over a UNIX stream socket; each uid sees only "
+            "its own names."
+        ),
+    )
+    parser.add_argument(
+        "--socket",
+        default=paths.holderd_socket(own_service=True),
+        help="socket path (default: $HOLDERD_SOCKET, $RUNTIME_DIRECTORY/holderd.sock under "
+        "systemd, /run/holderd/holderd.sock for root, else $XDG_RUNTIME_DIR/holderd/holderd.sock; "
+        "now %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-uid",
+        action="append",
+        type=int,
+        metavar="UID",
+        help="a uid allowed to store and retrieve (repeatable; default: holderd's own uid and root)",
+    )
+    parser.add_argument(
+        "--max-fds-per-uid",
+        type=int,
+        help="how many fds one uid may have held (default: the fd limit less 256 for holderd's own use)",
+    )
+    parser.add_argument("--max-meta-bytes", type=int, default=Limits.max_meta_bytes)
+    parser.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="holderd: %(levelname)s %(message)s", stream=sys.stderr)
+    allowed = set(args.allow_uid) if args.allow_uid else {os.geteuid(), 0}
+    fd_limit = raise_fd_limit()
+    max_fds_per_uid = args.max_fds_per_uid or max(fd_limit - 256, 1)
+    if max_fds_per_uid > fd_limit:
+        log.warning("--max-fds-per-uid %d exceeds RLIMIT_NOFILE %d: raise LimitNOFILE=", max_fds_per_uid, fd_limit)
+    limits = Limits(max_fds_per_uid, args.max_meta_bytes)
+    try:
+        daemon = Holderd(args.socket, allowed, limits, args.max_frame_bytes)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", args.socket, exc)
+        return 1
+    stop_on_signals(log)
+    try:
+        daemon.serve()
+    except SystemExit:
+        pass
+    finally:
+        daemon.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The holder protocol: what holderd does with each request, without any I/O.
+
+Theory of operation
+-------------------
+holderd keeps duplicates of other processes' file descriptors so that they
+outlive the process that made them. Each held descriptor has a *name* and a
+small opaque *metadata* blob, and belongs to the uid of the peer that stored it:
+a uid sees and touches only its own names.
+
+Requests and replies are frames (see :mod:`holderd.wire`) whose JSON bodies are
+described in ``holderd/PROTOCOL.md``. :class:`HolderCore` turns one request
+(the peer's uid, the frame's body and descriptors) into a list of replies
+(bodies and descriptors to send). It owns the held descriptors: it closes the
+ones it drops and those of a request it refuses, so a caller never has to.
+
+The core tells a :class:`Watcher` when a descriptor starts and stops being
+held, so that the daemon can watch held sockets for a hang-up (and drop them,
+as systemd's own store does) and mirror them elsewhere, without the core
+knowing how.
+
+Replies that carry descriptors carry fresh duplicates: the caller sends and
+closes them, and a held descriptor dropped meanwhile can never be confused with
+a new one that reused its number.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import stat
+from dataclasses import dataclass, field
+
+from .wire import MAX_FDS_PER_FRAME, close_fds
+
+PROTOCOL_VERSION = 1
+OPERATIONS = ("PING", "STORE", "RETRIEVE", "REMOVE", "LIST")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_fds_per_uid: int = 65536
+    max_meta_bytes: int = 4096
+    max_name_bytes: int = 200
+
+
+@dataclass
+class Held:
+    name: str
+    meta: bytes
+    fd: int
+    ino: int
+    kind: str
+
+    def describe(self) -> dict:
+        return {"name": self.name, "meta": _b64(self.meta), "ino": self.ino, "kind": self.kind}
+
+
+@dataclass
+class Reply:
+    body: dict
+    fds: list[int] = field(default_factory=list)
+
+
+class RequestError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Watcher:
+    """Told when a descriptor starts or stops being held. The default does nothing."""
+
+    def held(self, uid: int, held: Held) -> None:
+        pass
+
+    def released(self, uid: int, held: Held) -> None:
+        pass
+
+
+def error_reply(request_id, code: str, message: str) -> Reply:
+    return Reply({"id": request_id, "ok": False, "error": code, "message": message})
+
+
+def describe_fd(fd: int) -> tuple[int, str]:
+    """The inode (the same for every duplicate of one socket) and a kind label."""
+    st = os.fstat(fd)
+    if stat.S_ISSOCK(st.st_mode):
+        kind = "socket"
+    elif stat.S_ISREG(st.st_mode):
+        kind = "file"
+    else:
+        kind = "other"
+    return st.st_ino, kind
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _chunks(items: list, size: int):
+    """Split into chunks of at most ``size``; an empty list is one empty chunk."""
+    if not items:
+        yield []
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class HolderCore:
+    def __init__(self, limits: Limits = Limits(), watcher: Watcher | None = None):
+        self.limits = limits
+        self.watcher = watcher or Watcher()
+        self._names: dict[int, dict[str, Held]] = {}
+        self._by_fd: dict[int, tuple[int, Held]] = {}
+
+    # -- queries used by the daemon -------------------------------------------------
+    def count(self, uid: int | None = None) -> int:
+        if uid is None:
+            return sum(len(names) for names in self._names.values())
+        return len(self._names.get(uid, {}))
+
+    def held_items(self):
+        """Every (uid, Held) pair, for the daemon's own backup."""
+        for uid, names in self._names.items():
+            for held in names.values():
+                yield uid, held
+
+    # -- the requests -----------------------------------------------------------------
+    def handle(self, uid: int, body: dict, fds: list[int]) -> list[Reply]:
+        request_id = body.get("id")
+        op = body.get("op")
+        try:
+            if op not in OPERATIONS:
+                raise RequestError(
+                    "unknown-op", f"unknown operation {op!r}; known: {', '.join(OPERATIONS)}"
+                )
+            if op != "STORE" and fds:
+                raise RequestError("fd-count-mismatch", f"{op} takes no fds, {len(fds)} came")
+            handler = getattr(self, "_op_" + op.lower())
+            replies = handler(uid, body, fds)
+        except RequestError as exc:
+            close_fds(fds)
+            return [error_reply(request_id, exc.code, exc.message)]
+        for reply in replies:
+            reply.body = {"id": request_id, "ok": True, **reply.body}
+        return replies
+
+    def _op_ping(self, uid, body, fds):
+        return [Reply({"version": PROTOCOL_VERSION, "held": self.count(uid), "uid": uid})]
+
+    def _op_store(self, uid, body, fds):
+        items = body.get("items")
+        if not isinstance(items, list) or not items:
+            raise RequestError("bad-request", "STORE needs a non-empty list 'items' of {name, meta}")
+        if len(items) != len(fds):
+            raise RequestError(
+                "fd-count-mismatch", f"STORE lists {len(items)} items but {len(fds)} fds came"
+            )
+        parsed = [self._parse_item(item) for item in items]
+        names = self._names.setdefault(uid, {})
+        new_names = {name for name, _ in parsed} - names.keys()
+        if len({name for name, _ in parsed}) != len(parsed):
+            raise RequestError("bad-request", "STORE names one name twice")
+        if len(names) + len(new_names) > self.limits.max_fds_per_uid:
+            raise RequestError(
+                "limit-reached",
+                f"uid {uid} may hold at most {self.limits.max_fds_per_uid} fds "
+                f"({len(names)} held, {len(new_names)} new); remove some or raise --max-fds-per-uid",
+            )
+        described = []
+        for fd in fds:
+            try:
+                described.append(describe_fd(fd))
+            except OSError as exc:
+                raise RequestError("bad-fd", f"cannot inspect a stored fd: {exc}") from None
+        for (name, meta), fd, (ino, kind) in zip(parsed, fds, described):
+            old = names.get(name)
+            if old is not None:
+                self._release(uid, old)
+            held = Held(name, meta, fd, ino, kind)
+            names[name] = held
+            self._by_fd[fd] = (uid, held)
+            self.watcher.held(uid, held)
+        return [Reply({"stored": len(parsed)})]
+
+    def _parse_item(self, item) -> tuple[str, bytes]:
+        if not isinstance(item, dict):
+            raise RequestError("bad-request", "each STORE item must be an object {name, meta}")
+        name = self._check_name(item.get("name"))
+        meta_text = item.get("meta", "")
+        if not isinstance(meta_text, str):
+            raise RequestError("bad-request", f"meta of {name!r} must be a base64 string")
+        try:
+            meta = base64.b64decode(meta_text, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError("bad-request", f"meta of {name!r} is not valid base64") from None
+        if len(meta) > self.limits.max_meta_bytes:
+            raise RequestError(
+                "meta-too-large",
+                f"meta of {name!r} is {len(meta)} bytes; the limit is {self.limits.max_meta_bytes}",
+            )
+        return name, meta
+
+    def _check_name(self, name) -> str:
+        if not isinstance(name, str) or not name:
+            raise RequestError("bad-name", "a name must be a non-empty string")
+        if len(name.encode()) > self.limits.max_name_bytes:
+            raise RequestError("bad-name", f"name longer than {self.limits.max_name_bytes} bytes")
+        if not all(33 <= ord(ch) <= 126 for ch in name):
+            raise RequestError("bad-name", f"name {name!r} must be printable ASCII without spaces")
+        return name
+
+    def _selected(self, uid: int, body: dict) -> list[Held]:
+        names = self._names.get(uid, {})
+        if "names" in body:
+            wanted = body["names"]
+            if not isinstance(wanted, list) or not all(isinstance(n, str) for n in wanted):
+                raise RequestError("bad-request", "'names' must be a list of strings")
+            return [names[name] for name in wanted if name in names]
+        prefix = body.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise RequestError("bad-request", "'prefix' must be a string")
+        return [held for name, held in sorted(names.items()) if name.startswith(prefix)]
+
+    def _op_retrieve(self, uid, body, fds):
+        selected = self._selected(uid, body)
+        chunks = list(_chunks(selected, MAX_FDS_PER_FRAME))
+        replies = []
+        for index, chunk in enumerate(chunks):
+            duplicates = []
+            try:
+                for held in chunk:
+                    duplicates.append(os.dup(held.fd))
+            except OSError as exc:
+                for reply in replies:
+                    close_fds(reply.fds)
+                close_fds(duplicates)
+                raise RequestError("no-resources", f"holderd cannot duplicate fds now: {exc}") from None
+            items = [{"name": h.name, "meta": _b64(h.meta), "ino": h.ino} for h in chunk]
+            replies.append(Reply({"items": items, "more": index < len(chunks) - 1}, duplicates))
+        return replies
+
+    def _op_list(self, uid, body, fds):
+        selected = self._selected(uid, body)
+        chunks = list(_chunks(selected, 1000))
+        return [
+            Reply({"items": [h.describe() for h in chunk], "more": index < len(chunks) - 1})
+            for index, chunk in enumerate(chunks)
+        ]
+
+    def _op_remove(self, uid, body, fds):
+        if "names" not in body and "prefix" not in body:
+            raise RequestError("bad-request", "REMOVE needs 'names' (a list) or 'prefix'")
+        selected = self._selected(uid, body)
+        for held in selected:
+            self._release(uid, held)
+        return [Reply({"removed": len(selected)})]
+
+    # -- dropping -----------------------------------------------------------------------
+    def _release(self, uid: int, held: Held) -> None:
+        names = self._names.get(uid, {})
+        if names.get(held.name) is held:
+            del names[held.name]
+        self._by_fd.pop(held.fd, None)
+        self.watcher.released(uid, held)
+        close_fds([held.fd])
+
+    def drop_fd(self, fd: int) -> Held | None:
+        """Drop whatever is held under descriptor ``fd`` (its socket hung up)."""
+        entry = self._by_fd.get(fd)
+        if entry is None:
+            return None
+        uid, held = entry
+        self._release(uid, held)
+        return held
+
+    def close(self) -> None:
+        for uid, held in list(self.held_items()):
+            self._release(uid, held)

@@ -1,0 +1,214 @@
+"""Length-prefixed JSON frames with file descriptors riding alongside.
+
+Theory of operation
+-------------------
+Every message between holderd and its clients (and between chatctl and chatd's
+control socket) is one *frame* on a UNIX stream socket::
+
+    +---------------------+------------------+--------------------------+
+    | body length: u32 BE | fd count: u16 BE | body: UTF-8 JSON object  |
+    +---------------------+------------------+--------------------------+
+
+A frame that carries descriptors sends them as SCM_RIGHTS ancillary data in the
+same ``sendmsg`` as the frame's first byte. The kernel hands descriptors to the
+reader no later than the byte they were attached to, so when a frame is complete
+every descriptor it announced has arrived. The decoder keeps the descriptors it
+has received in arrival order and gives each completed frame as many as its
+header announces. A frame that announces more than arrived, or descriptors
+that no frame claims, is a protocol error: the descriptors involved are closed,
+the frame is reported as bad, and the byte stream stays in sync, so the
+connection can go on.
+
+:class:`FrameDecoder` is pure: bytes and descriptors in, frames out. It never
+touches a socket. :class:`FrameSocket` is the thin blocking edge used by the
+command-line clients; the daemons drive a decoder from their own event loops.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+
+HEADER = struct.Struct(">IH")
+#: SCM_RIGHTS carries at most this many descriptors in one message (SCM_MAX_FD).
+MAX_FDS_PER_FRAME = 253
+DEFAULT_MAX_FRAME = 1 << 20
+
+
+class WireError(Exception):
+    """A frame that breaks the wire format. ``code`` is the error's stable name.
+
+    ``fatal`` is true when the stream can no longer be trusted to be in sync
+    (the peer must be disconnected); otherwise only this one frame is lost.
+    """
+
+    def __init__(self, code: str, message: str, *, fatal: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+
+@dataclass
+class Frame:
+    body: dict
+    fds: list[int] = field(default_factory=list)
+
+
+def encode_frame(body: dict, fd_count: int = 0) -> bytes:
+    """The bytes of one frame; its descriptors travel with them in SCM_RIGHTS."""
+    if fd_count > MAX_FDS_PER_FRAME:
+        raise ValueError(f"at most {MAX_FDS_PER_FRAME} fds fit in one frame, not {fd_count}")
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    return HEADER.pack(len(payload), fd_count) + payload
+
+
+def close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class FrameDecoder:
+    """Reassembles frames from a byte stream and the descriptors that came with it."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._fds: deque[int] = deque()
+
+    def feed(self, data: bytes, fds=()) -> None:
+        self._buffer += data
+        self._fds.extend(fds)
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buffer)
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None if more bytes are needed.
+
+        Raises :class:`WireError`; after a non-fatal one the caller may call
+        again to get the frames that follow.
+        """
+        if len(self._buffer) < HEADER.size:
+            return None
+        length, fd_count = HEADER.unpack_from(self._buffer)
+        if length > self.max_frame:
+            raise WireError(
+                "frame-too-large",
+                f"frame body of {length} bytes exceeds the limit of {self.max_frame}",
+                fatal=True,
+            )
+        end = HEADER.size + length
+        if len(self._buffer) < end:
+            return None
+        payload = bytes(self._buffer[HEADER.size:end])
+        del self._buffer[:end]
+        if fd_count > len(self._fds):
+            got = len(self._fds)
+            self._drop_fds(got)
+            raise WireError("fd-count-mismatch", f"frame announced {fd_count} fds but {got} arrived")
+        fds = [self._fds.popleft() for _ in range(fd_count)]
+        if self._fds and not self._buffer:
+            # Descriptors arrive no later than their frame's first byte; with no
+            # frame under way, these belong to none.
+            extra = len(self._fds)
+            self._drop_fds(extra)
+            close_fds(fds)
+            raise WireError("fd-count-mismatch", f"{extra} fds arrived that no frame announced")
+        try:
+            body = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            close_fds(fds)
+            raise WireError("bad-frame", f"frame body is not UTF-8 JSON: {exc}") from None
+        if not isinstance(body, dict):
+            close_fds(fds)
+            raise WireError("bad-frame", "frame body must be a JSON object")
+        return Frame(body, fds)
+
+    def _drop_fds(self, count: int) -> None:
+        close_fds([self._fds.popleft() for _ in range(count)])
+
+    def close(self) -> None:
+        """Close every descriptor received but not handed out."""
+        self._drop_fds(len(self._fds))
+        self._buffer.clear()
+
+
+def fds_from_ancillary(ancdata) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+    return list(fds)
+
+
+def ancillary_space(max_fds: int = MAX_FDS_PER_FRAME) -> int:
+    return socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
+
+
+def send_frame(sock: socket.socket, body: dict, fds=()) -> None:
+    """Send one frame, its descriptors with its first byte; blocks until all is sent."""
+    fds = list(fds)
+    data = memoryview(encode_frame(body, len(fds)))
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sent = sock.sendmsg([data], ancillary)
+    while sent < len(data):
+        sent += sock.send(data[sent:])
+
+
+def recv_chunk(sock: socket.socket, size: int = 65536) -> tuple[bytes, list[int]]:
+    """One recvmsg: the bytes and any descriptors. Truncated ancillary data is an error."""
+    data, ancdata, flags, _ = sock.recvmsg(size, ancillary_space())
+    fds = fds_from_ancillary(ancdata)
+    if flags & socket.MSG_CTRUNC:
+        close_fds(fds)
+        raise WireError("fd-count-mismatch", "more fds arrived than one frame may carry", fatal=True)
+    return data, fds
+
+
+class FrameSocket:
+    """A blocking frame connection: the client side of holderd and chatd's control socket."""
+
+    def __init__(self, path: str, timeout: float | None = 10.0, max_frame: int = DEFAULT_MAX_FRAME):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+        self._decoder = FrameDecoder(max_frame)
+
+    def send(self, body: dict, fds=()) -> None:
+        send_frame(self.sock, body, fds)
+
+    def receive(self) -> Frame:
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is not None:
+                return frame
+            data, fds = recv_chunk(self.sock)
+            if not data:
+                close_fds(fds)
+                raise ConnectionError(f"{self.path} closed the connection")
+            self._decoder.feed(data, fds)
+
+    def close(self) -> None:
+        self._decoder.close()
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
