@@ -1,0 +1,213 @@
+"""chatctl: the operator's command line for chatd and holderd.
+
+Each subcommand has --help; the ones that report take --json for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from holderd import paths
+from holderd.client import HolderClient, HolderError
+
+from . import control, lineclient
+from .story import Story, StoryError, play_demo
+
+SHELL_HELP = """\
+Master console: the seed's crash-and-restore story with real processes.
+chatd and two clients, C1 and C2, are running and paired. Instructions
+(case-insensitive):
+  1to2      C1 sends a message to C2        2to1      C2 sends a message to C1
+  create    start holderd (the backup process)
+  backup    chatd stores all its sockets in holderd
+  crash     chatd dies of SIGSEGV
+  restart   start a new chatd in restore mode (it waits for `restore`)
+  restore   the new chatd takes its sockets back; C1 and C2 chat on
+  status    what chatd reports             help      this text
+  exit      stop everything and leave
+Each client numbers the messages it receives: #1, #2, …"""
+
+
+def _print(args, reply: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    else:
+        print(text)
+
+
+def cmd_status(args) -> int:
+    report = {}
+    try:
+        report["chatd"] = control.call("status", args.control)
+    except control.ControlError as exc:
+        report["chatd"] = {"ok": False, "error": exc.code, "message": exc.message}
+    try:
+        report["holderd"] = {"ok": True, **HolderClient(args.holder, timeout=3).ping()}
+    except HolderError as exc:
+        report["holderd"] = {"ok": False, "error": exc.code, "message": exc.message}
+    chat, holder = report["chatd"], report["holderd"]
+    lines = []
+    if chat["ok"]:
+        state = "waiting for `chatctl restore`" if chat.get("awaiting_restore") else f"serving port {chat['port']}"
+        holders = ", ".join(f"{name} {'ok' if ok else 'down' if ok is False else 'unused yet'}"
+                            for name, ok in chat["holders"].items()) or "none"
+        lines.append(f"chatd: pid {chat['pid']}, {state}, {chat['clients']} clients, {chat['pairs']} pairs; holders: {holders}")
+    else:
+        lines.append(f"chatd: {chat['message']}")
+    if holder["ok"]:
+        lines.append(f"holderd: protocol {holder['version']}, holds {holder['held']} fds for uid {holder['uid']}")
+    else:
+        lines.append(f"holderd: {holder['message']}")
+    _print(args, report, "\n".join(lines))
+    return 0 if chat["ok"] else 1
+
+
+def cmd_clients(args) -> int:
+    reply = control.call("clients", args.control)
+    rows = reply["clients"]
+    table = [f"{'ID':>5}  {'NICK':<12} {'TARGET':<12} {'PEER':<12} {'RECV':>6}  {'HELD':<5} REMOTE"]
+    for row in rows:
+        held = "?" if row["held"] is None else "yes" if row["held"] else "no"
+        table.append(
+            f"{row['id']:>5}  {row['nick'] or '-':<12} {row['target'] or '-':<12} {row['peer'] or '-':<12} "
+            f"{row['received']:>6}  {held:<5} {row['remote']}"
+        )
+    _print(args, rows, "\n".join(table) if rows else "no clients")
+    return 0
+
+
+def cmd_backup(args) -> int:
+    reply = control.call("backup", args.control)
+    _print(args, reply, f"stored {reply['stored']} fds (listening socket, state, clients) in the holders")
+    return 0
+
+
+def cmd_crash(args) -> int:
+    reply = control.call("crash", args.control)
+    _print(args, reply, f"chatd (pid {reply['pid']}) is dying of SIGSEGV")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    reply = control.call("restore", args.control)
+    _print(
+        args,
+        reply,
+        f"restored {reply['clients']} clients and {reply['pairs']} pairs on port {reply['port']} "
+        f"in {reply['milliseconds']} ms",
+    )
+    return 0
+
+
+def cmd_client(args) -> int:
+    return lineclient.run(args.host, args.port, args.nick, args.pair)
+
+
+def cmd_demo(args) -> int:
+    return play_demo()
+
+
+def cmd_shell(args) -> int:
+    story = Story()
+    print(SHELL_HELP)
+    try:
+        story.start_chatd()
+        story.start_clients()
+        actions = {
+            "1to2": lambda: story.send("C1", "C2", wait=_chatd_up(story)),
+            "2to1": lambda: story.send("C2", "C1", wait=_chatd_up(story)),
+            "create": story.create,
+            "backup": story.backup,
+            "crash": story.crash,
+            "restart": lambda: story.start_chatd(restore=True),
+            "restore": story.restore,
+            "status": lambda: print(json.dumps(control.call("status", story.control_socket), indent=2)),
+            "help": lambda: print(SHELL_HELP),
+        }
+        while True:
+            try:
+                command = input("master> ").strip().lower()
+            except EOFError:
+                break
+            if command in ("exit", "quit"):
+                break
+            if not command:
+                continue
+            action = actions.get(command)
+            if action is None:
+                print(f"unknown instruction {command!r}; type help")
+                continue
+            try:
+                action()
+            except (StoryError, control.ControlError, HolderError) as exc:
+                print(f"error: {exc}")
+            time.sleep(0.1)  # let the clients' output land before the next prompt
+    except (StoryError, control.ControlError) as exc:
+        print(f"error: {exc}\n{story.logs()}")
+        return 1
+    finally:
+        story.close()
+    return 0
+
+
+def _chatd_up(story: Story) -> bool:
+    return story.chatd is not None and story.chatd.poll() is None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatctl",
+        description="Operate chatd and holderd: see their state, back up, crash and restore chatd, "
+        "or play the whole story (demo, shell).",
+    )
+    parser.add_argument(
+        "--control",
+        default=paths.chatd_control_socket(),
+        help="chatd's control socket (default: $CHATD_CONTROL or %(default)s)",
+    )
+    parser.add_argument(
+        "--holder", default=paths.holderd_socket(), help="holderd's socket (default: $HOLDERD_SOCKET or %(default)s)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_text, json_flag=True):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if json_flag:
+            sub.add_argument("--json", action="store_true", help="print the reply as JSON")
+        sub.set_defaults(func=func)
+        return sub
+
+    add("status", cmd_status, "Is chatd serving, how many clients and pairs; does holderd answer.")
+    add("clients", cmd_clients, "Who is connected, whom they pair with, and whether holderd holds their socket.")
+    add("backup", cmd_backup, "Make chatd store every current socket (and its state) in the holders again, in bulk.")
+    add("crash", cmd_crash, "Make chatd die of a real SIGSEGV (under systemd it is restarted and restores itself).")
+    add("restore", cmd_restore, "Tell a chatd started with --restore --wait to take its sockets back now.")
+    add("demo", cmd_demo, "Play the whole story in a scratch directory (no root, no systemd): holderd, chatd, "
+        "two clients chat, backup, crash, restart, restore, chat on. Exits 0 only if it all worked.", json_flag=False)
+    add("shell", cmd_shell, "The interactive master console (1to2, 2to1, create, backup, crash, restart, "
+        "restore, exit) over real processes in a scratch directory.", json_flag=False)
+    client = add("client", cmd_client, "A line-protocol client: type messages, /who, /quit; it prints what "
+                 "arrives, numbering messages #1, #2, …", json_flag=False)
+    client.add_argument("--host", default="127.0.0.1")
+    client.add_argument("--port", type=int, default=5001)
+    client.add_argument("--nick", help="send NICK with this name on connecting")
+    client.add_argument("--pair", help="send PAIR with this name on connecting")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except control.ControlError as exc:
+        print(f"chatctl: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""The seed's story, played with real processes: used by ``chatctl shell`` and ``chatctl demo``.
+
+Every part runs as its own process, started with this Python: holderd, chatd,
+and two ``chatctl client`` processes C1 and C2 that pair with each other. The
+sockets live in a scratch directory, so no root and no systemd are needed.
+:class:`Story` has one method per instruction of the master console; each
+checks what it can see and raises :class:`StoryError` when the story goes wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from holderd.client import HolderClient, HolderError
+
+from . import control
+
+PAIRED = re.compile(r"< PAIRED (\S+)")
+
+
+class StoryError(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise StoryError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class ClientProcess:
+    """A ``chatctl client`` child; every line it prints is kept and echoed."""
+
+    def __init__(self, nick: str, pair: str, port: int, env: dict, echo):
+        self.nick = nick
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._echo = echo
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ctl.cli", "client", "--port", str(port), "--nick", nick, "--pair", pair],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
+        threading.Thread(target=self._collect, daemon=True).start()
+        self.local_port = int(wait_until(self._local_port, 10, f"{nick} to connect"))
+
+    def _collect(self) -> None:
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            with self._lock:
+                self.lines.append(line)
+            self._echo(line)
+
+    def _local_port(self):
+        for line in self.snapshot():
+            match = re.search(r"connected local-port=(\d+)", line)
+            if match:
+                return match.group(1)
+        if self.proc.poll() is not None:
+            raise StoryError(f"{self.nick} exited: {self.snapshot()}")
+        return None
+
+    def snapshot(self) -> list[str]:
+        with self._lock:
+            return list(self.lines)
+
+    def type(self, text: str) -> None:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def messages(self) -> list[str]:
+        return [line for line in self.snapshot() if re.match(rf"\[{self.nick}\] #\d+ FROM ", line)]
+
+    def saw_eof(self) -> bool:
+        return any(line.endswith("] EOF") for line in self.snapshot())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(3)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Story:
+    def __init__(self, echo=print, workdir: str | None = None):
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="chatctl-demo-")
+        self.port = free_port()
+        self.echo = echo
+        self.began = time.monotonic()
+        self.holder_socket = os.path.join(self.workdir, "holderd.sock")
+        self.control_socket = os.path.join(self.workdir, "chatd-control.sock")
+        self.env = {**os.environ, "HOLDERD_SOCKET": self.holder_socket, "CHATD_CONTROL": self.control_socket}
+        self.holderd: subprocess.Popen | None = None
+        self.chatd: subprocess.Popen | None = None
+        self.chatd_runs = 0
+        self.clients: dict[str, ClientProcess] = {}
+        self.sent = 0
+        self.crashed_at: float | None = None
+        self.gap_ms: float | None = None
+
+    # -- output ---------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        self.echo(f"[{time.monotonic() - self.began:7.3f}s] {text}")
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(os.path.join(self.workdir, f"{name}.log"), "w")
+        with log:
+            return subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+
+    def logs(self) -> str:
+        parts = []
+        for name in sorted(os.listdir(self.workdir)):
+            if name.endswith(".log"):
+                with open(os.path.join(self.workdir, name)) as f:
+                    parts.append(f"--- {name}\n{f.read()}")
+        return "\n".join(parts)
+
+    def _control(self, op: str) -> dict:
+        return control.call(op, self.control_socket)
+
+    # -- the master console's instructions ------------------------------------------------
+    def create(self) -> None:
+        """Start holderd, the backup process."""
+        if self.holderd and self.holderd.poll() is None:
+            self.say("holderd runs already")
+            return
+        self.holderd = self._spawn("holderd", ["holderd.daemon", "--socket", self.holder_socket])
+
+        def answers():
+            if self.holderd.poll() is not None:
+                raise StoryError(f"holderd exited with {self.holderd.returncode}")
+            try:
+                return HolderClient(self.holder_socket, timeout=1).ping()
+            except HolderError:
+                return None
+
+        wait_until(answers, 10, "holderd to answer")
+        self.say(f"holderd started (pid {self.holderd.pid}), socket {self.holder_socket}")
+
+    def start_chatd(self, restore: bool = False) -> None:
+        """Start chatd: fresh, or (restore=True) waiting for `restore` to take its sockets back."""
+        if self.chatd and self.chatd.poll() is None:
+            raise StoryError(f"chatd runs already (pid {self.chatd.pid})")
+        self.chatd_runs += 1
+        argv = ["chatd.server", "--port", str(self.port), "--control", self.control_socket]
+        argv += ["--holder", self.holder_socket]
+        if restore:
+            argv += ["--restore", "--wait"]
+        self.chatd = self._spawn(f"chatd-{self.chatd_runs}", argv)
+
+        def answers():
+            if self.chatd.poll() is not None:
+                raise StoryError(f"chatd exited with {self.chatd.returncode}")
+            try:
+                return self._control("status")
+            except control.ControlError:
+                return None
+
+        status = wait_until(answers, 15, "chatd to answer")
+        mode = "in restore mode, waiting for `restore`" if restore else f"on port {self.port}"
+        self.say(f"chatd started (pid {status['pid']}) {mode}")
+
+    def start_clients(self) -> None:
+        for nick, other in (("C1", "C2"), ("C2", "C1")):
+            self.clients[nick] = ClientProcess(nick, other, self.port, self.env, self.echo)
+        for nick, other in (("C1", "C2"), ("C2", "C1")):
+            client = self.clients[nick]
+            wait_until(lambda: f"[{nick}] < PAIRED {other}" in client.snapshot(), 10, f"{nick} to pair")
+        self.say(
+            "C1 and C2 connected and paired (local ports "
+            f"{self.clients['C1'].local_port} and {self.clients['C2'].local_port})"
+        )
+
+    def send(self, sender: str, receiver: str, wait: bool = True) -> str | None:
+        """``1to2``: the sender types a message; with wait, until the receiver shows it."""
+        self.sent += 1
+        text = f"message {self.sent} from {sender}"
+        before = len(self.clients[receiver].messages())
+        self.clients[sender].type(text)
+        if not wait:
+            self.say(f"{sender} sent {text!r} (chatd is down: it waits in the kernel)")
+            return None
+        return self.expect(receiver, text, before)
+
+    def expect(self, receiver: str, text: str, before: int) -> str:
+        client = self.clients[receiver]
+        arrived = wait_until(
+            lambda: next((m for m in client.messages()[before:] if m.endswith(" " + text)), None),
+            10,
+            f"{receiver} to receive {text!r}",
+        )
+        self.say(f"{receiver} received: {arrived.split('] ', 1)[1]}")
+        return arrived
+
+    def backup(self) -> None:
+        reply = self._control("backup")
+        self.say(f"backup: chatd stored {reply['stored']} fds in holderd")
+
+    def crash(self) -> None:
+        pid = self.chatd.pid
+        self.crashed_at = time.monotonic()
+        self._control("crash")
+        code = self.chatd.wait(10)
+        if code != -signal.SIGSEGV:
+            raise StoryError(f"chatd (pid {pid}) ended with {code}, not SIGSEGV")
+        self.say(f"chatd (pid {pid}) died of SIGSEGV")
+
+    def restore(self) -> None:
+        reply = self._control("restore")
+        if self.crashed_at is not None:
+            self.gap_ms = (time.monotonic() - self.crashed_at) * 1000
+        self.say(
+            f"restore: {reply['clients']} clients and {reply['pairs']} pairs back on port "
+            f"{reply['port']} in {reply['milliseconds']} ms"
+        )
+
+    def check_connections(self) -> None:
+        """The same two TCP connections: neither client saw EOF, chatd sees their ports."""
+        for client in self.clients.values():
+            if client.saw_eof():
+                raise StoryError(f"{client.nick} saw its connection close")
+            if client.proc.poll() is not None:
+                raise StoryError(f"{client.nick} exited")
+        remote_ports = {int(row["remote"].rsplit(":", 1)[1]) for row in self._control("clients")["clients"]}
+        for client in self.clients.values():
+            if client.local_port not in remote_ports:
+                raise StoryError(f"chatd does not serve {client.nick}'s connection (port {client.local_port})")
+        self.say(
+            "same connections: C1 on port %d and C2 on port %d, no EOF, chatd serves both"
+            % (self.clients["C1"].local_port, self.clients["C2"].local_port)
+        )
+
+    def check_numbering(self) -> None:
+        """Each client's k-th message carries n = k: the count went on across the crash."""
+        for client in self.clients.values():
+            for k, line in enumerate(client.messages(), 1):
+                n = int(line.split()[4])
+                if n != k:
+                    raise StoryError(f"{client.nick}'s message #{k} arrived numbered {n}: {line}")
+        self.say("numbering: every message arrived once, in order, n = 1, 2, 3 … on both sides")
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.stop()
+        for proc in (self.chatd, self.holderd):
+            if proc and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def play_demo(echo=print) -> int:
+    """The whole story, non-interactively. 0 only if the same connections carry messages after."""
+    story = Story(echo)
+    try:
+        story.say(f"scratch directory {story.workdir}")
+        story.create()
+        story.start_chatd()
+        story.start_clients()
+        story.send("C1", "C2")
+        story.send("C2", "C1")
+        story.backup()
+        story.crash()
+        story.send("C1", "C2", wait=False)
+        story.start_chatd(restore=True)
+        story.restore()
+        story.expect("C2", f"message {story.sent} from C1", 1)
+        story.send("C2", "C1")
+        story.send("C1", "C2")
+        story.check_connections()
+        story.check_numbering()
+        numbers = {nick: len(c.messages()) for nick, c in story.clients.items()}
+        story.say(
+            f"PASS: C1 received {numbers['C1']} messages, C2 {numbers['C2']}, "
+            f"crash to restored: {story.gap_ms:.0f} ms (chatd restart included)"
+        )
+        return 0
+    except (StoryError, control.ControlError, HolderError, OSError) as exc:
+        story.say(f"FAIL: {exc}")
+        echo(story.logs())
+        return 1
+    finally:
+        story.close()
