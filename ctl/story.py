@@ -116,7 +116,15 @@ class Story:
         self.began = time.monotonic()
         self.holder_socket = os.path.join(self.workdir, "holderd.sock")
         self.control_socket = os.path.join(self.workdir, "chatd-control.sock")
-        self.env = {**os.environ, "HOLDERD_SOCKET": self.holder_socket, "CHATD_CONTROL": self.control_socket}
+        # The children import this very checkout, installed or not.
+        source_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        python_path = os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))
+        self.env = {
+            **os.environ,
+            "HOLDERD_SOCKET": self.holder_socket,
+            "CHATD_CONTROL": self.control_socket,
+            "PYTHONPATH": python_path,
+        }
         self.holderd: subprocess.Popen | None = None
         self.chatd: subprocess.Popen | None = None
         self.chatd_runs = 0

@@ -178,15 +178,23 @@ def recv_chunk(sock: socket.socket, size: int = 65536) -> tuple[bytes, list[int]
 class FrameSocket:
     """A blocking frame connection: the client side of holderd and chatd's control socket."""
 
-    def __init__(self, path: str, timeout: float | None = 10.0, max_frame: int = DEFAULT_MAX_FRAME):
+    def __init__(
+        self,
+        path: str,
+        timeout: float | None = 10.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        sock: socket.socket | None = None,
+    ):
+        """Connect to ``path``, or speak frames on ``sock`` if one is given."""
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError:
-            self.sock.close()
-            raise
+        self.sock = sock or socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if sock is None:
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(path)
+            except OSError:
+                self.sock.close()
+                raise
         self._decoder = FrameDecoder(max_frame)
 
     def send(self, body: dict, fds=()) -> None:

@@ -37,6 +37,7 @@ container down cleanly; only an empty temporary directory can remain.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import secrets
 import shutil
@@ -195,8 +196,8 @@ class BootedSystemd:
         """The end of nspawn's output so far (boot messages, shutdown, errors)."""
         if self._tmpdir is None:
             return ""
-        with open(self._log_path(), errors="replace") as log:
-            return log.read()[-_LOG_TAIL_CHARS:]
+        with open(self._log_path(), errors="replace", newline="") as log:
+            return log.read()[-_LOG_TAIL_CHARS:].replace("\r", "")
 
     def _log_path(self) -> str:
         assert self._tmpdir is not None
@@ -275,12 +276,13 @@ class BootedSystemd:
                 state = result.stdout.strip()
                 if state in ("running", "degraded"):
                     return
-                if state in ("maintenance", "stopping", "offline"):
+                if state in ("maintenance", "stopping"):
                     raise BootError(
                         f"{self.name} is {state!r} after boot; nspawn output:\n"
                         f"{self.console_output()}"
                     )
-            # Otherwise the manager's bus is not up yet: try again.
+            # Otherwise PID 1 has not yet created /run/systemd/system (systemctl
+            # says "offline") or its bus socket: try again.
             self._check_deadline(deadline, f"the system to run (last state {state!r})")
             time.sleep(0.1)
 
@@ -309,28 +311,39 @@ class BootedSystemd:
         try:
             self._proc.wait(self.shutdown_timeout)
         except subprocess.TimeoutExpired:
-            # Kill PID 1 first (its whole PID namespace dies with it), but only
-            # while it is still nspawn's child, so that its PID cannot be reused.
+            # SIGKILL the container's PID 1 (its whole PID namespace dies with
+            # it) while it is still nspawn's child, so that its PID cannot have
+            # been reused; nspawn then reaps it and exits, cleaning up after
+            # itself.  Only if it does not is nspawn killed too.
             pid1 = self._container_init_pid()
             if pid1 is not None:
-                os.kill(pid1, signal.SIGKILL)
-            self._proc.kill()
-            self._proc.wait()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid1, signal.SIGKILL)
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
 
     def _remove_tmpdir(self) -> None:
-        """Remove the temporary directory, file by file: never ``rm -r`` a mount point.
+        """Remove our temporary directory and what a killed nspawn leaves behind.
 
-        Nothing is mounted on it in the host's mount namespace (see the module
-        docstring); were it otherwise, ``rmdir`` would fail rather than recurse.
+        Entries are removed one by one, never with ``rm -r``: nothing is mounted
+        on ``root`` in the host's mount namespace (see the module docstring), and
+        were it otherwise, ``rmdir`` would fail rather than descend into ``/``.
         """
-        if self._tmpdir is None:
+        tmpdir, self._tmpdir = self._tmpdir, None
+        if tmpdir is None:
             return
-        log_path = self._log_path()
-        if os.path.exists(log_path):
-            os.unlink(log_path)
-        os.rmdir(os.path.join(self._tmpdir, "root"))
-        os.rmdir(self._tmpdir)
-        self._tmpdir = None
+        # The console log and nspawn's image lock file ".#root.lck".
+        for entry in os.scandir(tmpdir):
+            if entry.is_dir(follow_symlinks=False):
+                os.rmdir(entry.path)
+            else:
+                os.unlink(entry.path)
+        os.rmdir(tmpdir)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(f"/run/systemd/nspawn/propagate/{self.name}")
 
     # -- driving the container ---------------------------------------------
 

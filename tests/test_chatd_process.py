@@ -1,0 +1,122 @@
+"""Real holderd, chatd and clients on loopback: crashes by real signals, restores by a new chatd."""
+
+import signal
+import socket
+import subprocess
+import sys
+import os
+
+import pytest
+
+from ctl import control
+from conftest import LineClient
+
+
+@pytest.fixture
+def running(procs):
+    procs.start_holderd()
+    procs.start_chatd()
+    return procs
+
+
+def exchange(a, b, count_a, count_b, tag):
+    """a and b each send one message; check the numbers the receivers see."""
+    a.send(f"MSG {tag} from A")
+    assert b.line() == f"FROM A {count_b} {tag} from A"
+    b.send(f"MSG {tag} from B")
+    assert a.line() == f"FROM B {count_a} {tag} from B"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL], ids=["SIGSEGV", "SIGKILL"])
+def test_crash_after_backup_and_restore_keeps_connections_pairs_and_counters(running, sig):
+    a, b = running.pair()
+    silent = running.client()  # connected before the crash, said nothing
+    exchange(a, b, 1, 1, "before")
+    exchange(a, b, 2, 2, "before")
+    assert running.control("backup")["stored"] == 5  # listener, state, three clients
+    running.kill_chatd(sig)
+    a.send("MSG while down")  # waits in the kernel until a chatd reads it
+    running.start_chatd("--restore")
+    assert b.line() == "FROM A 3 while down"
+    b.send("MSG after from B")
+    assert a.line() == "FROM B 3 after from B"
+    exchange(a, b, 4, 4, "later")
+    silent.send("NICK S", "WHO")
+    assert silent.lines(5) == ["OK NICK S", "USER A B", "USER B A", "USER S -", "END"]
+    rows = running.control("clients")["clients"]
+    assert {int(r["remote"].rsplit(":", 1)[1]) for r in rows} == {a.local_port, b.local_port, silent.local_port}
+    assert all(r["held"] for r in rows)
+
+
+def test_restore_mode_waits_for_chatctl_restore(running):
+    a, b = running.pair()
+    running.kill_chatd(signal.SIGSEGV)
+    running.start_chatd("--restore", "--wait")
+    assert running.control("status")["awaiting_restore"] is True
+    a.send("MSG queued")
+    assert b.silent_for(0.3), "nothing is relayed before the restore"
+    reply = running.control("restore")
+    assert (reply["clients"], reply["pairs"]) == (2, 1)
+    assert b.line() == "FROM A 1 queued"
+
+
+def test_chatctl_crash_is_a_real_sigsegv(running):
+    out = subprocess.run(
+        [sys.executable, "-m", "ctl.cli", "--control", running.control_socket, "crash", "--json"],
+        capture_output=True, text=True, timeout=20, env=running.env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert running.chatd.wait(10) == -signal.SIGSEGV
+
+
+def test_client_that_connects_while_chatd_is_dead_waits_in_the_backlog(running):
+    a, b = running.pair()
+    running.kill_chatd(signal.SIGKILL)
+    late = LineClient(running.port)  # the kernel completes the handshake on the held listener
+    running.clients.append(late)
+    late.send("NICK late", "WHO")
+    running.start_chatd("--restore")
+    assert late.lines(4) == ["OK NICK late", "USER A B", "USER B A", "USER late -"]
+
+
+def test_closing_on_purpose_removes_from_holderd_and_peer_hears(running):
+    a, b = running.pair()
+    a.send("QUIT")
+    assert a.line() == "BYE"
+    assert b.line() == "UNPAIRED A"
+    from holderd.client import HolderClient
+    names = {i["name"] for i in HolderClient(running.holder_socket).list()}
+    assert names == {"chatd/listen", "chatd/state", "chatd/client/1"}
+
+
+def test_protocol_errors_against_a_running_chatd(running):
+    a, b = running.pair()
+    c = running.client("C")
+    c.send("NICK A", "MSG lonely", "BOGUS", "PAIR bad name")
+    assert c.lines(4) == ["ERR nick-taken", "ERR not-paired", "ERR unknown-command", "ERR bad-name"]
+    c.sock.sendall(b"MSG " + b"x" * 70000 + b"\nWHO\n")
+    assert c.line() == "ERR line-too-long"
+    assert c.lines(4) == ["USER A B", "USER B A", "USER C -", "END"]
+    exchange(a, b, 1, 1, "unharmed")
+
+
+def test_fresh_start_binds_even_with_time_wait_sockets(procs):
+    procs.start_chatd("--no-holderd")
+    a = procs.client("A")
+    procs.kill_chatd(signal.SIGKILL)
+    a.close()
+    procs.start_chatd("--no-holderd")  # SO_REUSEADDR: no "address in use"
+    procs.client("B")
+
+
+def test_restore_without_anything_held_fails_clearly(procs):
+    procs.start_holderd()
+    chatd = procs.start_chatd("--restore", wait_ready=False)
+    assert chatd.wait(15) == 1
+    assert "nothing to restore" in procs.logs()
+
+
+def test_demo_exits_zero():
+    out = subprocess.run([sys.executable, "-m", "ctl.cli", "demo"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "PASS" in out.stdout

@@ -1,0 +1,140 @@
+"""HolderCore, without a daemon: requests in, replies out, real descriptors."""
+
+import base64
+import os
+import socket
+
+import pytest
+
+from holderd.protocol import HolderCore, Limits, Watcher
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def is_open(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def sockets():
+    made = []
+
+    def make(count):
+        fds = []
+        for _ in range(count):
+            a, b = socket.socketpair()
+            made.append(b)
+            fds.append(a.detach())
+        return fds
+
+    yield make
+    for sock in made:
+        sock.close()
+
+
+def store(core, uid, names, fds, metas=None):
+    items = [{"name": n, "meta": b64(m)} for n, m in zip(names, metas or [b""] * len(names))]
+    return core.handle(uid, {"op": "STORE", "id": 7, "items": items}, fds)
+
+
+def test_store_list_retrieve_remove(sockets):
+    core = HolderCore()
+    fds = sockets(2)
+    [reply] = store(core, 1000, ["a/1", "a/2"], fds, [b"one", b"two"])
+    assert reply.body == {"id": 7, "ok": True, "stored": 2}
+    [listed] = core.handle(1000, {"op": "LIST", "prefix": "a/"}, [])
+    assert [(i["name"], base64.b64decode(i["meta"])) for i in listed.body["items"]] == [("a/1", b"one"), ("a/2", b"two")]
+    [got] = core.handle(1000, {"op": "RETRIEVE", "prefix": "a/1"}, [])
+    assert len(got.fds) == 1 and got.fds[0] not in fds
+    assert os.fstat(got.fds[0]).st_ino == os.fstat(fds[0]).st_ino
+    os.close(got.fds[0])
+    [removed] = core.handle(1000, {"op": "REMOVE", "names": ["a/1", "missing"]}, [])
+    assert removed.body["removed"] == 1 and not is_open(fds[0])
+
+
+def test_each_uid_sees_only_its_own_names(sockets):
+    core = HolderCore()
+    store(core, 1, ["x"], sockets(1))
+    [listed] = core.handle(2, {"op": "LIST"}, [])
+    assert listed.body["items"] == []
+    [removed] = core.handle(2, {"op": "REMOVE", "prefix": ""}, [])
+    assert removed.body["removed"] == 0 and core.count(1) == 1
+
+
+def test_storing_a_name_again_replaces_and_closes_the_old(sockets):
+    core = HolderCore()
+    old, new = sockets(2)
+    store(core, 1, ["n"], [old])
+    store(core, 1, ["n"], [new], [b"v2"])
+    assert not is_open(old) and core.count(1) == 1
+
+
+def test_retrieve_comes_in_chunks_of_253(sockets):
+    core = HolderCore()
+    fds = sockets(300)
+    for start in range(0, 300, 253):
+        store(core, 1, [f"s/{i:03}" for i in range(start, min(start + 253, 300))], fds[start:start + 253])
+    replies = core.handle(1, {"op": "RETRIEVE"}, [])
+    assert [len(r.fds) for r in replies] == [253, 47]
+    assert [r.body["more"] for r in replies] == [True, False]
+    for reply in replies:
+        for fd in reply.fds:
+            os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "body, nfds, code",
+    [
+        ({"op": "DANCE"}, 0, "unknown-op"),
+        ({"op": "STORE", "items": []}, 0, "bad-request"),
+        ({"op": "STORE", "items": [{"name": "a"}, {"name": "b"}]}, 1, "fd-count-mismatch"),
+        ({"op": "STORE", "items": [{"name": "has space"}]}, 1, "bad-name"),
+        ({"op": "STORE", "items": [{"name": "a", "meta": "!!notbase64"}]}, 1, "bad-request"),
+        ({"op": "STORE", "items": [{"name": "a", "meta": b64(b"m" * 5000)}]}, 1, "meta-too-large"),
+        ({"op": "STORE", "items": [{"name": "a"}, {"name": "a"}]}, 2, "bad-request"),
+        ({"op": "LIST"}, 1, "fd-count-mismatch"),
+        ({"op": "REMOVE"}, 0, "bad-request"),
+        ({"op": "RETRIEVE", "prefix": 5}, 0, "bad-request"),
+    ],
+)
+def test_bad_requests_get_named_errors_and_their_fds_closed(sockets, body, nfds, code):
+    core = HolderCore()
+    fds = sockets(nfds)
+    [reply] = core.handle(1, {**body, "id": 3}, fds)
+    assert reply.body["ok"] is False and reply.body["error"] == code and reply.body["id"] == 3
+    assert reply.body["message"]
+    assert not any(is_open(fd) for fd in fds)
+    assert core.count() == 0
+
+
+def test_limit_per_uid(sockets):
+    core = HolderCore(Limits(max_fds_per_uid=2))
+    store(core, 1, ["a", "b"], sockets(2))
+    fds = sockets(1)
+    [reply] = store(core, 1, ["c"], fds)
+    assert reply.body["error"] == "limit-reached" and not is_open(fds[0])
+    [reply] = store(core, 1, ["a"], sockets(1))
+    assert reply.body["ok"], "replacing a name does not count against the limit"
+
+
+def test_watcher_sees_holds_and_releases(sockets):
+    events = []
+
+    class Recorder(Watcher):
+        def held(self, uid, held):
+            events.append(("held", held.name))
+
+        def released(self, uid, held):
+            events.append(("released", held.name))
+
+    core = HolderCore(watcher=Recorder())
+    fds = sockets(1)
+    store(core, 1, ["w"], fds)
+    assert core.drop_fd(fds[0]).name == "w"
+    assert events == [("held", "w"), ("released", "w")]

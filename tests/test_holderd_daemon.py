@@ -1,0 +1,202 @@
+"""A running holderd against bad input, strangers, limits and hang-ups."""
+
+import array
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from ctl.story import wait_until
+from holderd.client import HolderClient, HolderError
+from holderd.wire import HEADER, FrameSocket, encode_frame
+
+
+def raw_connection(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(path)
+    return sock
+
+
+def read_reply(sock):
+    return FrameSocket("raw", sock=sock).receive()
+
+
+def tcp_pair():
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    return client, server
+
+
+@pytest.fixture
+def holder(procs):
+    procs.start_holderd("--max-fds-per-uid", "50")
+    return procs
+
+
+def still_serves(procs):
+    assert HolderClient(procs.holder_socket).ping()["version"] == 1
+    assert procs.holderd.poll() is None
+
+
+def test_store_and_retrieve_across_processes(holder):
+    client, server = tcp_pair()
+    with HolderClient(holder.holder_socket) as h:
+        h.store([("t/conn", b"meta", server.fileno())])
+    server.close()  # only holderd's copy is left
+    with HolderClient(holder.holder_socket) as h:
+        [got] = h.retrieve("t/")
+    assert got.meta == b"meta"
+    back = socket.socket(fileno=got.fd)
+    back.sendall(b"still here")
+    assert client.recv(100) == b"still here"
+    back.close()
+    client.close()
+
+
+def test_garbage_and_oversized_frames(holder):
+    sock = raw_connection(holder.holder_socket)
+    sock.sendall(HEADER.pack(9, 0) + b"not json!")
+    assert read_reply(sock).body["error"] == "bad-frame"
+    sock.sendall(encode_frame({"op": "PING"}))
+    assert read_reply(sock).body["ok"] is True, "a bad frame does not end the connection"
+    sock.sendall(HEADER.pack(50_000_000, 0) + os.urandom(100))
+    assert read_reply(sock).body["error"] == "frame-too-large"
+    assert sock.recv(10) == b"", "an out-of-sync stream is closed"
+    sock.close()
+    still_serves(holder)
+
+
+def test_random_bytes_never_kill_it(holder):
+    for seed in range(20):
+        sock = raw_connection(holder.holder_socket)
+        sock.sendall(os.urandom(1 + seed * 37))
+        sock.close()
+    still_serves(holder)
+
+
+def test_wrong_fd_counts(holder):
+    sock = raw_connection(holder.holder_socket)
+    client, server = tcp_pair()
+    body = encode_frame({"op": "STORE", "items": [{"name": "a"}, {"name": "b"}]}, 2)
+    sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [server.fileno()]))])
+    assert read_reply(sock).body["error"] == "fd-count-mismatch"
+    body = encode_frame({"op": "STORE", "items": [{"name": "a"}]}, 2)
+    sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [server.fileno()]))])
+    assert read_reply(sock).body["error"] == "fd-count-mismatch"
+    sock.close()
+    assert HolderClient(holder.holder_socket).list() == []
+    client.close()
+    server.close()
+    still_serves(holder)
+
+
+def test_client_vanishing_mid_frame_with_fds(holder):
+    client, server = tcp_pair()
+    sock = raw_connection(holder.holder_socket)
+    frame = encode_frame({"op": "STORE", "items": [{"name": "half"}]}, 1)
+    sock.sendmsg([frame[:10]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [server.fileno()]))])
+    sock.close()
+    server.close()
+    # holderd must not keep the half-delivered fd: the client then sees EOF.
+    client.settimeout(5)
+    assert client.recv(10) == b""
+    still_serves(holder)
+    assert HolderClient(holder.holder_socket).list() == []
+
+
+def test_limits_give_clear_errors(holder):
+    pairs = [tcp_pair() for _ in range(51)]
+    with HolderClient(holder.holder_socket) as h:
+        h.store([(f"l/{i}", b"", s.fileno()) for i, (_, s) in enumerate(pairs[:50])])
+        with pytest.raises(HolderError) as caught:
+            h.store([("l/50", b"", pairs[50][1].fileno())])
+        assert caught.value.code == "limit-reached" and "--max-fds-per-uid" in caught.value.message
+        with pytest.raises(HolderError) as caught:
+            h.store([("l/0", b"x" * 5000, pairs[0][1].fileno())])
+        assert caught.value.code == "meta-too-large"
+        assert h.ping()["held"] == 50
+    for c, s in pairs:
+        c.close()
+        s.close()
+
+
+def test_held_socket_that_hangs_up_is_dropped(holder):
+    client, server = tcp_pair()
+    a, b = socket.socketpair()
+    with HolderClient(holder.holder_socket) as h:
+        h.store([("hup/tcp", b"", server.fileno()), ("hup/unix", b"", a.fileno())])
+    server.close()
+    a.close()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    client.close()  # RST: holderd's copy reports POLLERR/POLLHUP
+    b.close()
+    with HolderClient(holder.holder_socket) as h:
+        wait_until(lambda: h.list("hup/") == [], 5, "hung-up sockets to be dropped")
+
+
+STRANGER = """
+import socket, sys
+sys.path.insert(0, {root!r})
+from holderd.client import HolderClient, HolderError
+try:
+    HolderClient({path!r}).ping()
+except HolderError as exc:
+    print(exc.code)
+else:
+    print("served")
+"""
+
+
+def test_a_stranger_uid_is_refused_and_others_are_unharmed(procs):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another uid")
+    directory = tempfile.mkdtemp(prefix="holderd-stranger-")
+    os.chmod(directory, 0o755)
+    path = os.path.join(directory, "h.sock")
+    procs.holder_socket = path
+    procs.start_holderd()
+    try:
+        client, server = tcp_pair()
+        with HolderClient(path) as mine:
+            mine.store([("mine", b"", server.fileno())])
+            script = STRANGER.format(root=os.path.dirname(os.path.dirname(__file__)), path=path)
+            out = subprocess.run([sys.executable, "-c", script], user=65534, capture_output=True, text=True, timeout=20)
+            assert out.stdout.strip() == "not-allowed", out.stderr
+            assert mine.ping()["held"] == 1, "the refusal did not disturb an allowed client"
+        client.close()
+        server.close()
+    finally:
+        procs.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_allowed_uids_have_separate_names(procs, request):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another uid")
+    directory = tempfile.mkdtemp(prefix="holderd-uids-")
+    os.chmod(directory, 0o755)
+    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
+    procs.holder_socket = os.path.join(directory, "h.sock")
+    procs.start_holderd("--allow-uid", "0", "--allow-uid", "65534")
+    client, server = tcp_pair()
+    with HolderClient(procs.holder_socket) as mine:
+        mine.store([("secret", b"", server.fileno())])
+    script = f"""
+import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
+from holderd.client import HolderClient
+h = HolderClient({procs.holder_socket!r})
+print(h.ping()["held"], len(h.list()), h.remove(prefix=""))
+"""
+    out = subprocess.run([sys.executable, "-c", script], user=65534, capture_output=True, text=True, timeout=20)
+    assert out.stdout.split() == ["0", "0", "0"], out.stderr
+    assert HolderClient(procs.holder_socket).ping()["held"] == 1
+    client.close()
+    server.close()
