@@ -86,6 +86,16 @@ class HolderdHolder:
         log.info("holderd forgot the %d fds it kept for chatd (--fresh)", removed)
         return self._outcome(None, "")
 
+    def held_count(self) -> int | None:
+        """How many fds holderd keeps for chatd's uid; None if it cannot be asked."""
+        try:
+            held = self.client.ping()["held"]
+        except HolderError as exc:
+            self._outcome(exc, "checking")
+            return None
+        self._outcome(None, "")
+        return held
+
     def held_names(self) -> set[str] | None:
         try:
             items = self.client.list(PREFIX)

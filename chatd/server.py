@@ -39,9 +39,11 @@ import time
 
 from holderd import paths
 from holderd.eventloop import HANGUP, IN, OUT, FramePeer, Loop, raise_fd_limit, stop_on_signals
+from holderd.servicemanager import ServiceManager
 from holderd.wire import close_fds
 
 from . import backup
+from .fdstore import SystemdHolder
 from .lines import LineFramer, encode_line
 from .room import Close, Member, Room, Send
 from .state import Record, StateError, StateFile
@@ -50,6 +52,11 @@ log = logging.getLogger("chatd")
 
 #: A client that stops reading may not make chatd buffer more than this for it.
 MAX_OUTPUT_BACKLOG = 4 << 20
+#: How often systemd hears the status line (when it changed).
+STATUS_INTERVAL = 1.0
+#: How often chatd checks that holderd still holds everything (it may have been
+#: stopped and started meanwhile, which empties it).
+AUDIT_INTERVAL = 5.0
 
 
 class Connection:
@@ -119,12 +126,22 @@ class Connection:
             return
         self.closed = True
         self.server.loop.remove(self.sock.fileno())
+        # The holders still have duplicates of this socket: only shutdown() ends
+        # the connection for all of them at once, so the client sees its EOF now.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 
 class ChatServer:
-    def __init__(self, holders: list, max_clients: int):
+    def __init__(self, holders: list, max_clients: int, manager: ServiceManager | None = None):
         self.loop = Loop()
+        self.manager = manager or ServiceManager({})
+        self._status_sent: str | None = None
+        self._status_due = 0.0
+        self._audit_due = time.monotonic() + AUDIT_INTERVAL
         self.room = Room()
         self.holders = holders
         self.max_clients = max_clients
@@ -172,6 +189,10 @@ class ChatServer:
         listeners = by_name.get(backup.LISTEN_NAME)
         if not listeners:
             close_fds(item.fd for item in retrieved)
+            if retrieved:
+                log.warning("the holders keep %d fds for chatd but no listening socket: dropping them", len(retrieved))
+                for holder in self.holders:
+                    holder.forget_all()
             return None
         used_fds = {listeners[0].fd}
         self._listen_on(socket.socket(fileno=listeners[0].fd))
@@ -196,8 +217,9 @@ class ChatServer:
             if slot not in self.connections:
                 self.state.commit(slot, None)  # its socket is gone: the client left meanwhile
         self.room.restore(members)
-        if state_fd is None:
-            self._store_everywhere([(backup.STATE_NAME, b"{}", self.state.fd)])
+        # Each holder gets what only the other kept (holderd restarted empty, or
+        # systemd's store emptied by a stop): either copy alone must suffice again.
+        self.backup_all()
         self.restored_at = time.time()
         summary = {
             "clients": len(members),
@@ -327,9 +349,12 @@ class ChatServer:
         for holder in self.holders:
             holder.remove(names)
 
+    def _all_items(self) -> list[tuple[str, bytes, int]]:
+        return self._server_items() + [self._client_item(member_id) for member_id in self.connections]
+
     def backup_all(self) -> int:
         """Store every socket and the state again, in bulk; the count of items."""
-        items = self._server_items() + [self._client_item(member_id) for member_id in self.connections]
+        items = self._all_items()
         self._store_everywhere(items)
         return len(items)
 
@@ -344,6 +369,7 @@ class ChatServer:
             "started": self.started,
             "restored_at": self.restored_at,
             "holders": {holder.label: holder.working for holder in self.holders},
+            "held": {holder.label: holder.held_count() for holder in self.holders},
         }
 
     def clients(self) -> list[dict]:
@@ -368,9 +394,51 @@ class ChatServer:
             )
         return rows
 
+    def drain(self) -> int:
+        """End every client connection on purpose (each gets BYE); the count ended."""
+        member_ids = list(self.connections)
+        for member_id in member_ids:
+            connection = self.connections.get(member_id)
+            if connection is not None:
+                connection.send("BYE")
+            self.close_client(member_id, "drained by the operator")
+        log.info("drained %d connections", len(member_ids))
+        return len(member_ids)
+
+    def status_line(self) -> str:
+        if self.listener is None:
+            return "waiting for `chatctl restore`"
+        return f"{len(self.connections)} clients, {len(self.room.pairs())} pairs on port {self.port}"
+
+    def announce_ready(self) -> None:
+        self._status_sent = self.status_line()
+        self.manager.ready(self._status_sent)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now >= self._status_due:
+            self._status_due = now + STATUS_INTERVAL
+            line = self.status_line()
+            if line != self._status_sent:
+                self._status_sent = line
+                self.manager.status(line)
+        if now >= self._audit_due and self.listener is not None:
+            self._audit_due = now + AUDIT_INTERVAL
+            self.audit_holders()
+
+    def audit_holders(self) -> None:
+        """Store everything again in a holder that has lost some of it."""
+        expected = 2 + len(self.connections)
+        for holder in self.holders:
+            held = holder.held_count()
+            if held is not None and held < expected:
+                log.warning("%s holds %d of chatd's %d fds: storing them all again", holder.label, held, expected)
+                holder.store(self._all_items())
+
     def serve_forever(self) -> None:
         while True:
-            self.loop.run_once()
+            self.loop.run_once(timeout=STATUS_INTERVAL)
+            self._housekeeping()
 
 
 class ControlServer:
@@ -440,7 +508,13 @@ class ControlServer:
                 "(start chatd without --restore to begin afresh)",
             }
         self.awaiting_restore = False
+        self.server.announce_ready()
         return {"ok": True, **summary}
+
+    def _op_drain(self, peer):
+        if self.awaiting_restore:
+            return {"ok": False, "error": "not-serving", "message": "chatd waits for `chatctl restore` first"}
+        return {"ok": True, "drained": self.server.drain()}
 
     def _op_crash(self, peer):
         log.warning("crash requested by pid %d: dying of SIGSEGV", peer.pid)
@@ -515,8 +589,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="chatd: %(levelname)s %(message)s", stream=sys.stderr)
     raise_fd_limit()
+    manager = ServiceManager()
     holders = [] if args.no_holderd else [backup.HolderdHolder(args.holder)]
-    server = ChatServer(holders, args.max_clients)
+    if manager.present:
+        holders.append(SystemdHolder(manager))
+    server = ChatServer(holders, args.max_clients, manager)
     if args.fresh:
         for holder in holders:
             holder.forget_all()
@@ -538,6 +615,8 @@ def main(argv=None) -> int:
             except OSError as exc:
                 log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
                 return 1
+        if not args.wait:
+            server.announce_ready()
         server.serve_forever()
     except SystemExit:
         pass

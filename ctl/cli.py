@@ -13,7 +13,7 @@ import time
 from holderd import paths
 from holderd.client import HolderClient, HolderError
 
-from . import control, lineclient
+from . import control, install, lineclient, selftest
 from .story import Story, StoryError, play_demo
 
 SHELL_HELP = """\
@@ -99,6 +99,42 @@ def cmd_restore(args) -> int:
         f"restored {reply['clients']} clients and {reply['pairs']} pairs on port {reply['port']} "
         f"in {reply['milliseconds']} ms",
     )
+    return 0
+
+
+def cmd_drain(args) -> int:
+    reply = control.call("drain", args.control)
+    _print(args, reply, f"ended {reply['drained']} connections (each got BYE; the holders forgot them)")
+    return 0
+
+
+def cmd_install_units(args) -> int:
+    try:
+        report = install.install_units(args.prefix, args.unit_dir, args.chatd_options, reload=not args.no_reload)
+    except install.InstallError as exc:
+        print(f"chatctl install-units: {exc}", file=sys.stderr)
+        return 1
+    lines = [f"wrote {unit}" for unit in report["units"]]
+    lines += [f"created system user {user}" for user in report["users_created"]]
+    if "defaults" in report:
+        lines.append(f"wrote {report['defaults']}")
+    lines.append("systemd reloaded; start with: systemctl enable --now chatd" if report["reloaded"]
+                 else "not reloaded (--no-reload): run systemctl daemon-reload")
+    _print(args, report, "\n".join(lines))
+    return 0
+
+
+def cmd_selftest(args) -> int:
+    echo = (lambda text: None) if args.json else print
+    try:
+        report = selftest.run(args.host, args.port, args.control, crash=not args.no_crash,
+                              timeout=args.timeout, echo=echo)
+    except (selftest.SelftestFailed, OSError) as exc:
+        report = {"ok": False, "message": str(exc)}
+        _print(args, report, f"FAIL: {exc}")
+        return 1
+    if args.json:
+        _print(args, report, "")
     return 0
 
 
@@ -189,6 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
         "two clients chat, backup, crash, restart, restore, chat on. Exits 0 only if it all worked.", json_flag=False)
     add("shell", cmd_shell, "The interactive master console (1to2, 2to1, create, backup, crash, restart, "
         "restore, exit) over real processes in a scratch directory.", json_flag=False)
+    add("drain", cmd_drain, "End every client connection on purpose: each gets BYE, and chatd, holderd and "
+        "systemd's fd store forget it. chatd keeps serving new clients. Stopping chatd does not "
+        "end connections (holderd keeps them); this does.")
+    units = add("install-units", cmd_install_units, "Install holderd.service and chatd.service (as root): "
+                "create the holderd and chatd users, write the units, daemon-reload.")
+    units.add_argument("--prefix", default=sys.prefix,
+                       help="where the package is installed, holding bin/chatd (default: this one, %(default)s)")
+    units.add_argument("--unit-dir", default="/etc/systemd/system", help="default %(default)s")
+    units.add_argument("--chatd-options", metavar="OPTIONS",
+                       help="write /etc/default/chatd with CHATD_OPTIONS=OPTIONS, e.g. '--host 0.0.0.0'")
+    units.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
+    test = add("selftest", cmd_selftest, "Check a running installation end to end: two probe clients pair and "
+               "chat, chatd is crashed (SIGSEGV), a new chatd must take over by itself and the same "
+               "connections must chat on. Exits 0 on success.")
+    test.add_argument("--host", default="127.0.0.1")
+    test.add_argument("--port", type=int, default=5001)
+    test.add_argument("--no-crash", action="store_true", help="only chat, do not crash chatd")
+    test.add_argument("--timeout", type=float, default=30, help="seconds to wait for the new chatd (default %(default)s)")
     client = add("client", cmd_client, "A line-protocol client: type messages, /who, /quit; it prints what "
                  "arrives, numbering messages #1, #2, …", json_flag=False)
     client.add_argument("--host", default="127.0.0.1")

@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pwd
 import socket
 import sys
 
 from . import paths
 from .eventloop import IN, FramePeer, Loop, peer_credentials, raise_fd_limit, stop_on_signals
+from .mirror import FdStoreMirror
 from .protocol import Held, HolderCore, Limits, Watcher, error_reply
+from .servicemanager import ServiceManager
 from .wire import DEFAULT_MAX_FRAME, send_frame
 
 log = logging.getLogger("holderd")
@@ -42,15 +45,40 @@ class HangupWatcher(Watcher):
             log.info("dropped %s: its socket hung up", held.name)
 
 
+class Watchers(Watcher):
+    """Tells several watchers, in order."""
+
+    def __init__(self, *watchers: Watcher):
+        self.watchers = watchers
+
+    def held(self, uid: int, held: Held) -> None:
+        for watcher in self.watchers:
+            watcher.held(uid, held)
+
+    def released(self, uid: int, held: Held) -> None:
+        for watcher in self.watchers:
+            watcher.released(uid, held)
+
+
 class Holderd:
-    def __init__(self, socket_path: str, allowed_uids: set[int], limits: Limits, max_frame: int):
+    def __init__(
+        self,
+        socket_path: str,
+        allowed_uids: set[int],
+        limits: Limits,
+        max_frame: int,
+        manager: ServiceManager | None = None,
+    ):
         self.socket_path = socket_path
         self.allowed_uids = allowed_uids
         self.max_frame = max_frame
+        self.manager = manager or ServiceManager({})
         self.loop = Loop()
-        watcher = HangupWatcher(self.loop)
-        self.core = HolderCore(limits, watcher)
-        watcher.core = self.core
+        hangups = HangupWatcher(self.loop)
+        self.mirror = FdStoreMirror(self.manager)
+        self.core = HolderCore(limits, Watchers(hangups, self.mirror))
+        hangups.core = self.core
+        self.restored = self.mirror.restore(self.core)
         self.peers: set[FramePeer] = set()
         paths.prepare_socket_path(socket_path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -94,12 +122,22 @@ class Holderd:
                 log.info("%r: %s %s: %s", peer, body.get("op"), reply.body["error"], reply.body["message"])
             peer.send(reply.body, reply.fds)
 
+    def status_line(self) -> str:
+        return f"holding {self.core.count()} fds for {len(self.allowed_uids)} allowed uids"
+
     def serve(self) -> None:
-        log.info("holding for uids %s on %s", sorted(self.allowed_uids), self.socket_path)
+        log.info("holding %d fds for uids %s on %s", self.core.count(), sorted(self.allowed_uids), self.socket_path)
+        status = self.status_line()
+        self.manager.ready(status)
         while True:
-            self.loop.run_once()
+            self.loop.run_once(timeout=1.0)
+            if self.status_line() != status:
+                status = self.status_line()
+                self.manager.status(status)
 
     def close(self) -> None:
+        # What systemd's store keeps must stay there: a restart passes it back.
+        self.mirror.detach()
         for peer in list(self.peers):
             peer.close()
         self.core.close()
@@ -109,6 +147,15 @@ class Holderd:
         except OSError:
             pass
         self.loop.close()
+
+
+def uid_of(user: str) -> int:
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no user named {user!r} (give a name or a numeric uid)") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -131,9 +178,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--allow-uid",
         action="append",
-        type=int,
-        metavar="UID",
-        help="a uid allowed to store and retrieve (repeatable; default: holderd's own uid and root)",
+        type=uid_of,
+        metavar="USER",
+        help="a uid or user name allowed to store and retrieve (repeatable; default: holderd's "
+        "own uid and root)",
     )
     parser.add_argument(
         "--max-fds-per-uid",
@@ -156,7 +204,7 @@ def main(argv=None) -> int:
         log.warning("--max-fds-per-uid %d exceeds RLIMIT_NOFILE %d: raise LimitNOFILE=", max_fds_per_uid, fd_limit)
     limits = Limits(max_fds_per_uid, args.max_meta_bytes)
     try:
-        daemon = Holderd(args.socket, allowed, limits, args.max_frame_bytes)
+        daemon = Holderd(args.socket, allowed, limits, args.max_frame_bytes, ServiceManager())
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.socket, exc)
         return 1

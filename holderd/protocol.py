@@ -175,14 +175,23 @@ class HolderCore:
             except OSError as exc:
                 raise RequestError("bad-fd", f"cannot inspect a stored fd: {exc}") from None
         for (name, meta), fd, (ino, kind) in zip(parsed, fds, described):
-            old = names.get(name)
-            if old is not None:
-                self._release(uid, old)
-            held = Held(name, meta, fd, ino, kind)
-            names[name] = held
-            self._by_fd[fd] = (uid, held)
-            self.watcher.held(uid, held)
+            self._hold(uid, Held(name, meta, fd, ino, kind))
         return [Reply({"stored": len(parsed)})]
+
+    def adopt(self, uid: int, name: str, meta: bytes, fd: int) -> Held:
+        """Hold ``fd`` as if ``uid`` had stored it, unchecked: what holderd held before a restart."""
+        held = Held(name, meta, fd, *describe_fd(fd))
+        self._hold(uid, held)
+        return held
+
+    def _hold(self, uid: int, held: Held) -> None:
+        names = self._names.setdefault(uid, {})
+        old = names.get(held.name)
+        if old is not None:
+            self._release(uid, old)
+        names[held.name] = held
+        self._by_fd[held.fd] = (uid, held)
+        self.watcher.held(uid, held)
 
     def _parse_item(self, item) -> tuple[str, bytes]:
         if not isinstance(item, dict):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,48 +11,9 @@ import time
 import pytest
 
 from ctl import control
+from ctl.probe import LineClient
 from ctl.story import free_port, wait_until
 from holderd.client import HolderClient, HolderError
-
-
-class LineClient:
-    """A raw TCP client of chatd's line protocol, for tests."""
-
-    def __init__(self, port: int, timeout: float = 5.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.local_port = self.sock.getsockname()[1]
-        self._buffer = b""
-
-    def send(self, *lines: str) -> None:
-        self.sock.sendall("".join(line + "\n" for line in lines).encode())
-
-    def line(self) -> str:
-        while b"\n" not in self._buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError("chatd closed the connection")
-            self._buffer += data
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line.decode()
-
-    def lines(self, count: int) -> list[str]:
-        return [self.line() for _ in range(count)]
-
-    def silent_for(self, seconds: float) -> bool:
-        """True if nothing arrives within ``seconds``."""
-        if self._buffer:
-            return False
-        self.sock.settimeout(seconds)
-        try:
-            self.sock.recv(1, socket.MSG_PEEK)
-        except socket.timeout:
-            return True
-        finally:
-            self.sock.settimeout(5.0)
-        return False
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class Processes:

@@ -1,14 +1,11 @@
 """Real holderd, chatd and clients on loopback: crashes by real signals, restores by a new chatd."""
 
 import signal
-import socket
 import subprocess
 import sys
-import os
 
 import pytest
 
-from ctl import control
 from conftest import LineClient
 
 

@@ -1,7 +1,7 @@
 """The room's rules, pure: lines in, actions out."""
 
 from chatd.lines import LINE_TOO_LONG
-from chatd.room import Close, Member, Room, Send
+from chatd.room import Member, Room, Send
 
 
 def say(room, member_id, line):

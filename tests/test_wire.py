@@ -1,7 +1,6 @@
 """The frame decoder, pure: bytes and fds in, frames out."""
 
 import os
-import socket
 
 import pytest
 

@@ -1,0 +1,264 @@
+"""The real units on a real systemd: a container booted with systemd-nspawn.
+
+The container is provisioned with ``scripts/provision``, the script the
+Vagrantfile uses: it builds a virtualenv in /opt/process-backup from the
+checkout (offline, from wheels built here), runs ``chatctl install-units``,
+``systemctl enable --now chatd`` and ``chatctl selftest``. The tests then drive
+it with ``systemctl`` and ``chatctl`` inside, and chat from here: the container
+shares this machine's network, so its chatd is on 127.0.0.1.
+
+The tests run in file order and share the container; each leaves chatd serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ctl.probe import LineClient
+from ctl.story import free_port, wait_until
+from harness import BootedSystemd, machine_can_boot_containers
+
+REPO = Path(__file__).resolve().parents[2]
+PREFIX = "/opt/process-backup"
+CHATCTL = f"{PREFIX}/bin/chatctl"
+
+can_boot, why_not = machine_can_boot_containers()
+if not can_boot:
+    if os.environ.get("CI") == "true":
+        raise RuntimeError(f"CI must run the systemd tests, but this machine cannot boot a container: {why_not}")
+    pytest.skip(f"cannot boot a systemd container here: {why_not}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory) -> Path:
+    """Wheels of the dependencies, so the container installs offline (pip caches the builds)."""
+    directory = tmp_path_factory.mktemp("wheels")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(directory),
+         "systemd-python", "sdnotify", "setuptools", "wheel"],
+        check=True, timeout=600,
+    )
+    directory.chmod(0o755)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def machine(wheels):
+    port = free_port()
+    with BootedSystemd(binds=[str(REPO), str(wheels)], boot_timeout=90) as container:
+        container.port = port
+        result = container.run(
+            "bash", str(REPO / "scripts" / "provision"), "--source", str(REPO), "--wheels", str(wheels),
+            "--chatd-options", f"--port {port}", check=False, timeout=600,
+        )
+        print(result.stdout, result.stderr)
+        if result.returncode != 0:
+            journal = container.run("journalctl", "--no-pager", "-n", "200", check=False).stdout
+            pytest.fail(f"provisioning failed:\n{result.stdout}\n{result.stderr}\n--- journal ---\n{journal}")
+        yield container
+
+
+def chatctl(machine, *args: str) -> dict:
+    return json.loads(machine.run(CHATCTL, *args, "--json").stdout)
+
+
+def restarts(machine, unit: str) -> int:
+    return int(machine.show(unit, "NRestarts"))
+
+
+def main_pid(machine, unit: str) -> int:
+    return int(machine.show(unit, "MainPID"))
+
+
+def wait_active(machine, unit: str, other_than_pid: int, timeout: float = 30) -> int:
+    """Wait until ``unit`` is active (READY=1 arrived) with a new main process."""
+
+    def ready():
+        if machine.show(unit, "ActiveState") != "active":
+            return None
+        pid = main_pid(machine, unit)
+        return pid if pid not in (0, other_than_pid) else None
+
+    return wait_until(ready, timeout, f"{unit} active again with a new pid")
+
+
+def pair(machine, a: str, b: str) -> tuple[LineClient, LineClient]:
+    first, second = LineClient(machine.port), LineClient(machine.port)
+    first.send(f"NICK {a}", f"PAIR {b}")
+    second.send(f"NICK {b}", f"PAIR {a}")
+    assert first.lines(2) == [f"OK NICK {a}", f"OK PAIR {b}"]
+    assert second.lines(3) == [f"OK NICK {b}", f"OK PAIR {a}", f"PAIRED {a}"]
+    assert first.line() == f"PAIRED {b}"
+    return first, second
+
+
+def chat(clients, nicks, n: int) -> None:
+    """One message each way; ``n`` is the count each receiver must show."""
+    (first, second), (a, b) = clients, nicks
+    first.send(f"MSG hello {n}")
+    assert second.line() == f"FROM {a} {n} hello {n}"
+    second.send(f"MSG hi {n}")
+    assert first.line() == f"FROM {b} {n} hi {n}"
+
+
+def crash_chatd(machine) -> int:
+    """``chatctl crash`` and wait for systemd's new chatd; the gap kill-to-READY in ms."""
+    old = main_pid(machine, "chatd")
+    before = restarts(machine, "chatd")
+    since = machine.run("date", "+%Y-%m-%d %H:%M:%S.%N").stdout.strip()[:-3]
+    chatctl(machine, "crash")
+    wait_active(machine, "chatd", old)
+    assert restarts(machine, "chatd") == before + 1
+    return ready_gap_ms(machine, since)
+
+
+def ready_gap_ms(machine, since: str) -> float:
+    """From the journal: the dead process's exit to the new one's READY ("Started")."""
+    out = machine.run("journalctl", "-u", "chatd", "--since", since, "-o", "json", "--no-pager").stdout
+    died = started = None
+    for line in out.splitlines():
+        entry = json.loads(line)
+        message = entry.get("MESSAGE", "")
+        if isinstance(message, list):
+            message = bytes(message).decode(errors="replace")
+        stamp = int(entry["__REALTIME_TIMESTAMP"]) / 1000
+        if died is None and "Main process exited" in message:
+            died = stamp
+        elif died is not None and message.startswith("Started chatd"):
+            started = stamp
+            break
+    assert died is not None and started is not None, out
+    return round(started - died, 1)
+
+
+def test_start_brings_holderd_and_two_clients_chat(machine):
+    assert machine.show("holderd", "ActiveState") == "active"
+    assert machine.show("chatd", "ActiveState") == "active"
+    assert machine.show("chatd", "User") == "chatd"
+    assert machine.show("holderd", "User") == "holderd"
+    assert "clients" in machine.show("chatd", "StatusText")
+    clients = pair(machine, "ann", "bob")
+    try:
+        chat(clients, ("ann", "bob"), 1)
+        chat(clients, ("ann", "bob"), 2)
+    finally:
+        machine.clients = clients  # the next tests go on with these two connections
+
+
+def test_crash_restarts_and_restores_by_itself(machine):
+    clients = machine.clients
+    ports = [client.local_port for client in clients]
+    gap = crash_chatd(machine)
+    print(f"crash-to-READY gap with 2 clients: {gap} ms")
+    journal = machine.journal("chatd")
+    assert re.search(r"code=(dumped|killed), status=11/SEGV", journal), journal
+    assert "Scheduled restart job" in journal
+    assert "restored 2 clients and 1 pairs" in journal
+    chat(clients, ("ann", "bob"), 3)
+    assert [client.sock.getsockname()[1] for client in clients] == ports
+
+
+def test_holderd_crash_loses_nothing(machine):
+    old = main_pid(machine, "holderd")
+    before = restarts(machine, "holderd")
+    machine.systemctl("kill", "--signal=SIGSEGV", "holderd")
+    wait_active(machine, "holderd", old)
+    assert restarts(machine, "holderd") == before + 1
+    assert "took back" in machine.journal("holderd")
+    rows = chatctl(machine, "clients")
+    assert len(rows) == 2 and all(row["held"] for row in rows), rows
+    crash_chatd(machine)
+    chat(machine.clients, ("ann", "bob"), 4)
+
+
+def test_fd_store_alone_restores_when_holderd_is_stopped(machine):
+    machine.systemctl("stop", "holderd")
+    try:
+        crash_chatd(machine)
+        assert "holderd unavailable" in machine.journal("chatd")
+        chat(machine.clients, ("ann", "bob"), 5)
+    finally:
+        machine.systemctl("start", "holderd")
+    # chatd notices the empty holderd and stores everything in it again.
+    wait_until(lambda: all(row["held"] for row in chatctl(machine, "clients")), 20, "holderd to hold everything again")
+
+
+def test_systemctl_restart_keeps_the_clients(machine):
+    old = main_pid(machine, "chatd")
+    machine.systemctl("restart", "chatd")
+    wait_active(machine, "chatd", old)
+    chat(machine.clients, ("ann", "bob"), 6)
+
+
+def test_stop_then_start_keeps_the_clients_through_holderd(machine):
+    old = main_pid(machine, "chatd")
+    machine.systemctl("stop", "chatd")
+    assert machine.clients[0].silent_for(0.3)  # no EOF while chatd is down
+    machine.systemctl("start", "chatd")
+    wait_active(machine, "chatd", old)
+    chat(machine.clients, ("ann", "bob"), 7)
+    # And the store has them again, so a crash now is covered twice over.
+    machine.systemctl("stop", "holderd")
+    try:
+        crash_chatd(machine)
+        chat(machine.clients, ("ann", "bob"), 8)
+    finally:
+        machine.systemctl("start", "holderd")
+
+
+def test_drain_ends_every_connection(machine):
+    extra = pair(machine, "cid", "dan")
+    reply = chatctl(machine, "drain")
+    assert reply["drained"] == 4
+    for client in (*machine.clients, *extra):
+        assert client.line() == "BYE"
+        with pytest.raises(EOFError):
+            client.line()
+        client.close()
+    status = chatctl(machine, "status")["chatd"]
+    assert status["clients"] == 0
+    # Only the listening socket and the state file are left in either holder.
+    assert status["held"] == {"holderd": 2, "systemd": 2}
+    # And really forgotten: a crash now restores no client.
+    crash_chatd(machine)
+    assert chatctl(machine, "status")["chatd"]["clients"] == 0
+
+
+def test_two_thousand_idle_connections_survive_a_crash(machine):
+    count = 2000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count + 200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    clients = []
+    try:
+        for _ in range(count):
+            clients.append(LineClient(machine.port, timeout=30))
+        wait_until(lambda: chatctl(machine, "status")["chatd"]["clients"] == count, 60, f"{count} clients")
+        wait_until(lambda: sum(row["held"] for row in chatctl(machine, "clients")) == count, 60, "all held")
+        gap = crash_chatd(machine)
+        print(f"crash-to-READY gap with {count} idle clients: {gap} ms")
+        assert chatctl(machine, "status")["chatd"]["clients"] == count
+        for index, client in enumerate(clients):
+            client.send(f"NICK idle{index}")
+        for index, client in enumerate(clients):
+            assert client.line() == f"OK NICK idle{index}"
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_security_exposure_is_low(machine):
+    for unit in ("holderd", "chatd"):
+        out = machine.run("systemd-analyze", "security", "--no-pager", f"{unit}.service").stdout
+        score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out).group(1))
+        print(f"systemd-analyze security {unit}.service: {score}")
+        assert score <= 3.0, out
