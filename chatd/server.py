@@ -70,6 +70,7 @@ class Connection:
         self.framer = LineFramer()
         self.output = bytearray()
         self.closed = False
+        self.finished = False  # said its last line; it only waits to be closed
         sock.setblocking(False)
         try:
             self.remote = "%s:%d" % sock.getpeername()[:2]
@@ -99,9 +100,10 @@ class Connection:
                 return
             self.server.on_line(self, line)
 
-    def send(self, text: str) -> None:
-        if self.closed:
+    def send(self, text: str, last: bool = False) -> None:
+        if self.closed or self.finished:
             return
+        self.finished = last
         self.output += encode_line(text)
         if len(self.output) > MAX_OUTPUT_BACKLOG:
             self.server.close_client(self.member_id, f"does not read: over {MAX_OUTPUT_BACKLOG} bytes queued")
@@ -182,7 +184,8 @@ class ChatServer:
     def restore(self) -> dict | None:
         """Take back what the holders kept; None if they hold no listening socket."""
         began = time.monotonic()
-        retrieved = [item for holder in self.holders for item in holder.retrieve()]
+        kept = [(holder, holder.retrieve()) for holder in self.holders]
+        retrieved = [item for _, items in kept for item in items]
         by_name: dict[str, list] = {}
         for item in retrieved:
             by_name.setdefault(item.name, []).append(item)
@@ -217,9 +220,7 @@ class ChatServer:
             if slot not in self.connections:
                 self.state.commit(slot, None)  # its socket is gone: the client left meanwhile
         self.room.restore(members)
-        # Each holder gets what only the other kept (holderd restarted empty, or
-        # systemd's store emptied by a stop): either copy alone must suffice again.
-        self.backup_all()
+        self._store_what_each_lacks(kept)
         self.restored_at = time.time()
         summary = {
             "clients": len(members),
@@ -232,6 +233,17 @@ class ChatServer:
             summary,
         )
         return summary
+
+    def _store_what_each_lacks(self, kept) -> None:
+        """Each holder gets what only another kept (holderd restarted empty, or
+        systemd's store emptied by a stop): either copy alone must suffice again."""
+        items = [(name, meta, fd, os.fstat(fd).st_ino) for name, meta, fd in self._all_items()]
+        for holder, its_items in kept:
+            has = {(item.name, item.ino) for item in its_items}
+            lacking = [(name, meta, fd) for name, meta, fd, ino in items if (name, ino) not in has]
+            if lacking:
+                log.info("%s lacked %d of %d fds: storing them", holder.label, len(lacking), len(items))
+                holder.store(lacking)
 
     def _restored_state(self, candidates) -> tuple[StateFile, int | None]:
         for item in candidates:
@@ -397,10 +409,10 @@ class ChatServer:
     def drain(self) -> int:
         """End every client connection on purpose (each gets BYE); the count ended."""
         member_ids = list(self.connections)
+        # BYE to all first, so that nobody hears of a peer leaving after it.
+        for connection in self.connections.values():
+            connection.send("BYE", last=True)
         for member_id in member_ids:
-            connection = self.connections.get(member_id)
-            if connection is not None:
-                connection.send("BYE")
             self.close_client(member_id, "drained by the operator")
         log.info("drained %d connections", len(member_ids))
         return len(member_ids)

@@ -93,6 +93,7 @@ def install_units(
             out.write(render_unit((source / unit).read_text(), prefix))
         report["units"].append(target)
     if chatd_options is not None:
+        os.makedirs("/etc/default", exist_ok=True)
         with open("/etc/default/chatd", "w") as out:
             out.write(f"# Options for chatd (see `chatd --help`), written by chatctl install-units.\n"
                       f"CHATD_OPTIONS={chatd_options}\n")

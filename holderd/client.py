@@ -67,7 +67,21 @@ class HolderClient:
         self.close()
 
     def _call(self, body: dict, fds=()) -> list[tuple[dict, list[int]]]:
-        """Send one request; return every reply frame (chunks end with more=false)."""
+        """Send one request; return every reply frame (chunks end with more=false).
+
+        A connection kept from an earlier call may have died with a holderd
+        that restarted since: then the request is sent once more on a new one.
+        Every operation may be repeated safely (a STORE replaces, a REMOVE of
+        what is gone removes nothing).
+        """
+        if self._conn is not None:
+            try:
+                return self._call_once(body, fds)
+            except HolderUnavailable:
+                pass
+        return self._call_once(body, fds)
+
+    def _call_once(self, body: dict, fds=()) -> list[tuple[dict, list[int]]]:
         self.connect()
         request_id = next(self._ids)
         replies = []

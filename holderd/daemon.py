@@ -59,6 +59,10 @@ class Watchers(Watcher):
         for watcher in self.watchers:
             watcher.released(uid, held)
 
+    def updated(self, uid: int, held: Held) -> None:
+        for watcher in self.watchers:
+            watcher.updated(uid, held)
+
 
 class Holderd:
     def __init__(

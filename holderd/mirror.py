@@ -11,6 +11,7 @@ metadata. So each held fd is stored under a short name of its own,
 in the store, made of one line per change::
 
     + <serial> <uid> <name> <meta, base64>     an fd was stored as held-<serial>
+                                               (again: its metadata changed)
     - <serial>                                 it was released
 
 Each line is appended with one ``pwrite``, so a crash can cut short only the
@@ -187,6 +188,16 @@ class FdStoreMirror(Watcher):
         self._serial_of[held.fd] = serial
         self._lines[serial] = line
         self._live_size += len(line)
+
+    def updated(self, uid: int, held: Held) -> None:
+        """New metadata: a new ``+`` line for the same serial supersedes the old one."""
+        serial = self._serial_of.get(held.fd)
+        if serial is None or not self.enabled:
+            return
+        line = add_line(serial, uid, held.name, held.meta)
+        self._append(line)
+        self._live_size += len(line) - len(self._lines[serial])
+        self._lines[serial] = line
 
     def released(self, uid: int, held: Held) -> None:
         serial = self._serial_of.pop(held.fd, None)

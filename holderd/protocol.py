@@ -78,6 +78,9 @@ class Watcher:
     def released(self, uid: int, held: Held) -> None:
         pass
 
+    def updated(self, uid: int, held: Held) -> None:
+        """``held`` got new metadata; its fd stayed."""
+
 
 def error_reply(request_id, code: str, message: str) -> Reply:
     return Reply({"id": request_id, "ok": False, "error": code, "message": message})
@@ -175,6 +178,15 @@ class HolderCore:
             except OSError as exc:
                 raise RequestError("bad-fd", f"cannot inspect a stored fd: {exc}") from None
         for (name, meta), fd, (ino, kind) in zip(parsed, fds, described):
+            old = names.get(name)
+            if old is not None and old.ino == ino and old.kind == kind:
+                # The same socket again (a client re-stores after a change):
+                # keep the fd held, take the new metadata.
+                close_fds([fd])
+                if old.meta != meta:
+                    old.meta = meta
+                    self.watcher.updated(uid, old)
+                continue
             self._hold(uid, Held(name, meta, fd, ino, kind))
         return [Reply({"stored": len(parsed)})]
 

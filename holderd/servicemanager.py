@@ -63,8 +63,7 @@ class ServiceManager:
             return False
         from systemd.daemon import notify
 
-        fds = list(fds)
-        sent = notify("\n".join(assignments), fds=fds or None)
+        sent = notify("\n".join(assignments), fds=list(fds))
         if not sent and not self._warned:
             self._warned = True
             log.warning("systemd did not take a notification (%s)", assignments[0])
