@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from fdutil import is_open
 from holderd.protocol import HolderCore, Limits, Watcher
 
 
@@ -13,12 +14,6 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def is_open(fd):
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -123,18 +118,39 @@ def test_limit_per_uid(sockets):
     assert reply.body["ok"], "replacing a name does not count against the limit"
 
 
+class Recorder(Watcher):
+    def __init__(self):
+        self.events = []
+
+    def held(self, uid, held):
+        self.events.append(("held", held.name))
+
+    def released(self, uid, held):
+        self.events.append(("released", held.name))
+
+    def updated(self, uid, held):
+        self.events.append(("updated", held.name, held.meta))
+
+
 def test_watcher_sees_holds_and_releases(sockets):
-    events = []
-
-    class Recorder(Watcher):
-        def held(self, uid, held):
-            events.append(("held", held.name))
-
-        def released(self, uid, held):
-            events.append(("released", held.name))
-
-    core = HolderCore(watcher=Recorder())
+    recorder = Recorder()
+    core = HolderCore(watcher=recorder)
     fds = sockets(1)
     store(core, 1, ["w"], fds)
     assert core.drop_fd(fds[0]).name == "w"
-    assert events == [("held", "w"), ("released", "w")]
+    assert recorder.events == [("held", "w"), ("released", "w")]
+
+
+def test_storing_the_same_socket_again_keeps_it_and_takes_the_new_meta(sockets):
+    recorder = Recorder()
+    core = HolderCore(watcher=recorder)
+    (fd,) = sockets(1)
+    again = os.dup(fd)
+    core.handle(7, {"op": "STORE", "items": [{"name": "c", "meta": b64(b"old")}]}, [fd])
+    [reply] = core.handle(7, {"op": "STORE", "items": [{"name": "c", "meta": b64(b"new")}]}, [again])
+    assert reply.body["ok"]
+    assert not is_open(again) and is_open(fd)  # the duplicate was closed, the held fd kept
+    assert recorder.events == [("held", "c"), ("updated", "c", b"new")]
+    [listed] = core.handle(7, {"op": "LIST"}, [])
+    assert [item["meta"] for item in listed.body["items"]] == [b64(b"new")]
+    core.close()

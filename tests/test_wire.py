@@ -4,15 +4,8 @@ import os
 
 import pytest
 
+from fdutil import is_open
 from holderd.wire import HEADER, FrameDecoder, WireError, encode_frame
-
-
-def fd_is_open(fd):
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -64,7 +57,7 @@ def test_missing_fds_are_an_error_and_the_stream_goes_on(pipe_fds):
     with pytest.raises(WireError) as caught:
         decoder.next_frame()
     assert caught.value.code == "fd-count-mismatch" and not caught.value.fatal
-    assert not fd_is_open(a), "the fds of a refused frame are closed"
+    assert not is_open(a), "the fds of a refused frame are closed"
     assert decoder.next_frame().body == {"n": 2}
 
 
@@ -75,7 +68,7 @@ def test_fds_no_frame_claims_are_closed(pipe_fds):
     with pytest.raises(WireError) as caught:
         decoder.next_frame()
     assert caught.value.code == "fd-count-mismatch"
-    assert not fd_is_open(a) and not fd_is_open(b)
+    assert not is_open(a) and not is_open(b)
 
 
 def test_oversized_frame_is_fatal_before_its_body_arrives():
@@ -106,4 +99,4 @@ def test_close_releases_undelivered_fds(pipe_fds):
     decoder = FrameDecoder()
     decoder.feed(encode_frame({}, 1)[:3], [a])
     decoder.close()
-    assert not fd_is_open(a)
+    assert not is_open(a)

@@ -1,0 +1,135 @@
+"""ServiceManager and holderd's fd-store mirror against a notify socket made here.
+
+The socket stands in for systemd's only in these unit tests; tests/systemd runs
+the real thing. It keeps what it is sent the way systemd's store does: fds by
+name, FDSTOREREMOVE drops a name.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+
+import pytest
+
+from holderd.mirror import FdStoreMirror, read_index
+from holderd.protocol import HolderCore
+from holderd.servicemanager import ServiceManager, valid_fdname
+
+
+class NotifySocket:
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.path = str(path)
+        self.store: dict[str, list[int]] = {}
+        self.messages: list[dict] = []
+
+    def drain(self) -> list[dict]:
+        while True:
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * 4))
+            except BlockingIOError:
+                return self.messages
+            fds = array.array("i")
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append(fields)
+            if fields.get("FDSTORE") == "1":
+                self.store.setdefault(fields["FDNAME"], []).extend(fds)
+            elif fields.get("FDSTOREREMOVE") == "1":
+                for fd in self.store.pop(fields["FDNAME"], []):
+                    os.close(fd)
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    def passed(self) -> dict[int, str]:
+        """What a restart would hand the next process: duplicates, by name."""
+        self.drain()
+        return {os.dup(fd): name for name, fds in self.store.items() for fd in fds}
+
+    def close(self):
+        for fds in self.store.values():
+            for fd in fds:
+                os.close(fd)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch):
+    store = NotifySocket(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", store.path)  # sd_notify reads it from the environment
+    yield store
+    store.close()
+
+
+def manager_for(notify_socket, passed=None) -> ServiceManager:
+    manager = ServiceManager({"NOTIFY_SOCKET": notify_socket.path})
+    manager._passed = passed or {}
+    return manager
+
+
+def test_without_systemd_everything_is_a_no_op():
+    manager = ServiceManager({})
+    assert not manager.present
+    assert manager.notify("READY=1") is False
+    assert manager.take_passed_fds() == {}
+
+
+def test_ready_status_and_store_reach_the_socket(notify_socket):
+    manager = manager_for(notify_socket)
+    manager.ready("2 clients")
+    a, b = socket.socketpair()
+    assert manager.store("chatd/client/1", a.fileno())
+    notify_socket.drain()
+    assert notify_socket.messages[0] == {"READY": "1", "STATUS": "2 clients"}
+    [fd] = notify_socket.store["chatd/client/1"]
+    assert os.fstat(fd).st_ino == os.fstat(a.fileno()).st_ino
+    manager.remove("chatd/client/1")
+    notify_socket.drain()
+    assert notify_socket.store == {}
+    a.close(), b.close()
+
+
+@pytest.mark.parametrize("name", ["", "a:b", "with space", "x" * 256, "tab\t"])
+def test_invalid_fdnames_are_refused(name):
+    assert not valid_fdname(name)
+    with pytest.raises(ValueError):
+        ServiceManager({}).store(name, 0)
+
+
+def test_read_index_replays_changes_and_ignores_a_cut_line():
+    data = b"+ 1 0 a YQ==\n+ 2 0 b Yg==\n- 1\n+ 2 0 b Yw==\n+ 3 0 c"
+    entries, complete = read_index(data)
+    assert {serial: (e.name, e.meta) for serial, e in entries.items()} == {2: ("b", b"c")}
+    assert complete == data.rfind(b"\n") + 1
+    with pytest.raises(ValueError):
+        read_index(b"? nonsense\n")
+
+
+def test_holderd_takes_back_what_its_store_kept(notify_socket):
+    sockets = [socket.socketpair() for _ in range(3)]
+    core = HolderCore(watcher=FdStoreMirror(manager_for(notify_socket)))
+    mirror = core.watcher
+    for index, (a, _) in enumerate(sockets):
+        core.handle(1000, {"op": "STORE", "items": [{"name": f"n{index}", "meta": "bWV0YQ=="}]}, [os.dup(a.fileno())])
+    core.handle(1000, {"op": "REMOVE", "names": ["n0"]}, [])
+    core.handle(1000, {"op": "STORE", "items": [{"name": "n1", "meta": "bmV3"}]}, [os.dup(sockets[1][0].fileno())])
+    mirror.detach()  # a clean stop leaves the store as it is
+    core.close()
+
+    restarted = HolderCore(watcher=FdStoreMirror(manager_for(notify_socket, notify_socket.passed())))
+    assert restarted.watcher.restore(restarted) == 2
+    held = {held.name: held for _, held in restarted.held_items()}
+    assert sorted(held) == ["n1", "n2"]
+    assert held["n1"].meta == b"new"
+    assert held["n2"].ino == os.fstat(sockets[2][0].fileno()).st_ino
+    restarted.watcher.detach()
+    restarted.close()
+    for a, b in sockets:
+        a.close(), b.close()
