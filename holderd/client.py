@@ -86,7 +86,12 @@ class HolderClient:
         request_id = next(self._ids)
         replies = []
         try:
-            self._conn.send({"id": request_id, **body}, fds)
+            try:
+                self._conn.send({"id": request_id, **body}, fds)
+            except (BrokenPipeError, ConnectionResetError):
+                # holderd may have refused us and hung up before our request
+                # went out: its reason is still there to be read.
+                pass
             while True:
                 frame = self._conn.receive()
                 if not frame.body.get("ok"):
