@@ -13,7 +13,7 @@ import itertools
 from dataclasses import dataclass
 
 from . import paths
-from .wire import MAX_FDS_PER_FRAME, FrameSocket, close_fds
+from .wire import MAX_FDS_PER_FRAME, FrameSocket, WireError, batches, close_fds, item_size
 
 
 class HolderError(Exception):
@@ -102,6 +102,12 @@ class HolderClient:
                 replies.append((frame.body, frame.fds))
                 if not frame.body.get("more"):
                     return replies
+        except WireError as exc:
+            # holderd sent what this client cannot parse: not worth a retry.
+            for _, earlier in replies:
+                close_fds(earlier)
+            self.close()
+            raise HolderError("bad-reply", f"holderd's reply is unreadable: {exc.message}") from None
         except (OSError, ConnectionError) as exc:
             # The stream's position is unknown now: start afresh next time.
             for _, earlier in replies:
@@ -115,8 +121,9 @@ class HolderClient:
     def store(self, items: list[tuple[str, bytes, int]]) -> int:
         """Store (name, meta, fd) items, in as many frames as SCM_RIGHTS needs."""
         stored = 0
-        for start in range(0, len(items), MAX_FDS_PER_FRAME):
-            batch = items[start:start + MAX_FDS_PER_FRAME]
+        for batch in batches(items, MAX_FDS_PER_FRAME, lambda item: item_size(item[0], item[1])):
+            if not batch:
+                continue
             body = {
                 "op": "STORE",
                 "items": [{"name": name, "meta": base64.b64encode(meta).decode()} for name, meta, _ in batch],

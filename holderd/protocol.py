@@ -31,7 +31,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from .wire import MAX_FDS_PER_FRAME, close_fds
+from .wire import MAX_FDS_PER_FRAME, batches, close_fds, item_size
 
 PROTOCOL_VERSION = 1
 OPERATIONS = ("PING", "STORE", "RETRIEVE", "REMOVE", "LIST")
@@ -102,12 +102,8 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _chunks(items: list, size: int):
-    """Split into chunks of at most ``size``; an empty list is one empty chunk."""
-    if not items:
-        yield []
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def _reply_size(held: Held) -> int:
+    return item_size(held.name, held.meta)
 
 
 class HolderCore:
@@ -238,7 +234,7 @@ class HolderCore:
             wanted = body["names"]
             if not isinstance(wanted, list) or not all(isinstance(n, str) for n in wanted):
                 raise RequestError("bad-request", "'names' must be a list of strings")
-            return [names[name] for name in wanted if name in names]
+            return [names[name] for name in dict.fromkeys(wanted) if name in names]
         prefix = body.get("prefix", "")
         if not isinstance(prefix, str):
             raise RequestError("bad-request", "'prefix' must be a string")
@@ -246,7 +242,7 @@ class HolderCore:
 
     def _op_retrieve(self, uid, body, fds):
         selected = self._selected(uid, body)
-        chunks = list(_chunks(selected, MAX_FDS_PER_FRAME))
+        chunks = batches(selected, MAX_FDS_PER_FRAME, _reply_size)
         replies = []
         for index, chunk in enumerate(chunks):
             duplicates = []
@@ -264,7 +260,7 @@ class HolderCore:
 
     def _op_list(self, uid, body, fds):
         selected = self._selected(uid, body)
-        chunks = list(_chunks(selected, 1000))
+        chunks = batches(selected, 1000, _reply_size)
         return [
             Reply({"items": [h.describe() for h in chunk], "more": index < len(chunks) - 1})
             for index, chunk in enumerate(chunks)

@@ -68,12 +68,41 @@ def encode_frame(body: dict, fd_count: int = 0) -> bytes:
     return HEADER.pack(len(payload), fd_count) + payload
 
 
+#: A batch of items (a STORE request, a RETRIEVE or LIST reply) is cut to at
+#: most this many bytes, far below any reader's frame limit.
+BATCH_BYTES = 256 * 1024
+
+
+def item_size(name: str, meta: bytes) -> int:
+    """About how many bytes an item {name, meta in base64, ...} takes in a frame."""
+    return len(name) + 4 * (len(meta) + 2) // 3 + 64
+
+
+def batches(items: list, max_count: int, size_of) -> list[list]:
+    """Split into batches of at most ``max_count`` items and BATCH_BYTES bytes (one
+    item at least); an empty list is one empty batch."""
+    result, current, used = [], [], 0
+    for item in items:
+        size = size_of(item)
+        if current and (len(current) == max_count or used + size > BATCH_BYTES):
+            result.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += size
+    result.append(current)
+    return result
+
+
 def close_fds(fds) -> None:
     for fd in fds:
         try:
             os.close(fd)
         except OSError:
             pass
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 class FrameDecoder:
@@ -101,6 +130,11 @@ class FrameDecoder:
         if len(self._buffer) < HEADER.size:
             return None
         length, fd_count = HEADER.unpack_from(self._buffer)
+        if fd_count > MAX_FDS_PER_FRAME:
+            raise WireError(
+                "bad-frame", f"a frame announces {fd_count} fds; at most {MAX_FDS_PER_FRAME} fit in one",
+                fatal=True,
+            )
         if length > self.max_frame:
             raise WireError(
                 "frame-too-large",
@@ -125,8 +159,8 @@ class FrameDecoder:
             close_fds(fds)
             raise WireError("fd-count-mismatch", f"{extra} fds arrived that no frame announced")
         try:
-            body = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            body = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
             close_fds(fds)
             raise WireError("bad-frame", f"frame body is not UTF-8 JSON: {exc}") from None
         if not isinstance(body, dict):
@@ -170,8 +204,15 @@ def recv_chunk(sock: socket.socket, size: int = 65536) -> tuple[bytes, list[int]
     data, ancdata, flags, _ = sock.recvmsg(size, ancillary_space())
     fds = fds_from_ancillary(ancdata)
     if flags & socket.MSG_CTRUNC:
+        # The kernel dropped fds: the receiver is out of fds, or a sender put more
+        # than 253 in one message. Which frame they belonged to is unknowable.
         close_fds(fds)
-        raise WireError("fd-count-mismatch", "more fds arrived than one frame may carry", fatal=True)
+        raise WireError(
+            "no-resources",
+            "fds sent to us were lost: the receiver's fd limit is reached or a message carried over "
+            f"{MAX_FDS_PER_FRAME}; reconnect and retry later",
+            fatal=True,
+        )
     return data, fds
 
 

@@ -199,3 +199,46 @@ print(h.ping()["held"], len(h.list()), h.remove(prefix=""))
     assert HolderClient(procs.holder_socket).ping()["held"] == 1
     client.close()
     server.close()
+
+
+def test_big_metadata_is_batched_by_size_both_ways(procs):
+    procs.start_holderd("--max-fds-per-uid", "400")
+    pipes = [os.pipe() for _ in range(300)]
+    meta = os.urandom(4096)  # 300 items of the largest metadata: several MB in all
+    with HolderClient(procs.holder_socket) as h:
+        assert h.store([(f"big/{i}", meta, r) for i, (r, _) in enumerate(pipes)]) == 300
+        got = h.retrieve("big/")
+        assert len(got) == 300 and all(item.meta == meta for item in got)
+        assert len(h.list("big/")) == 300
+        for item in got:
+            os.close(item.fd)
+        assert h.remove(names=["big/1", "big/1", "big/2"]) == 2  # a name twice is removed once
+    for r, w in pipes:
+        os.close(r), os.close(w)
+    still_serves(procs)
+
+
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        (HEADER.pack(10, 0) + b'{"id":NaN}', "bad-frame"),  # JSON, not JavaScript
+        (HEADER.pack(4, 0) + "{}".encode("utf-16-le"), "bad-frame"),  # UTF-8 only
+    ],
+    ids=["nan", "utf16"],
+)
+def test_bodies_must_be_strict_utf8_json(holder, frame, code):
+    sock = raw_connection(holder.holder_socket)
+    sock.sendall(frame)
+    assert read_reply(sock).body["error"] == code
+    sock.close()
+    still_serves(holder)
+
+
+def test_a_frame_announcing_more_than_253_fds_is_refused(holder):
+    sock = raw_connection(holder.holder_socket)
+    sock.sendall(HEADER.pack(2, 300) + b"{}")
+    reply = read_reply(sock)
+    assert reply.body["error"] == "bad-frame" and "253" in reply.body["message"]
+    assert sock.recv(1) == b""  # the stream cannot be trusted any more: disconnected
+    sock.close()
+    still_serves(holder)
