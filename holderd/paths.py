@@ -40,7 +40,7 @@ def chatd_control_socket(*, own_service: bool = False) -> str:
 
 
 def prepare_socket_path(path: str) -> None:
-    """Make the socket's directory (private) and clear a stale socket file."""
+    """Make the socket's directory (0755 if new) and clear a stale socket file."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o755, exist_ok=True)
     try:
