@@ -52,8 +52,12 @@ def cmd_status(args) -> int:
     lines = []
     if chat["ok"]:
         state = "waiting for `chatctl restore`" if chat.get("awaiting_restore") else f"serving port {chat['port']}"
-        holders = ", ".join(f"{name} {'ok' if ok else 'down' if ok is False else 'unused yet'}"
-                            for name, ok in chat["holders"].items()) or "none"
+        held = chat.get("held", {})
+        holders = ", ".join(
+            f"{name} {'ok' if ok else 'down' if ok is False else 'unused yet'}"
+            + (f" ({held[name]} fds)" if held.get(name) is not None else "")
+            for name, ok in chat["holders"].items()
+        ) or "none"
         lines.append(f"chatd: pid {chat['pid']}, {state}, {chat['clients']} clients, {chat['pairs']} pairs; holders: {holders}")
     else:
         lines.append(f"chatd: {chat['message']}")
