@@ -6,10 +6,11 @@ provider") parses the Vagrantfile and checks every setting and the
 provisioner's script. It skips when the ``vagrant`` binary is missing, except
 under CI (``CI=true``), where it fails: CI must run it.
 
-``PROCESS_BACKUP_VAGRANT_UP=1`` also runs the real thing (root, about 7
+``PROCESS_BACKUP_VAGRANT_UP=1`` also runs the real thing (root, about 6
 minutes on 2 cores with plain emulation; Debian packages: vagrant
 vagrant-libvirt libvirt-daemon-system qemu-system-x86 qemu-utils dnsmasq-base
-mmdebstrap extlinux syslinux-common fdisk): build a Debian 12 box offline with ``scripts/build-vagrant-box``, start
+mmdebstrap extlinux syslinux-common fdisk): build a Debian 12 box offline
+with ``scripts/build-vagrant-box``, start
 virtlogd and libvirtd by hand in a private network namespace, ``vagrant up``
 with the libvirt provider in plain emulation (``PROCESS_BACKUP_LIBVIRT_DRIVER=qemu``),
 provisioning offline from wheels built here, and check that provisioning (with
@@ -207,11 +208,27 @@ class Sandbox:
         self.run(["ip", "netns", "add", self.netns], timeout=30)
         self.run(["ip", "link", "set", "lo", "up"], timeout=30, netns=True)
         for daemon in ("virtlogd", "libvirtd"):
+            argv = ["ip", "netns", "exec", self.netns, daemon, "--pid-file", str(self.work / f"{daemon}.pid")]
+            if daemon == "libvirtd" and Path("/dev/kvm").exists():
+                # The guest runs in plain emulation anyway. Seen here: /dev/kvm (a PVM
+                # hypervisor that cannot run a stock kernel) makes libvirtd re-probe
+                # QEMU's capabilities at every lookup, 30 s for each domain defined.
+                # Hidden behind an unusable file in a mount namespace of libvirtd's
+                # own, the probe is cached and a define takes milliseconds; that
+                # mount would break the private /dev libvirt makes for each guest,
+                # so its qemu.conf there (a copy, bound over) turns that off.
+                hide = self.work / "no-kvm"
+                hide.touch(mode=0)
+                qemu_conf = self.work / "qemu.conf"
+                original = Path("/etc/libvirt/qemu.conf")
+                qemu_conf.write_text((original.read_text() if original.exists() else "") + "\nnamespaces = []\n")
+                argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        'mount --bind "$0" /dev/kvm && mount --bind "$1" /etc/libvirt/qemu.conf && shift && exec "$@"',
+                        str(hide), str(qemu_conf), *argv]
             log = open(self.work / f"{daemon}.log", "w")
             with log:
-                self.daemons.append(subprocess.Popen(
-                    ["ip", "netns", "exec", self.netns, daemon, "--pid-file", str(self.work / f"{daemon}.pid")],
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                self.daemons.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                                     start_new_session=True))
         deadline = time.monotonic() + 60
         while self.virsh("version", check=False).returncode != 0:
             if time.monotonic() > deadline or any(d.poll() is not None for d in self.daemons):
