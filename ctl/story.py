@@ -37,6 +37,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_for_answer(proc: subprocess.Popen, ask, unavailable, timeout: float, what: str):
+    """Wait until ``ask()`` answers instead of raising ``unavailable``; fail if ``proc`` exits first."""
+
+    def answers():
+        if proc.poll() is not None:
+            raise StoryError(f"{what} exited with status {proc.returncode}")
+        try:
+            return ask()
+        except unavailable:
+            return None
+
+    return wait_until(answers, timeout, f"{what} to answer")
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
     deadline = time.monotonic() + timeout
     while True:
@@ -160,16 +174,7 @@ class Story:
             self.say("holderd runs already")
             return
         self.holderd = self._spawn("holderd", ["holderd.daemon", "--socket", self.holder_socket])
-
-        def answers():
-            if self.holderd.poll() is not None:
-                raise StoryError(f"holderd exited with {self.holderd.returncode}")
-            try:
-                return HolderClient(self.holder_socket, timeout=1).ping()
-            except HolderError:
-                return None
-
-        wait_until(answers, 10, "holderd to answer")
+        wait_for_answer(self.holderd, HolderClient(self.holder_socket, timeout=1).ping, HolderError, 10, "holderd")
         self.say(f"holderd started (pid {self.holderd.pid}), socket {self.holder_socket}")
 
     def start_chatd(self, restore: bool = False) -> None:
@@ -182,16 +187,7 @@ class Story:
         if restore:
             argv += ["--restore", "--wait"]
         self.chatd = self._spawn(f"chatd-{self.chatd_runs}", argv)
-
-        def answers():
-            if self.chatd.poll() is not None:
-                raise StoryError(f"chatd exited with {self.chatd.returncode}")
-            try:
-                return self._control("status")
-            except control.ControlError:
-                return None
-
-        status = wait_until(answers, 15, "chatd to answer")
+        status = wait_for_answer(self.chatd, lambda: self._control("status"), control.ControlError, 15, "chatd")
         mode = "in restore mode, waiting for `restore`" if restore else f"on port {self.port}"
         self.say(f"chatd started (pid {status['pid']}) {mode}")
 

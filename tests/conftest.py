@@ -12,7 +12,7 @@ import pytest
 
 from ctl import control
 from ctl.probe import LineClient
-from ctl.story import free_port, wait_until
+from ctl.story import free_port, wait_for_answer
 from holderd.client import HolderClient, HolderError
 
 
@@ -39,16 +39,7 @@ class Processes:
 
     def start_holderd(self, *extra: str) -> subprocess.Popen:
         self.holderd = self.spawn("holderd", "holderd.daemon", "--socket", self.holder_socket, *extra)
-
-        def answers():
-            if self.holderd.poll() is not None:
-                raise RuntimeError(f"holderd exited: {self.logs()}")
-            try:
-                return HolderClient(self.holder_socket, timeout=1).ping()
-            except HolderError:
-                return None
-
-        wait_until(answers, 10, "holderd")
+        wait_for_answer(self.holderd, HolderClient(self.holder_socket, timeout=1).ping, HolderError, 10, "holderd")
         return self.holderd
 
     def start_chatd(self, *extra: str, wait_ready: bool = True) -> subprocess.Popen:
@@ -61,15 +52,7 @@ class Processes:
         return self.chatd
 
     def wait_chatd(self) -> dict:
-        def answers():
-            if self.chatd.poll() is not None:
-                raise RuntimeError(f"chatd exited with {self.chatd.returncode}: {self.logs()}")
-            try:
-                return self.control("status")
-            except control.ControlError:
-                return None
-
-        return wait_until(answers, 15, "chatd")
+        return wait_for_answer(self.chatd, lambda: self.control("status"), control.ControlError, 15, "chatd")
 
     def control(self, op: str) -> dict:
         return control.call(op, self.control_socket)
