@@ -37,6 +37,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def read_logs(directory: str) -> str:
+    """Every ``*.log`` in ``directory``, each under a header line."""
+    parts = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".log"):
+            with open(os.path.join(directory, name)) as f:
+                parts.append(f"--- {name}\n{f.read()}")
+    return "\n".join(parts)
+
+
 def wait_for_answer(proc: subprocess.Popen, ask, unavailable, timeout: float, what: str):
     """Wait until ``ask()`` answers instead of raising ``unavailable``; fail if ``proc`` exits first."""
 
@@ -157,12 +167,7 @@ class Story:
             return subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT, env=self.env)
 
     def logs(self) -> str:
-        parts = []
-        for name in sorted(os.listdir(self.workdir)):
-            if name.endswith(".log"):
-                with open(os.path.join(self.workdir, name)) as f:
-                    parts.append(f"--- {name}\n{f.read()}")
-        return "\n".join(parts)
+        return read_logs(self.workdir)
 
     def _control(self, op: str) -> dict:
         return control.call(op, self.control_socket)

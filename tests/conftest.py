@@ -12,7 +12,7 @@ import pytest
 
 from ctl import control
 from ctl.probe import LineClient
-from ctl.story import free_port, wait_for_answer
+from ctl.story import free_port, read_logs, wait_for_answer
 from holderd.client import HolderClient, HolderError
 
 
@@ -81,12 +81,7 @@ class Processes:
         assert self.chatd.wait(10) == -sig
 
     def logs(self) -> str:
-        out = []
-        for name in sorted(os.listdir(self.directory)):
-            if name.endswith(".log"):
-                with open(os.path.join(self.directory, name)) as f:
-                    out.append(f"--- {name}\n{f.read()}")
-        return "\n".join(out)
+        return read_logs(self.directory)
 
     def cleanup(self) -> None:
         for client in self.clients:
