@@ -1,4 +1,4 @@
-"""The chat room: names, pairs and message numbering. Pure logic, no I/O.
+"""The chat room: names, pairs and message numbering. Pure logic, no I/O, no wire text.
 
 Theory of operation
 -------------------
@@ -7,30 +7,118 @@ A member may take a *nick* and name a *target*. Two members are *paired* when
 each one's target is the other's nick; pairing is never stored, only derived,
 so a crash can never leave one side paired and the other not.
 
-The room takes one command at a time (:meth:`Room.handle`) and answers with
-:class:`Send` and :class:`Close` actions addressed to member ids, which the
-server turns into bytes on the right connections. Whatever must survive a
-crash (nick, target, messages received on the current pairing) lives in the
-member; the room marks every member whose persistent fields changed in
-:attr:`Room.changed` and every member whose pairing changed in
-:attr:`Room.repaired`, and the server drains both after each command.
+The room takes one *command* at a time (:meth:`Room.handle`: :class:`Nick`,
+:class:`Pair`, :class:`Msg`, :class:`Who`, :class:`Quit`, or :class:`Invalid`
+for what a codec could not make sense of) and answers with an :class:`Outcome`:
+the *events* to deliver, each addressed to a member id (:class:`Ok`,
+:class:`Paired`, :class:`Unpaired`, :class:`From`, :class:`Users`,
+:class:`Bye`, :class:`Failed`), the members to close, and which members
+changed: ``changed`` (a field that must survive a crash: nick, target,
+``received``) and ``repaired`` (their pairing). The room keeps no record of
+what changed between calls: each outcome says it, and the caller commits it.
 
-Protocol (each reply is one line):
+Commands and events are protocol-free. A codec per protocol
+(:mod:`chatd.protocols`) turns a client's bytes into commands and events into
+its bytes, so a line client and a browser chat in the same room.
 
-- ``NICK <name>`` → ``OK NICK <name>``; ``ERR nick-taken``; ``ERR bad-name``
-- ``PAIR <name>`` → ``OK PAIR <name>``, then ``PAIRED <peer>`` to both once mutual;
-  the peer of a pairing this replaces gets ``UNPAIRED <name>``
-- ``MSG <text>`` → the peer gets ``FROM <sender> <n> <text>``; ``ERR not-paired``
-- ``WHO`` → ``USER <name> <peer-or-->`` per named member, then ``END``
-- ``QUIT`` → ``BYE``, then the connection is closed; the peer gets ``UNPAIRED <name>``
-- anything else → ``ERR unknown-command``
+The rules:
+
+- ``Nick(name)`` → ``Ok("NICK", name)``; ``Failed("nick-taken")``, ``Failed("bad-name")``
+- ``Pair(name)`` → ``Ok("PAIR", name)``, then ``Paired`` to both once mutual;
+  the peer of a pairing this replaces gets ``Unpaired``
+- ``Msg(text)`` → the peer gets ``From(sender, n, text)``, ``n`` counting from 1
+  what this receiver got on this pairing; ``Failed("not-paired")``
+- ``Who()`` → ``Users``: every named member and its peer
+- ``Quit()`` → ``Bye``, then the member is closed; its peer gets ``Unpaired``
+- ``Invalid(code)`` → ``Failed(code)``
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
-from .lines import LINE_TOO_LONG, NAME_RE, BadEncoding, parse_command
+#: What a nick (and so a PAIR target) may be.
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
+
+
+# -- commands: what a member asks ---------------------------------------------------------
+@dataclass(frozen=True)
+class Nick:
+    name: str | None
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str | None
+
+
+@dataclass(frozen=True)
+class Msg:
+    text: str
+
+
+@dataclass(frozen=True)
+class Who:
+    pass
+
+
+@dataclass(frozen=True)
+class Quit:
+    pass
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """What a codec could not turn into a command; ``code`` names why (``unknown-command``…)."""
+
+    code: str
+
+
+Command = Nick | Pair | Msg | Who | Quit | Invalid
+
+
+# -- events: what a member is told --------------------------------------------------------
+@dataclass(frozen=True)
+class Ok:
+    verb: str  # "NICK" or "PAIR"
+    name: str
+
+
+@dataclass(frozen=True)
+class Paired:
+    peer: str
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    peer: str
+
+
+@dataclass(frozen=True)
+class From:
+    sender: str
+    n: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Users:
+    #: (nick, the nick of its peer or None) for every named member.
+    entries: tuple[tuple[str, str | None], ...]
+
+
+@dataclass(frozen=True)
+class Bye:
+    pass
+
+
+@dataclass(frozen=True)
+class Failed:
+    code: str
+
+
+Event = Ok | Paired | Unpaired | From | Users | Bye | Failed
 
 
 @dataclass
@@ -39,35 +127,40 @@ class Member:
     protocol: str = "line"
     nick: str | None = None
     target: str | None = None
-    #: Messages received on the current pairing; the n of the next FROM is this + 1.
+    #: Messages received on the current pairing; the n of the next From is this + 1.
     received: int = 0
     peer: "Member | None" = None
 
 
-@dataclass(frozen=True)
-class Send:
-    member_id: int
-    text: str
+@dataclass
+class Outcome:
+    """What one call changed: events to deliver in order, members to close, members changed."""
 
+    deliveries: list[tuple[int, Event]] = field(default_factory=list)
+    closes: list[int] = field(default_factory=list)
+    changed: set[int] = field(default_factory=set)
+    repaired: set[int] = field(default_factory=set)
 
-@dataclass(frozen=True)
-class Close:
-    member_id: int
+    def tell(self, member_id: int, event: Event) -> "Outcome":
+        self.deliveries.append((member_id, event))
+        return self
+
+    def merge(self, other: "Outcome") -> None:
+        self.deliveries += other.deliveries
+        self.closes += other.closes
+        self.changed |= other.changed
+        self.repaired |= other.repaired
 
 
 class Room:
     def __init__(self):
         self.members: dict[int, Member] = {}
         self._by_nick: dict[str, Member] = {}
-        self.changed: set[int] = set()
-        self.repaired: set[int] = set()
 
     # -- membership ---------------------------------------------------------------------
-    def join(self, member_id: int, protocol: str = "line") -> Member:
-        member = Member(member_id, protocol)
-        self.members[member_id] = member
-        self.changed.add(member_id)
-        return member
+    def join(self, member_id: int, protocol: str = "line") -> Outcome:
+        self.members[member_id] = Member(member_id, protocol)
+        return Outcome(changed={member_id})
 
     def restore(self, members: list[Member]) -> None:
         """Put back members saved before a crash, and re-derive their pairs silently."""
@@ -85,83 +178,92 @@ class Room:
                 if peer is not None:
                     member.peer, peer.peer = peer, member
 
-    def leave(self, member_id: int) -> list:
+    def leave(self, member_id: int) -> Outcome:
+        outcome = Outcome()
         member = self.members.pop(member_id, None)
         if member is None:
-            return []
-        actions = self._unpair(member) if member.peer else []
+            return outcome
+        if member.peer:
+            self._unpair(member, outcome)
         if member.nick is not None:
             del self._by_nick[member.nick]
-        self.changed.discard(member_id)
-        self.repaired.discard(member_id)
-        return actions
+        outcome.changed.discard(member_id)
+        outcome.repaired.discard(member_id)
+        return outcome
 
     def pairs(self) -> list[tuple[Member, Member]]:
         return [(m, m.peer) for m in self.members.values() if m.peer is not None and m.id < m.peer.id]
 
     # -- commands -----------------------------------------------------------------------
-    def handle(self, member_id: int, line) -> list:
-        """Actions for one framed line (bytes, or LINE_TOO_LONG) from a member."""
+    def handle(self, member_id: int, command: Command) -> Outcome:
         member = self.members[member_id]
-        if line is LINE_TOO_LONG:
-            return [Send(member_id, "ERR line-too-long")]
-        try:
-            command = parse_command(line)
-        except BadEncoding:
-            return [Send(member_id, "ERR bad-encoding")]
-        handler = getattr(self, "_cmd_" + command.verb.lower(), None) if command.verb.isalpha() else None
-        if handler is None:
-            return [Send(member_id, "ERR unknown-command")]
-        return handler(member, command.argument)
+        outcome = Outcome()
+        if isinstance(command, Nick):
+            self._nick(member, command.name, outcome)
+        elif isinstance(command, Pair):
+            self._pair(member, command.name, outcome)
+        elif isinstance(command, Msg):
+            self._msg(member, command.text, outcome)
+        elif isinstance(command, Who):
+            outcome.tell(member.id, self.users())
+        elif isinstance(command, Quit):
+            outcome.tell(member.id, Bye()).closes.append(member.id)
+        elif isinstance(command, Invalid):
+            outcome.tell(member.id, Failed(command.code))
+        else:
+            raise TypeError(f"not a command: {command!r}")
+        return outcome
 
-    def _cmd_nick(self, member: Member, name) -> list:
+    def users(self) -> Users:
+        return Users(tuple(
+            (m.nick, m.peer.nick if m.peer else None) for m in self.members.values() if m.nick is not None
+        ))
+
+    def _nick(self, member: Member, name, outcome: Outcome) -> None:
         if name is None or not NAME_RE.match(name):
-            return [Send(member.id, "ERR bad-name")]
+            outcome.tell(member.id, Failed("bad-name"))
+            return
         holder = self._by_nick.get(name)
         if holder is member:
-            return [Send(member.id, f"OK NICK {name}")]
+            outcome.tell(member.id, Ok("NICK", name))
+            return
         if holder is not None:
-            return [Send(member.id, "ERR nick-taken")]
-        actions = self._unpair(member) if member.peer else []
+            outcome.tell(member.id, Failed("nick-taken"))
+            return
+        if member.peer:
+            self._unpair(member, outcome)
         if member.nick is not None:
             del self._by_nick[member.nick]
         member.nick = name
         self._by_nick[name] = member
-        self.changed.add(member.id)
-        self.repaired.add(member.id)
-        actions.append(Send(member.id, f"OK NICK {name}"))
-        return actions + self._pair_if_mutual(member)
+        outcome.changed.add(member.id)
+        outcome.repaired.add(member.id)
+        outcome.tell(member.id, Ok("NICK", name))
+        self._pair_if_mutual(member, outcome)
 
-    def _cmd_pair(self, member: Member, name) -> list:
+    def _pair(self, member: Member, name, outcome: Outcome) -> None:
         if name is None or not NAME_RE.match(name):
-            return [Send(member.id, "ERR bad-name")]
+            outcome.tell(member.id, Failed("bad-name"))
+            return
         if member.peer is not None and member.peer.nick == name:
-            return [Send(member.id, f"OK PAIR {name}")]
-        actions = self._unpair(member) if member.peer else []
+            outcome.tell(member.id, Ok("PAIR", name))
+            return
+        if member.peer:
+            self._unpair(member, outcome)
         member.target = name
-        self.changed.add(member.id)
-        self.repaired.add(member.id)
-        actions.append(Send(member.id, f"OK PAIR {name}"))
-        return actions + self._pair_if_mutual(member)
+        outcome.changed.add(member.id)
+        outcome.repaired.add(member.id)
+        outcome.tell(member.id, Ok("PAIR", name))
+        self._pair_if_mutual(member, outcome)
 
-    def _cmd_msg(self, member: Member, text) -> list:
+    def _msg(self, member: Member, text: str, outcome: Outcome) -> None:
         peer = member.peer
         if peer is None:
-            return [Send(member.id, "ERR not-paired")]
+            outcome.tell(member.id, Failed("not-paired"))
+            return
         peer.received += 1
-        self.changed.add(peer.id)
-        return [Send(peer.id, f"FROM {member.nick} {peer.received} {text or ''}")]
-
-    def _cmd_who(self, member: Member, argument) -> list:
-        actions = [
-            Send(member.id, f"USER {m.nick} {m.peer.nick if m.peer else '-'}")
-            for m in self.members.values()
-            if m.nick is not None
-        ]
-        return actions + [Send(member.id, "END")]
-
-    def _cmd_quit(self, member: Member, argument) -> list:
-        return [Send(member.id, "BYE"), Close(member.id)]
+        outcome.changed.add(peer.id)
+        outcome.tell(peer.id, From(member.nick, peer.received, text))
 
     # -- pairing ------------------------------------------------------------------------
     def _mutual_target(self, member: Member) -> Member | None:
@@ -172,22 +274,23 @@ class Room:
             return None
         return other
 
-    def _pair_if_mutual(self, member: Member) -> list:
+    def _pair_if_mutual(self, member: Member, outcome: Outcome) -> None:
         other = self._mutual_target(member)
         if other is None:
-            return []
-        actions = self._unpair(other) if other.peer else []
+            return
+        if other.peer:
+            self._unpair(other, outcome)
         member.peer, other.peer = other, member
         member.received = other.received = 0
-        self.changed.update((member.id, other.id))
-        self.repaired.update((member.id, other.id))
-        return actions + [Send(member.id, f"PAIRED {other.nick}"), Send(other.id, f"PAIRED {member.nick}")]
+        outcome.changed.update((member.id, other.id))
+        outcome.repaired.update((member.id, other.id))
+        outcome.tell(member.id, Paired(other.nick)).tell(other.id, Paired(member.nick))
 
-    def _unpair(self, member: Member) -> list:
+    def _unpair(self, member: Member, outcome: Outcome) -> None:
         """Break ``member``'s pairing; only the other side is told."""
         other = member.peer
         member.peer = other.peer = None
         member.received = other.received = 0
-        self.changed.update((member.id, other.id))
-        self.repaired.update((member.id, other.id))
-        return [Send(other.id, f"UNPAIRED {member.nick}")]
+        outcome.changed.update((member.id, other.id))
+        outcome.repaired.update((member.id, other.id))
+        outcome.tell(other.id, Unpaired(member.nick))

@@ -10,11 +10,13 @@ import json
 import sys
 import time
 
-from holderd import paths
-from holderd.client import HolderClient, HolderError
+from chatd.control import default_socket as control_socket
+from fdkeep.errors import Error
+from fdkeep.text import plural
+from holderd.client import HolderClient, default_socket as holderd_socket
 
 from . import control, install, lineclient, selftest
-from .story import Story, StoryError, play_demo
+from .story import Story, play_demo
 
 SHELL_HELP = """\
 Master console: the seed's crash-and-restore story with real processes.
@@ -42,11 +44,11 @@ def cmd_status(args) -> int:
     report = {}
     try:
         report["chatd"] = control.call("status", args.control)
-    except control.ControlError as exc:
+    except Error as exc:
         report["chatd"] = {"ok": False, "error": exc.code, "message": exc.message}
     try:
         report["holderd"] = {"ok": True, **HolderClient(args.holder, timeout=3).ping()}
-    except HolderError as exc:
+    except Error as exc:
         report["holderd"] = {"ok": False, "error": exc.code, "message": exc.message}
     chat, holder = report["chatd"], report["holderd"]
     lines = []
@@ -55,14 +57,15 @@ def cmd_status(args) -> int:
         held = chat.get("held", {})
         holders = ", ".join(
             f"{name} {'ok' if ok else 'down' if ok is False else 'unused yet'}"
-            + (f" ({held[name]} fds)" if held.get(name) is not None else "")
+            + (f" ({plural(held[name], 'fd')})" if held.get(name) is not None else "")
             for name, ok in chat["holders"].items()
         ) or "none"
-        lines.append(f"chatd: pid {chat['pid']}, {state}, {chat['clients']} clients, {chat['pairs']} pairs; holders: {holders}")
+        lines.append(f"chatd: pid {chat['pid']}, {state}, {plural(chat['clients'], 'client')}, "
+                     f"{plural(chat['pairs'], 'pair')}; holders: {holders}")
     else:
         lines.append(f"chatd: {chat['message']}")
     if holder["ok"]:
-        lines.append(f"holderd: protocol {holder['version']}, holds {holder['held']} fds for uid {holder['uid']}")
+        lines.append(f"holderd: protocol {holder['version']}, holds {plural(holder['held'], 'fd')} for uid {holder['uid']}")
     else:
         lines.append(f"holderd: {holder['message']}")
     _print(args, report, "\n".join(lines))
@@ -100,7 +103,7 @@ def cmd_restore(args) -> int:
     _print(
         args,
         reply,
-        f"restored {reply['clients']} clients and {reply['pairs']} pairs on port {reply['port']} "
+        f"restored {plural(reply['clients'], 'client')} and {plural(reply['pairs'], 'pair')} on port {reply['port']} "
         f"in {reply['milliseconds']} ms",
     )
     return 0
@@ -182,10 +185,10 @@ def cmd_shell(args) -> int:
                 continue
             try:
                 action()
-            except (StoryError, control.ControlError, HolderError) as exc:
+            except Error as exc:
                 print(f"error: {exc}")
             time.sleep(0.1)  # let the clients' output land before the next prompt
-    except (StoryError, control.ControlError) as exc:
+    except Error as exc:
         print(f"error: {exc}\n{story.logs()}")
         return 1
     finally:
@@ -205,11 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--control",
-        default=paths.chatd_control_socket(),
+        default=control_socket(),
         help="chatd's control socket (default: $CHATD_CONTROL or %(default)s)",
     )
     parser.add_argument(
-        "--holder", default=paths.holderd_socket(), help="holderd's socket (default: $HOLDERD_SOCKET or %(default)s)"
+        "--holder", default=holderd_socket(), help="holderd's socket (default: $HOLDERD_SOCKET or %(default)s)"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -260,7 +263,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except control.ControlError as exc:
+    except Error as exc:
         print(f"chatctl: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

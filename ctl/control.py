@@ -1,32 +1,27 @@
-"""Requests to chatd's control socket (frames of :mod:`holderd.wire`)."""
+"""Requests to chatd's control socket (frames of :mod:`fdkeep.frames`; see :mod:`chatd.control`)."""
 
 from __future__ import annotations
 
-from holderd import paths
-from holderd.wire import FrameSocket, close_fds
-
-
-class ControlError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+from chatd.control import default_socket
+from fdkeep.errors import Error
+from fdkeep.fdpass import close_fds
+from fdkeep.peer import FrameSocket
 
 
 def call(op: str, path: str | None = None, timeout: float = 10.0) -> dict:
-    """One control request; the reply body. Raises ControlError with chatd's error code."""
-    path = path or paths.chatd_control_socket()
+    """One control request; the reply body. Raises :class:`~fdkeep.errors.Error` with chatd's error code."""
+    path = path or default_socket()
     try:
         with FrameSocket(path, timeout) as conn:
             conn.send({"op": op})
             frame = conn.receive()
-    except (OSError, ConnectionError) as exc:
-        raise ControlError(
+    except (OSError, ConnectionError, Error) as exc:
+        raise Error(
             "unavailable",
             f"cannot reach chatd's control socket {path} ({exc}); is chatd running? "
             "(`systemctl status chatd`, or pass --control PATH)",
         ) from None
     close_fds(frame.fds)
     if not frame.body.get("ok"):
-        raise ControlError(frame.body.get("error", "unknown"), frame.body.get("message", ""))
+        raise Error(str(frame.body.get("error", "unknown")), str(frame.body.get("message", "")))
     return frame.body

@@ -13,6 +13,9 @@ from __future__ import annotations
 import secrets
 import time
 
+from fdkeep.errors import Error
+from fdkeep.text import plural
+
 from . import control
 from .probe import LineClient
 
@@ -43,7 +46,7 @@ def _wait_for_new_chatd(control_path: str, old_pid: int, timeout: float) -> dict
             if status["pid"] != old_pid and status["serving"]:
                 return status
             last_error = f"still pid {status['pid']}"
-        except control.ControlError as exc:
+        except Error as exc:
             last_error = exc.message
         time.sleep(0.01)
     raise SelftestFailed(f"no new chatd served within {timeout} s after the crash ({last_error}); "
@@ -59,7 +62,7 @@ def run(host: str, port: int, control_path: str, crash: bool = True, timeout: fl
     status = control.call("status", control_path)
     if not status["serving"]:
         raise SelftestFailed("chatd is not serving (it waits for `chatctl restore`?)")
-    step(f"chatd pid {status['pid']} serves port {status['port']} with {status['clients']} clients")
+    step(f"chatd pid {status['pid']} serves port {status['port']} with {plural(status['clients'], 'client')}")
     tag = secrets.token_hex(3)
     nicks = (f"selftest-{tag}-a", f"selftest-{tag}-b")
     clients = [LineClient(port, timeout=10, host=host) for _ in nicks]
@@ -85,7 +88,7 @@ def run(host: str, port: int, control_path: str, crash: bool = True, timeout: fl
             step(f"chatd pid {reply['pid']} crashed with SIGSEGV")
             new = _wait_for_new_chatd(control_path, status["pid"], timeout)
             gap_ms = round((time.monotonic() - crashed_at) * 1000, 1)
-            step(f"new chatd pid {new['pid']} serves {new['clients']} clients after {gap_ms} ms")
+            step(f"new chatd pid {new['pid']} serves {plural(new['clients'], 'client')} after {gap_ms} ms")
             report.update(new_pid=new["pid"], gap_ms=gap_ms)
             chat(2)
             if [client.sock.getsockname()[1] for client in clients] != ports:

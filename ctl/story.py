@@ -1,75 +1,32 @@
 """The seed's story, played with real processes: used by ``chatctl shell`` and ``chatctl demo``.
 
-Every part runs as its own process, started with this Python: holderd, chatd,
-and two ``chatctl client`` processes C1 and C2 that pair with each other. The
-sockets live in a scratch directory, so no root and no systemd are needed.
-:class:`Story` has one method per instruction of the master console; each
-checks what it can see and raises :class:`StoryError` when the story goes wrong.
+Every part runs as its own process, started with this Python: holderd and
+chatd by a :class:`~ctl.launch.Launcher`, and two ``chatctl client`` processes
+C1 and C2 that pair with each other. The sockets live in a scratch directory,
+so no root and no systemd are needed. :class:`Story` has one method per
+instruction of the master console; each checks what it can see and raises
+:class:`~fdkeep.errors.Error` (code ``story-failed``) when the story goes wrong.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
-from holderd.client import HolderClient, HolderError
+from fdkeep.errors import Error
+from fdkeep.text import plural
 
-from . import control
+from .launch import Launcher, wait_until
 
 PAIRED = re.compile(r"< PAIRED (\S+)")
 
 
-class StoryError(Exception):
-    pass
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def read_logs(directory: str) -> str:
-    """Every ``*.log`` in ``directory``, each under a header line."""
-    parts = []
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".log"):
-            with open(os.path.join(directory, name)) as f:
-                parts.append(f"--- {name}\n{f.read()}")
-    return "\n".join(parts)
-
-
-def wait_for_answer(proc: subprocess.Popen, ask, unavailable, timeout: float, what: str):
-    """Wait until ``ask()`` answers instead of raising ``unavailable``; fail if ``proc`` exits first."""
-
-    def answers():
-        if proc.poll() is not None:
-            raise StoryError(f"{what} exited with status {proc.returncode}")
-        try:
-            return ask()
-        except unavailable:
-            return None
-
-    return wait_until(answers, timeout, f"{what} to answer")
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise StoryError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+def story_failed(message: str) -> Error:
+    return Error("story-failed", message)
 
 
 class ClientProcess:
@@ -104,7 +61,7 @@ class ClientProcess:
             if match:
                 return match.group(1)
         if self.proc.poll() is not None:
-            raise StoryError(f"{self.nick} exited: {self.snapshot()}")
+            raise story_failed(f"{self.nick} exited: {self.snapshot()}")
         return None
 
     def snapshot(self) -> list[str]:
@@ -132,73 +89,57 @@ class ClientProcess:
 
 
 class Story:
-    def __init__(self, echo=print, workdir: str | None = None):
-        self._own_workdir = workdir is None
-        self.workdir = workdir or tempfile.mkdtemp(prefix="chatctl-demo-")
-        self.port = free_port()
+    def __init__(self, echo=print):
+        self.launcher = Launcher()
+        self.workdir = self.launcher.workdir
         self.echo = echo
         self.began = time.monotonic()
-        self.holder_socket = os.path.join(self.workdir, "holderd.sock")
-        self.control_socket = os.path.join(self.workdir, "chatd-control.sock")
-        # The children import this very checkout, installed or not.
-        source_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        python_path = os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))
-        self.env = {
-            **os.environ,
-            "HOLDERD_SOCKET": self.holder_socket,
-            "CHATD_CONTROL": self.control_socket,
-            "PYTHONPATH": python_path,
-        }
-        self.holderd: subprocess.Popen | None = None
-        self.chatd: subprocess.Popen | None = None
         self.chatd_runs = 0
         self.clients: dict[str, ClientProcess] = {}
         self.sent = 0
         self.crashed_at: float | None = None
         self.gap_ms: float | None = None
 
+    @property
+    def chatd(self):
+        return self.launcher.chatd
+
+    @property
+    def port(self) -> int | None:
+        return self.launcher.port
+
     # -- output ---------------------------------------------------------------------------
     def say(self, text: str) -> None:
         self.echo(f"[{time.monotonic() - self.began:7.3f}s] {text}")
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(os.path.join(self.workdir, f"{name}.log"), "w")
-        with log:
-            return subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT, env=self.env)
-
     def logs(self) -> str:
-        return read_logs(self.workdir)
+        return self.launcher.logs()
 
     def _control(self, op: str) -> dict:
-        return control.call(op, self.control_socket)
+        return self.launcher.control(op)
 
     # -- the master console's instructions ------------------------------------------------
     def create(self) -> None:
         """Start holderd, the backup process."""
-        if self.holderd and self.holderd.poll() is None:
+        holderd = self.launcher.holderd
+        if holderd and holderd.poll() is None:
             self.say("holderd runs already")
             return
-        self.holderd = self._spawn("holderd", ["holderd.daemon", "--socket", self.holder_socket])
-        wait_for_answer(self.holderd, HolderClient(self.holder_socket, timeout=1).ping, HolderError, 10, "holderd")
-        self.say(f"holderd started (pid {self.holderd.pid}), socket {self.holder_socket}")
+        holderd = self.launcher.start_holderd()
+        self.say(f"holderd started (pid {holderd.pid}), socket {self.launcher.holder_socket}")
 
     def start_chatd(self, restore: bool = False) -> None:
         """Start chatd: fresh, or (restore=True) waiting for `restore` to take its sockets back."""
         if self.chatd and self.chatd.poll() is None:
-            raise StoryError(f"chatd runs already (pid {self.chatd.pid})")
-        self.chatd_runs += 1
-        argv = ["chatd.server", "--port", str(self.port), "--control", self.control_socket]
-        argv += ["--holder", self.holder_socket]
-        if restore:
-            argv += ["--restore", "--wait"]
-        self.chatd = self._spawn(f"chatd-{self.chatd_runs}", argv)
-        status = wait_for_answer(self.chatd, lambda: self._control("status"), control.ControlError, 15, "chatd")
+            raise story_failed(f"chatd runs already (pid {self.chatd.pid})")
+        self.launcher.start_chatd(*(["--restore", "--wait"] if restore else []), wait=False)
+        status = self.launcher.wait_chatd()
         mode = "in restore mode, waiting for `restore`" if restore else f"on port {self.port}"
         self.say(f"chatd started (pid {status['pid']}) {mode}")
 
     def start_clients(self) -> None:
         for nick, other in (("C1", "C2"), ("C2", "C1")):
-            self.clients[nick] = ClientProcess(nick, other, self.port, self.env, self.echo)
+            self.clients[nick] = ClientProcess(nick, other, self.port, self.launcher.env, self.echo)
         for nick, other in (("C1", "C2"), ("C2", "C1")):
             client = self.clients[nick]
             wait_until(lambda: f"[{nick}] < PAIRED {other}" in client.snapshot(), 10, f"{nick} to pair")
@@ -238,7 +179,7 @@ class Story:
         self._control("crash")
         code = self.chatd.wait(10)
         if code != -signal.SIGSEGV:
-            raise StoryError(f"chatd (pid {pid}) ended with {code}, not SIGSEGV")
+            raise story_failed(f"chatd (pid {pid}) ended with {code}, not SIGSEGV")
         self.say(f"chatd (pid {pid}) died of SIGSEGV")
 
     def restore(self) -> None:
@@ -246,7 +187,7 @@ class Story:
         if self.crashed_at is not None:
             self.gap_ms = (time.monotonic() - self.crashed_at) * 1000
         self.say(
-            f"restore: {reply['clients']} clients and {reply['pairs']} pairs back on port "
+            f"restore: {plural(reply['clients'], 'client')} and {plural(reply['pairs'], 'pair')} back on port "
             f"{reply['port']} in {reply['milliseconds']} ms"
         )
 
@@ -254,13 +195,13 @@ class Story:
         """The same two TCP connections: neither client saw EOF, chatd sees their ports."""
         for client in self.clients.values():
             if client.saw_eof():
-                raise StoryError(f"{client.nick} saw its connection close")
+                raise story_failed(f"{client.nick} saw its connection close")
             if client.proc.poll() is not None:
-                raise StoryError(f"{client.nick} exited")
+                raise story_failed(f"{client.nick} exited")
         remote_ports = {int(row["remote"].rsplit(":", 1)[1]) for row in self._control("clients")["clients"]}
         for client in self.clients.values():
             if client.local_port not in remote_ports:
-                raise StoryError(f"chatd does not serve {client.nick}'s connection (port {client.local_port})")
+                raise story_failed(f"chatd does not serve {client.nick}'s connection (port {client.local_port})")
         self.say(
             "same connections: C1 on port %d and C2 on port %d, no EOF, chatd serves both"
             % (self.clients["C1"].local_port, self.clients["C2"].local_port)
@@ -272,22 +213,13 @@ class Story:
             for k, line in enumerate(client.messages(), 1):
                 n = int(line.split()[4])
                 if n != k:
-                    raise StoryError(f"{client.nick}'s message #{k} arrived numbered {n}: {line}")
+                    raise story_failed(f"{client.nick}'s message #{k} arrived numbered {n}: {line}")
         self.say("numbering: every message arrived once, in order, n = 1, 2, 3 … on both sides")
 
     def close(self) -> None:
         for client in self.clients.values():
             client.stop()
-        for proc in (self.chatd, self.holderd):
-            if proc and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.launcher.close()
 
 
 def play_demo(echo=print) -> int:
@@ -316,7 +248,7 @@ def play_demo(echo=print) -> int:
             f"crash to restored: {story.gap_ms:.0f} ms (chatd restart included)"
         )
         return 0
-    except (StoryError, control.ControlError, HolderError, OSError) as exc:
+    except (Error, OSError) as exc:
         story.say(f"FAIL: {exc}")
         echo(story.logs())
         return 1

@@ -2,34 +2,39 @@
 
 Blocking and simple: one request, then its reply (or replies, for RETRIEVE and
 LIST, which come in chunks of at most 253 fds). Every failure reported by
-holderd raises :class:`HolderError` with holderd's error code; a holderd that
-cannot be reached raises :class:`HolderUnavailable`.
+holderd raises :class:`fdkeep.errors.Error` with holderd's error code; a
+holderd that cannot be reached raises the code ``unavailable``, and a reply
+this client cannot parse ``bad-reply``.
 """
 
 from __future__ import annotations
 
 import base64
 import itertools
+import os
 from dataclasses import dataclass
 
-from . import paths
-from .wire import MAX_FDS_PER_FRAME, FrameSocket, WireError, batches, close_fds, item_size
+from fdkeep.errors import Error
+from fdkeep.fdpass import close_fds
+from fdkeep.frames import MAX_FDS_PER_FRAME, batches, item_size
+from fdkeep.paths import runtime_dir
+from fdkeep.peer import FrameSocket
 
 
-class HolderError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(f"holderd: {code}: {message}")
-        self.code = code
-        self.message = message
+def default_socket(*, own_service: bool = False) -> str:
+    """Where holderd listens unless told otherwise: ``$HOLDERD_SOCKET``, else
+    ``holderd.sock`` in its runtime directory (:func:`fdkeep.paths.runtime_dir`)."""
+    return os.environ.get("HOLDERD_SOCKET") or os.path.join(
+        runtime_dir("holderd", own_service=own_service), "holderd.sock"
+    )
 
 
-class HolderUnavailable(HolderError):
-    def __init__(self, path: str, reason: str):
-        super().__init__(
-            "unavailable",
-            f"cannot reach holderd at {path} ({reason}); is it running? (start it with "
-            "`holderd`, or `systemctl start holderd`)",
-        )
+def unavailable(path: str, reason: str) -> Error:
+    return Error(
+        "unavailable",
+        f"cannot reach holderd at {path} ({reason}); is it running? (start it with "
+        "`holderd`, or `systemctl start holderd`)",
+    )
 
 
 @dataclass
@@ -42,7 +47,7 @@ class Retrieved:
 
 class HolderClient:
     def __init__(self, path: str | None = None, timeout: float = 5.0):
-        self.path = path or paths.holderd_socket()
+        self.path = path or default_socket()
         self.timeout = timeout
         self._conn: FrameSocket | None = None
         self._ids = itertools.count(1)
@@ -52,7 +57,7 @@ class HolderClient:
             try:
                 self._conn = FrameSocket(self.path, self.timeout)
             except OSError as exc:
-                raise HolderUnavailable(self.path, exc.strerror or str(exc)) from None
+                raise unavailable(self.path, exc.strerror or str(exc)) from None
         return self
 
     def close(self) -> None:
@@ -77,8 +82,9 @@ class HolderClient:
         if self._conn is not None:
             try:
                 return self._call_once(body, fds)
-            except HolderUnavailable:
-                pass
+            except Error as exc:
+                if exc.code != "unavailable":
+                    raise
         return self._call_once(body, fds)
 
     def _call_once(self, body: dict, fds=()) -> list[tuple[dict, list[int]]]:
@@ -94,26 +100,28 @@ class HolderClient:
                 pass
             while True:
                 frame = self._conn.receive()
-                if not frame.body.get("ok"):
-                    close_fds(frame.fds)
-                    for _, earlier in replies:
-                        close_fds(earlier)
-                    raise HolderError(frame.body.get("error", "unknown"), frame.body.get("message", ""))
                 replies.append((frame.body, frame.fds))
-                if not frame.body.get("more"):
-                    return replies
-        except WireError as exc:
+                if not frame.body.get("ok") or not frame.body.get("more"):
+                    break
+        except Error as exc:
             # holderd sent what this client cannot parse: not worth a retry.
-            for _, earlier in replies:
-                close_fds(earlier)
-            self.close()
-            raise HolderError("bad-reply", f"holderd's reply is unreadable: {exc.message}") from None
+            self._drop(replies)
+            raise Error("bad-reply", f"holderd's reply is unreadable: {exc.message}") from None
         except (OSError, ConnectionError) as exc:
             # The stream's position is unknown now: start afresh next time.
-            for _, earlier in replies:
-                close_fds(earlier)
+            self._drop(replies)
+            raise unavailable(self.path, str(exc)) from None
+        last = replies[-1][0]
+        if not last.get("ok"):
+            self._drop(replies, keep_connection=True)
+            raise Error(str(last.get("error", "unknown")), str(last.get("message", "")))
+        return replies
+
+    def _drop(self, replies, keep_connection: bool = False) -> None:
+        for _, fds in replies:
+            close_fds(fds)
+        if not keep_connection:
             self.close()
-            raise HolderUnavailable(self.path, str(exc)) from None
 
     def ping(self) -> dict:
         return self._call({"op": "PING"})[0][0]

@@ -1,7 +1,8 @@
 """holderd: keeps duplicates of its clients' file descriptors, by name.
 
 The I/O edge around :class:`holderd.protocol.HolderCore`: a UNIX stream socket,
-peer credentials, an epoll loop, and hang-up watching of held sockets.
+peer credentials, the event loop (:mod:`fdkeep.loop`), hang-up watching of
+held sockets, and the conversation with systemd (:mod:`fdkeep.systemd`).
 Run ``holderd --help`` for the options; ``holderd/PROTOCOL.md`` for the wire.
 """
 
@@ -14,12 +15,15 @@ import pwd
 import socket
 import sys
 
-from . import paths
-from .eventloop import IN, FramePeer, Loop, peer_credentials, raise_fd_limit, stop_on_signals
+from fdkeep.errors import Error
+from fdkeep.frames import DEFAULT_MAX_FRAME
+from fdkeep.loop import IN, Loop, raise_fd_limit, stop_on_signals
+from fdkeep.peer import FramePeer, listen_unix, peer_credentials, send_frame
+from fdkeep.systemd import ServiceManager
+
+from .client import default_socket
 from .mirror import FdStoreMirror
-from .protocol import Held, HolderCore, Limits, Watcher, error_reply
-from .servicemanager import ServiceManager
-from .wire import DEFAULT_MAX_FRAME, send_frame
+from .protocol import Held, HolderCore, Limits, Watcher
 
 log = logging.getLogger("holderd")
 
@@ -84,13 +88,8 @@ class Holderd:
         hangups.core = self.core
         self.restored = self.mirror.restore(self.core)
         self.peers: set[FramePeer] = set()
-        paths.prepare_socket_path(socket_path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(socket_path)
         # Anyone may connect; SO_PEERCRED, not file modes, decides who is served.
-        os.chmod(socket_path, 0o666)
-        self.listener.listen(128)
-        self.listener.setblocking(False)
+        self.listener = listen_unix(socket_path)
         self.loop.add(self.listener.fileno(), IN, self._accept)
 
     def _accept(self, mask: int) -> None:
@@ -114,8 +113,7 @@ class Holderd:
     def _refuse(sock: socket.socket, uid: int) -> None:
         try:
             sock.setblocking(False)
-            body = error_reply(None, "not-allowed", f"uid {uid} may not use this holderd").body
-            send_frame(sock, body)
+            send_frame(sock, Error("not-allowed", f"uid {uid} may not use this holderd").as_reply())
         except OSError:
             pass
         sock.close()
@@ -131,15 +129,21 @@ class Holderd:
 
     def serve(self) -> None:
         log.info("holding %d fds for uids %s on %s", self.core.count(), sorted(self.allowed_uids), self.socket_path)
+        self._status = self.status_line()
+        self.manager.ready(self._status)
+        self.loop.call_every(1.0, self._report_status)
+        if self.manager.watchdog_interval:
+            self.loop.call_every(self.manager.watchdog_interval, self.manager.watchdog, first=0)
+        self.loop.run_forever()
+
+    def _report_status(self) -> None:
         status = self.status_line()
-        self.manager.ready(status)
-        while True:
-            self.loop.run_once(timeout=1.0)
-            if self.status_line() != status:
-                status = self.status_line()
-                self.manager.status(status)
+        if status != self._status:
+            self._status = status
+            self.manager.status(status)
 
     def close(self) -> None:
+        self.manager.stopping(f"stopping; {self.status_line()}")
         # What systemd's store keeps must stay there: a restart passes it back.
         self.mirror.detach()
         for peer in list(self.peers):
@@ -174,7 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--socket",
-        default=paths.holderd_socket(own_service=True),
+        default=default_socket(own_service=True),
         help="socket path (default: $HOLDERD_SOCKET, $RUNTIME_DIRECTORY/holderd.sock under "
         "systemd, /run/holderd/holderd.sock for root, else $XDG_RUNTIME_DIR/holderd/holderd.sock; "
         "now %(default)s)",

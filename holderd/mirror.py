@@ -41,7 +41,7 @@ import os
 from dataclasses import dataclass
 
 from .protocol import Held, HolderCore, Watcher
-from .servicemanager import ServiceManager
+from fdkeep.systemd import ServiceManager
 
 log = logging.getLogger("holderd")
 

@@ -7,7 +7,7 @@ outlive the process that made them. Each held descriptor has a *name* and a
 small opaque *metadata* blob, and belongs to the uid of the peer that stored it:
 a uid sees and touches only its own names.
 
-Requests and replies are frames (see :mod:`holderd.wire`) whose JSON bodies are
+Requests and replies are frames (see :mod:`fdkeep.frames`) whose JSON bodies are
 described in ``holderd/PROTOCOL.md``. :class:`HolderCore` turns one request
 (the peer's uid, the frame's body and descriptors) into a list of replies
 (bodies and descriptors to send). It owns the held descriptors: it closes the
@@ -31,7 +31,9 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from .wire import MAX_FDS_PER_FRAME, batches, close_fds, item_size
+from fdkeep.errors import Error
+from fdkeep.fdpass import close_fds
+from fdkeep.frames import MAX_FDS_PER_FRAME, batches, item_size
 
 PROTOCOL_VERSION = 1
 OPERATIONS = ("PING", "STORE", "RETRIEVE", "REMOVE", "LIST")
@@ -62,13 +64,6 @@ class Reply:
     fds: list[int] = field(default_factory=list)
 
 
-class RequestError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class Watcher:
     """Told when a descriptor starts or stops being held. The default does nothing."""
 
@@ -80,10 +75,6 @@ class Watcher:
 
     def updated(self, uid: int, held: Held) -> None:
         """``held`` got new metadata; its fd stayed."""
-
-
-def error_reply(request_id, code: str, message: str) -> Reply:
-    return Reply({"id": request_id, "ok": False, "error": code, "message": message})
 
 
 def describe_fd(fd: int) -> tuple[int, str]:
@@ -131,16 +122,16 @@ class HolderCore:
         op = body.get("op")
         try:
             if op not in OPERATIONS:
-                raise RequestError(
+                raise Error(
                     "unknown-op", f"unknown operation {op!r}; known: {', '.join(OPERATIONS)}"
                 )
             if op != "STORE" and fds:
-                raise RequestError("fd-count-mismatch", f"{op} takes no fds, {len(fds)} came")
+                raise Error("fd-count-mismatch", f"{op} takes no fds, {len(fds)} came")
             handler = getattr(self, "_op_" + op.lower())
             replies = handler(uid, body, fds)
-        except RequestError as exc:
+        except Error as exc:
             close_fds(fds)
-            return [error_reply(request_id, exc.code, exc.message)]
+            return [Reply(exc.as_reply(request_id))]
         for reply in replies:
             reply.body = {"id": request_id, "ok": True, **reply.body}
         return replies
@@ -151,18 +142,18 @@ class HolderCore:
     def _op_store(self, uid, body, fds):
         items = body.get("items")
         if not isinstance(items, list) or not items:
-            raise RequestError("bad-request", "STORE needs a non-empty list 'items' of {name, meta}")
+            raise Error("bad-request", "STORE needs a non-empty list 'items' of {name, meta}")
         if len(items) != len(fds):
-            raise RequestError(
+            raise Error(
                 "fd-count-mismatch", f"STORE lists {len(items)} items but {len(fds)} fds came"
             )
         parsed = [self._parse_item(item) for item in items]
         names = self._names.setdefault(uid, {})
         new_names = {name for name, _ in parsed} - names.keys()
         if len({name for name, _ in parsed}) != len(parsed):
-            raise RequestError("bad-request", "STORE names one name twice")
+            raise Error("bad-request", "STORE names one name twice")
         if len(names) + len(new_names) > self.limits.max_fds_per_uid:
-            raise RequestError(
+            raise Error(
                 "limit-reached",
                 f"uid {uid} may hold at most {self.limits.max_fds_per_uid} fds "
                 f"({len(names)} held, {len(new_names)} new); remove some or raise --max-fds-per-uid",
@@ -172,7 +163,7 @@ class HolderCore:
             try:
                 described.append(describe_fd(fd))
             except OSError as exc:
-                raise RequestError("bad-fd", f"cannot inspect a stored fd: {exc}") from None
+                raise Error("bad-fd", f"cannot inspect a stored fd: {exc}") from None
         for (name, meta), fd, (ino, kind) in zip(parsed, fds, described):
             old = names.get(name)
             if old is not None and old.ino == ino and old.kind == kind:
@@ -203,17 +194,17 @@ class HolderCore:
 
     def _parse_item(self, item) -> tuple[str, bytes]:
         if not isinstance(item, dict):
-            raise RequestError("bad-request", "each STORE item must be an object {name, meta}")
+            raise Error("bad-request", "each STORE item must be an object {name, meta}")
         name = self._check_name(item.get("name"))
         meta_text = item.get("meta", "")
         if not isinstance(meta_text, str):
-            raise RequestError("bad-request", f"meta of {name!r} must be a base64 string")
+            raise Error("bad-request", f"meta of {name!r} must be a base64 string")
         try:
             meta = base64.b64decode(meta_text, validate=True)
         except (binascii.Error, ValueError):
-            raise RequestError("bad-request", f"meta of {name!r} is not valid base64") from None
+            raise Error("bad-request", f"meta of {name!r} is not valid base64") from None
         if len(meta) > self.limits.max_meta_bytes:
-            raise RequestError(
+            raise Error(
                 "meta-too-large",
                 f"meta of {name!r} is {len(meta)} bytes; the limit is {self.limits.max_meta_bytes}",
             )
@@ -221,11 +212,11 @@ class HolderCore:
 
     def _check_name(self, name) -> str:
         if not isinstance(name, str) or not name:
-            raise RequestError("bad-name", "a name must be a non-empty string")
+            raise Error("bad-name", "a name must be a non-empty string")
         if len(name.encode()) > self.limits.max_name_bytes:
-            raise RequestError("bad-name", f"name longer than {self.limits.max_name_bytes} bytes")
+            raise Error("bad-name", f"name longer than {self.limits.max_name_bytes} bytes")
         if not all(33 <= ord(ch) <= 126 for ch in name):
-            raise RequestError("bad-name", f"name {name!r} must be printable ASCII without spaces")
+            raise Error("bad-name", f"name {name!r} must be printable ASCII without spaces")
         return name
 
     def _selected(self, uid: int, body: dict) -> list[Held]:
@@ -233,11 +224,11 @@ class HolderCore:
         if "names" in body:
             wanted = body["names"]
             if not isinstance(wanted, list) or not all(isinstance(n, str) for n in wanted):
-                raise RequestError("bad-request", "'names' must be a list of strings")
+                raise Error("bad-request", "'names' must be a list of strings")
             return [names[name] for name in dict.fromkeys(wanted) if name in names]
         prefix = body.get("prefix", "")
         if not isinstance(prefix, str):
-            raise RequestError("bad-request", "'prefix' must be a string")
+            raise Error("bad-request", "'prefix' must be a string")
         return [held for name, held in sorted(names.items()) if name.startswith(prefix)]
 
     def _op_retrieve(self, uid, body, fds):
@@ -253,7 +244,7 @@ class HolderCore:
                 for reply in replies:
                     close_fds(reply.fds)
                 close_fds(duplicates)
-                raise RequestError("no-resources", f"holderd cannot duplicate fds now: {exc}") from None
+                raise Error("no-resources", f"holderd cannot duplicate fds now: {exc}") from None
             items = [{"name": h.name, "meta": _b64(h.meta), "ino": h.ino} for h in chunk]
             replies.append(Reply({"items": items, "more": index < len(chunks) - 1}, duplicates))
         return replies
@@ -268,7 +259,7 @@ class HolderCore:
 
     def _op_remove(self, uid, body, fds):
         if "names" not in body and "prefix" not in body:
-            raise RequestError("bad-request", "REMOVE needs 'names' (a list) or 'prefix'")
+            raise Error("bad-request", "REMOVE needs 'names' (a list) or 'prefix'")
         selected = self._selected(uid, body)
         for held in selected:
             self._release(uid, held)

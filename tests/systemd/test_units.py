@@ -18,13 +18,15 @@ import re
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from ctl.launch import wait_until
 from ctl.probe import LineClient
-from ctl.story import free_port, wait_until
 from harness import BootedSystemd, machine_can_boot_containers
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "/opt/process-backup"
@@ -166,7 +168,7 @@ def test_crash_restarts_and_restores_by_itself(machine):
     journal = machine.journal("chatd")
     assert re.search(r"code=(dumped|killed), status=11/SEGV", journal), journal
     assert "Scheduled restart job" in journal
-    assert "restored 2 clients and 1 pairs" in journal
+    assert "restored 2 clients and 1 pair" in journal
     chat(clients, ("ann", "bob"), 3)
     assert [client.sock.getsockname()[1] for client in clients] == ports
 
@@ -192,7 +194,7 @@ def test_fd_store_alone_restores_when_holderd_is_stopped(machine):
         # The restart of chatd starts holderd again (Wants=), empty: what chatd
         # restored came from systemd's fd store alone.
         assert "holding 0 fds" in machine.journal("holderd", since)
-        assert "restored 2 clients and 1 pairs" in machine.journal("chatd", since)
+        assert "restored 2 clients and 1 pair" in machine.journal("chatd", since)
         chat(machine.clients, ("ann", "bob"), 5)
     finally:
         machine.systemctl("start", "holderd")
@@ -200,11 +202,28 @@ def test_fd_store_alone_restores_when_holderd_is_stopped(machine):
     wait_until(lambda: all(row["held"] for row in chatctl(machine, "clients")), 20, "holderd to hold everything again")
 
 
+def test_a_hung_chatd_is_killed_by_the_watchdog_and_restored(machine):
+    """SIGSTOP: chatd stops pinging; systemd's watchdog kills it, and the restart restores."""
+    old = main_pid(machine, "chatd")
+    before = restarts(machine, "chatd")
+    since = now(machine)
+    machine.run("kill", "-STOP", str(old))
+    stopped_at = time.monotonic()
+    wait_active(machine, "chatd", old, timeout=30)
+    took = time.monotonic() - stopped_at
+    print(f"SIGSTOP to a new chatd serving: {took:.1f} s (WatchdogSec=5s, TimeoutAbortSec=2s)")
+    assert restarts(machine, "chatd") == before + 1
+    journal = machine.journal("chatd", since)
+    assert "Watchdog timeout" in journal, journal
+    assert "restored 2 clients and 1 pair" in journal
+    chat(machine.clients, ("ann", "bob"), 6)
+
+
 def test_systemctl_restart_keeps_the_clients(machine):
     old = main_pid(machine, "chatd")
     machine.systemctl("restart", "chatd")
     wait_active(machine, "chatd", old)
-    chat(machine.clients, ("ann", "bob"), 6)
+    chat(machine.clients, ("ann", "bob"), 7)
 
 
 def test_stop_then_start_keeps_the_clients_through_holderd(machine):
@@ -213,12 +232,12 @@ def test_stop_then_start_keeps_the_clients_through_holderd(machine):
     assert machine.clients[0].silent_for(0.3)  # no EOF while chatd is down
     machine.systemctl("start", "chatd")
     wait_active(machine, "chatd", old)
-    chat(machine.clients, ("ann", "bob"), 7)
+    chat(machine.clients, ("ann", "bob"), 8)
     # And the store has them again, so a crash now is covered twice over.
     machine.systemctl("stop", "holderd")
     try:
         crash_chatd(machine)
-        chat(machine.clients, ("ann", "bob"), 8)
+        chat(machine.clients, ("ann", "bob"), 9)
     finally:
         machine.systemctl("start", "holderd")
 

@@ -1,7 +1,8 @@
-"""Where the daemons put their sockets when nobody says.
+"""Where a daemon puts its socket when nobody says.
 
-One rule for holderd, chatd and chatctl, so that a client finds a daemon's socket
-by the same reasoning the daemon used to place it:
+One rule for every program, so that a client finds a daemon's socket by the
+same reasoning the daemon used to place it (each program names its own file;
+this module knows no program):
 
 1. ``$RUNTIME_DIRECTORY`` when the service itself runs under systemd with
    ``RuntimeDirectory=`` (only for the daemon's own socket);
@@ -25,18 +26,6 @@ def runtime_dir(app: str, *, own_service: bool = False) -> str:
     if xdg:
         return os.path.join(xdg, app)
     return f"/tmp/{app}-{os.geteuid()}"
-
-
-def holderd_socket(*, own_service: bool = False) -> str:
-    return os.environ.get("HOLDERD_SOCKET") or os.path.join(
-        runtime_dir("holderd", own_service=own_service), "holderd.sock"
-    )
-
-
-def chatd_control_socket(*, own_service: bool = False) -> str:
-    return os.environ.get("CHATD_CONTROL") or os.path.join(
-        runtime_dir("chatd", own_service=own_service), "control.sock"
-    )
 
 
 def prepare_socket_path(path: str) -> None:

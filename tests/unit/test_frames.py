@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from fdutil import is_open
-from holderd.wire import HEADER, FrameDecoder, WireError, encode_frame
+from helpers import is_open
+from fdkeep.errors import Error
+from fdkeep.frames import HEADER, FrameDecoder, encode_frame
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def test_missing_fds_are_an_error_and_the_stream_goes_on(pipe_fds):
     (a,) = pipe_fds(1)
     decoder = FrameDecoder()
     decoder.feed(encode_frame({"n": 1}, 2) + encode_frame({"n": 2}), [a])
-    with pytest.raises(WireError) as caught:
+    with pytest.raises(Error) as caught:
         decoder.next_frame()
     assert caught.value.code == "fd-count-mismatch" and not caught.value.fatal
     assert not is_open(a), "the fds of a refused frame are closed"
@@ -65,7 +66,7 @@ def test_fds_no_frame_claims_are_closed(pipe_fds):
     a, b = pipe_fds(2)
     decoder = FrameDecoder()
     decoder.feed(encode_frame({"n": 1}, 1), [a, b])
-    with pytest.raises(WireError) as caught:
+    with pytest.raises(Error) as caught:
         decoder.next_frame()
     assert caught.value.code == "fd-count-mismatch"
     assert not is_open(a) and not is_open(b)
@@ -74,7 +75,7 @@ def test_fds_no_frame_claims_are_closed(pipe_fds):
 def test_oversized_frame_is_fatal_before_its_body_arrives():
     decoder = FrameDecoder(max_frame=100)
     decoder.feed(HEADER.pack(101, 0))
-    with pytest.raises(WireError) as caught:
+    with pytest.raises(Error) as caught:
         decoder.next_frame()
     assert caught.value.code == "frame-too-large" and caught.value.fatal
 
@@ -83,7 +84,7 @@ def test_oversized_frame_is_fatal_before_its_body_arrives():
 def test_bad_bodies_are_reported_and_skipped(body):
     decoder = FrameDecoder()
     decoder.feed(HEADER.pack(len(body), 0) + body + encode_frame({"ok": True}))
-    with pytest.raises(WireError) as caught:
+    with pytest.raises(Error) as caught:
         decoder.next_frame()
     assert caught.value.code == "bad-frame"
     assert decoder.next_frame().body == {"ok": True}

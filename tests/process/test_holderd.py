@@ -5,14 +5,16 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 
 import pytest
 
-from ctl.story import wait_until
-from holderd.client import HolderClient, HolderError
-from holderd.wire import HEADER, FrameSocket, encode_frame
+from ctl.launch import SOURCE_ROOT, wait_until
+from fdkeep.errors import Error
+from fdkeep.frames import HEADER, encode_frame
+from fdkeep.peer import FrameSocket
+from helpers import tcp_pair
+from holderd.client import HolderClient
 
 
 def raw_connection(path):
@@ -24,14 +26,6 @@ def raw_connection(path):
 
 def read_reply(sock):
     return FrameSocket("raw", sock=sock).receive()
-
-
-def tcp_pair():
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname())
-    server, _ = listener.accept()
-    listener.close()
-    return client, server
 
 
 @pytest.fixture
@@ -122,10 +116,10 @@ def test_limits_give_clear_errors(holder):
     pairs = [tcp_pair() for _ in range(51)]
     with HolderClient(holder.holder_socket) as h:
         h.store([(f"l/{i}", b"", s.fileno()) for i, (_, s) in enumerate(pairs[:50])])
-        with pytest.raises(HolderError) as caught:
+        with pytest.raises(Error) as caught:
             h.store([("l/50", b"", pairs[50][1].fileno())])
         assert caught.value.code == "limit-reached" and "--max-fds-per-uid" in caught.value.message
-        with pytest.raises(HolderError) as caught:
+        with pytest.raises(Error) as caught:
             h.store([("l/0", b"x" * 5000, pairs[0][1].fileno())])
         assert caught.value.code == "meta-too-large"
         assert h.ping()["held"] == 50
@@ -149,58 +143,74 @@ def test_held_socket_that_hangs_up_is_dropped(holder):
 
 
 STRANGER = """
-import socket, sys
+import sys
 sys.path.insert(0, {root!r})
-from holderd.client import HolderClient, HolderError
+from fdkeep.errors import Error
+from holderd.client import HolderClient
 try:
-    HolderClient({path!r}).ping()
-except HolderError as exc:
+    h = HolderClient({path!r})
+    print(h.ping()["held"], len(h.list()), h.remove(prefix=""))
+except Error as exc:
     print(exc.code)
-else:
-    print("served")
 """
 
 
-def test_a_stranger_uid_is_refused_and_others_are_unharmed(procs):
+class Stranger:
+    """Another uid's client: the system's python and a private copy of the client
+    library in a world-readable directory, so that it works wherever the checkout
+    lies (root's home is mode 700 on Debian, and so is a venv inside it)."""
+
+    def __init__(self, uid: int = 65534):
+        self.uid = uid
+        self.directory = tempfile.mkdtemp(prefix="holderd-stranger-")
+        os.chmod(self.directory, 0o755)
+        for package in ("fdkeep", "holderd"):
+            shutil.copytree(os.path.join(SOURCE_ROOT, package), os.path.join(self.directory, "lib", package),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        for root, dirs, files in os.walk(self.directory):
+            for name in dirs + files:
+                os.chmod(os.path.join(root, name), 0o755)
+        self.socket_path = os.path.join(self.directory, "h.sock")
+
+    def ping(self) -> list[str]:
+        """What the stranger's client saw: holderd's error code, or held/listed/removed counts."""
+        script = STRANGER.format(root=os.path.join(self.directory, "lib"), path=self.socket_path)
+        out = subprocess.run(["/usr/bin/python3", "-I", "-c", script], user=self.uid, capture_output=True,
+                             text=True, timeout=20, cwd=self.directory)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def stranger(procs):
     needs_root_to_act_as_another_uid()
-    directory = tempfile.mkdtemp(prefix="holderd-stranger-")
-    os.chmod(directory, 0o755)
-    path = os.path.join(directory, "h.sock")
-    procs.holder_socket = path
+    made = Stranger()
+    procs.holder_socket = made.socket_path
+    yield made
+    procs.close()
+    made.close()
+
+
+def test_a_stranger_uid_is_refused_and_others_are_unharmed(procs, stranger):
     procs.start_holderd()
-    try:
-        client, server = tcp_pair()
-        with HolderClient(path) as mine:
-            mine.store([("mine", b"", server.fileno())])
-            script = STRANGER.format(root=os.path.dirname(os.path.dirname(__file__)), path=path)
-            out = subprocess.run([sys.executable, "-c", script], user=65534, capture_output=True, text=True, timeout=20)
-            assert out.stdout.strip() == "not-allowed", out.stderr
-            assert mine.ping()["held"] == 1, "the refusal did not disturb an allowed client"
-        client.close()
-        server.close()
-    finally:
-        procs.cleanup()
-        shutil.rmtree(directory, ignore_errors=True)
+    client, server = tcp_pair()
+    with HolderClient(procs.holder_socket) as mine:
+        mine.store([("mine", b"", server.fileno())])
+        assert stranger.ping() == ["not-allowed"]
+        assert mine.ping()["held"] == 1, "the refusal did not disturb an allowed client"
+    client.close()
+    server.close()
 
 
-def test_allowed_uids_have_separate_names(procs, request):
-    needs_root_to_act_as_another_uid()
-    directory = tempfile.mkdtemp(prefix="holderd-uids-")
-    os.chmod(directory, 0o755)
-    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
-    procs.holder_socket = os.path.join(directory, "h.sock")
-    procs.start_holderd("--allow-uid", "0", "--allow-uid", "65534")
+def test_allowed_uids_have_separate_names(procs, stranger):
+    procs.start_holderd("--allow-uid", "0", "--allow-uid", str(stranger.uid))
     client, server = tcp_pair()
     with HolderClient(procs.holder_socket) as mine:
         mine.store([("secret", b"", server.fileno())])
-    script = f"""
-import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
-from holderd.client import HolderClient
-h = HolderClient({procs.holder_socket!r})
-print(h.ping()["held"], len(h.list()), h.remove(prefix=""))
-"""
-    out = subprocess.run([sys.executable, "-c", script], user=65534, capture_output=True, text=True, timeout=20)
-    assert out.stdout.split() == ["0", "0", "0"], out.stderr
+    assert stranger.ping() == ["0", "0", "0"]
     assert HolderClient(procs.holder_socket).ping()["held"] == 1
     client.close()
     server.close()

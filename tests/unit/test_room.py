@@ -1,15 +1,22 @@
-"""The room's rules, pure: lines in, actions out."""
+"""The room's rules, pure: commands in, an outcome of events out.
 
-from chatd.lines import LINE_TOO_LONG
-from chatd.room import Member, Room, Send
+Most tests speak through the line codec, so that what they check reads as the
+protocol does; the last ones look at the events and the outcome themselves.
+"""
+
+from chatd.protocols.line import encode_event, parse_line
+from chatd.room import From, Invalid, Member, Msg, Nick, Outcome, Pair, Paired, Room, Users
 
 
 def say(room, member_id, line):
-    return room.handle(member_id, line.encode())
+    return room.handle(member_id, parse_line(line.encode()))
 
 
-def texts(actions):
-    return [(a.member_id, a.text) if isinstance(a, Send) else ("close", a.member_id) for a in actions]
+def texts(outcome: Outcome):
+    lines = []
+    for member_id, event in outcome.deliveries:
+        lines += [(member_id, text) for text in encode_event(event).decode().splitlines()]
+    return lines + [("close", member_id) for member_id in outcome.closes]
 
 
 def paired_room():
@@ -85,8 +92,8 @@ def test_errors():
     room.join(1)
     assert texts(say(room, 1, "DANCE")) == [(1, "ERR unknown-command")]
     assert texts(say(room, 1, "")) == [(1, "ERR unknown-command")]
-    assert texts(room.handle(1, LINE_TOO_LONG)) == [(1, "ERR line-too-long")]
-    assert texts(room.handle(1, b"MSG \xff")) == [(1, "ERR bad-encoding")]
+    assert texts(room.handle(1, Invalid("line-too-long"))) == [(1, "ERR line-too-long")]
+    assert texts(room.handle(1, parse_line(b"MSG \xff"))) == [(1, "ERR bad-encoding")]
 
 
 def test_restore_rederives_pairs_and_keeps_counters_silently():
@@ -98,11 +105,30 @@ def test_restore_rederives_pairs_and_keeps_counters_silently():
     assert texts(say(room, 9, "MSG next")) == [(5, "FROM B 4 next")]
 
 
-def test_changed_and_repaired_mark_what_must_be_saved():
+def test_the_outcome_says_what_must_be_saved():
     room, _ = paired_room()
-    room.changed.clear()
-    room.repaired.clear()
-    say(room, 1, "MSG x")
-    assert room.changed == {2} and room.repaired == set()
-    say(room, 2, "PAIR Z")
-    assert room.repaired == {1, 2}
+    outcome = say(room, 1, "MSG x")
+    assert outcome.changed == {2} and outcome.repaired == set()
+    outcome = say(room, 2, "PAIR Z")
+    assert outcome.repaired == {1, 2} and outcome.changed == {1, 2}
+    assert say(room, 1, "WHO").changed == set(), "a question changes nothing"
+
+
+def test_events_are_protocol_free():
+    room = Room()
+    room.join(1)
+    room.join(2)
+    room.handle(1, Nick("A"))
+    room.handle(1, Pair("B"))
+    room.handle(2, Nick("B"))
+    outcome = room.handle(2, Pair("A"))
+    assert (1, Paired("B")) in outcome.deliveries and (2, Paired("A")) in outcome.deliveries
+    assert room.handle(1, Msg("hello")).deliveries == [(2, From("A", 1, "hello"))]
+    assert room.handle(2, parse_line(b"WHO")).deliveries == [(2, Users((("A", "B"), ("B", "A"))))]
+
+
+def test_join_and_leave_say_what_changed():
+    room = Room()
+    assert room.join(4).changed == {4}
+    assert room.leave(4).changed == set()
+    assert room.leave(4) == Outcome(), "leaving twice changes nothing"

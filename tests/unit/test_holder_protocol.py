@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from fdutil import is_open
+from helpers import is_open
 from holderd.protocol import HolderCore, Limits, Watcher
 
 

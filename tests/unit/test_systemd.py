@@ -1,13 +1,8 @@
-"""ServiceManager and holderd's fd-store mirror against a notify socket made here.
-
-The socket stands in for systemd's only in these unit tests; tests/systemd runs
-the real thing. It keeps what it is sent the way systemd's store does: fds by
-name, FDSTOREREMOVE drops a name.
-"""
+"""ServiceManager and holderd's fd-store mirror against a notify socket made here
+(``notify_socket`` in conftest.py; tests/systemd runs the real thing)."""
 
 from __future__ import annotations
 
-import array
 import os
 import socket
 
@@ -15,57 +10,7 @@ import pytest
 
 from holderd.mirror import FdStoreMirror, read_index
 from holderd.protocol import HolderCore
-from holderd.servicemanager import ServiceManager, valid_fdname
-
-
-class NotifySocket:
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setblocking(False)
-        self.path = str(path)
-        self.store: dict[str, list[int]] = {}
-        self.messages: list[dict] = []
-
-    def drain(self) -> list[dict]:
-        while True:
-            try:
-                data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * 4))
-            except BlockingIOError:
-                return self.messages
-            fds = array.array("i")
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-            self.messages.append(fields)
-            if fields.get("FDSTORE") == "1":
-                self.store.setdefault(fields["FDNAME"], []).extend(fds)
-            elif fields.get("FDSTOREREMOVE") == "1":
-                for fd in self.store.pop(fields["FDNAME"], []):
-                    os.close(fd)
-            else:
-                for fd in fds:
-                    os.close(fd)
-
-    def passed(self) -> dict[int, str]:
-        """What a restart would hand the next process: duplicates, by name."""
-        self.drain()
-        return {os.dup(fd): name for name, fds in self.store.items() for fd in fds}
-
-    def close(self):
-        for fds in self.store.values():
-            for fd in fds:
-                os.close(fd)
-        self.sock.close()
-
-
-@pytest.fixture
-def notify_socket(tmp_path, monkeypatch):
-    store = NotifySocket(tmp_path / "notify")
-    monkeypatch.setenv("NOTIFY_SOCKET", store.path)  # sd_notify reads it from the environment
-    yield store
-    store.close()
+from fdkeep.systemd import ServiceManager, valid_fdname, watchdog_interval
 
 
 def manager_for(notify_socket, passed=None) -> ServiceManager:
@@ -133,3 +78,23 @@ def test_holderd_takes_back_what_its_store_kept(notify_socket):
     restarted.close()
     for a, b in sockets:
         a.close(), b.close()
+
+
+def test_watchdog_is_pinged_at_half_its_interval_only_when_it_is_ours(notify_socket, monkeypatch):
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "3000000"}) == 1.5
+    assert watchdog_interval({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": str(os.getpid())}) == 1.5
+    assert watchdog_interval({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+    manager = ServiceManager({"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "2000000"})
+    assert manager.watchdog_interval == 1.0
+    manager.watchdog()
+    manager.stopping("bye")
+    assert notify_socket.drain() == [{"WATCHDOG": "1"}, {"STOPPING": "1", "STATUS": "bye"}]
+
+
+def test_a_notification_systemd_does_not_take_is_reported_not_raised(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
+    manager = ServiceManager({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
+    assert manager.notify("READY=1") is False
+    assert manager.store("x", 0) is False

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import LineClient
+from ctl.probe import LineClient
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_fresh_start_binds_even_with_time_wait_sockets(procs):
 
 def test_restore_without_anything_held_fails_clearly(procs):
     procs.start_holderd()
-    chatd = procs.start_chatd("--restore", wait_ready=False)
+    chatd = procs.start_chatd("--restore", wait=False)
     assert chatd.wait(15) == 1
     assert "nothing to restore" in procs.logs()
 

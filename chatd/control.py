@@ -1,0 +1,139 @@
+"""chatd's control socket: what ``chatctl`` asks a running chatd, in frames.
+
+Theory of operation
+-------------------
+chatctl speaks :mod:`fdkeep.frames` to a UNIX socket (:func:`default_socket`):
+one request ``{"op": NAME}``, one reply, ``{"ok": true, ...}`` or an error with
+a code. Only root and chatd's own uid are served. The operations:
+
+==========  ===========================================================
+``status``  pid, port, clients, pairs, holders and what each holds
+``clients`` one row per client: nick, target, peer, count, remote, held
+``backup``  store every socket and the journal in the holders again
+``restore`` a chatd started with ``--restore --wait`` takes its sockets now
+``drain``   end every client connection on purpose (each gets BYE)
+``crash``   die of a real SIGSEGV, after the reply
+==========  ===========================================================
+
+A request that fails inside chatd is answered with ``failed`` and logged; it
+never takes chatd down.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+from typing import TYPE_CHECKING
+
+from fdkeep.errors import Error
+from fdkeep.fdpass import close_fds
+from fdkeep.loop import IN
+from fdkeep.paths import runtime_dir
+from fdkeep.peer import FramePeer, listen_unix
+
+from .restore import restore
+
+if TYPE_CHECKING:
+    from .server import ChatServer
+
+log = logging.getLogger("chatd")
+
+
+def default_socket(*, own_service: bool = False) -> str:
+    """``$CHATD_CONTROL``, else ``control.sock`` in chatd's runtime directory."""
+    return os.environ.get("CHATD_CONTROL") or os.path.join(runtime_dir("chatd", own_service=own_service), "control.sock")
+
+
+class ControlServer:
+    def __init__(self, server: "ChatServer", path: str, restore_on_request: bool):
+        self.server = server
+        self.path = path
+        self.awaiting_restore = restore_on_request
+        self.peers: set[FramePeer] = set()
+        self.sock = listen_unix(path, backlog=16)
+        server.loop.add(self.sock.fileno(), IN, self._accept)
+
+    def _accept(self, mask: int) -> None:
+        try:
+            sock, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        peer = FramePeer(self.server.loop, sock, self._on_frame, self.peers.discard)
+        if peer.uid not in (0, os.geteuid()):
+            log.warning("control: refused uid %d", peer.uid)
+            peer.send(Error("not-allowed", f"uid {peer.uid} may not control chatd").as_reply())
+            peer.close_after_flush()
+            return
+        self.peers.add(peer)
+
+    def _on_frame(self, peer: FramePeer, body: dict, fds: list[int]) -> None:
+        close_fds(fds)
+        op = body.get("op")
+        handler = getattr(self, "_op_" + op, None) if isinstance(op, str) and op.isalpha() else None
+        if handler is None:
+            peer.send(Error("unknown-op", f"unknown control operation {op!r}").as_reply())
+            return
+        try:
+            reply = handler(peer)
+        except Error as exc:
+            reply = exc.as_reply()
+        except Exception as exc:  # a control request must never take chatd down
+            log.exception("control %s failed", op)
+            reply = Error("failed", str(exc)).as_reply()
+        if reply is not None:
+            peer.send(reply)
+
+    def _serving(self) -> None:
+        if self.awaiting_restore:
+            raise Error("not-serving", "chatd waits for `chatctl restore` first")
+
+    def _op_status(self, peer):
+        return {"ok": True, **self.server.status(), "awaiting_restore": self.awaiting_restore}
+
+    def _op_clients(self, peer):
+        return {"ok": True, "clients": self.server.clients()}
+
+    def _op_backup(self, peer):
+        self._serving()
+        return {"ok": True, "stored": self.server.backup_all()}
+
+    def _op_restore(self, peer):
+        if not self.awaiting_restore:
+            raise Error("not-waiting", "chatd is serving already; restore happens at start")
+        summary = restore(self.server)
+        if summary is None:
+            raise Error(
+                "nothing-held",
+                "the holders keep no listening socket for chatd: nothing to restore "
+                "(start chatd without --restore to begin afresh)",
+            )
+        self.awaiting_restore = False
+        self.server.announce_ready()
+        return {"ok": True, **summary}
+
+    def _op_drain(self, peer):
+        self._serving()
+        return {"ok": True, "drained": self.server.drain()}
+
+    def _op_crash(self, peer):
+        log.warning("crash requested by pid %d: dying of SIGSEGV", peer.pid)
+        peer.send({"ok": True, "pid": os.getpid()})
+        peer.sock.setblocking(True)
+        peer.close_after_flush()
+        crash()
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def crash() -> None:
+    """Die of a real SIGSEGV, as a bug in a C extension would: no cleanup, no exit handlers."""
+    faulthandler.disable()
+    signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGSEGV)

@@ -1,0 +1,246 @@
+"""Where chatd keeps copies of its descriptors: the *holders*, behind one interface.
+
+Theory of operation
+-------------------
+A :class:`Holder` takes (name, metadata, fd) items, forgets names, and gives
+back what it holds after a crash. There are two: holderd
+(:class:`HolderdHolder`, over its UNIX socket) and systemd's fd store
+(:class:`SystemdHolder`). Either alone is enough to restore. :class:`Holders`
+is the fan-out chatd talks to: every store and remove goes to each holder, a
+restore asks each, and an audit puts back into a holder what it lost (holderd
+restarted empty, or a stop emptied systemd's store).
+
+chatd never stops serving because a holder is down: each failure is logged
+once, when the holder goes from working to failing, and its recovery likewise.
+
+Names: ``chatd/listen`` (the listening socket), ``chatd/state`` (the journal
+memfd) and ``chatd/client/<slot>`` (a client's socket, with its metadata).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Protocol
+
+from fdkeep.errors import Error
+from fdkeep.systemd import ServiceManager
+from fdkeep.text import plural
+from holderd.client import HolderClient, Retrieved
+
+log = logging.getLogger("chatd")
+
+PREFIX = "chatd/"
+LISTEN_NAME = PREFIX + "listen"
+STATE_NAME = PREFIX + "state"
+CLIENT_PREFIX = PREFIX + "client/"
+
+#: (name, metadata, fd): what a holder keeps.
+Item = tuple[str, bytes, int]
+
+
+def client_name(member_id: int) -> str:
+    return f"{CLIENT_PREFIX}{member_id}"
+
+
+def member_id_of(name: str) -> int | None:
+    if not name.startswith(CLIENT_PREFIX):
+        return None
+    tail = name[len(CLIENT_PREFIX):]
+    return int(tail) if tail.isdigit() else None
+
+
+class Holder(Protocol):
+    #: A short name for logs and reports ("holderd", "systemd").
+    label: str
+    #: True after the last call worked, False after it failed, None before any.
+    working: bool | None
+
+    def store(self, items: list[Item]) -> bool:
+        """Keep these fds (a name stored again is replaced); False if the holder failed."""
+
+    def remove(self, names: list[str]) -> bool:
+        """Forget these names."""
+
+    def retrieve(self) -> list[Retrieved]:
+        """Duplicates of all chatd's fds this holder keeps; the caller owns them."""
+
+    def forget_all(self) -> bool:
+        """Forget everything chatd stored (``chatd --fresh``)."""
+
+    def held_names(self) -> set[str] | None:
+        """The names this holder keeps for chatd; None if it cannot be asked."""
+
+
+class HolderdHolder:
+    """holderd, reached over its UNIX socket."""
+
+    label = "holderd"
+
+    def __init__(self, path: str | None):
+        self.client = HolderClient(path, timeout=3.0)
+        self.working: bool | None = None
+
+    def _outcome(self, error: Error | None, what: str) -> bool:
+        if error is None:
+            if self.working is False:
+                log.info("holderd at %s works again", self.client.path)
+            self.working = True
+            return True
+        if error.code == "unavailable":
+            if self.working is not False:
+                log.warning("holderd unavailable, %s skipped: %s", what, error.message)
+            self.working = False
+        else:
+            log.warning("holderd refused %s: %s", what, error)
+        return False
+
+    def _attempt(self, what: str, call):
+        """``call()``'s result, or None if holderd failed (logged as its state changes)."""
+        try:
+            result = call()
+        except Error as exc:
+            self._outcome(exc, what)
+            return None
+        self._outcome(None, what)
+        return result
+
+    def store(self, items: list[Item]) -> bool:
+        return self._attempt(f"storing {plural(len(items), 'fd')}", lambda: self.client.store(items)) is not None
+
+    def remove(self, names: list[str]) -> bool:
+        return self._attempt(f"removing {plural(len(names), 'name')}", lambda: self.client.remove(names=names)) is not None
+
+    def retrieve(self) -> list[Retrieved]:
+        return self._attempt("retrieving", lambda: self.client.retrieve(PREFIX)) or []
+
+    def forget_all(self) -> bool:
+        removed = self._attempt("forgetting everything", lambda: self.client.remove(prefix=PREFIX))
+        if removed is not None:
+            log.info("holderd forgot the %d fds it kept for chatd (--fresh)", removed)
+        return removed is not None
+
+    def held_names(self) -> set[str] | None:
+        items = self._attempt("listing", lambda: self.client.list(PREFIX))
+        return None if items is None else {item["name"] for item in items}
+
+
+class SystemdHolder:
+    """systemd's fd store, for a chatd that systemd started.
+
+    The store keeps no metadata, and needs none: a client's pairing and
+    counters are in the journal, which is stored too, so the store alone
+    restores everything. systemd ignores a socket it already holds, whatever
+    name comes with it, so an fd is sent only once per name; a name whose
+    socket changed is removed first. Re-sending would cost PID 1 more than it
+    seems: it compares each incoming fd with every stored one.
+    """
+
+    label = "systemd"
+
+    def __init__(self, manager: ServiceManager):
+        self.manager = manager
+        self.working: bool | None = True
+        self._stored: dict[str, int] = {}  # name -> inode of the socket stored under it
+
+    def store(self, items: list[Item]) -> bool:
+        for name, _meta, fd in items:
+            inode = os.fstat(fd).st_ino
+            previous = self._stored.get(name)
+            if previous == inode:
+                continue
+            if previous is not None:
+                self.manager.remove(name)
+            self.working = self.manager.store(name, fd)
+            self._stored[name] = inode
+        return bool(self.working)
+
+    def remove(self, names: list[str]) -> bool:
+        for name in names:
+            if self._stored.pop(name, None) is not None:
+                self.manager.remove(name)
+        return True
+
+    def retrieve(self) -> list[Retrieved]:
+        items = []
+        for fd, name in sorted(self.manager.take_passed_fds().items()):
+            if not name.startswith(PREFIX):
+                log.warning("systemd passed fd %d named %r, not chatd's: closing it", fd, name)
+                self.manager.remove(name)
+                os.close(fd)
+                continue
+            inode = os.fstat(fd).st_ino
+            self._stored[name] = inode
+            items.append(Retrieved(name, b"", fd, inode))
+        return items
+
+    def forget_all(self) -> bool:
+        passed = self.manager.take_passed_fds()
+        for fd in passed:
+            os.close(fd)
+        names = set(self._stored) | set(passed.values())
+        for name in names:
+            self.manager.remove(name)
+        self._stored.clear()
+        log.info("systemd's fd store forgot the %d fds it kept for chatd (--fresh)", len(names))
+        return True
+
+    def held_names(self) -> set[str]:
+        return set(self._stored)
+
+
+class Holders:
+    """Every holder chatd uses, as one: the fan-out of stores, removes and restores."""
+
+    def __init__(self, holders: list[Holder]):
+        self.holders = holders
+
+    def __iter__(self):
+        return iter(self.holders)
+
+    def store(self, items: list[Item]) -> None:
+        for holder in self.holders:
+            holder.store(items)
+
+    def remove(self, names: list[str]) -> None:
+        for holder in self.holders:
+            holder.remove(names)
+
+    def forget_all(self) -> None:
+        for holder in self.holders:
+            holder.forget_all()
+
+    def retrieve(self) -> list[tuple[Holder, list[Retrieved]]]:
+        """What each holder kept: duplicates, which the caller owns."""
+        return [(holder, holder.retrieve()) for holder in self.holders]
+
+    def store_what_each_lacks(self, items: list[Item], kept: list[tuple[Holder, list[Retrieved]]]) -> None:
+        """After a restore, each holder gets what only another kept (holderd restarted
+        empty, or systemd's store emptied by a stop): either copy alone must suffice again."""
+        described = [(name, meta, fd, os.fstat(fd).st_ino) for name, meta, fd in items]
+        for holder, its_items in kept:
+            has = {(item.name, item.ino) for item in its_items}
+            lacking = [(name, meta, fd) for name, meta, fd, ino in described if (name, ino) not in has]
+            if lacking:
+                log.info("%s lacked %d of %d fds: storing them", holder.label, len(lacking), len(items))
+                holder.store(lacking)
+
+    def audit(self, items: list[Item]) -> None:
+        """Store everything again in a holder that has lost some of chatd's names."""
+        expected = {name for name, _, _ in items}
+        for holder in self.holders:
+            held = holder.held_names()
+            if held is not None and not expected <= held:
+                log.warning("%s holds %d of chatd's %d fds: storing them all again",
+                            holder.label, len(expected & held), len(expected))
+                holder.store(items)
+
+    def report(self) -> tuple[dict, dict]:
+        """({label: working}, {label: how many of chatd's fds it holds, or None})."""
+        working = {holder.label: holder.working for holder in self.holders}
+        held = {}
+        for holder in self.holders:
+            names = holder.held_names()
+            held[holder.label] = None if names is None else len(names)
+        return working, held
+

@@ -1,0 +1,110 @@
+"""``chatd``: the command line, and the start: fresh, restored, or waiting for ``chatctl restore``."""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import sys
+
+from fdkeep.loop import raise_fd_limit, stop_on_signals
+from fdkeep.systemd import ServiceManager
+from holderd.client import default_socket as holderd_socket
+
+from .control import ControlServer, default_socket as control_socket
+from .holders import Holders, HolderdHolder, SystemdHolder
+from .restore import restore
+from .server import ChatServer
+
+log = logging.getLogger("chatd")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="chatd",
+        description=(
+            "A line-protocol chat server whose client connections survive its crash: every "
+            "socket is kept in holderd too, and a new chatd takes them back. See README.md."
+        ),
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=5001, help="TCP port; 0 picks a free one (default %(default)s)")
+    parser.add_argument(
+        "--control",
+        default=control_socket(own_service=True),
+        help="control socket for chatctl (default %(default)s)",
+    )
+    parser.add_argument(
+        "--holder",
+        default=holderd_socket(),
+        help="holderd's socket (default: $HOLDERD_SOCKET or %(default)s)",
+    )
+    parser.add_argument("--no-holderd", action="store_true", help="keep no copies in holderd")
+    parser.add_argument(
+        "--restore",
+        action="store_true",
+        help="start only by restoring what the holders keep; fail if they keep nothing "
+        "(without this flag chatd restores if it can, else starts afresh)",
+    )
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="with --restore: wait for `chatctl restore` before taking the sockets back",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="drop whatever the holders keep for chatd and start afresh (ends those connections)",
+    )
+    parser.add_argument("--max-clients", type=int, default=10000, help="connection limit (default %(default)s)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    if args.wait and not args.restore:
+        parser.error("--wait goes with --restore")
+    if args.fresh and args.restore:
+        parser.error("--fresh and --restore contradict each other")
+    if args.max_clients < 1:
+        parser.error("--max-clients must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="chatd: %(levelname)s %(message)s", stream=sys.stderr)
+    # A fatal signal (the watchdog's SIGABRT among them) prints where chatd was.
+    faulthandler.enable()
+    raise_fd_limit()
+    manager = ServiceManager()
+    holders = [] if args.no_holderd else [HolderdHolder(args.holder)]
+    if manager.present:
+        holders.append(SystemdHolder(manager))
+    server = ChatServer(Holders(holders), args.max_clients, manager)
+    if args.fresh:
+        server.holders.forget_all()
+    try:
+        control = ControlServer(server, args.control, restore_on_request=args.wait)
+    except OSError as exc:
+        log.error("cannot open the control socket %s: %s", args.control, exc)
+        return 1
+    stop_on_signals(log)
+    try:
+        if args.wait:
+            log.info("waiting for `chatctl restore` on %s", args.control)
+        elif restore(server) is None:
+            if args.restore:
+                log.error("--restore: the holders keep no listening socket for chatd; nothing to restore")
+                return 1
+            try:
+                server.bind(args.host, args.port)
+            except OSError as exc:
+                log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+                return 1
+        if not args.wait:
+            server.announce_ready()
+        server.serve_forever()
+    except SystemExit:
+        pass
+    finally:
+        manager.stopping(f"stopping; {server.status_line()}")
+        control.close()
+    return 0

@@ -1,0 +1,147 @@
+"""Starting holderd and chatd as child processes, and ending every one of them.
+
+Theory of operation
+-------------------
+One launcher for everything that runs the daemons as real processes: the demo
+and the master console (:mod:`ctl.story`), the process tests, and the
+benchmarks. A :class:`Launcher` owns one working directory: the sockets
+(``holderd.sock``, ``control.sock``) and one log file per process started
+(``holderd-0.log``, ``chatd-1.log`` …) live there, so nothing needs root and two
+launchers never meet. Children run this same Python and import this same
+checkout, installed or not.
+
+chatd is started on ``--port 0`` unless a port is given: the kernel picks a
+free port (no race with other programs), and the launcher learns it from
+chatd's status; a restored chatd keeps the same listening socket, so the port
+stays. :meth:`Launcher.close` ends every process it started (SIGTERM, then
+SIGKILL after a grace period) and removes a directory it made itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from fdkeep.errors import Error
+from holderd.client import HolderClient
+
+from . import control
+
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
+    """``predicate()``'s first true value; Error ``timeout`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise Error("timeout", f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_answer(proc: subprocess.Popen, ask, timeout: float, what: str):
+    """Wait until ``ask()`` answers instead of raising Error ``unavailable``; fail if ``proc`` exits first."""
+
+    def answers():
+        if proc.poll() is not None:
+            raise Error("exited", f"{what} exited with status {proc.returncode}")
+        try:
+            return ask()
+        except Error as exc:
+            if exc.code != "unavailable":
+                raise
+            return None
+
+    return wait_until(answers, timeout, f"{what} to answer")
+
+
+class Launcher:
+    def __init__(self, workdir: str | None = None, env: dict | None = None):
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="process-backup-")
+        self.holder_socket = os.path.join(self.workdir, "holderd.sock")
+        self.control_socket = os.path.join(self.workdir, "control.sock")
+        python_path = os.pathsep.join(filter(None, [SOURCE_ROOT, os.environ.get("PYTHONPATH")]))
+        self.env = {
+            **(env if env is not None else os.environ),
+            "HOLDERD_SOCKET": self.holder_socket,
+            "CHATD_CONTROL": self.control_socket,
+            "PYTHONPATH": python_path,
+        }
+        self.started: list[subprocess.Popen] = []
+        self.holderd: subprocess.Popen | None = None
+        self.chatd: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def spawn(self, name: str, *argv: str) -> subprocess.Popen:
+        """``python -m ARGV…`` with its output in ``NAME-<n>.log``."""
+        log = open(os.path.join(self.workdir, f"{name}-{len(self.started)}.log"), "w")
+        with log:
+            proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                    env=self.env, cwd=self.workdir)
+        self.started.append(proc)
+        return proc
+
+    def start_holderd(self, *extra: str, wait: bool = True) -> subprocess.Popen:
+        self.holderd = self.spawn("holderd", "holderd.daemon", "--socket", self.holder_socket, *extra)
+        if wait:
+            wait_for_answer(self.holderd, HolderClient(self.holder_socket, timeout=1).ping, 10, "holderd")
+        return self.holderd
+
+    def start_chatd(self, *extra: str, wait: bool = True) -> subprocess.Popen:
+        """chatd on this launcher's port (a free one the first time); with ``wait``, until it answers."""
+        self.chatd = self.spawn(
+            "chatd", "chatd", "--port", str(self.port or 0), "--control", self.control_socket,
+            "--holder", self.holder_socket, *extra,
+        )
+        if wait:
+            self.wait_chatd()
+        return self.chatd
+
+    def wait_chatd(self, timeout: float = 15) -> dict:
+        """chatd's status once it answers; learns its port."""
+        status = wait_for_answer(self.chatd, lambda: self.control("status"), timeout, "chatd")
+        if status.get("port"):
+            self.port = status["port"]
+        return status
+
+    def control(self, op: str) -> dict:
+        return control.call(op, self.control_socket)
+
+    def logs(self) -> str:
+        """Every process's log, each under a header line."""
+        parts = []
+        for name in sorted(os.listdir(self.workdir)):
+            if name.endswith(".log"):
+                with open(os.path.join(self.workdir, name), errors="replace") as f:
+                    parts.append(f"--- {name}\n{f.read()}")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        """End every process started here; remove the directory if this launcher made it."""
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for proc in self.started:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,159 @@
+"""The event loop every daemon runs on: epoll, with timers.
+
+Theory of operation
+-------------------
+:class:`Loop` is a thin layer over ``epoll``: a callback per descriptor, called
+with the event mask, and timers (:meth:`Loop.call_later`, :meth:`Loop.call_every`)
+kept in a heap. :meth:`Loop.run_once` waits until the first of an event and the
+earliest timer, runs the callbacks of what happened, then every timer that is
+due. So periodic work (a status line for systemd, a watchdog ping, an audit of
+the holders) is a timer, not a poll timeout plus a "has it been long enough"
+check in every daemon.
+
+It exists instead of :mod:`selectors` because holderd must watch held sockets
+for hang-ups only, which is an epoll registration with an empty event mask
+(EPOLLHUP and EPOLLERR are always reported); selectors cannot express that.
+Callbacks run one at a time, in the loop's thread; a callback that raises ends
+:meth:`Loop.run_once` with that exception, so callbacks catch what they expect.
+
+Limits: timers fire no earlier than asked, and late by however long the
+callbacks before them took; the loop is single-threaded by design.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import resource
+import select
+import signal
+import time
+from typing import Callable
+
+IN = select.EPOLLIN
+OUT = select.EPOLLOUT
+HANGUP = select.EPOLLHUP | select.EPOLLERR
+
+
+class Timer:
+    """A pending call; :meth:`cancel` it to stop it (a repeating one too)."""
+
+    __slots__ = ("when", "callback", "interval", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[], None], interval: float | None):
+        self.when = when
+        self.callback = callback
+        self.interval = interval
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, Callable[[int], None]] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._order = itertools.count()
+        self.clock = clock
+
+    # -- descriptors -----------------------------------------------------------------
+    def add(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
+        self._epoll.register(fd, events)
+        self._callbacks[fd] = callback
+
+    def modify(self, fd: int, events: int) -> None:
+        self._epoll.modify(fd, events)
+
+    def remove(self, fd: int) -> None:
+        if self._callbacks.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def watching(self, fd: int) -> bool:
+        return fd in self._callbacks
+
+    # -- timers ----------------------------------------------------------------------
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Call ``callback()`` once, ``delay`` seconds from now."""
+        return self._schedule(Timer(self.clock() + delay, callback, None))
+
+    def call_every(self, interval: float, callback: Callable[[], None], first: float | None = None) -> Timer:
+        """Call ``callback()`` every ``interval`` seconds (the first time after ``first``, else ``interval``)."""
+        if interval <= 0:
+            raise ValueError("a repeating timer needs a positive interval")
+        delay = interval if first is None else first
+        return self._schedule(Timer(self.clock() + delay, callback, interval))
+
+    def _schedule(self, timer: Timer) -> Timer:
+        heapq.heappush(self._timers, (timer.when, next(self._order), timer))
+        return timer
+
+    def _next_timeout(self, timeout: float | None) -> float:
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if self._timers:
+            until = max(self._timers[0][0] - self.clock(), 0.0)
+            timeout = until if timeout is None else min(timeout, until)
+        return -1 if timeout is None else timeout
+
+    def _run_due_timers(self) -> None:
+        now = self.clock()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if timer.cancelled:
+                continue
+            if timer.interval is not None:
+                # Keep the rhythm, but never make up for missed calls in a burst.
+                timer.when += timer.interval
+                if timer.when <= now:
+                    timer.when = now + timer.interval
+                self._schedule(timer)
+            timer.callback()
+
+    # -- running ---------------------------------------------------------------------
+    def run_once(self, timeout: float | None = None) -> None:
+        """Wait for events (at most ``timeout`` seconds, and no later than the next timer) and handle them."""
+        try:
+            events = self._epoll.poll(self._next_timeout(timeout))
+        except InterruptedError:
+            events = []
+        for fd, mask in events:
+            callback = self._callbacks.get(fd)
+            if callback is not None:
+                callback(mask)
+        self._run_due_timers()
+
+    def run_forever(self) -> None:
+        while True:
+            self.run_once()
+
+    def close(self) -> None:
+        self._epoll.close()
+
+
+def stop_on_signals(logger: logging.Logger) -> None:
+    """SIGTERM and SIGINT end the daemon's loop by raising SystemExit.
+
+    Raising is needed: Python retries an epoll interrupted by a signal, so a flag
+    set in a handler would not be seen until the next event.
+    """
+
+    def stop(signum, frame):
+        logger.info("%s: stopping", signal.Signals(signum).name)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one: holding sockets is the job."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard

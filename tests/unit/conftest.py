@@ -1,0 +1,66 @@
+"""Unit-test fixtures: a notify socket that keeps fds the way systemd's store does.
+
+The socket stands in for systemd's only in unit tests; tests/systemd runs the
+real thing. It keeps what it is sent the way systemd's store does: fds by name,
+FDSTOREREMOVE drops a name.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+
+import pytest
+
+
+class NotifySocket:
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.path = str(path)
+        self.store: dict[str, list[int]] = {}
+        self.messages: list[dict] = []
+
+    def drain(self) -> list[dict]:
+        while True:
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * 4))
+            except BlockingIOError:
+                return self.messages
+            fds = array.array("i")
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append(fields)
+            if fields.get("FDSTORE") == "1":
+                self.store.setdefault(fields["FDNAME"], []).extend(fds)
+            elif fields.get("FDSTOREREMOVE") == "1":
+                for fd in self.store.pop(fields["FDNAME"], []):
+                    os.close(fd)
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    def passed(self) -> dict[int, str]:
+        """What a restart would hand the next process: duplicates, by name."""
+        self.drain()
+        return {os.dup(fd): name for name, fds in self.store.items() for fd in fds}
+
+    def close(self):
+        for fds in self.store.values():
+            for fd in fds:
+                os.close(fd)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch):
+    store = NotifySocket(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", store.path)  # sd_notify reads it from the environment
+    yield store
+    store.close()
+
+

@@ -1,0 +1,157 @@
+"""Both holders behind chatd's Holder interface, in-process: holderd (a real Holderd
+serving on a thread) and systemd's store (the notify socket of conftest.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+import pytest
+
+from chatd.holders import Holder, HolderdHolder, Holders, SystemdHolder
+from fdkeep.systemd import ServiceManager
+from holderd.daemon import Holderd
+from holderd.protocol import Limits
+
+
+class Running:
+    """A Holderd whose loop runs on a thread until stopped."""
+
+    def __init__(self, path: str):
+        self.daemon = Holderd(path, {os.geteuid()}, Limits(), 1 << 20)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopping.is_set():
+            self.daemon.loop.run_once(0.02)
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(5)
+        self.daemon.close()
+
+
+@pytest.fixture
+def sockets():
+    made = []
+
+    def make(count):
+        pairs = [socket.socketpair() for _ in range(count)]
+        made.extend(pairs)
+        return [a.fileno() for a, _ in pairs]
+
+    yield make
+    for a, b in made:
+        a.close(), b.close()
+
+
+def inode(fd: int) -> int:
+    return os.fstat(fd).st_ino
+
+
+def test_holderd_holder_keeps_gives_back_and_forgets(tmp_path, sockets):
+    running = Running(str(tmp_path / "h.sock"))
+    try:
+        holder: Holder = HolderdHolder(str(tmp_path / "h.sock"))
+        listen, client = sockets(2)
+        assert holder.store([("chatd/listen", b"{}", listen), ("chatd/client/3", b'{"nick":"a"}', client)])
+        assert holder.working is True
+        assert holder.held_names() == {"chatd/listen", "chatd/client/3"}
+        back = {item.name: item for item in holder.retrieve()}
+        assert back["chatd/client/3"].meta == b'{"nick":"a"}' and back["chatd/client/3"].ino == inode(client)
+        for item in back.values():
+            os.close(item.fd)
+        assert holder.remove(["chatd/client/3"]) and holder.held_names() == {"chatd/listen"}
+        assert holder.forget_all() and holder.held_names() == set()
+    finally:
+        running.stop()
+
+
+def test_holderd_holder_says_when_holderd_is_gone_and_when_it_is_back(tmp_path, sockets, caplog):
+    caplog.set_level(logging.INFO)
+    path = str(tmp_path / "h.sock")
+    holder = HolderdHolder(path)
+    (fd,) = sockets(1)
+    assert holder.store([("chatd/listen", b"", fd)]) is False and holder.working is False
+    assert holder.remove(["chatd/listen"]) is False
+    assert holder.retrieve() == [] and holder.held_names() is None
+    assert caplog.text.count("holderd unavailable") == 1, "a failure is logged once, not per call"
+    running = Running(path)
+    try:
+        assert holder.store([("chatd/listen", b"", fd)]) is True and holder.working is True
+        assert "works again" in caplog.text
+    finally:
+        running.stop()
+
+
+def test_systemd_holder_sends_each_socket_once_per_name(notify_socket, sockets):
+    manager = ServiceManager({"NOTIFY_SOCKET": notify_socket.path})
+    holder: Holder = SystemdHolder(manager)
+    first, second = sockets(2)
+    holder.store([("chatd/client/1", b"ignored", first)])
+    holder.store([("chatd/client/1", b"ignored", first)])  # the same socket again: not re-sent
+    notify_socket.drain()
+    assert len(notify_socket.messages) == 1
+    holder.store([("chatd/client/1", b"", second)])  # another socket under the name: replaced
+    notify_socket.drain()
+    [kept] = notify_socket.store["chatd/client/1"]
+    assert inode(kept) == inode(second)
+    assert holder.held_names() == {"chatd/client/1"}
+    holder.remove(["chatd/client/1"])
+    notify_socket.drain()
+    assert notify_socket.store == {} and holder.held_names() == set()
+
+
+def test_systemd_holder_takes_back_what_was_passed_and_drops_strangers(notify_socket, sockets):
+    manager = ServiceManager({"NOTIFY_SOCKET": notify_socket.path})
+    ours, stranger = sockets(2)
+    manager._passed = {os.dup(ours): "chatd/listen", os.dup(stranger): "someone-else"}
+    holder = SystemdHolder(manager)
+    [item] = holder.retrieve()
+    assert (item.name, item.ino, item.meta) == ("chatd/listen", inode(ours), b"")
+    os.close(item.fd)
+    notify_socket.drain()
+    assert notify_socket.messages == [{"FDSTOREREMOVE": "1", "FDNAME": "someone-else"}]
+    assert holder.held_names() == {"chatd/listen"}
+
+
+class Recorder:
+    """A holder that only remembers names (a stand-in to watch the fan-out)."""
+
+    def __init__(self, label, names=()):
+        self.label, self.working, self.names, self.stored = label, True, set(names), []
+
+    def store(self, items):
+        self.stored.append([name for name, _, _ in items])
+        self.names |= {name for name, _, _ in items}
+        return True
+
+    def remove(self, names):
+        self.names -= set(names)
+        return True
+
+    def retrieve(self):
+        return []
+
+    def forget_all(self):
+        self.names.clear()
+        return True
+
+    def held_names(self):
+        return set(self.names)
+
+
+def test_the_fan_out_refills_a_holder_that_lost_names(sockets):
+    listen, client = sockets(2)
+    items = [("chatd/listen", b"", listen), ("chatd/client/0", b"", client)]
+    full, empty = Recorder("full", ["chatd/listen", "chatd/client/0"]), Recorder("empty")
+    holders = Holders([full, empty])
+    holders.audit(items)
+    assert full.stored == [] and empty.stored == [["chatd/listen", "chatd/client/0"]]
+    assert holders.report() == ({"full": True, "empty": True}, {"full": 2, "empty": 2})
+    holders.remove(["chatd/client/0"])
+    assert full.names == empty.names == {"chatd/listen"}

@@ -1,0 +1,144 @@
+"""The state journal: several records committed in one crash-atomic step, shared through a descriptor."""
+
+import os
+
+import pytest
+
+from chatd.journal import HEADER_SIZE, Journal, Record
+from fdkeep.errors import Error
+
+
+def test_records_survive_through_another_descriptor():
+    journal = Journal.create(8)
+    slot = journal.allocate()
+    journal.commit({slot: Record(1234, "line", "alice", "bob", 17)})
+    copy = Journal.attach(os.dup(journal.fd))
+    journal.close()
+    assert list(copy.records()) == [(slot, Record(1234, "line", "alice", "bob", 17))]
+    assert copy.allocate() != slot
+    copy.close()
+
+
+def test_one_commit_covers_several_records():
+    journal = Journal.create(4)
+    journal.commit({0: Record(1, "line", "a", "b", 0), 1: Record(2, "line", "b", "a", 0)})
+    journal.commit({0: Record(1, "line", "a", "b", 5), 1: None, 3: Record(3, "websocket", None, None, 0)})
+    copy = Journal.attach(os.dup(journal.fd))
+    assert dict(copy.records()) == {0: Record(1, "line", "a", "b", 5), 3: Record(3, "websocket", None, None, 0)}
+    copy.close()
+    journal.close()
+
+
+def test_freeing_a_slot_returns_it():
+    journal = Journal.create(1)
+    slot = journal.allocate()
+    assert journal.allocate() is None
+    journal.commit({slot: Record(1, "line", None, None, 0)})
+    journal.commit({slot: None})
+    assert journal.read(slot) is None
+    assert journal.allocate() == slot
+    journal.commit({slot: None})  # handed out, then given back unused
+    assert journal.allocate() == slot
+    journal.close()
+
+
+def test_attach_refuses_a_foreign_file():
+    fd = os.memfd_create("junk")
+    os.write(fd, b"x" * (HEADER_SIZE + 4096))
+    with pytest.raises(Error) as caught:
+        Journal.attach(fd)
+    assert "not a chatd journal" in caught.value.message
+    os.close(fd)
+
+
+class Recording(Journal):
+    """A journal that logs every byte it writes, and can stop mid-commit like a crash."""
+
+    def __init__(self, *args):
+        self.writes: list[tuple[int, bytes]] = []
+        super().__init__(*args)
+
+    def _write(self, offset, data):
+        self.writes.append((offset, bytes(data)))
+        super()._write(offset, data)
+
+
+def image(journal) -> bytes:
+    return os.pread(journal.fd, os.fstat(journal.fd).st_size, 0)
+
+
+def state_of(data: bytes) -> dict:
+    fd = os.memfd_create("replay")
+    os.write(fd, data)
+    journal = Journal.attach(fd)
+    try:
+        return dict(journal.records())
+    finally:
+        journal.close()
+
+
+BEFORE = {0: Record(10, "line", "ann", "bob", 3), 1: Record(11, "line", "bob", "ann", 4),
+          2: Record(12, "line", "cid", None, 0)}
+AFTER_CHANGES = {0: Record(10, "line", "ann", "cid", 0), 1: Record(11, "line", "bob", "ann", 0),
+                 2: Record(12, "line", "cid", "ann", 0), 3: Record(13, "websocket", "dan", None, 0)}
+
+
+@pytest.mark.parametrize("commits_before", [1, 2, 3], ids=["copy-1-spare", "copy-0-spare", "mixed"])
+def test_every_prefix_of_a_commit_is_all_or_nothing(commits_before):
+    """Replay a commit's writes one byte at a time onto the image before it: a reader
+    of any prefix finds every record as before or every record as after, never a mix."""
+    fd = os.memfd_create("journal")
+    os.ftruncate(fd, Journal.size_for(5))
+    journal = Journal.create(5)
+    for index in range(commits_before):  # so that spares sit in different copies per slot
+        journal.commit({slot: BEFORE[slot] for slot in list(BEFORE)[index % 3:]})
+    journal.commit(BEFORE)
+    before_image = image(journal)
+    recorder = Recording(os.dup(journal.fd), journal.slots, journal._map)
+    recorder.writes.clear()
+    recorder.commit(AFTER_CHANGES)
+    after = state_of(image(journal))
+    assert after == AFTER_CHANGES and state_of(before_image) == BEFORE
+    byte_writes = [(offset + i, data[i:i + 1]) for offset, data in recorder.writes for i in range(len(data))]
+    seen = set()
+    replayed = bytearray(before_image)
+    for count in range(len(byte_writes) + 1):
+        if count:
+            offset, byte = byte_writes[count - 1]
+            replayed[offset:offset + 1] = byte
+        state = state_of(bytes(replayed))
+        assert state in (BEFORE, after), f"a reader after {count} of {len(byte_writes)} bytes saw a mix"
+        seen.add("after" if state == after else "before")
+    assert seen == {"before", "after"}
+    os.close(fd)
+    os.close(recorder.fd)
+    journal.close()
+
+
+def test_a_commit_cut_short_cannot_be_revived_by_the_next_one():
+    """The dead process wrote slot 0's spare for commit c+1 but never flipped; the next
+    process's commit c+1 touches only slot 1. Slot 0 must keep its committed record."""
+    journal = Journal.create(2)
+    journal.commit({0: Record(1, "line", "old", None, 0), 1: Record(2, "line", None, None, 0)})
+
+    class Dies(Exception):
+        pass
+
+    class CutShort(Journal):
+        def _write(self, offset, data):
+            if offset < HEADER_SIZE:
+                raise Dies()  # the root is never written: a crash before the flip
+            super()._write(offset, data)
+
+    dying = CutShort(os.dup(journal.fd), 2, journal._map)
+    with pytest.raises(Dies):
+        dying.commit({0: Record(1, "line", "torn", None, 9)})
+    survivor = Journal.attach(os.dup(journal.fd))
+    survivor.commit({1: Record(2, "line", "next", None, 0)})
+    again = Journal.attach(os.dup(journal.fd))
+    assert again.read(0) == Record(1, "line", "old", None, 0)
+    assert again.read(1) == Record(2, "line", "next", None, 0)
+    for j in (again, survivor):
+        j.close()
+    os.close(dying.fd)
+    journal.close()

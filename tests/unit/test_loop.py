@@ -1,0 +1,70 @@
+"""The event loop's timers and descriptors, with a clock the test moves."""
+
+import os
+
+from fdkeep.loop import IN, Loop
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_timers_fire_in_order_once_due_and_repeat_until_cancelled():
+    clock = Clock()
+    loop = Loop(clock)
+    fired = []
+    loop.call_later(2, lambda: fired.append("later"))
+    every = loop.call_every(1, lambda: fired.append("every"))
+    loop.run_once(0)
+    assert fired == []
+    clock.now += 1
+    loop.run_once(0)
+    assert fired == ["every"]
+    clock.now += 1
+    loop.run_once(0)
+    assert fired == ["every", "every", "later"] or fired == ["every", "later", "every"]
+    every.cancel()
+    clock.now += 5
+    loop.run_once(0)
+    assert fired.count("every") == 2, "a cancelled timer does not fire"
+    loop.close()
+
+
+def test_a_late_repeating_timer_does_not_fire_a_burst():
+    clock = Clock()
+    loop = Loop(clock)
+    fired = []
+    loop.call_every(1, lambda: fired.append(clock.now), first=0)
+    loop.run_once(0)
+    clock.now += 10  # the loop was busy for ten intervals
+    loop.run_once(0)
+    loop.run_once(0)
+    assert len(fired) == 2
+    loop.close()
+
+
+def test_the_wait_ends_at_the_next_timer():
+    loop = Loop()
+    fired = []
+    loop.call_later(0.05, lambda: fired.append(1))
+    loop.run_once()  # no descriptor: only the timer can end this wait
+    assert fired == [1]
+    loop.close()
+
+
+def test_descriptor_callbacks_get_their_mask():
+    loop = Loop()
+    r, w = os.pipe()
+    seen = []
+    loop.add(r, IN, seen.append)
+    os.write(w, b"x")
+    loop.run_once(1)
+    assert seen and seen[0] & IN
+    loop.remove(r)
+    assert not loop.watching(r)
+    os.close(r), os.close(w)
+    loop.close()

@@ -1,0 +1,146 @@
+"""chatd's restore path in-process: a ChatServer dies (its fds closed without a
+shutdown, as a crash closes them), a new one takes back what a holder kept."""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+
+from chatd.holders import Holders
+from chatd.restore import restore
+from chatd.server import ChatServer
+from ctl.launch import wait_until
+from ctl.probe import LineClient
+from holderd.client import Retrieved
+
+
+class MemoryHolder:
+    """Keeps duplicates in this process: the Holder interface with nothing behind it."""
+
+    label = "memory"
+
+    def __init__(self):
+        self.working = True
+        self.items: dict[str, tuple[bytes, int]] = {}
+
+    def store(self, items):
+        for name, meta, fd in items:
+            self._drop(name)
+            self.items[name] = (meta, os.dup(fd))
+        return True
+
+    def _drop(self, name):
+        if name in self.items:
+            os.close(self.items.pop(name)[1])
+
+    def remove(self, names):
+        for name in names:
+            self._drop(name)
+        return True
+
+    def retrieve(self):
+        return [Retrieved(name, meta, os.dup(fd), os.fstat(fd).st_ino) for name, (meta, fd) in self.items.items()]
+
+    def forget_all(self):
+        self.remove(list(self.items))
+        return True
+
+    def held_names(self):
+        return set(self.items)
+
+
+@contextmanager
+def serving(server: ChatServer):
+    """Run the server's loop on a thread while the test talks to it as a client would."""
+    stop = threading.Event()
+
+    def run():
+        while not stop.is_set():
+            server.loop.run_once(0.01)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def die(server: ChatServer) -> None:
+    """What a crash does to a process's descriptors: closed, no shutdown, no goodbye."""
+    for connection in server.connections.values():
+        connection.sock.close()
+    server.listener.close()
+    server.journal.close()
+    server.loop.close()
+
+
+def connect(port: int, nick: str, pair: str | None = None) -> LineClient:
+    client = LineClient(port)
+    client.send(f"NICK {nick}")
+    assert client.line() == f"OK NICK {nick}"
+    if pair:
+        client.send(f"PAIR {pair}")
+        assert client.line() == f"OK PAIR {pair}"
+    return client
+
+
+def chatting_pair(server: ChatServer) -> tuple[LineClient, LineClient]:
+    a = connect(server.port, "A", "B")
+    b = connect(server.port, "B", "A")
+    assert b.line() == "PAIRED A" and a.line() == "PAIRED B"
+    a.send("MSG one")
+    assert b.line() == "FROM A 1 one"
+    return a, b
+
+
+def test_a_new_server_takes_back_listener_journal_and_clients():
+    holder = MemoryHolder()
+    first = ChatServer(Holders([holder]), 8)
+    first.bind("127.0.0.1", 0)
+    with serving(first):
+        a, b = chatting_pair(first)
+    port = first.port
+    die(first)
+
+    second = ChatServer(Holders([holder]), 8)
+    summary = restore(second)
+    assert (summary["clients"], summary["pairs"], summary["port"]) == (2, 1, port)
+    with serving(second):
+        a.send("MSG two")
+        assert b.line() == "FROM A 2 two", "the count went on: it came from the journal"
+    a.close(), b.close()
+    holder.forget_all()
+
+
+def test_without_the_journal_clients_come_back_from_their_metadata_under_new_slots():
+    holder = MemoryHolder()
+    first = ChatServer(Holders([holder]), 8)
+    first.bind("127.0.0.1", 0)
+    with serving(first):
+        leaver = connect(first.port, "L")
+        a, b = chatting_pair(first)  # slots 1 and 2
+        leaver.send("QUIT")
+        assert leaver.line() == "BYE"
+        wait_until(lambda: holder.held_names() == {"chatd/listen", "chatd/state", "chatd/client/1", "chatd/client/2"},
+                   5, "the leaver to be forgotten")
+    die(first)
+    holder.remove(["chatd/state"])  # the journal is lost: only holderd's metadata is left
+
+    second = ChatServer(Holders([holder]), 8)
+    summary = restore(second)
+    assert (summary["clients"], summary["pairs"]) == (2, 1), "nick and target came from the metadata"
+    assert holder.held_names() == {"chatd/listen", "chatd/state", "chatd/client/0", "chatd/client/1"}, \
+        "each client is kept under its new slot's name, and a new journal is kept"
+    with serving(second):
+        a.send("MSG two")
+        assert b.line() == "FROM A 1 two", "without the journal the count starts again"
+    a.close(), b.close(), leaver.close()
+    holder.forget_all()
+
+
+def test_nothing_held_means_nothing_to_restore():
+    holder = MemoryHolder()
+    assert restore(ChatServer(Holders([holder]), 8)) is None
