@@ -2,15 +2,19 @@
 
 Theory of operation
 -------------------
-A :class:`Connection` owns a client socket, registered in the event loop, and
-the client's codec (:mod:`chatd.protocols`). Bytes read are fed to the codec,
-and each command it yields goes to the server's ``on_command`` callback, in
-order, until the connection is closed. Events the server sends are encoded by
-the same codec and queued in an :class:`~fdkeep.peer.OutputQueue`, flushed as
-the socket takes them. A client that stops reading may not make chatd queue
-more than :data:`MAX_OUTPUT_BACKLOG` bytes for it; past that, or on a read or
-write error, or at its EOF, the server hears ``on_gone`` with the reason and
-decides what to do (it closes the client).
+A :class:`Connection` owns a client socket, registered in the event loop, the
+client's codec (:mod:`chatd.protocols`), and the client's two rings in the
+journal (:mod:`chatd.rings`). Bytes are received straight into the input ring,
+then fed to the codec; the server takes commands from the codec one at a time
+(:meth:`ChatServer.take_input <chatd.server.ChatServer.take_input>`), and
+moves ``inbox.handled`` on as it handles them. Events the server sends are
+encoded by the same codec into the output ring, and sent from there once the
+journal has committed them.
+
+The server may stop a connection's reading (:meth:`~fdkeep.peer.Channel.set_reading`)
+while it cannot take more of its input: a peer's output ring is full, the
+input ring is full, the client said its last word, or its EOF was seen. Then
+TCP's own flow control slows the client down; nothing is dropped.
 
 :meth:`Connection.close` shuts the socket down before closing it: the holders
 still have duplicates of it, and only ``shutdown()`` ends the TCP connection
@@ -23,69 +27,90 @@ import errno
 import logging
 import os
 import socket
-from typing import Callable
+from typing import TYPE_CHECKING
 
-from fdkeep.loop import Loop
-from fdkeep.peer import Channel, OutputQueue
+from fdkeep.peer import Channel
 
+from . import faults
 from .protocols import Codec
-from .room import Command, Event
+from .rings import InRing, OutRing
+from .room import Event
+
+if TYPE_CHECKING:
+    from .server import ChatServer
 
 log = logging.getLogger("chatd")
 
-#: A client that stops reading may not make chatd buffer more than this for it.
-MAX_OUTPUT_BACKLOG = 4 << 20
 READ_SIZE = 65536
 
 
 class Connection(Channel):
-    def __init__(
-        self,
-        loop: Loop,
-        sock: socket.socket,
-        member_id: int,
-        codec: Codec,
-        on_command: Callable[["Connection", Command], None],
-        on_gone: Callable[["Connection", str], None],
-    ):
+    def __init__(self, server: "ChatServer", sock: socket.socket, member_id: int, codec: Codec,
+                 inbox: InRing, outbox: OutRing):
+        self.server = server
         self.member_id = member_id
         self.codec = codec
-        self._on_command = on_command
-        self._on_gone = on_gone
+        self.inbox = inbox
         self.inode = os.fstat(sock.fileno()).st_ino
-        self.finished = False  # said its last word; it only waits to be closed
+        #: Seen the client's EOF: what it sent before is handled, then it is closed.
+        self.eof = False
+        #: Said its last word (BYE): closed once its output is sent.
+        self.finishing = False
+        #: Waiting for room in an output ring (its own or its peer's).
+        self.blocked = False
+        #: Since when queued output waits for the client to take some (None: nothing waits).
+        self.progress_at: float | None = None
+        #: The input offset a predecessor died handling, and how many times.
+        self.poison_offset = 0
+        self.poison_count = 0
         try:
             self.remote = "%s:%d" % sock.getpeername()[:2]
         except OSError:
             self.remote = "?"
-        super().__init__(loop, sock, OutputQueue(MAX_OUTPUT_BACKLOG))
+        super().__init__(server.loop, sock, outbox)
+
+    @property
+    def outbox(self) -> OutRing:
+        return self.output
+
+    def __repr__(self) -> str:
+        return f"<member {self.member_id} from {self.remote}>"
 
     def _readable(self) -> None:
+        if self.inbox.free == 0:
+            self.server.update_reading(self)
+            return
         try:
-            data = self.sock.recv(READ_SIZE)
+            count = self.inbox.receive(self.sock, READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._on_gone(self, f"read failed: {exc.strerror}")
+            self.server.close_client(self.member_id, f"read failed: {exc.strerror}")
             return
-        if not data:
-            self._on_gone(self, "client closed the connection")
-            return
-        self.codec.feed(data)
-        while not self.closed:
-            command = self.codec.next_command()
-            if command is None:
-                return
-            self._on_command(self, command)
+        faults.reached("after-read")
+        if count == 0:
+            self.eof = True
+        else:
+            self.codec.feed(self.inbox.bytes(self.inbox.received - count, self.inbox.received))
+        self.server.take_input(self)
 
-    def send(self, event: Event, last: bool = False) -> None:
-        if self.closed or self.finished:
-            return
-        self.finished = last
-        if not self.output.append(self.codec.encode(event)):
-            self._on_gone(self, f"does not read: over {MAX_OUTPUT_BACKLOG} bytes queued")
-            return
-        self._flush()
+    def _hung_up(self) -> None:
+        self.server.close_client(self.member_id, "the connection hung up")
+
+    def send(self, event: Event) -> None:
+        """Encode ``event`` into the output ring; it is sent once the journal commits it."""
+        self.outbox.append(self.codec.encode(event))
+
+    def _flush(self) -> bool:
+        before = self.outbox.sent
+        done = super()._flush()
+        if self.closed:
+            return True
+        if self.outbox.sent > before:
+            if not done:
+                faults.reached("mid-write")
+            self.server.output_moved(self)
+        return done
 
     def _write_failed(self, exc: OSError) -> None:
         # The client is gone or going; its EOF or error on the read side closes it.
@@ -95,8 +120,6 @@ class Connection(Channel):
     def close(self) -> None:
         if self.closed:
             return
-        # The holders still have duplicates of this socket: only shutdown() ends
-        # the connection for all of them at once, so the client sees its EOF now.
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

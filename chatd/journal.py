@@ -1,45 +1,73 @@
-"""chatd's crash-surviving state: a journal of per-connection records in a shared memfd.
+"""chatd's crash-surviving state: records, and the bytes in flight, in a shared memfd.
 
 Theory of operation
 -------------------
 The state lives in a ``memfd`` that chatd maps, and whose descriptor it hands
 to its holders (holderd and systemd's fd store) like any socket. Every holder
 keeps the same file, so whichever copy survives a crash shows the state as the
-dead process last committed it: writes to a shared mapping are in the file the
-moment they are made, no flush needed.
+dead process left it: writes to a shared mapping are in the file the moment
+they are made, no flush needed.
 
-The file is a header and a fixed array of *slots*, one per connection. A slot
-keeps two copies of its :class:`Record`, each tagged with the sequence number
-of the commit that wrote it. The header keeps the *committed* sequence number,
-itself twice, with a one-byte selector saying which copy is current.
+The file has a header, one *slot* per connection, and for each slot two
+*rings* of bytes:
 
-:meth:`Journal.commit` makes several records current in one atomic step:
+- the **input ring**: chatd receives a client's bytes straight into it
+  (``recv_into`` a view of the mapping), so what chatd takes from a socket is
+  never only in its private memory;
+- the **output ring**: every byte chatd means to send a client is written here
+  first, and sent from here.
 
-1. every record goes into its slot's spare copy (the one that is not current),
-   tagged with the next sequence number ``c + 1``;
-2. ``c + 1`` goes into the spare copy of the committed number;
-3. the selector byte flips. That one-byte store is the commit.
+A ring holds a window of a TCP stream: stream offset ``x`` lives at position
+``x % size``. Which window is given by the slot's :class:`Record`: the input
+ring holds ``[in_handled, read)`` (read but not yet handled) and the output
+ring ``[out_start, out_end)`` (committed to send, perhaps not yet sent). The
+other ends, ``read`` and ``written``, are not in the journal: the kernel
+counts them (:mod:`fdkeep.tcpcount`), exactly, for whichever process holds the
+socket. So a new chatd knows what the dead one had read and not handled, and
+what it had committed and not sent, to the byte.
+
+Records are made current by :meth:`Journal.commit`, several at once, in one
+atomic step. A slot keeps two copies of its record, each tagged with the
+sequence number of the commit that wrote it; the header keeps the committed
+sequence number, itself twice, and a one-byte selector saying which copy is
+current. A commit
+
+1. writes every record into its slot's spare copy (the one that is not
+   current), tagged ``c + 1``;
+2. writes ``c + 1`` into the spare copy of the committed number;
+3. flips the selector byte. That one-byte store is the commit.
 
 A process can die between any two instructions, but a one-byte store is
-indivisible: a reader (:meth:`Journal.attach`) takes the committed number ``c``
-the selector points at and, in each slot, the copy with the highest tag not
-above ``c``. Before the flip it finds every record as it was; after it, every
-record as committed. Copies tagged above ``c`` are what a crash cut short;
-:meth:`~Journal.attach` erases their tags so that no later commit can revive
-them. Nothing is ever written over a current copy, so there is nothing to undo.
+indivisible: a reader (:meth:`Journal.attach`) takes the committed number
+``c`` the selector points at and, in each slot, the copy with the highest tag
+not above ``c``: every record as it was, or every record as committed, never a
+mix. Copies tagged above ``c`` are what a crash cut short; attach erases their
+tags so that no later commit can revive them. Nothing is ever written over a
+current copy, and ring bytes are written only outside the committed windows,
+so there is nothing to undo.
+
+The *handling marker* in the header says which command chatd is handling
+(slot and stream offset) while it handles it. A chatd that finds it set knows
+its predecessor died of that command; after two such deaths on one offset the
+command is skipped (a *poison* line must not kill every successor).
 
 Layout (little-endian)::
 
-    header (4096 bytes): magic "CHATDJ01", version u32, slot count u32,
-                         record size u32, then at 64: selector u8,
-                         at 72 and 80: committed sequence u64 (copies 0 and 1)
-    slot (2 records):    record copy 0, record copy 1
-    record (128 bytes):  seq u64, used u8, protocol u8, 6 padding, socket inode u64,
-                         received u64, nick 32s, target 32s, 32 reserved
+    header (4096 bytes): magic "CHATDJ02", version u32, slot count u32,
+                         record size u32, input ring size u32, output ring
+                         size u32; at 64: selector u8; at 72 and 80: committed
+                         sequence u64 (copies 0 and 1); at 128: marker valid
+                         u8, at 132 its slot u32, at 136 its offset u64
+    records:             per slot, record copy 0 then record copy 1
+    rings:               page-aligned; per slot, its input ring then its output ring
+    record (160 bytes):  seq u64, used u8, protocol u8, flags u8, poison
+                         count u8, 4 padding, socket inode u64, received u64,
+                         in_handled u64, out_start u64, out_end u64, poison
+                         offset u64, nick 32s, target 32s, codec state 16s,
+                         16 reserved
 
-Records hold what the room needs to resume (see :class:`chatd.room.Member`) and
-the socket's inode, which ties a record to whichever duplicate of the socket
-comes back. Names are ASCII of at most 32 bytes, NUL-padded.
+The file is sparse: a ring takes memory only for the pages a connection has
+used, and :meth:`Journal.commit` gives a freed slot's pages back.
 """
 
 from __future__ import annotations
@@ -51,26 +79,49 @@ from dataclasses import dataclass
 
 from fdkeep.errors import Error
 
-MAGIC = b"CHATDJ01"
-VERSION = 1
-HEADER = struct.Struct("<8sIII")
+MAGIC = b"CHATDJ02"
+VERSION = 2
+HEADER = struct.Struct("<8sIIIII")
 HEADER_SIZE = 4096
 SELECTOR_OFFSET = 64
 ROOT_OFFSETS = (72, 80)
+MARKER = struct.Struct("<B3xIQ")
+MARKER_OFFSET = 128
 SEQ = struct.Struct("<Q")
-RECORD = struct.Struct("<QBB6xQQ32s32s32x")
+RECORD = struct.Struct("<QBBBB4xQQQQQQ32s32s16s16x")
 PROTOCOLS = ("line", "websocket")
+PAGE = mmap.PAGESIZE
 
-assert RECORD.size == 128
+#: Input ring: a whole line of the line protocol (64 KiB) and what follows it.
+IN_RING = 128 * 1024
+#: Output ring: room for what a slow reader has not taken yet (see chatd.server).
+OUT_RING = 256 * 1024
+
+#: Record flags.
+CLOSING = 1  # said its last word (BYE); to be closed once its output is sent
+
+assert RECORD.size == 160 and MARKER_OFFSET + MARKER.size <= HEADER_SIZE
 
 
 @dataclass
 class Record:
     inode: int
-    protocol: str
-    nick: str | None
-    target: str | None
-    received: int
+    protocol: str = "line"
+    nick: str | None = None
+    target: str | None = None
+    #: Messages received on the current pairing (the n of the last From).
+    received: int = 0
+    #: Stream offset up to which the client's input is handled.
+    in_handled: int = 0
+    #: Stream offsets of the output committed to send: [out_start, out_end).
+    out_start: int = 0
+    out_end: int = 0
+    flags: int = 0
+    #: The codec's parse state at ``in_handled`` (see chatd.protocols).
+    codec: bytes = b""
+    #: The input offset a predecessor died handling, and how many times.
+    poison_offset: int = 0
+    poison_count: int = 0
 
 
 def _pack_name(name: str | None) -> bytes:
@@ -86,10 +137,14 @@ def state_error(message: str) -> Error:
 
 
 class Journal:
-    def __init__(self, fd: int, slots: int, mapping: mmap.mmap):
+    def __init__(self, fd: int, slots: int, in_size: int, out_size: int, mapping: mmap.mmap):
         self.fd = fd
         self.slots = slots
+        self.in_size = in_size
+        self.out_size = out_size
         self._map = mapping
+        self._view = memoryview(mapping)
+        self._rings = self.rings_offset(slots)
         self.committed = SEQ.unpack_from(mapping, ROOT_OFFSETS[mapping[SELECTOR_OFFSET] & 1])[0]
         #: Which copy of each slot is current.
         self._current = bytearray(slots)
@@ -103,20 +158,28 @@ class Journal:
 
     # -- making and finding the file ----------------------------------------------------
     @staticmethod
-    def size_for(slots: int) -> int:
-        return HEADER_SIZE + slots * 2 * RECORD.size
+    def rings_offset(slots: int) -> int:
+        records_end = HEADER_SIZE + slots * 2 * RECORD.size
+        return -(-records_end // PAGE) * PAGE
 
     @classmethod
-    def create(cls, slots: int) -> "Journal":
+    def size_for(cls, slots: int, in_size: int = IN_RING, out_size: int = OUT_RING) -> int:
+        return cls.rings_offset(slots) + slots * (in_size + out_size)
+
+    @classmethod
+    def create(cls, slots: int, in_size: int = IN_RING, out_size: int = OUT_RING) -> "Journal":
+        if in_size % PAGE or out_size % PAGE:
+            raise ValueError(f"ring sizes must be multiples of the page size ({PAGE})")
+        size = cls.size_for(slots, in_size, out_size)
         fd = os.memfd_create("chatd-journal", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, cls.size_for(slots))
-            mapping = mmap.mmap(fd, cls.size_for(slots))
+            os.ftruncate(fd, size)  # sparse: pages come when first written
+            mapping = mmap.mmap(fd, size)
         except OSError:
             os.close(fd)
             raise
-        HEADER.pack_into(mapping, 0, MAGIC, VERSION, slots, RECORD.size)
-        return cls(fd, slots, mapping)
+        HEADER.pack_into(mapping, 0, MAGIC, VERSION, slots, RECORD.size, in_size, out_size)
+        return cls(fd, slots, in_size, out_size, mapping)
 
     @classmethod
     def attach(cls, fd: int) -> "Journal":
@@ -125,14 +188,15 @@ class Journal:
         if size < HEADER_SIZE:
             raise state_error(f"state file is {size} bytes, too short for a header")
         mapping = mmap.mmap(fd, size)
-        magic, version, slots, record_size = HEADER.unpack_from(mapping, 0)
+        magic, version, slots, record_size, in_size, out_size = HEADER.unpack_from(mapping, 0)
         if magic != MAGIC or version != VERSION or record_size != RECORD.size:
             mapping.close()
             raise state_error(f"not a chatd journal of version {VERSION} (magic {magic!r}, version {version})")
-        if size < cls.size_for(slots):
+        if not in_size or not out_size or in_size % PAGE or out_size % PAGE or size < cls.size_for(
+                slots, in_size, out_size):
             mapping.close()
-            raise state_error(f"state file of {size} bytes cannot hold its {slots} slots")
-        return cls(fd, slots, mapping)
+            raise state_error(f"state file of {size} bytes cannot hold its {slots} slots and rings")
+        return cls(fd, slots, in_size, out_size, mapping)
 
     # -- the two copies ---------------------------------------------------------------
     def _copy_offset(self, slot: int, copy: int) -> int:
@@ -151,7 +215,7 @@ class Journal:
         return 0 if tags[0] >= tags[1] else 1
 
     def _write(self, offset: int, data: bytes) -> None:
-        """Every byte the journal writes goes through here (a test replays them)."""
+        """Every byte a commit writes goes through here (a test replays them)."""
         self._map[offset:offset + len(data)] = data
 
     # -- records -----------------------------------------------------------------------
@@ -169,14 +233,7 @@ class Journal:
             return
         sequence = self.committed + 1
         for slot, record in changes.items():
-            if record is None:
-                packed = RECORD.pack(sequence, 0, 0, 0, 0, b"", b"")
-            else:
-                packed = RECORD.pack(
-                    sequence, 1, PROTOCOLS.index(record.protocol), record.inode, record.received,
-                    _pack_name(record.nick), _pack_name(record.target),
-                )
-            self._write(self._copy_offset(slot, 1 - self._current[slot]), packed)
+            self._write(self._copy_offset(slot, 1 - self._current[slot]), self._pack(sequence, record))
         selector = self._map[SELECTOR_OFFSET] & 1
         self._write(ROOT_OFFSETS[1 - selector], SEQ.pack(sequence))
         self._write(SELECTOR_OFFSET, bytes([1 - selector]))  # the one-byte flip that commits
@@ -187,14 +244,28 @@ class Journal:
             self._allocated.discard(slot)
             if record is None and was_taken:
                 self._free.append(slot)
+                self._release_rings(slot)
+
+    @staticmethod
+    def _pack(sequence: int, record: Record | None) -> bytes:
+        if record is None:
+            return RECORD.pack(sequence, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b"", b"", b"")
+        return RECORD.pack(
+            sequence, 1, PROTOCOLS.index(record.protocol), record.flags, min(record.poison_count, 255),
+            record.inode, record.received, record.in_handled, record.out_start, record.out_end,
+            record.poison_offset, _pack_name(record.nick), _pack_name(record.target), record.codec,
+        )
 
     def read(self, slot: int) -> Record | None:
-        _, used, protocol, inode, received, nick, target = RECORD.unpack_from(
-            self._map, self._copy_offset(slot, self._current[slot]))
+        (_, used, protocol, flags, poison_count, inode, received, in_handled, out_start, out_end,
+         poison_offset, nick, target, codec) = RECORD.unpack_from(self._map, self._copy_offset(slot, self._current[slot]))
         if used != 1:
             return None
-        return Record(inode, PROTOCOLS[protocol] if protocol < len(PROTOCOLS) else "line",
-                      _unpack_name(nick), _unpack_name(target), received)
+        return Record(
+            inode, PROTOCOLS[protocol] if protocol < len(PROTOCOLS) else "line", _unpack_name(nick),
+            _unpack_name(target), received, in_handled, out_start, out_end, flags, codec.rstrip(b"\0"),
+            poison_offset, poison_count,
+        )
 
     def records(self):
         """(slot, record) for every used slot."""
@@ -203,6 +274,44 @@ class Journal:
             if record is not None:
                 yield slot, record
 
+    # -- rings ------------------------------------------------------------------------
+    def _ring_offset(self, slot: int) -> int:
+        return self._rings + slot * (self.in_size + self.out_size)
+
+    def in_ring(self, slot: int) -> memoryview:
+        start = self._ring_offset(slot)
+        return self._view[start:start + self.in_size]
+
+    def out_ring(self, slot: int) -> memoryview:
+        start = self._ring_offset(slot) + self.in_size
+        return self._view[start:start + self.out_size]
+
+    def _release_rings(self, slot: int) -> None:
+        """A freed slot's ring pages go back to the system (the file stays as large)."""
+        try:
+            self._map.madvise(mmap.MADV_REMOVE, self._ring_offset(slot), self.in_size + self.out_size)
+        except (AttributeError, OSError):
+            pass
+
+    # -- the handling marker ----------------------------------------------------------
+    def mark_handling(self, slot: int, offset: int) -> None:
+        """Say which command is being handled: written before the valid byte, which comes last."""
+        self._map[MARKER_OFFSET] = 0
+        MARKER.pack_into(self._map, MARKER_OFFSET, 0, slot, offset)
+        self._map[MARKER_OFFSET] = 1
+
+    def clear_handling(self) -> None:
+        self._map[MARKER_OFFSET] = 0
+
+    def handling(self) -> tuple[int, int] | None:
+        """(slot, offset) of the command a predecessor died handling, if it did."""
+        valid, slot, offset = MARKER.unpack_from(self._map, MARKER_OFFSET)
+        return (slot, offset) if valid == 1 and slot < self.slots else None
+
     def close(self) -> None:
-        self._map.close()
+        self._view.release()
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a ring view is still referenced somewhere: unmapped when the last one goes
         os.close(self.fd)

@@ -7,14 +7,16 @@ import faulthandler
 import logging
 import sys
 
+from fdkeep.errors import Error
 from fdkeep.loop import raise_fd_limit, stop_on_signals
 from fdkeep.systemd import ServiceManager
 from holderd.client import default_socket as holderd_socket
 
+from . import faults
 from .control import ControlServer, default_socket as control_socket
 from .holders import Holders, HolderdHolder, SystemdHolder
 from .restore import restore
-from .server import ChatServer
+from .server import STALL_TIMEOUT, ChatServer
 
 log = logging.getLogger("chatd")
 
@@ -57,6 +59,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="drop whatever the holders keep for chatd and start afresh (ends those connections)",
     )
     parser.add_argument("--max-clients", type=int, default=10000, help="connection limit (default %(default)s)")
+    parser.add_argument(
+        "--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="SECONDS",
+        help="close a client that takes none of its queued output for this long (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-replay", action="store_true",
+        help="on restore, throw away what the dead chatd had read and not handled and what it had "
+        "committed and not sent, instead of finishing it (loses messages: for tests that must show loss)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     if args.wait and not args.restore:
@@ -73,12 +84,17 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level, format="chatd: %(levelname)s %(message)s", stream=sys.stderr)
     # A fatal signal (the watchdog's SIGABRT among them) prints where chatd was.
     faulthandler.enable()
+    try:
+        faults.arm()
+    except Error as exc:
+        log.error("%s", exc.message)
+        return 2
     raise_fd_limit()
     manager = ServiceManager()
     holders = [] if args.no_holderd else [HolderdHolder(args.holder)]
     if manager.present:
         holders.append(SystemdHolder(manager))
-    server = ChatServer(Holders(holders), args.max_clients, manager)
+    server = ChatServer(Holders(holders), args.max_clients, manager, args.stall_timeout, replay=not args.no_replay)
     if args.fresh:
         server.holders.forget_all()
     try:
@@ -101,6 +117,7 @@ def main(argv=None) -> int:
                 return 1
         if not args.wait:
             server.announce_ready()
+        faults.start_counting()  # test crash points count from here: not in chatd's own restore
         server.serve_forever()
     except SystemExit:
         pass

@@ -1,23 +1,46 @@
-"""chatd's server: accepts clients, hands their commands to the room, carries out the outcome.
+"""chatd's server: accepts clients, hands their commands to the room, commits, then sends.
 
 Theory of operation
 -------------------
 :class:`ChatServer` owns the listening socket, one :class:`~chatd.connection.Connection`
 per client, the :class:`~chatd.room.Room`, the :class:`~chatd.journal.Journal`
-and the :class:`~chatd.holders.Holders`. Everything happens on one event loop:
+and the :class:`~chatd.holders.Holders`, all on one event loop. The rule that
+makes a crash lose and repeat nothing: **no effect leaves chatd before the
+journal has committed it, and every commit covers a command's input, its
+change to the room and its output together.** So:
 
-- a client is accepted, joins the room under a free journal slot, and its
-  socket is stored in every holder;
-- each command a connection decodes goes to the room, and the room's
-  :class:`~chatd.room.Outcome` is carried out by :meth:`ChatServer.apply`:
-  events are encoded and sent, the members that changed are committed to the
-  journal in one step, members whose pairing changed are stored again with
-  fresh metadata, and members the room closes are closed;
-- a client closed on purpose leaves the room, the journal and every holder.
+1. a client is accepted, stored in every holder at once (before a byte of it
+   is read), and joins the room under a free journal slot;
+2. its bytes are received straight into its input ring in the journal;
+3. :meth:`ChatServer.take_input` takes commands from its codec one at a time.
+   Each is handled by the room; the room's :class:`~chatd.room.Outcome` is
+   carried out by :meth:`ChatServer.apply`: events are encoded into the
+   output rings of the members they go to. Nothing is sent yet;
+4. at the end of every turn of the loop, :meth:`ChatServer.commit` writes the
+   records of every member that changed (input handled up to where, nick,
+   target, count, output up to where) in one journal commit, and only then
+   flushes the output rings. A crash before the commit leaves the journal as
+   it was: the input is still in the input ring, unhandled, and the new chatd
+   handles it; a crash after it leaves the output in the output rings, and the
+   new chatd sends what the kernel says was not sent.
 
-Starting from what the holders kept after a crash is :mod:`chatd.restore`'s
-job; chatctl's requests are :mod:`chatd.control`'s. Timers on the loop send
-systemd the status line, ping its watchdog, and audit the holders.
+While a command is handled, the journal's marker names it (slot and input
+offset): a chatd whose predecessor died twice handling the same command
+answers ``ERR crashed-server`` instead and goes on (a *poison* line must not
+kill every successor).
+
+**Backpressure, not loss.** A command is handled only while the output rings
+it may write to (its sender's and its sender's peer's) have :data:`RESERVE`
+bytes free, twice the largest event. Otherwise the sender's reading stops,
+TCP's flow control slows it down, and it goes on when the reader has taken
+enough. A client that takes nothing of what is queued for it for
+``stall_timeout`` seconds is closed, with that reason.
+
+A client closed on purpose (QUIT, drain) gets its last word (BYE), leaves the
+room at once, and is closed once that word is sent; it leaves the journal and
+every holder then. Starting from what the holders kept after a crash is
+:mod:`chatd.restore`'s job; chatctl's requests are :mod:`chatd.control`'s.
+Timers send systemd the status line, ping its watchdog, and audit the holders.
 """
 
 from __future__ import annotations
@@ -32,11 +55,13 @@ from fdkeep.loop import IN, Loop
 from fdkeep.systemd import ServiceManager
 from fdkeep.text import plural
 
+from . import faults
 from .connection import Connection
 from .holders import LISTEN_NAME, STATE_NAME, Holders, Item, client_name
-from .journal import Journal, Record
+from .journal import CLOSING, Journal, Record
 from .protocols.line import LineCodec, encode_event
-from .room import Bye, Command, Failed, Member, Outcome, Room
+from .rings import InRing, OutRing
+from .room import Bye, Command, Failed, Msg, Outcome, Room
 
 log = logging.getLogger("chatd")
 
@@ -45,21 +70,41 @@ STATUS_INTERVAL = 1.0
 #: How often chatd checks that its holders still hold everything (holderd may
 #: have been stopped and started meanwhile, which empties it).
 AUDIT_INTERVAL = 5.0
+#: The largest event one command sends one member: a FROM carrying a whole
+#: 64 KiB line, or a WHO answer (at most MAX_USERS entries).
+MAX_EVENT = 72 * 1024
+#: Free room an output ring must have before a command that may write to it is
+#: handled. Twice the largest event: after any command a ring still has room
+#: for the notices (UNPAIRED, PAIRED) other members' commands may send it.
+RESERVE = 2 * MAX_EVENT
+#: A client that takes nothing of its queued output this long is closed.
+STALL_TIMEOUT = 60.0
 
 
 class ChatServer:
-    def __init__(self, holders: Holders, max_clients: int, manager: ServiceManager | None = None):
+    def __init__(self, holders: Holders, max_clients: int, manager: ServiceManager | None = None,
+                 stall_timeout: float = STALL_TIMEOUT, replay: bool = True):
         self.loop = Loop()
         self.manager = manager or ServiceManager({})
         self.room = Room()
         self.holders = holders
         self.max_clients = max_clients
+        self.stall_timeout = stall_timeout
+        #: On restore, finish what was in flight (see chatd.restore); off only to show loss in tests.
+        self.replay = replay
         self.connections: dict[int, Connection] = {}
         self.listener: socket.socket | None = None
         self.journal: Journal | None = None
         self.started = time.time()
         self.restored_at: float | None = None
+        #: The summary of the restore this process started with (chatd.restore).
+        self.restore_summary: dict | None = None
         self._status_sent: str | None = None
+        #: Members whose record must be committed; slots to free; connections to wake.
+        self._dirty: set[int] = set()
+        self._freed: set[int] = set()
+        self._wake: set[int] = set()
+        self.loop.after_events(self.commit)
 
     # -- start: fresh or restored ---------------------------------------------------------
     @property
@@ -86,23 +131,35 @@ class ChatServer:
         self.listener = listener
         self.loop.add(listener.fileno(), IN, self._accept)
 
-    def adopt(self, sock: socket.socket, member_id: int) -> Connection:
-        """Serve ``sock`` as member ``member_id``'s connection (a new or a restored one)."""
-        connection = Connection(self.loop, sock, member_id, LineCodec(), self._on_command, self._on_gone)
+    def adopt(self, sock: socket.socket, member_id: int, record: Record | None = None,
+              read: int = 0, written: int = 0) -> Connection:
+        """Serve ``sock`` as member ``member_id``: a new client, or one restored with its record
+        and the kernel's counts of what was read and written on it."""
+        if record is None:
+            record = Record(0, in_handled=read, out_start=written, out_end=written)
+        inbox = InRing(self.journal.in_ring(member_id), record.in_handled, read)
+        outbox = OutRing(self.journal.out_ring(member_id), written, record.out_end)
+        codec = LineCodec(consumed=record.in_handled, state=record.codec)
+        if read > record.in_handled:
+            codec.feed(inbox.bytes(record.in_handled, read))
+        connection = Connection(self, sock, member_id, codec, inbox, outbox)
+        connection.finishing = bool(record.flags & CLOSING)
+        connection.poison_offset, connection.poison_count = record.poison_offset, record.poison_count
         self.connections[member_id] = connection
+        self._dirty.add(member_id)
         return connection
 
     # -- clients ----------------------------------------------------------------------
     def _accept(self, mask: int) -> None:
-        accepted = Outcome()
         while True:
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
-                break
+                return
             except OSError as exc:
                 log.error("accept failed: %s", exc)
-                break
+                return
+            faults.reached("after-accept")
             slot = self.journal.allocate()
             if slot is None:
                 log.warning("refusing a client: all %d slots are taken (--max-clients)", self.max_clients)
@@ -112,31 +169,91 @@ class ChatServer:
                     pass
                 sock.close()
                 continue
+            self._dirty |= self.room.join(slot).changed
             connection = self.adopt(sock, slot)
-            accepted.merge(self.room.join(slot))
+            # Kept before a byte of it is read: from here on a crash cannot lose it.
+            self.holders.store([self.client_item(slot)])
             log.info("member %d connected from %s", slot, connection.remote)
-        if accepted.changed:
-            self._commit(accepted.changed)
-            self.holders.store([self.client_item(member_id) for member_id in accepted.changed])
 
-    def _on_command(self, connection: Connection, command: Command) -> None:
-        self.apply(self.room.handle(connection.member_id, command))
+    def take_input(self, connection: Connection) -> None:
+        """Handle the connection's commands, as many as the output rings have room for."""
+        connection.blocked = False
+        while not connection.closed and not connection.finishing:
+            if not self._has_room(connection):
+                connection.blocked = True
+                break
+            start = connection.codec.consumed
+            command = connection.codec.next_command()
+            if connection.codec.consumed != connection.inbox.handled:
+                connection.inbox.consume(connection.codec.consumed)
+                self._dirty.add(connection.member_id)
+            if command is None:
+                break
+            self.journal.mark_handling(connection.member_id, start)
+            try:
+                self.apply(self._handle(connection, start, command))
+            finally:
+                self.journal.clear_handling()
+            faults.reached("after-handle")
+        if connection.eof and not connection.blocked and not connection.closed and not connection.finishing:
+            self.close_client(connection.member_id, "client closed the connection")
+        self.update_reading(connection)
 
-    def _on_gone(self, connection: Connection, reason: str) -> None:
-        self.close_client(connection.member_id, reason)
+    def _handle(self, connection: Connection, start: int, command: Command) -> Outcome:
+        member_id = connection.member_id
+        if connection.poison_count >= 2 and start == connection.poison_offset:
+            log.error("member %d: the command at input offset %d crashed chatd %d times: answered "
+                      "ERR crashed-server and skipped", member_id, start, connection.poison_count)
+            return Outcome().tell(member_id, Failed("crashed-server"))
+        if isinstance(command, Msg) and faults.poisons(command.text):
+            os.abort()
+        try:
+            return self.room.handle(member_id, command)
+        except Exception:  # a bug must not take every client down with it
+            log.exception("member %d: handling %r failed; answered ERR internal-error", member_id, command)
+            return Outcome().tell(member_id, Failed("internal-error"))
 
-    def apply(self, outcome: Outcome, freed=()) -> None:
-        """Carry out what the room decided: deliver, commit, store, close."""
+    def _has_room(self, connection: Connection) -> bool:
+        if connection.outbox.free < RESERVE:
+            return False
+        member = self.room.members.get(connection.member_id)
+        peer = self.connections.get(member.peer.id) if member and member.peer else None
+        return peer is None or peer.outbox.free >= RESERVE
+
+    def update_reading(self, connection: Connection) -> None:
+        stop = connection.blocked or connection.eof or connection.finishing or connection.inbox.free == 0
+        connection.set_reading(not stop)
+
+    def apply(self, outcome: Outcome) -> None:
+        """Carry out what the room decided: events into output rings, members to commit, closes."""
         for member_id, event in outcome.deliveries:
             connection = self.connections.get(member_id)
-            if connection is not None:
-                connection.send(event, last=isinstance(event, Bye))
-        self._commit(outcome.changed, freed)
+            if connection is None or connection.finishing:
+                continue
+            try:
+                connection.send(event)
+            except ValueError:
+                self.close_client(member_id, f"does not read: its output ring has no room for {event!r}")
+                continue
+            self._dirty.add(member_id)
+        self._dirty |= {member_id for member_id in outcome.changed if member_id in self.connections}
         repaired = [member_id for member_id in outcome.repaired if member_id in self.connections]
         if repaired:
             self.holders.store([self.client_item(member_id) for member_id in repaired])
         for member_id in outcome.closes:
-            self.close_client(member_id, "said QUIT")
+            self.finish(member_id, "said QUIT")
+
+    def finish(self, member_id: int, reason: str) -> None:
+        """The member said its last word: it leaves the room now, its connection once that word is sent."""
+        connection = self.connections.get(member_id)
+        if connection is None or connection.finishing:
+            return
+        log.info("member %d finishing: %s", member_id, reason)
+        connection.finishing = True
+        self._dirty.add(member_id)
+        self.update_reading(connection)
+        if member_id in self.room.members:
+            self.apply(self.room.leave(member_id))
 
     def close_client(self, member_id: int, reason: str) -> None:
         """Close a client on purpose: it leaves the room, the journal and every holder."""
@@ -146,32 +263,95 @@ class ChatServer:
         log.info("member %d closed: %s", member_id, reason)
         connection.close()
         self.holders.remove([client_name(member_id)])
-        self.apply(self.room.leave(member_id), freed=[member_id])
+        self._freed.add(member_id)
+        self._dirty.discard(member_id)
+        self._wake.discard(member_id)
+        if member_id in self.room.members:
+            self.apply(self.room.leave(member_id))
 
-    def _commit(self, changed, freed=()) -> None:
-        """One journal commit: the records of the changed members still connected, and the freed slots."""
-        changes: dict[int, Record | None] = {member_id: None for member_id in freed}
-        for member_id in changed:
-            connection = self.connections.get(member_id)
-            if connection is not None:
-                changes[member_id] = self.record(self.room.members[member_id], connection.inode)
-        self.journal.commit(changes)
+    def output_moved(self, connection: Connection) -> None:
+        """Some of the connection's output was sent: room for those waiting on it, or its end."""
+        connection.progress_at = time.monotonic() if connection.outbox else None
+        if connection.finishing and not connection.outbox.pending:
+            self.close_client(connection.member_id, "said its last word")
+            return
+        self._wake.add(connection.member_id)
+        member = self.room.members.get(connection.member_id)
+        if member is not None and member.peer is not None:
+            self._wake.add(member.peer.id)
 
-    @staticmethod
-    def record(member: Member, inode: int) -> Record:
-        return Record(inode, member.protocol, member.nick, member.target, member.received)
+    # -- the commit -----------------------------------------------------------------
+    def record(self, connection: Connection) -> Record:
+        member = self.room.members.get(connection.member_id)
+        return Record(
+            inode=connection.inode,
+            protocol=connection.codec.protocol,
+            nick=member.nick if member else None,
+            target=member.target if member else None,
+            received=member.received if member else 0,
+            in_handled=connection.inbox.handled,
+            out_start=connection.outbox.sent,
+            out_end=connection.outbox.end,
+            flags=CLOSING if connection.finishing else 0,
+            codec=connection.codec.state,
+            poison_offset=connection.poison_offset,
+            poison_count=connection.poison_count,
+        )
+
+    def commit(self) -> None:
+        """Commit what changed in one step, then send what the commit allows; repeat while
+        that frees room for waiting senders."""
+        while self._dirty or self._freed or self._wake:
+            for member_id in sorted(self._wake):
+                connection = self.connections.get(member_id)
+                if connection is not None and connection.blocked:
+                    self.take_input(connection)
+            self._wake.clear()
+            if not self._dirty and not self._freed:
+                return
+            changes: dict[int, Record | None] = {slot: None for slot in self._freed}
+            committed = [self.connections[m] for m in self._dirty if m in self.connections]
+            for connection in committed:
+                changes[connection.member_id] = self.record(connection)
+            self.journal.commit(changes)
+            self._dirty.clear()
+            self._freed.clear()
+            for connection in committed:
+                connection.inbox.committed = connection.inbox.handled
+                if connection.outbox.commit() or connection.finishing:
+                    connection.progress_at = connection.progress_at or time.monotonic()
+                    self._send(connection)
+                if not connection.closed:
+                    self.update_reading(connection)
+            faults.reached("after-commit")
+
+    def _send(self, connection: Connection) -> None:
+        if connection.closed:
+            return
+        connection._flush()
+        if connection.finishing and not connection.outbox.pending and not connection.closed:
+            self.close_client(connection.member_id, "said its last word")
+
+    def _drop_stalled(self) -> None:
+        now = time.monotonic()
+        for connection in list(self.connections.values()):
+            waiting_since = connection.progress_at
+            if connection.outbox and waiting_since and now - waiting_since > self.stall_timeout:
+                self.close_client(connection.member_id,
+                                  f"took none of its {plural(connection.outbox.pending, 'byte')} "
+                                  f"of output for {self.stall_timeout:.0f} s")
 
     # -- what the holders keep --------------------------------------------------------
     def server_items(self) -> list[Item]:
         return [(LISTEN_NAME, b"{}", self.listener.fileno()), (STATE_NAME, b"{}", self.journal.fd)]
 
     def client_item(self, member_id: int) -> Item:
-        member = self.room.members[member_id]
+        member = self.room.members.get(member_id)
         meta = {
-            "nick": member.nick,
-            "target": member.target,
-            "paired": member.peer is not None,
-            "protocol": member.protocol,
+            "nick": member.nick if member else None,
+            "target": member.target if member else None,
+            "paired": bool(member and member.peer),
+            "protocol": self.connections[member_id].codec.protocol,
         }
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         return client_name(member_id), meta_bytes, self.connections[member_id].sock.fileno()
@@ -200,6 +380,7 @@ class ChatServer:
             "pairs": len(self.room.pairs()),
             "started": self.started,
             "restored_at": self.restored_at,
+            "restore": self.restore_summary,
             "holders": working,
             "held": held,
         }
@@ -208,16 +389,17 @@ class ChatServer:
         held = next((holder.held_names() for holder in self.holders if holder.label == "holderd"), None)
         rows = []
         for member_id, connection in sorted(self.connections.items()):
-            member = self.room.members[member_id]
+            member = self.room.members.get(member_id)
             rows.append(
                 {
                     "id": member_id,
-                    "nick": member.nick,
-                    "target": member.target,
-                    "peer": member.peer.nick if member.peer else None,
-                    "received": member.received,
-                    "protocol": member.protocol,
+                    "nick": member.nick if member else None,
+                    "target": member.target if member else None,
+                    "peer": member.peer.nick if member and member.peer else None,
+                    "received": member.received if member else 0,
+                    "protocol": connection.codec.protocol,
                     "remote": connection.remote,
+                    "queued": connection.outbox.pending,
                     "held": None if held is None else client_name(member_id) in held,
                 }
             )
@@ -225,14 +407,14 @@ class ChatServer:
 
     def drain(self) -> int:
         """End every client connection on purpose (each gets BYE); the count ended."""
-        member_ids = list(self.connections)
+        ending = [c for c in self.connections.values() if not c.finishing]
         # BYE to all first, so that nobody hears of a peer leaving after it.
-        for connection in self.connections.values():
-            connection.send(Bye(), last=True)
-        for member_id in member_ids:
-            self.close_client(member_id, "drained by the operator")
-        log.info("drained %d connections", len(member_ids))
-        return len(member_ids)
+        for connection in ending:
+            self.apply(Outcome().tell(connection.member_id, Bye()))
+        for connection in ending:
+            self.finish(connection.member_id, "drained by the operator")
+        log.info("drained %s", plural(len(ending), "connection"))
+        return len(ending)
 
     def status_line(self) -> str:
         if self.listener is None:
@@ -254,6 +436,7 @@ class ChatServer:
     def serve_forever(self) -> None:
         self.loop.call_every(STATUS_INTERVAL, self._report_status)
         self.loop.call_every(AUDIT_INTERVAL, self.audit_holders)
+        self.loop.call_every(min(self.stall_timeout / 4, 5.0), self._drop_stalled)
         if self.manager.watchdog_interval:
             self.loop.call_every(self.manager.watchdog_interval, self.manager.watchdog, first=0)
         self.loop.run_forever()

@@ -81,12 +81,12 @@ class Launcher:
         self.chatd: subprocess.Popen | None = None
         self.port: int | None = None
 
-    def spawn(self, name: str, *argv: str) -> subprocess.Popen:
-        """``python -m ARGV…`` with its output in ``NAME-<n>.log``."""
+    def spawn(self, name: str, *argv: str, env: dict | None = None) -> subprocess.Popen:
+        """``python -m ARGV…`` with its output in ``NAME-<n>.log``; ``env`` adds to the environment."""
         log = open(os.path.join(self.workdir, f"{name}-{len(self.started)}.log"), "w")
         with log:
             proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                    env=self.env, cwd=self.workdir)
+                                    env={**self.env, **(env or {})}, cwd=self.workdir)
         self.started.append(proc)
         return proc
 
@@ -96,11 +96,11 @@ class Launcher:
             wait_for_answer(self.holderd, HolderClient(self.holder_socket, timeout=1).ping, 10, "holderd")
         return self.holderd
 
-    def start_chatd(self, *extra: str, wait: bool = True) -> subprocess.Popen:
+    def start_chatd(self, *extra: str, wait: bool = True, env: dict | None = None) -> subprocess.Popen:
         """chatd on this launcher's port (a free one the first time); with ``wait``, until it answers."""
         self.chatd = self.spawn(
             "chatd", "chatd", "--port", str(self.port or 0), "--control", self.control_socket,
-            "--holder", self.holder_socket, *extra,
+            "--holder", self.holder_socket, *extra, env=env,
         )
         if wait:
             self.wait_chatd()

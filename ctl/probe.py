@@ -8,11 +8,18 @@ import socket
 class LineClient:
     """A blocking client of chatd's line protocol, for tests and self-tests."""
 
-    def __init__(self, port: int, timeout: float = 5.0, host: str = "127.0.0.1"):
+    def __init__(self, port: int, timeout: float = 5.0, host: str = "127.0.0.1",
+                 sock: socket.socket | None = None):
+        """Connect to ``host:port``, or speak on ``sock``, already connected, if one is given."""
         self.timeout = timeout
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = sock or socket.create_connection((host, port), timeout=timeout)
+        self.sock.settimeout(timeout)
         self.local_port = self.sock.getsockname()[1]
         self._buffer = b""
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket, timeout: float = 5.0) -> "LineClient":
+        return cls(0, timeout, sock=sock)
 
     def send(self, *lines: str) -> None:
         self.sock.sendall("".join(line + "\n" for line in lines).encode())

@@ -57,6 +57,7 @@ class Loop:
         self._callbacks: dict[int, Callable[[int], None]] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()
+        self._after_events: list[Callable[[], None]] = []
         self.clock = clock
 
     # -- descriptors -----------------------------------------------------------------
@@ -88,6 +89,11 @@ class Loop:
             raise ValueError("a repeating timer needs a positive interval")
         delay = interval if first is None else first
         return self._schedule(Timer(self.clock() + delay, callback, interval))
+
+    def after_events(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` at the end of every :meth:`run_once`, after the events and timers:
+        the place for work that groups what they did (one commit for many changes)."""
+        self._after_events.append(callback)
 
     def _schedule(self, timer: Timer) -> Timer:
         heapq.heappush(self._timers, (timer.when, next(self._order), timer))
@@ -127,6 +133,8 @@ class Loop:
             if callback is not None:
                 callback(mask)
         self._run_due_timers()
+        for callback in self._after_events:
+            callback()
 
     def run_forever(self) -> None:
         while True:

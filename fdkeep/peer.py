@@ -117,11 +117,16 @@ class OutputQueue:
 
 class Channel:
     """A non-blocking socket on the loop: it reads when readable and flushes its
-    output queue when writable; subclasses say what reading means.
+    output when writable; subclasses say what reading means.
 
-    The output is anything with ``flush(sock) -> bool`` (True once empty) and
-    ``clear()``, an :class:`OutputQueue` by default. After a write fails the
-    output is dropped and :meth:`_write_failed` decides the rest.
+    The output is anything with ``flush(sock) -> bool`` (True once empty),
+    ``clear()`` and truth (something to send), an :class:`OutputQueue` by
+    default. After a write fails the output is dropped and
+    :meth:`_write_failed` decides the rest.
+
+    Reading can be switched off (:meth:`set_reading`) while the owner cannot
+    take more input: then the socket is watched only for writability (and
+    hang-ups, which epoll always reports: :meth:`_hung_up` hears them).
     """
 
     def __init__(self, loop: Loop, sock: socket.socket, output):
@@ -129,20 +134,36 @@ class Channel:
         self.sock = sock
         self.output = output
         self.closed = False
+        self.reading = True
         sock.setblocking(False)
         loop.add(sock.fileno(), IN, self._on_event)
 
     def _on_event(self, mask: int) -> None:
         if mask & (IN | HANGUP):
-            self._readable()
+            if self.reading:
+                self._readable()
+            elif mask & HANGUP:
+                self._hung_up()
         if not self.closed and mask & OUT:
             self._flush()
 
     def _readable(self) -> None:
         raise NotImplementedError
 
+    def _hung_up(self) -> None:
+        """The socket hung up while not reading (the default closes it)."""
+        self.close()
+
     def _write_failed(self, exc: OSError) -> None:
         """A write failed (the output is dropped already); EPIPE/ECONNRESET are a peer gone."""
+
+    def set_reading(self, reading: bool) -> None:
+        if reading != self.reading and not self.closed:
+            self.reading = reading
+            self._watch(not self.output)
+
+    def _watch(self, done: bool) -> None:
+        self.loop.modify(self.sock.fileno(), (IN if self.reading else 0) | (0 if done else OUT))
 
     def _flush(self) -> bool:
         """Send what the socket takes; True once nothing is left (or nothing can be sent)."""
@@ -156,7 +177,7 @@ class Channel:
             if self.closed:
                 return True
             done = True
-        self.loop.modify(self.sock.fileno(), IN if done else IN | OUT)
+        self._watch(done)
         return done
 
     def close(self) -> None:

@@ -30,11 +30,11 @@ event                    line(s)
 
 from __future__ import annotations
 
-from collections import deque
 
 from ..room import Bye, Command, Event, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Quit, Unpaired, Users, Who
 
 MAX_LINE = 64 * 1024
+DISCARDING = b"\x01"
 
 
 def parse_line(line: bytes) -> Command:
@@ -80,46 +80,76 @@ def encode_event(event: Event) -> bytes:
 
 
 class LineCodec:
+    """Lines to commands, lazily: a line is cut and parsed only when :meth:`next_command` asks.
+
+    ``consumed`` is the stream offset up to which input is used up (the bytes of
+    every command returned, and of over-long lines thrown away), and ``state``
+    the parse state there (whether an over-long line is being thrown away): a
+    codec made with them, then fed the bytes from ``consumed`` on, goes on
+    exactly as this one would. That is what lets a new chatd handle the input
+    a dead one had read and not handled, exactly once.
+    """
+
     protocol = "line"
 
-    def __init__(self, max_line: int = MAX_LINE):
+    def __init__(self, max_line: int = MAX_LINE, consumed: int = 0, state: bytes = b""):
         self.max_line = max_line
-        self._partial = bytearray()
+        self.consumed = consumed
         #: True while the rest of an over-long line is being thrown away.
-        self.discarding = False
-        self._commands: deque[Command] = deque()
+        self.discarding = state == DISCARDING
+        self._buffer = bytearray()
+        self._start = 0  # where the unconsumed bytes begin in _buffer
+        self._scanned = 0  # _buffer[_start:_scanned] holds no newline
+
+    @property
+    def state(self) -> bytes:
+        return DISCARDING if self.discarding else b""
 
     def feed(self, data: bytes) -> None:
-        start = 0
-        while start < len(data):
-            newline = data.find(b"\n", start)
-            end = len(data) if newline < 0 else newline
-            if self.discarding:
-                self.discarding = newline < 0
-            elif newline < 0:
-                self._partial += data[start:end]
-                # One byte of slack: it may be the '\r' of a '\r\n' still to come.
-                if len(self._partial) > self.max_line + 1:
-                    self._partial.clear()
-                    self._commands.append(Invalid("line-too-long"))
-                    self.discarding = True
-            else:
-                self._partial += data[start:end]
-                line = bytes(self._partial)
-                self._partial.clear()
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                self._commands.append(parse_line(line) if len(line) <= self.max_line else Invalid("line-too-long"))
-            if newline < 0:
-                break
-            start = newline + 1
+        if self._start and self._start == len(self._buffer):
+            self._buffer.clear()
+            self._start = self._scanned = 0
+        self._buffer += data
 
     def next_command(self) -> Command | None:
-        return self._commands.popleft() if self._commands else None
+        while True:
+            newline = self._buffer.find(b"\n", max(self._scanned, self._start))
+            if newline < 0:
+                return self._no_line_yet()
+            line = bytes(self._buffer[self._start:newline])
+            self.consumed += newline + 1 - self._start
+            self._start = self._scanned = newline + 1
+            self._compact()
+            if self.discarding:
+                self.discarding = False  # the end of the over-long line: the next line is new
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            return parse_line(line) if len(line) <= self.max_line else Invalid("line-too-long")
+
+    def _no_line_yet(self) -> Command | None:
+        waiting = len(self._buffer) - self._start
+        # One byte of slack: it may be the '\r' of a '\r\n' still to come.
+        if self.discarding or waiting > self.max_line + 1:
+            self.consumed += waiting
+            self._buffer.clear()
+            self._start = self._scanned = 0
+            if not self.discarding:
+                self.discarding = True
+                return Invalid("line-too-long")
+            return None
+        self._scanned = len(self._buffer)
+        return None
+
+    def _compact(self) -> None:
+        if self._start > 65536 and self._start * 2 > len(self._buffer):
+            del self._buffer[:self._start]
+            self._scanned -= self._start
+            self._start = 0
 
     @property
     def buffered(self) -> bytes:
         """The start of a line still waiting for its end."""
-        return bytes(self._partial)
+        return bytes(self._buffer[self._start:])
 
     encode = staticmethod(encode_event)

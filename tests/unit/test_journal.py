@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from chatd.journal import HEADER_SIZE, Journal, Record
+from chatd.journal import HEADER_SIZE, PAGE, Journal, Record
 from fdkeep.errors import Error
 
 
@@ -77,24 +77,23 @@ def state_of(data: bytes) -> dict:
         journal.close()
 
 
-BEFORE = {0: Record(10, "line", "ann", "bob", 3), 1: Record(11, "line", "bob", "ann", 4),
-          2: Record(12, "line", "cid", None, 0)}
-AFTER_CHANGES = {0: Record(10, "line", "ann", "cid", 0), 1: Record(11, "line", "bob", "ann", 0),
-                 2: Record(12, "line", "cid", "ann", 0), 3: Record(13, "websocket", "dan", None, 0)}
+BEFORE = {0: Record(10, "line", "ann", "bob", 3, 100, 40, 70), 1: Record(11, "line", "bob", "ann", 4, 9, 0, 12),
+          2: Record(12, "line", "cid", None, 0, codec=b"\x01")}
+AFTER_CHANGES = {0: Record(10, "line", "ann", "cid", 0, 130, 70, 95), 1: Record(11, "line", "bob", "ann", 0, 9, 5, 40),
+                 2: Record(12, "line", "cid", "ann", 0, 77, poison_offset=77, poison_count=1),
+                 3: Record(13, "websocket", "dan", None, 0, flags=1)}
 
 
 @pytest.mark.parametrize("commits_before", [1, 2, 3], ids=["copy-1-spare", "copy-0-spare", "mixed"])
 def test_every_prefix_of_a_commit_is_all_or_nothing(commits_before):
     """Replay a commit's writes one byte at a time onto the image before it: a reader
     of any prefix finds every record as before or every record as after, never a mix."""
-    fd = os.memfd_create("journal")
-    os.ftruncate(fd, Journal.size_for(5))
-    journal = Journal.create(5)
+    journal = Journal.create(5, PAGE, PAGE)
     for index in range(commits_before):  # so that spares sit in different copies per slot
         journal.commit({slot: BEFORE[slot] for slot in list(BEFORE)[index % 3:]})
     journal.commit(BEFORE)
     before_image = image(journal)
-    recorder = Recording(os.dup(journal.fd), journal.slots, journal._map)
+    recorder = Recording(os.dup(journal.fd), journal.slots, PAGE, PAGE, journal._map)
     recorder.writes.clear()
     recorder.commit(AFTER_CHANGES)
     after = state_of(image(journal))
@@ -110,7 +109,6 @@ def test_every_prefix_of_a_commit_is_all_or_nothing(commits_before):
         assert state in (BEFORE, after), f"a reader after {count} of {len(byte_writes)} bytes saw a mix"
         seen.add("after" if state == after else "before")
     assert seen == {"before", "after"}
-    os.close(fd)
     os.close(recorder.fd)
     journal.close()
 
@@ -118,7 +116,7 @@ def test_every_prefix_of_a_commit_is_all_or_nothing(commits_before):
 def test_a_commit_cut_short_cannot_be_revived_by_the_next_one():
     """The dead process wrote slot 0's spare for commit c+1 but never flipped; the next
     process's commit c+1 touches only slot 1. Slot 0 must keep its committed record."""
-    journal = Journal.create(2)
+    journal = Journal.create(2, PAGE, PAGE)
     journal.commit({0: Record(1, "line", "old", None, 0), 1: Record(2, "line", None, None, 0)})
 
     class Dies(Exception):
@@ -130,7 +128,7 @@ def test_a_commit_cut_short_cannot_be_revived_by_the_next_one():
                 raise Dies()  # the root is never written: a crash before the flip
             super()._write(offset, data)
 
-    dying = CutShort(os.dup(journal.fd), 2, journal._map)
+    dying = CutShort(os.dup(journal.fd), 2, PAGE, PAGE, journal._map)
     with pytest.raises(Dies):
         dying.commit({0: Record(1, "line", "torn", None, 9)})
     survivor = Journal.attach(os.dup(journal.fd))
@@ -141,4 +139,36 @@ def test_a_commit_cut_short_cannot_be_revived_by_the_next_one():
     for j in (again, survivor):
         j.close()
     os.close(dying.fd)
+    journal.close()
+
+
+def test_rings_are_views_of_the_file_and_survive_through_another_descriptor():
+    journal = Journal.create(3, PAGE, 2 * PAGE)
+    journal.in_ring(1)[:5] = b"hello"
+    journal.out_ring(1)[-3:] = b"end"
+    assert len(journal.in_ring(2)) == PAGE and len(journal.out_ring(2)) == 2 * PAGE
+    copy = Journal.attach(os.dup(journal.fd))
+    assert bytes(copy.in_ring(1)[:5]) == b"hello" and bytes(copy.out_ring(1)[-3:]) == b"end"
+    assert bytes(copy.in_ring(0)[:5]) == bytes(5) and bytes(copy.in_ring(2)[:5]) == bytes(5)
+    copy.close()
+    journal.close()
+
+
+def test_a_freed_slot_gives_its_ring_pages_back():
+    journal = Journal.create(2, PAGE, PAGE)
+    slot = journal.allocate()
+    journal.commit({slot: Record(1)})
+    journal.out_ring(slot)[:4] = b"gone"
+    journal.commit({slot: None})
+    assert bytes(journal.out_ring(slot)[:4]) == bytes(4)
+    journal.close()
+
+
+def test_the_handling_marker_names_the_command_until_cleared():
+    journal = Journal.create(4, PAGE, PAGE)
+    assert journal.handling() is None
+    journal.mark_handling(3, 123456789)
+    assert Journal.attach(os.dup(journal.fd)).handling() == (3, 123456789)
+    journal.clear_handling()
+    assert journal.handling() is None
     journal.close()

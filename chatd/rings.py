@@ -1,0 +1,132 @@
+"""A client's two rings in the journal: its input waiting to be handled, its output waiting to be sent.
+
+Theory of operation
+-------------------
+Each ring is a view of the client's part of the journal's memfd (see
+:mod:`chatd.journal`), addressed by stream offset: byte ``x`` of the stream
+lives at ``x % size``. Both rings only ever move forward.
+
+:class:`InRing` holds ``[handled, received)``: the kernel writes into it
+directly (``recv_into``/``recvmsg_into`` of the free part, in two pieces when
+it wraps), so a byte leaves the socket only to land in crash-surviving memory.
+``received`` is what the kernel counts as read; ``handled`` moves on as
+commands are handled and is committed with their effects. Until it is
+committed, the bytes it passed over stay untouched: the room after them is
+free only up to the committed ``handled``, so a crash finds them to handle again.
+
+:class:`OutRing` holds ``[sent, end)``: events are encoded straight into it
+(:meth:`OutRing.append`), and :meth:`OutRing.commit` marks everything appended
+so far as committed (the journal record's ``out_end``, committed in the same
+step). :meth:`OutRing.flush` sends committed bytes only, so nothing reaches a
+client before the journal says it was to be sent; ``sent`` is what the kernel
+counts as written.
+"""
+
+from __future__ import annotations
+
+import socket
+
+
+class InRing:
+    def __init__(self, view: memoryview, handled: int = 0, received: int = 0):
+        if not 0 <= received - handled <= len(view):
+            raise ValueError(f"input window [{handled}, {received}) does not fit a ring of {len(view)}")
+        self.view = view
+        self.size = len(view)
+        self.handled = handled
+        self.received = received
+        #: ``handled`` as the journal last committed it: bytes from here on may
+        #: be needed again after a crash, so only the room before it is free.
+        self.committed = handled
+
+    @property
+    def free(self) -> int:
+        return self.size - (self.received - self.committed)
+
+    def receive(self, sock: socket.socket, limit: int = 65536) -> int:
+        """One read from ``sock`` straight into the ring; the count (0 at EOF). Raises OSError."""
+        want = min(self.free, limit)
+        if want <= 0:
+            raise ValueError("the input ring is full")
+        start = self.received % self.size
+        first = self.view[start:min(self.size, start + want)]
+        if len(first) == want:
+            count = sock.recv_into(first)
+        else:
+            count = sock.recvmsg_into([first, self.view[:want - len(first)]])[0]
+        self.received += count
+        return count
+
+    def bytes(self, start: int, end: int) -> bytes:
+        """A copy of stream bytes [start, end), which must lie in the ring's window."""
+        if not self.handled <= start <= end <= self.received:
+            raise ValueError(f"[{start}, {end}) is not in the window [{self.handled}, {self.received})")
+        a, b = start % self.size, end - start
+        if a + b <= self.size:
+            return bytes(self.view[a:a + b])
+        return bytes(self.view[a:]) + bytes(self.view[:b - (self.size - a)])
+
+    def consume(self, upto: int) -> None:
+        """Bytes before ``upto`` are handled: their room is free again."""
+        if not self.handled <= upto <= self.received:
+            raise ValueError(f"cannot consume up to {upto}: the window is [{self.handled}, {self.received})")
+        self.handled = upto
+
+
+class OutRing:
+    def __init__(self, view: memoryview, sent: int = 0, end: int = 0):
+        if not 0 <= end - sent <= len(view):
+            raise ValueError(f"output window [{sent}, {end}) does not fit a ring of {len(view)}")
+        self.view = view
+        self.size = len(view)
+        self.sent = sent
+        self.end = end
+        self.committed = end
+
+    @property
+    def pending(self) -> int:
+        """Bytes appended and not yet sent (committed or not)."""
+        return self.end - self.sent
+
+    @property
+    def free(self) -> int:
+        return self.size - (self.end - self.sent)
+
+    def __bool__(self) -> bool:
+        return self.committed > self.sent
+
+    def append(self, data: bytes) -> None:
+        if len(data) > self.free:
+            raise ValueError(f"{len(data)} bytes do not fit the {self.free} free in the output ring")
+        a = self.end % self.size
+        first = min(len(data), self.size - a)
+        self.view[a:a + first] = data[:first]
+        if first < len(data):
+            self.view[:len(data) - first] = data[first:]
+        self.end += len(data)
+
+    def commit(self) -> bool:
+        """All appended bytes may be sent now; True if there were new ones."""
+        new = self.end > self.committed
+        self.committed = self.end
+        return new
+
+    def flush(self, sock: socket.socket) -> bool:
+        """Send committed bytes; True once all are sent. Raises OSError."""
+        while self.sent < self.committed:
+            a, b = self.sent % self.size, self.committed - self.sent
+            try:
+                if a + b <= self.size:
+                    count = sock.send(self.view[a:a + b])
+                else:
+                    count = sock.sendmsg([self.view[a:], self.view[:b - (self.size - a)]])
+            except (BlockingIOError, InterruptedError):
+                return False
+            self.sent += count
+            if count < b:
+                return False
+        return True
+
+    def clear(self) -> None:
+        """Give up on what is unsent (the client is gone)."""
+        self.sent = self.committed = self.end

@@ -1,0 +1,165 @@
+"""Zero loss: nothing chatd read, counted or half-wrote dies with it.
+
+The deterministic tests arm one crash point each (``CHATD_FAULT``, see
+chatd/faults.py): chatd dies of ``os.abort()`` exactly there, a new chatd
+restores, and every message must arrive exactly once, numbered on. Each also
+checks, from the new chatd's restore summary, that bytes really were in
+flight at the crash, so that it tests what it says it does.
+
+The fault test streams between 20 pairs while chatd is killed at random (SIGKILL,
+SIGSEGV, SIGABRT) 100 times; the same test with the in-flight bytes thrown
+away on restore (``--no-replay``) must see loss, so it is known to be able to.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+
+import pytest
+
+from ctl import soak
+from ctl.probe import LineClient
+
+
+@pytest.fixture
+def paired(procs):
+    """holderd, chatd and a pair A-B that has chatted once, ready for a crash."""
+    procs.start_holderd()
+    procs.start_chatd()
+    a, b = procs.pair()
+    a.send("MSG warm-up")
+    assert b.line() == "FROM A 1 warm-up"
+    return procs, a, b
+
+
+def restart_with_fault(procs, fault: str):
+    """Kill chatd, start the next with ``fault`` armed (it restores first, then serves)."""
+    procs.kill_chatd(signal.SIGKILL)
+    procs.start_chatd("--restore", env={"CHATD_FAULT": fault})
+
+
+def expect_abort_and_restore(procs) -> dict:
+    """The armed chatd dies of SIGABRT; a clean one restores. Its restore summary."""
+    assert procs.chatd.wait(20) == -signal.SIGABRT, procs.logs()
+    procs.start_chatd("--restore")
+    return procs.control("status")["restore"]
+
+
+def test_crash_right_after_a_read_loses_none_of_what_was_read(paired):
+    procs, a, b = paired
+    procs.kill_chatd(signal.SIGKILL)
+    a.sock.sendall("".join(f"MSG line {k}\n" for k in range(3000)).encode())
+    procs.start_chatd("--restore", env={"CHATD_FAULT": "after-read"}, wait=False)  # reads, dies before handling
+    summary = expect_abort_and_restore(procs)
+    assert summary["input_replayed"] > 0, "the dead chatd had read some of the 3000 lines"
+    assert b.lines(3000) == [f"FROM A {k + 2} line {k}" for k in range(3000)]
+    assert b.silent_for(0.2)
+
+
+def test_crash_after_handling_before_the_commit_handles_it_once(paired):
+    procs, a, b = paired
+    restart_with_fault(procs, "after-handle")
+    a.send("MSG once")
+    summary = expect_abort_and_restore(procs)
+    assert summary["input_replayed"] == len("MSG once\n")
+    assert b.line() == "FROM A 2 once"
+    a.send("MSG next")
+    assert b.line() == "FROM A 3 next", "n goes on, not repeated"
+
+
+def test_crash_in_the_middle_of_a_partial_write_finishes_the_line(procs):
+    procs.start_holderd()
+    procs.start_chatd()
+    a = procs.client("A", "B")
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes little
+    slow.connect(("127.0.0.1", procs.port))
+    b = LineClient.from_socket(slow)
+    procs.clients.append(b)
+    b.send("NICK B", "PAIR A")
+    assert b.lines(3) == ["OK NICK B", "OK PAIR A", "PAIRED A"] and a.line() == "PAIRED B"
+    restart_with_fault(procs, "mid-write")
+    # More than the kernel buffers between chatd and B hold (megabytes on loopback), so that
+    # chatd's socket takes only part of a write; B reads nothing meanwhile. A writes from a
+    # thread: chatd stops reading A while B's output waits (backpressure), so A's writes block.
+    texts = [f"{k}:" + chr(97 + k % 26) * 60000 for k in range(160)]
+    writer = threading.Thread(target=a.send, args=[f"MSG {text}" for text in texts], daemon=True)
+    a.sock.settimeout(60)
+    writer.start()
+    summary = expect_abort_and_restore(procs)
+    assert summary["output_resent"] > 0, "the dead chatd had output committed and not sent"
+    b.sock.settimeout(30)
+    for k, text in enumerate(texts):
+        assert b.line() == f"FROM A {k + 1} {text}", f"message {k + 1} of 160"
+    writer.join(30)
+    assert b.silent_for(0.2)
+
+
+def test_crash_after_a_commit_sends_nothing_twice(paired):
+    procs, a, b = paired
+    restart_with_fault(procs, "after-commit")
+    a.send("MSG committed")
+    assert b.line() == "FROM A 2 committed"
+    summary = expect_abort_and_restore(procs)
+    assert (summary["input_replayed"], summary["output_resent"]) == (0, 0)
+    a.send("MSG after")
+    assert b.line() == "FROM A 3 after", "the new chatd sent nothing again"
+
+
+def test_the_window_between_accept_and_store_is_the_only_loss(paired):
+    """A connection accepted but not yet stored dies with chatd: the client sees its
+    connection end (the README says how short that window is). Nobody else is harmed."""
+    procs, a, b = paired
+    restart_with_fault(procs, "after-accept")
+    lost = LineClient(procs.port)
+    assert procs.chatd.wait(20) == -signal.SIGABRT
+    with pytest.raises((EOFError, ConnectionResetError)):
+        lost.line()
+    lost.close()
+    procs.start_chatd("--restore")
+    a.send("MSG still here")
+    assert b.line() == "FROM A 2 still here"
+    procs.client("C")  # and the listener serves newcomers
+
+
+def test_a_poison_line_is_skipped_after_two_crashes(paired):
+    procs, a, b = paired
+    restart_with_fault(procs, "poison=boom")
+    a.send("MSG boom")
+    assert procs.chatd.wait(20) == -signal.SIGABRT
+    procs.start_chatd("--restore", env={"CHATD_FAULT": "poison=boom"}, wait=False)  # handles it again: dies
+    assert procs.chatd.wait(20) == -signal.SIGABRT
+    procs.start_chatd("--restore", env={"CHATD_FAULT": "poison=boom"})  # third time: skipped
+    assert a.line() == "ERR crashed-server"
+    a.send("MSG fine")
+    assert b.line() == "FROM A 2 fine", "the poison line never reached B"
+    assert "crashed chatd 2 times" in procs.logs()
+
+
+def random_kills(procs, *extra: str):
+    def crash(rng):
+        procs.chatd.send_signal(rng.choice((signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT)))
+        procs.chatd.wait(20)
+        procs.start_chatd("--restore", *extra, wait=False)
+
+    return crash
+
+
+def test_twenty_pairs_streaming_through_a_hundred_random_kills_lose_nothing(procs):
+    procs.start_holderd()
+    procs.start_chatd()
+    tally = soak.run(procs.port, pairs=20, crashes=100, crash=random_kills(procs))
+    print("fault test:", tally.row())
+    assert tally.crashes == 100 and tally.sent > 5000
+    assert tally.problems() == 0, (tally.row(), tally.notes)
+    assert tally.received == tally.sent
+
+
+def test_the_fault_test_sees_loss_when_what_was_in_flight_is_thrown_away(procs):
+    procs.start_holderd()
+    procs.start_chatd("--no-replay")
+    tally = soak.run(procs.port, pairs=20, crashes=30, crash=random_kills(procs, "--no-replay"))
+    print("fault test with --no-replay:", tally.row())
+    assert tally.lost + tally.garbled + tally.n_gaps > 0, "the fault test must be able to fail"
