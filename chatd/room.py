@@ -28,7 +28,7 @@ The rules:
   the peer of a pairing this replaces gets ``Unpaired``
 - ``Msg(text)`` → the peer gets ``From(sender, n, text)``, ``n`` counting from 1
   what this receiver got on this pairing; ``Failed("not-paired")``
-- ``Who()`` → ``Users``: every named member and its peer
+- ``Who()`` → ``Users``: every named member and its peer (the first :data:`MAX_USERS`)
 - ``Quit()`` → ``Bye``, then the member is closed; its peer gets ``Unpaired``
 - ``Invalid(code)`` → ``Failed(code)``
 """
@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 #: What a nick (and so a PAIR target) may be.
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
+#: A WHO answer lists at most this many members (so that one answer stays small).
+MAX_USERS = 1000
 
 
 # -- commands: what a member asks ---------------------------------------------------------
@@ -215,9 +217,8 @@ class Room:
         return outcome
 
     def users(self) -> Users:
-        return Users(tuple(
-            (m.nick, m.peer.nick if m.peer else None) for m in self.members.values() if m.nick is not None
-        ))
+        named = (m for m in self.members.values() if m.nick is not None)
+        return Users(tuple((m.nick, m.peer.nick if m.peer else None) for m, _ in zip(named, range(MAX_USERS))))
 
     def _nick(self, member: Member, name, outcome: Outcome) -> None:
         if name is None or not NAME_RE.match(name):

@@ -240,20 +240,21 @@ class ChatServer:
         repaired = [member_id for member_id in outcome.repaired if member_id in self.connections]
         if repaired:
             self.holders.store([self.client_item(member_id) for member_id in repaired])
-        for member_id in outcome.closes:
-            self.finish(member_id, "said QUIT")
+        if outcome.closes:
+            self.finish(outcome.closes, "said QUIT")
 
-    def finish(self, member_id: int, reason: str) -> None:
-        """The member said its last word: it leaves the room now, its connection once that word is sent."""
-        connection = self.connections.get(member_id)
-        if connection is None or connection.finishing:
-            return
-        log.info("member %d finishing: %s", member_id, reason)
-        connection.finishing = True
-        self._dirty.add(member_id)
-        self.update_reading(connection)
-        if member_id in self.room.members:
-            self.apply(self.room.leave(member_id))
+    def finish(self, member_ids: list[int], reason: str) -> None:
+        """These members said their last word: they leave the room now, their connections once
+        that word is sent. All stop first, then leave: none hears of another leaving after it."""
+        ending = [c for c in map(self.connections.get, member_ids) if c is not None and not c.finishing]
+        for connection in ending:
+            log.info("member %d finishing: %s", connection.member_id, reason)
+            connection.finishing = True
+            self._dirty.add(connection.member_id)
+            self.update_reading(connection)
+        for connection in ending:
+            if connection.member_id in self.room.members:
+                self.apply(self.room.leave(connection.member_id))
 
     def close_client(self, member_id: int, reason: str) -> None:
         """Close a client on purpose: it leaves the room, the journal and every holder."""
@@ -318,7 +319,8 @@ class ChatServer:
             self._freed.clear()
             for connection in committed:
                 connection.inbox.committed = connection.inbox.handled
-                if connection.outbox.commit() or connection.finishing:
+                connection.outbox.commit()
+                if connection.outbox or connection.finishing:  # new output, or output a crash left
                     connection.progress_at = connection.progress_at or time.monotonic()
                     self._send(connection)
                 if not connection.closed:
@@ -407,12 +409,10 @@ class ChatServer:
 
     def drain(self) -> int:
         """End every client connection on purpose (each gets BYE); the count ended."""
-        ending = [c for c in self.connections.values() if not c.finishing]
-        # BYE to all first, so that nobody hears of a peer leaving after it.
-        for connection in ending:
-            self.apply(Outcome().tell(connection.member_id, Bye()))
-        for connection in ending:
-            self.finish(connection.member_id, "drained by the operator")
+        ending = [member_id for member_id, c in self.connections.items() if not c.finishing]
+        for member_id in ending:
+            self.apply(Outcome().tell(member_id, Bye()))
+        self.finish(ending, "drained by the operator")
         log.info("drained %s", plural(len(ending), "connection"))
         return len(ending)
 

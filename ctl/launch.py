@@ -93,8 +93,12 @@ class Launcher:
     def start_holderd(self, *extra: str, wait: bool = True) -> subprocess.Popen:
         self.holderd = self.spawn("holderd", "holderd.daemon", "--socket", self.holder_socket, *extra)
         if wait:
-            wait_for_answer(self.holderd, HolderClient(self.holder_socket, timeout=1).ping, 10, "holderd")
+            wait_for_answer(self.holderd, self.ping_holderd, 10, "holderd")
         return self.holderd
+
+    def ping_holderd(self) -> dict:
+        with HolderClient(self.holder_socket, timeout=1) as holder:
+            return holder.ping()
 
     def start_chatd(self, *extra: str, wait: bool = True, env: dict | None = None) -> subprocess.Popen:
         """chatd on this launcher's port (a free one the first time); with ``wait``, until it answers."""

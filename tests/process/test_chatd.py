@@ -3,9 +3,11 @@
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
+from ctl.launch import wait_until
 from ctl.probe import LineClient
 
 
@@ -117,3 +119,41 @@ def test_demo_exits_zero():
     out = subprocess.run([sys.executable, "-m", "ctl.cli", "demo"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "PASS" in out.stdout
+
+
+def test_a_slow_reader_slows_its_sender_down_instead_of_being_cut_off(running):
+    """10 MB to a reader that does not read for a while: chatd stops reading the sender
+    (TCP slows it down), and once the reader reads, every message arrives."""
+    a, b = running.pair()
+    texts = [f"{k}:" + "z" * 50000 for k in range(200)]
+    a.sock.settimeout(60)
+    writer = threading.Thread(target=a.send, args=[f"MSG {text}" for text in texts], daemon=True)
+    writer.start()
+    writer.join(2)
+    assert writer.is_alive(), "the sender is held back while B does not read"
+    b.sock.settimeout(30)
+    for k, text in enumerate(texts):
+        assert b.line() == f"FROM A {k + 1} {text}"
+    writer.join(30)
+    assert not writer.is_alive()
+
+
+def test_a_reader_that_takes_nothing_for_the_stall_timeout_is_closed(procs):
+    procs.start_holderd()
+    procs.start_chatd("--stall-timeout", "1")
+    a, b = procs.pair()
+    a.sock.settimeout(30)
+
+    def write():
+        try:
+            a.send(*[f"MSG {'q' * 60000}"] * 200)
+        except OSError:
+            pass  # the test is over and closed A
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    wait_until(lambda: "took none of its" in procs.logs(), 30, "B to be closed as stalled")
+    lines = []
+    wait_until(lambda: lines.append(a.line()) or lines[-1] == "UNPAIRED B", 30, "A to hear of it")
+    procs.close()
+    writer.join(10)

@@ -16,10 +16,12 @@ from __future__ import annotations
 import signal
 import socket
 import threading
+import time
 
 import pytest
 
 from ctl import soak
+from ctl.launch import wait_until
 from ctl.probe import LineClient
 
 
@@ -163,3 +165,54 @@ def test_the_fault_test_sees_loss_when_what_was_in_flight_is_thrown_away(procs):
     tally = soak.run(procs.port, pairs=20, crashes=30, crash=random_kills(procs, "--no-replay"))
     print("fault test with --no-replay:", tally.row())
     assert tally.lost + tally.garbled + tally.n_gaps > 0, "the fault test must be able to fail"
+
+
+def test_output_waiting_at_the_crash_is_sent_even_if_nothing_new_comes(procs):
+    """B reads nothing; A's messages fill B's queue until chatd holds A back. chatd is
+    killed then: the new one must send B's queued output by itself, though A, held back
+    by that very output, brings nothing new."""
+    procs.start_holderd()
+    procs.start_chatd()
+    a, b = procs.pair()
+    texts = [f"{k}:" + chr(97 + k % 26) * 60000 for k in range(160)]
+    a.sock.settimeout(60)
+    writer = threading.Thread(target=a.send, args=[f"MSG {text}" for text in texts], daemon=True)
+    writer.start()
+    queued = []
+
+    def held_back():  # B's queue has stopped growing: chatd holds A back
+        queued.append(next(row["queued"] for row in procs.control("clients")["clients"] if row["nick"] == "B"))
+        return len(queued) > 5 and queued[-1] == queued[-5] > 100_000
+
+    wait_until(held_back, 30, "B's output to pile up until chatd holds A back", interval=0.1)
+    procs.kill_chatd(signal.SIGKILL)
+    procs.start_chatd("--restore")
+    assert procs.control("status")["restore"]["output_resent"] > 100_000
+    b.sock.settimeout(30)
+    for k, text in enumerate(texts):
+        assert b.line() == f"FROM A {k + 1} {text}", f"message {k + 1} of 160"
+    writer.join(30)
+
+
+def test_a_little_output_waiting_at_the_crash_is_sent_without_any_nudge(procs):
+    """Output queued for a reader, too little to hold anyone back, and nothing new after the
+    crash (as with clients that wait for replies before sending more): still sent."""
+    procs.start_holderd()
+    procs.start_chatd()
+    a, b = procs.pair()
+
+    def queued_for_b():
+        return next(row["queued"] for row in procs.control("clients")["clients"] if row["nick"] == "B")
+
+    sent = 0
+    while queued_for_b() == 0:  # until B's socket takes no more and chatd keeps the rest
+        sent += 1
+        assert sent < 400, "B's socket never filled up"
+        a.send(f"MSG {sent}:" + "w" * 30000)
+        time.sleep(0.005)
+    assert queued_for_b() < 100_000
+    procs.kill_chatd(signal.SIGKILL)
+    procs.start_chatd("--restore")
+    b.sock.settimeout(10)
+    for k in range(1, sent + 1):
+        assert b.line() == f"FROM A {k} {k}:" + "w" * 30000, f"message {k} of {sent}"

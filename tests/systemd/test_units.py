@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from ctl.launch import wait_until
+from ctl import soak
 from ctl.probe import LineClient
 from harness import BootedSystemd, machine_can_boot_containers
 from helpers import free_port
@@ -289,3 +290,21 @@ def test_security_exposure_is_low(machine):
         score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out).group(1))
         print(f"systemd-analyze security {unit}.service: {score}")
         assert score <= 3.0, out
+
+
+def test_pairs_streaming_through_chatctl_crashes_lose_nothing(machine):
+    """The zero-loss fault test once more, under the real systemd: chatctl crash, systemd
+    restarts chatd, the restored chatd finishes what was in flight."""
+    before = restarts(machine, "chatd")
+
+    def crash(rng):
+        old = main_pid(machine, "chatd")
+        chatctl(machine, "crash")
+        wait_active(machine, "chatd", old)
+
+    # systemd allows 20 starts in 10 s (StartLimitBurst): about one crash a second stays below.
+    tally = soak.run(machine.port, pairs=20, crashes=25, crash=crash, interval=(0.2, 0.6))
+    print("fault test under systemd:", tally.row())
+    assert tally.crashes == 25 and restarts(machine, "chatd") == before + 25
+    assert tally.problems() == 0, (tally.row(), tally.notes)
+    assert tally.received == tally.sent > 1000

@@ -67,3 +67,27 @@ def test_every_event_is_one_line_but_users():
     assert encode_event(Failed("not-paired")) == b"ERR not-paired\n"
     assert encode_event(Users((("a", "b"), ("c", None)))) == b"USER a b\nUSER c -\nEND\n"
     assert encode_event(Users(())) == b"END\n"
+
+
+def test_a_codec_made_from_where_another_stood_goes_on_exactly_as_it_would():
+    """What a new chatd does: a codec from (consumed, state) and the bytes from consumed on."""
+    import random
+
+    rng = random.Random(11)
+    pieces = [b"MSG hi\n", b"WHO\r\n", b"x" * 40, b"\n", b"NICK ann\n", b"y" * 25, b"z\nQUIT\n", b"MSG tail"]
+    stream = b"".join(rng.choice(pieces) for _ in range(300))
+    whole = LineCodec(max_line=30)
+    whole.feed(stream)
+    expected, checkpoints = [], []
+    while True:
+        checkpoints.append((whole.consumed, whole.state, len(expected)))
+        command = whole.next_command()
+        if command is None:
+            break
+        expected.append(command)
+    for consumed, state, done in checkpoints:
+        resumed = LineCodec(max_line=30, consumed=consumed, state=state)
+        for start in range(consumed, len(stream), 17):  # fed in pieces, as reads come
+            resumed.feed(stream[start:start + 17])
+        assert commands(resumed, b"") == expected[done:]
+        assert resumed.consumed == whole.consumed

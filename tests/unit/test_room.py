@@ -132,3 +132,18 @@ def test_join_and_leave_say_what_changed():
     assert room.join(4).changed == {4}
     assert room.leave(4).changed == set()
     assert room.leave(4) == Outcome(), "leaving twice changes nothing"
+
+
+def test_who_lists_at_most_max_users_so_one_answer_stays_small():
+    from chatd.protocols.line import encode_event
+    from chatd.room import MAX_USERS
+    from chatd.server import MAX_EVENT
+
+    room = Room()
+    for member_id in range(MAX_USERS + 5):
+        room.join(member_id)
+        room.handle(member_id, Nick(f"{member_id:032d}"))
+    users = room.users()
+    assert len(users.entries) == MAX_USERS
+    assert len(encode_event(users)) <= MAX_EVENT
+    assert len(encode_event(From("x" * 32, 2**63, "y" * 65532))) <= MAX_EVENT

@@ -1,0 +1,208 @@
+"""Relay rate: messages a second through chatd, with and without its backups, against a plain relay.
+
+    .venv/bin/python bench/relay.py [--pairs 10] [--seconds 5] [--size 100] [--rounds 3]
+                                    [--compare-rev REV] [--json PATH] [--plot PATH]
+
+Each *target* is started in turn in a scratch directory and given the same
+load: ``--pairs`` pairs of line clients (in this process, on a selector), each
+keeping ``--window`` messages of ``--size`` bytes on their way to its partner.
+After a second of warm-up, the ``FROM`` lines received in ``--seconds`` are
+counted. Targets:
+
+- ``chatd+holderd``: the product as a user runs it;
+- ``chatd``: chatd without holderd (``--no-holderd``; its journal still on);
+- ``asyncio``: bench/asyncio_relay.py, a minimal relay with no backup at all;
+- ``chatd@REV+holderd``: with ``--compare-rev``, chatd and holderd of another
+  revision (a git worktree of it), e.g. the one before a change.
+
+Rounds alternate the targets so that a noisy neighbour hurts all alike; the
+table shows each target's median and its ratio to ``asyncio`` and to
+``chatd+holderd``, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from ctl.launch import Launcher, wait_until  # noqa: E402
+
+
+class Load:
+    """``pairs`` pairs of clients, each keeping ``window`` messages in flight to its partner."""
+
+    def __init__(self, port: int, pairs: int, size: int, window: int):
+        self.selector = selectors.DefaultSelector()
+        self.message = b"MSG " + b"x" * size + b"\n"
+        self.window = window
+        self.clients = []
+        for index in range(pairs):
+            a, b = self._connect(port), self._connect(port)
+            a.sendall(f"NICK a{index}\nPAIR b{index}\n".encode())
+            b.sendall(f"NICK b{index}\nPAIR a{index}\n".encode())
+            self.clients += [(a, b), (b, a)]
+        self.stats = {sock: [0, 0, b""] for pair in self.clients for sock in pair}  # sent, received, pending
+        deadline = time.monotonic() + 10
+        paired = set()
+        while len(paired) < len(self.stats):
+            for sock in self.stats:
+                try:
+                    if b"PAIRED" in sock.recv(65536, socket.MSG_DONTWAIT):
+                        paired.add(sock)
+                except BlockingIOError:
+                    pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the load's clients did not pair")
+        for sock in self.stats:
+            self.selector.register(sock, selectors.EVENT_READ)
+
+    @staticmethod
+    def _connect(port: int) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        return sock
+
+    def run(self, seconds: float) -> int:
+        """Relay for ``seconds``; the messages delivered meanwhile."""
+        delivered = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for sender, receiver in self.clients:
+                state = self.stats[sender]
+                if not state[2] and state[0] - self.stats[receiver][1] < self.window:
+                    state[2] = self.message * 16
+                    state[0] += 16
+                if state[2]:
+                    try:
+                        written = sender.send(state[2])
+                        state[2] = state[2][written:]
+                    except BlockingIOError:
+                        pass
+            for key, _ in self.selector.select(0.001):
+                try:
+                    data = key.fileobj.recv(1 << 18)
+                except BlockingIOError:
+                    continue
+                lines = data.count(b"\n")
+                self.stats[key.fileobj][1] += lines
+                delivered += lines
+        return delivered
+
+    def close(self) -> None:
+        for sock in self.stats:
+            sock.close()
+
+
+def start_target(name: str, launcher: Launcher, revision_root: str | None) -> int:
+    """Start the target; its port."""
+    if name == "asyncio":
+        proc = launcher.spawn("asyncio", "bench.asyncio_relay", "0")
+        return int(wait_until(lambda: _first_line(launcher, proc), 10, "the asyncio relay"))
+    if revision_root:
+        # Another revision's daemons: its own code first on the path.
+        launcher.env["PYTHONPATH"] = revision_root
+        launcher.start_holderd()
+        module = "chatd" if os.path.exists(os.path.join(revision_root, "chatd", "__main__.py")) else "chatd.server"
+        launcher.chatd = launcher.spawn("chatd", module, "--port", "0", "--control", launcher.control_socket,
+                                        "--holder", launcher.holder_socket)
+        return launcher.wait_chatd()["port"]
+    if name == "chatd+holderd":
+        launcher.start_holderd()
+        launcher.start_chatd()
+    else:
+        launcher.start_chatd("--no-holderd")
+    return launcher.port
+
+
+def _first_line(launcher: Launcher, proc) -> str | None:
+    logs = [name for name in os.listdir(launcher.workdir) if name.startswith("asyncio")]
+    with open(os.path.join(launcher.workdir, sorted(logs)[-1])) as log:
+        line = log.readline().strip()
+    if proc.poll() is not None:
+        raise RuntimeError(f"the asyncio relay exited: {line}")
+    return line if line.isdigit() else None
+
+
+def measure(name: str, args, revision_root: str | None) -> float:
+    with Launcher() as launcher:
+        port = start_target(name, launcher, revision_root)
+        load = Load(port, args.pairs, args.size, args.window)
+        try:
+            load.run(1.0)
+            return load.run(args.seconds) / args.seconds
+        finally:
+            load.close()
+
+
+def worktree(revision: str) -> str:
+    directory = tempfile.mkdtemp(prefix="relay-rev-")
+    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", directory, revision], check=True,
+                   capture_output=True)
+    return directory
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--size", type=int, default=100)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compare-rev", metavar="REV", help="also run chatd and holderd of this git revision")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--plot", metavar="PATH", help="a bar chart of the medians (needs matplotlib)")
+    args = parser.parse_args()
+    targets = ["chatd+holderd", "chatd", "asyncio"]
+    revision_root = None
+    if args.compare_rev:
+        revision_root = worktree(args.compare_rev)
+        targets.append(f"chatd@{args.compare_rev}+holderd")
+    rates: dict[str, list[float]] = {name: [] for name in targets}
+    try:
+        for round_number in range(args.rounds):
+            for name in targets:
+                rate = measure(name, args, revision_root if "@" in name else None)
+                rates[name].append(rate)
+                print(f"round {round_number + 1}: {name:>28}: {rate:10,.0f} messages/s", flush=True)
+    finally:
+        if revision_root:
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", revision_root], capture_output=True)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"\n{args.pairs} pairs, {args.size}-byte messages, {args.window} in flight per client, "
+          f"{args.seconds:g} s x {args.rounds} rounds\n")
+    print("| target | messages/s (median) | vs asyncio | vs chatd+holderd |")
+    print("| --- | --- | --- | --- |")
+    for name, median in medians.items():
+        print(f"| {name} | {median:,.0f} | {median / medians['asyncio']:.2f}x | "
+              f"{median / medians['chatd+holderd']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"args": vars(args), "rates": rates, "medians": medians}, out, indent=2)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(7, 3.5))
+        axes.barh(list(medians), list(medians.values()), color="#6a8caf")
+        axes.set_xlabel("messages relayed per second (median)")
+        axes.set_title(f"Relay rate, {args.pairs} pairs, {args.size}-byte messages")
+        figure.tight_layout()
+        figure.savefig(args.plot, dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
