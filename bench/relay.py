@@ -11,6 +11,8 @@ counted. Targets:
 
 - ``chatd+holderd``: the product as a user runs it;
 - ``chatd``: chatd without holderd (``--no-holderd``; its journal still on);
+- ``chatd+holderd, no journal``: the journal's writes switched off
+  (``--no-journal``): what the journal costs;
 - ``asyncio``: bench/asyncio_relay.py, a minimal relay with no backup at all;
 - ``chatd@REV+holderd``: with ``--compare-rev``, chatd and holderd of another
   revision (a git worktree of it), e.g. the one before a change.
@@ -117,9 +119,9 @@ def start_target(name: str, launcher: Launcher, revision_root: str | None) -> in
         launcher.chatd = launcher.spawn("chatd", module, "--port", "0", "--control", launcher.control_socket,
                                         "--holder", launcher.holder_socket)
         return launcher.wait_chatd()["port"]
-    if name == "chatd+holderd":
+    if name.startswith("chatd+holderd"):
         launcher.start_holderd()
-        launcher.start_chatd()
+        launcher.start_chatd(*(["--no-journal"] if "no journal" in name else []))
     else:
         launcher.start_chatd("--no-holderd")
     return launcher.port
@@ -163,7 +165,7 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH", help="a bar chart of the medians (needs matplotlib)")
     args = parser.parse_args()
-    targets = ["chatd+holderd", "chatd", "asyncio"]
+    targets = ["chatd+holderd", "chatd", "chatd+holderd, no journal", "asyncio"]
     revision_root = None
     if args.compare_rev:
         revision_root = worktree(args.compare_rev)
@@ -187,6 +189,7 @@ def main() -> int:
         print(f"| {name} | {median:,.0f} | {median / medians['asyncio']:.2f}x | "
               f"{median / medians['chatd+holderd']:.2f}x |")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as out:
             json.dump({"args": vars(args), "rates": rates, "medians": medians}, out, indent=2)
     if args.plot:

@@ -137,6 +137,10 @@ def state_error(message: str) -> Error:
 
 
 class Journal:
+    #: False only to measure what the journal costs (``chatd --no-journal``): records are
+    #: then never written, and a crash loses what was in flight and every count.
+    durable = True
+
     def __init__(self, fd: int, slots: int, in_size: int, out_size: int, mapping: mmap.mmap):
         self.fd = fd
         self.slots = slots
@@ -146,13 +150,15 @@ class Journal:
         self._view = memoryview(mapping)
         self._rings = self.rings_offset(slots)
         self.committed = SEQ.unpack_from(mapping, ROOT_OFFSETS[mapping[SELECTOR_OFFSET] & 1])[0]
-        #: Which copy of each slot is current.
+        #: Which copy of each slot is current, and whether the slot is used.
         self._current = bytearray(slots)
+        self._used = bytearray(slots)
         #: Slots neither used nor handed out by allocate(); popped from the end.
         self._free: list[int] = []
         for slot in range(slots - 1, -1, -1):
             self._current[slot] = self._pick_current(slot)
-            if self.read(slot) is None:
+            self._used[slot] = self.read(slot) is not None
+            if not self._used[slot]:
                 self._free.append(slot)
         self._allocated: set[int] = set()
 
@@ -232,15 +238,18 @@ class Journal:
         if not changes:
             return
         sequence = self.committed + 1
-        for slot, record in changes.items():
-            self._write(self._copy_offset(slot, 1 - self._current[slot]), self._pack(sequence, record))
-        selector = self._map[SELECTOR_OFFSET] & 1
-        self._write(ROOT_OFFSETS[1 - selector], SEQ.pack(sequence))
-        self._write(SELECTOR_OFFSET, bytes([1 - selector]))  # the one-byte flip that commits
+        if self.durable:
+            for slot, record in changes.items():
+                self._write(self._copy_offset(slot, 1 - self._current[slot]), self._pack(sequence, record))
+            selector = self._map[SELECTOR_OFFSET] & 1
+            self._write(ROOT_OFFSETS[1 - selector], SEQ.pack(sequence))
+            self._write(SELECTOR_OFFSET, bytes([1 - selector]))  # the one-byte flip that commits
+            for slot in changes:
+                self._current[slot] ^= 1
         self.committed = sequence
         for slot, record in changes.items():
-            was_taken = self.read(slot) is not None or slot in self._allocated
-            self._current[slot] ^= 1
+            was_taken = self._used[slot] or slot in self._allocated
+            self._used[slot] = record is not None
             self._allocated.discard(slot)
             if record is None and was_taken:
                 self._free.append(slot)

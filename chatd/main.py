@@ -15,6 +15,7 @@ from holderd.client import default_socket as holderd_socket
 from . import faults
 from .control import ControlServer, default_socket as control_socket
 from .holders import Holders, HolderdHolder, SystemdHolder
+from .journal import Journal
 from .restore import restore
 from .server import STALL_TIMEOUT, ChatServer
 
@@ -64,6 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="close a client that takes none of its queued output for this long (default %(default)s)",
     )
     parser.add_argument(
+        "--no-journal", action="store_true",
+        help="write no crash-surviving state, only to measure what the journal costs (bench/relay.py): "
+        "a crash then loses what was in flight and every count",
+    )
+    parser.add_argument(
         "--no-replay", action="store_true",
         help="on restore, throw away what the dead chatd had read and not handled and what it had "
         "committed and not sent, instead of finishing it (loses messages: for tests that must show loss)",
@@ -94,6 +100,9 @@ def main(argv=None) -> int:
     holders = [] if args.no_holderd else [HolderdHolder(args.holder)]
     if manager.present:
         holders.append(SystemdHolder(manager))
+    if args.no_journal:
+        Journal.durable = False
+        log.warning("--no-journal: nothing in flight survives a crash (a benchmark setting)")
     server = ChatServer(Holders(holders), args.max_clients, manager, args.stall_timeout, replay=not args.no_replay)
     if args.fresh:
         server.holders.forget_all()

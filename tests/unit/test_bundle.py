@@ -1,0 +1,105 @@
+"""Bundles: descriptors in flight in a socketpair, read back without being consumed."""
+
+import os
+import socket
+
+import pytest
+
+from fdkeep.bundle import Bundle, Shard
+
+
+@pytest.fixture
+def sockets():
+    made = []
+
+    def make(count):
+        pairs = [socket.socketpair() for _ in range(count)]
+        made.extend(pairs)
+        return pairs
+
+    yield make
+    for a, b in made:
+        a.close(), b.close()
+
+
+def inode(fd):
+    return os.fstat(fd).st_ino
+
+
+def test_entries_come_back_again_and_again_and_outlive_their_sender(sockets):
+    pairs = sockets(600)  # three messages of 253, 253 and 94
+    bundle = Bundle.create()
+    bundle.append([(key, a.fileno()) for key, (a, _) in enumerate(pairs)])
+    expected = [(key, inode(a.fileno())) for key, (a, _) in enumerate(pairs)]
+    for a, _ in pairs:
+        a.close()  # only the bundle keeps them now
+    for _ in range(2):  # reading does not consume
+        back = bundle.read()
+        assert [(key, inode(fd)) for key, fd in back] == expected
+        for key, fd in back:
+            os.close(fd)
+    first = bundle.read()
+    with socket.socket(fileno=first[7][1]) as seven:
+        seven.sendall(b"still open")
+    assert pairs[7][1].recv(100) == b"still open"
+    for _, fd in first[:7] + first[8:]:
+        os.close(fd)
+    bundle.close()
+
+
+def test_a_bundle_kept_by_its_two_ends_alone_goes_on_appending(sockets):
+    (a, b), (c, d) = sockets(2)
+    bundle = Bundle.create()
+    bundle.append([(1, a.fileno())])
+    kept = Bundle.from_fds(*map(os.dup, bundle.fds()))
+    bundle.close()
+    kept.append([(2, c.fileno())])
+    back = kept.read()
+    assert [(key, inode(fd)) for key, fd in back] == [(1, inode(a.fileno())), (2, inode(c.fileno()))]
+    for _, fd in back:
+        os.close(fd)
+    kept.close()
+
+
+def test_a_full_queue_says_so_and_a_rebuilt_shard_packs_the_live(sockets):
+    pairs = sockets(400)
+    shard = Shard(0, Bundle.create(), generation=1)
+    shard.bundle.writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # room for a few messages
+    added = 0
+    for key, (a, _) in enumerate(pairs):
+        if not shard.add([(key, a.fileno())]):
+            break
+        added += 1
+    assert 0 < added < 400, "one-entry messages fill a small send buffer"
+    for key in range(added - 1):
+        shard.forget(key)
+    fresh = shard.rebuilt()
+    assert fresh.generation == 2 and list(fresh.live) == [added - 1]
+    back = fresh.bundle.read()
+    assert [(key, inode(fd)) for key, fd in back] == [(added - 1, inode(pairs[added - 1][0].fileno()))]
+    for _, fd in back:
+        os.close(fd)
+    shard.bundle.close(), fresh.bundle.close()
+
+
+def test_the_dead_make_a_shard_worth_rebuilding_once_they_outnumber_the_live(sockets):
+    pairs = sockets(200)
+    shard = Shard(0, Bundle.create(), generation=1)
+    assert shard.add([(key, a.fileno()) for key, (a, _) in enumerate(pairs)])
+    for key in range(99):
+        shard.forget(key)
+    assert not shard.worth_rebuilding()
+    shard.forget(99)
+    shard.forget(100)
+    assert shard.worth_rebuilding()
+    shard.bundle.close()
+
+
+def test_closing_both_ends_releases_what_was_in_flight(sockets):
+    (a, b), = sockets(1)
+    bundle = Bundle.create()
+    bundle.append([(1, a.fileno())])
+    a.close()
+    b.settimeout(2)
+    bundle.close()
+    assert b.recv(10) == b"", "the last reference went with the bundle: the peer sees the end"
