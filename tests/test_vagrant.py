@@ -6,8 +6,9 @@ provider") parses the Vagrantfile and checks every setting and the
 provisioner's script. It skips when the ``vagrant`` binary is missing, except
 under CI (``CI=true``), where it fails: CI must run it.
 
-``PROCESS_BACKUP_VAGRANT_UP=1`` also runs the real thing (as root, about
-3.5 minutes on 2 cores with plain emulation; the Debian packages it needs are
+``PROCESS_BACKUP_VAGRANT_UP=1`` also runs the real thing (as root, about 4
+minutes on 2 cores with plain emulation, 5.5 with a system libvirtd that
+re-probes QEMU, see Libvirt.note_kvm_probing; the Debian packages it needs are
 UP_PACKAGES, just below, and it names them when one is missing): build a
 Debian 12 box with ``scripts/build-vagrant-box``, ``vagrant up`` with the libvirt
 provider in plain emulation (``PROCESS_BACKUP_LIBVIRT_DRIVER=qemu``),
