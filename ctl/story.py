@@ -92,7 +92,13 @@ class Story:
     def __init__(self, echo=print):
         self.launcher = Launcher()
         self.workdir = self.launcher.workdir
-        self.echo = echo
+        lock = threading.Lock()
+
+        def echo_whole_lines(text: str) -> None:  # the clients' threads print too
+            with lock:
+                echo(text)
+
+        self.echo = echo_whole_lines
         self.began = time.monotonic()
         self.chatd_runs = 0
         self.clients: dict[str, ClientProcess] = {}
