@@ -9,7 +9,7 @@ a code. Only root and chatd's own uid are served. The operations:
 ==========  ===========================================================
 ``status``  pid, port, clients, pairs, holders and what each holds
 ``clients`` one row per client: nick, target, peer, count, remote, held
-``backup``  store every socket and the journal in the holders again
+``backup``  repack every bundle of sockets, store it and the journal again
 ``restore`` a chatd started with ``--restore --wait`` takes its sockets now
 ``drain``   end every client connection on purpose (each gets BYE)
 ``crash``   die of a real SIGSEGV, after the reply
@@ -97,7 +97,7 @@ class ControlServer:
 
     def _op_backup(self, peer):
         self._serving()
-        return {"ok": True, "stored": self.server.backup_all()}
+        return {"ok": True, **self.server.backup_all()}
 
     def _op_restore(self, peer):
         if not self.awaiting_restore:

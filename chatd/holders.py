@@ -14,7 +14,9 @@ chatd never stops serving because a holder is down: each failure is logged
 once, when the holder goes from working to failing, and its recovery likewise.
 
 Names: ``chatd/listen`` (the listening socket), ``chatd/state`` (the journal
-memfd) and ``chatd/client/<slot>`` (a client's socket, with its metadata).
+memfd) and ``chatd/bundle/<shard>/<generation>/w`` and ``/r``, the two ends of
+each bundle of client sockets (:mod:`chatd.bundles`): a few names, whatever the
+count of clients.
 """
 
 from __future__ import annotations
@@ -33,21 +35,9 @@ log = logging.getLogger("chatd")
 PREFIX = "chatd/"
 LISTEN_NAME = PREFIX + "listen"
 STATE_NAME = PREFIX + "state"
-CLIENT_PREFIX = PREFIX + "client/"
 
 #: (name, metadata, fd): what a holder keeps.
 Item = tuple[str, bytes, int]
-
-
-def client_name(member_id: int) -> str:
-    return f"{CLIENT_PREFIX}{member_id}"
-
-
-def member_id_of(name: str) -> int | None:
-    if not name.startswith(CLIENT_PREFIX):
-        return None
-    tail = name[len(CLIENT_PREFIX):]
-    return int(tail) if tail.isdigit() else None
 
 
 class Holder(Protocol):

@@ -233,6 +233,14 @@ class Journal:
         self._allocated.add(slot)
         return slot
 
+    def take(self, slot: int) -> bool:
+        """Hand out this very slot if it is free (a restore found a socket kept for it)."""
+        if slot >= self.slots or self._used[slot] or slot in self._allocated or slot not in self._free:
+            return False
+        self._free.remove(slot)
+        self._allocated.add(slot)
+        return True
+
     def commit(self, changes: dict[int, Record | None]) -> None:
         """Make every record in ``changes`` current at once, crash-atomically; None frees a slot."""
         if not changes:

@@ -3,30 +3,35 @@
 Theory of operation
 -------------------
 After a crash each holder gives back duplicates of what it kept for chatd
-(:meth:`~chatd.holders.Holders.retrieve`); systemd's store and holderd usually
-both have everything, so most sockets come back twice. They describe the same
-sockets, and every duplicate of one socket has the same inode, so they are
-merged by inode: each socket is served once, and the other duplicates closed.
+(:meth:`~chatd.holders.Holders.retrieve`): a few names, the same in each
+holder (systemd's store and holderd usually both have everything), so every
+name's first copy is used and the rest closed.
 
 - No listening socket held: nothing to restore. Whatever else came back is
   closed and forgotten (it cannot be served without its listener and state).
-- The journal (``chatd/state``) is attached if one comes back whole, else a
-  new one is made and clients are rebuilt from their metadata alone.
-- A client socket whose inode has a journal record becomes that member again,
-  with its nick, target and count, and with its bytes in flight. The kernel
-  says how much of each stream the dead chatd read and wrote
+- The journal (``chatd/state``) is attached if one comes back whole, else a new
+  one is made (every client then comes back as new, with its connection but
+  without its nick, pairing or count).
+- Client sockets come back from the bundles (:mod:`chatd.bundles`): each
+  shard's newest generation whose two ends came back is read without being
+  consumed, so a crash in the middle of a restore loses nothing; each socket
+  comes back once, whatever the number of holders. Older generations and
+  unknown names are forgotten.
+- A socket whose journal slot has a record with its inode becomes that member
+  again, with its nick, target and count, and with its bytes in flight. The
+  kernel says how much of each stream the dead chatd read and wrote
   (:mod:`fdkeep.tcpcount`); the record says how much input it had handled and
   how much output it had committed. So the input ring holds exactly what was
   read and not handled, which is handled now, once; and the output ring what
   was committed and not sent, which is sent now, from the very byte where the
   dead process stopped (half a line is finished, not repeated).
 - If the dead chatd died while handling a command (the journal's marker says
-  which), that command's count of crashes goes up; at two it will be skipped.
-- A socket with no record takes a free slot and what its holderd metadata
-  says (the journal was lost, or the socket was stored before its first
-  commit); if that slot differs from the one in its name, it is stored again
-  under the new name and the old name removed. One that chatd had already shut
-  down (closed on purpose) is dropped.
+  which), that command's count of crashes goes up, committed before it is
+  handled again; at two it will be skipped.
+- A socket without a record, still connected, was accepted and kept just
+  before the crash, before its first commit: a new client in its slot. One
+  chatd had shut down (closed on purpose) is dead weight in its bundle: closed
+  here, and counted towards that bundle's rebuild.
 - A journal record whose socket did not come back is freed: the client left
   while no chatd ran.
 - Each holder gets what only another kept, so either alone suffices again.
@@ -37,20 +42,22 @@ backlog and are accepted as usual once the loop runs.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import socket
 import time
 from typing import TYPE_CHECKING
 
+from fdkeep.bundle import Bundle, Shard
 from fdkeep.errors import Error
 from fdkeep.fdpass import close_fds
 from fdkeep.tcpcount import CLOSE_WAIT, ESTABLISHED, stream_positions
 from fdkeep.text import plural
 
-from .holders import LISTEN_NAME, STATE_NAME, client_name, member_id_of
+from .bundles import parse_name
+from .holders import LISTEN_NAME, STATE_NAME
 from .journal import CLOSING, Journal, Record
-from .room import NAME_RE, Member
+from .room import Member
 
 if TYPE_CHECKING:
     from .server import ChatServer
@@ -86,51 +93,34 @@ def restore(server: "ChatServer") -> dict | None:
         used_fds.add(journal_fd)
     dying = server.journal.handling()
     server.journal.clear_handling()
-    records = {record.inode: (slot, record) for slot, record in server.journal.records()}
-    members, seen_inodes, in_flight = [], set(), [0, 0]
-    for item in retrieved:
-        if member_id_of(item.name) is None or item.ino in seen_inodes:
-            continue
-        seen_inodes.add(item.ino)
-        sock = socket.socket(fileno=item.fd)
-        used_fds.add(item.fd)
-        try:
-            positions = stream_positions(sock)
-        except OSError as exc:
-            log.warning("%s: cannot read its TCP counters (%s): dropping it", item.name, exc)
-            sock.close()
-            continue
-        found = records.get(item.ino)
-        if found is not None:
-            slot, record = found
-            if dying is not None and dying[0] == slot:
-                _count_the_crash(slot, record, dying[1])
-                server.journal.commit({slot: record})  # before handling it again, which may kill us too
-            read, written = _in_flight(slot, record, positions.read, positions.written, server.replay,
-                                       server.journal.in_size)
-            in_flight[0] += read - record.in_handled
-            in_flight[1] += record.out_end - written
-            server.adopt(sock, slot, record, read, written)
-            if not record.flags & CLOSING:
-                members.append(Member(slot, record.protocol, record.nick, record.target, record.received))
-        elif positions.state not in (ESTABLISHED, CLOSE_WAIT):
-            log.info("%s was being closed (%s): dropping it", item.name, positions.state_name)
-            sock.close()
-        else:
-            member = _member_from_metadata(server, item, sock, positions)
-            if member is not None:
+    bundles, stale = _newest_bundles(by_name)  # duplicates: every fd in `retrieved` is closed below
+    records = dict(server.journal.records())
+    members, in_flight = [], [0, 0]
+    for number, (generation, bundle) in sorted(bundles.items()):
+        shard = Shard(number, bundle, generation)
+        for slot, fd in bundle.read():
+            sock = socket.socket(fileno=fd)
+            member = _take_back(server, slot, sock, records.get(slot), dying, in_flight)
+            if member is None:
+                shard.dead += 1
+                continue
+            shard.live[slot] = sock.fileno()
+            if member is not True:
                 members.append(member)
+        server.bundles.adopt(shard)
     close_fds(item.fd for item in retrieved if item.fd not in used_fds)
-    gone = {slot: None for slot, _ in records.values() if slot not in server.connections}
+    gone = {slot: None for slot in records if slot not in server.connections}
     server.journal.commit(gone)  # their sockets are gone: those clients left meanwhile
     server.room.restore(members)
     server.holders.store_what_each_lacks(server.all_items(), kept)
+    if stale:
+        server.holders.remove(sorted(stale))
     for connection in list(server.connections.values()):
         server.take_input(connection)  # what the dead chatd had read and not handled
     server.commit()  # and send what it had committed and not sent
     server.restored_at = time.time()
     summary = {
-        "clients": len(members),
+        "clients": len(server.connections),
         "pairs": len(server.room.pairs()),
         "port": server.port,
         "input_replayed": in_flight[0],
@@ -149,8 +139,32 @@ def _attach_journal(candidates, slots: int) -> tuple[Journal, int | None]:
         try:
             return Journal.attach(item.fd), item.fd
         except (Error, OSError, ValueError) as exc:
-            log.warning("held journal unusable (%s); rebuilding from metadata", exc)
+            log.warning("held journal unusable (%s); starting a new one", exc)
     return Journal.create(slots), None
+
+
+def _newest_bundles(by_name: dict[str, list]) -> tuple[dict[int, tuple[int, Bundle]], set[str]]:
+    """Each shard's newest generation whose two ends came back, as a Bundle; and every
+    other bundle name (older generations, half bundles), to be forgotten."""
+    ends: dict[tuple[int, int], dict[str, int]] = {}
+    names_seen = set()
+    for name, items in by_name.items():
+        parsed = parse_name(name)
+        if parsed is None:
+            if name not in (LISTEN_NAME, STATE_NAME):
+                log.warning("the holders keep %s, which this chatd does not know: forgetting it", name)
+                names_seen.add(name)
+            continue
+        number, generation, end = parsed
+        ends.setdefault((number, generation), {})[end] = items[0].fd  # every copy is the same socket
+        names_seen.add(name)
+    newest: dict[int, tuple[int, Bundle]] = {}
+    for (number, generation), pair in sorted(ends.items()):
+        if set(pair) == {"w", "r"}:
+            newest[number] = (generation, Bundle.from_fds(os.dup(pair["w"]), os.dup(pair["r"])))
+    stale = {name for name in names_seen
+             if (parsed := parse_name(name)) is None or newest.get(parsed[0], (None,))[0] != parsed[1]}
+    return newest, stale
 
 
 def _count_the_crash(slot: int, record: Record, offset: int) -> None:
@@ -160,6 +174,42 @@ def _count_the_crash(slot: int, record: Record, offset: int) -> None:
         record.poison_offset, record.poison_count = offset, 1
     log.warning("member %d: chatd died handling its command at input offset %d (%s there)", slot, offset,
                 plural(record.poison_count, "death"))
+
+
+def _take_back(server: "ChatServer", slot: int, sock: socket.socket, record: Record | None, dying,
+               in_flight: list[int]):
+    """Serve a socket found in a bundle: its member, True for one with no place in the room
+    (it said its last word), or None if it is not to be served (closed here)."""
+    try:
+        positions = stream_positions(sock)
+        inode = os.fstat(sock.fileno()).st_ino
+    except OSError as exc:
+        log.warning("slot %d: cannot read its socket's counters (%s): dropping it", slot, exc)
+        sock.close()
+        return None
+    if slot in server.connections:  # a second copy of a socket already served, or a dead one
+        sock.close()
+        return None
+    if record is not None and record.inode == inode:
+        if dying is not None and dying[0] == slot:
+            _count_the_crash(slot, record, dying[1])
+            server.journal.commit({slot: record})  # before handling it again, which may kill us too
+        read, written = _in_flight(slot, record, positions.read, positions.written, server.replay,
+                                   server.journal.in_size)
+        in_flight[0] += read - record.in_handled
+        in_flight[1] += record.out_end - written
+        server.adopt(sock, slot, record, read, written)
+        if record.flags & CLOSING:
+            return True
+        return Member(slot, record.protocol, record.nick, record.target, record.received)
+    if positions.state not in (ESTABLISHED, CLOSE_WAIT) or record is not None or not server.journal.take(slot):
+        # Shut down on purpose (closed by chatd), or its slot went to a newer socket.
+        sock.close()
+        return None
+    # Kept right after its accept, before its first commit: a new client, nothing said yet.
+    server.adopt(sock, slot, None, positions.read, positions.written)
+    log.info("member %d restored without a journal record (accepted just before the crash)", slot)
+    return Member(slot)
 
 
 def _in_flight(slot: int, record: Record, read: int, written: int, replay: bool, in_size: int) -> tuple[int, int]:
@@ -176,29 +226,3 @@ def _in_flight(slot: int, record: Record, read: int, written: int, replay: bool,
         record.out_end = max(written, record.out_end) if written >= record.out_start else record.out_end
         written = min(max(written, record.out_start), record.out_end)
     return read, written
-
-
-def _member_from_metadata(server: "ChatServer", item, sock: socket.socket, positions) -> Member | None:
-    """A client socket without a journal record: a free slot, and what its metadata says."""
-    try:
-        meta = json.loads(item.meta)
-    except ValueError:
-        meta = {}
-    if not isinstance(meta, dict):
-        meta = {}
-    slot = server.journal.allocate()
-    if slot is None:
-        log.warning("no journal slot for %s: closing it", item.name)
-        sock.close()
-        return None
-    member = Member(slot, "line", _name(meta.get("nick")), _name(meta.get("target")))
-    server.adopt(sock, slot, None, positions.read, positions.written)
-    if slot != member_id_of(item.name):
-        server.holders.store([(client_name(slot), item.meta, item.fd)])
-        server.holders.remove([item.name])
-    log.info("member %d restored from metadata only (no journal record)", slot)
-    return member
-
-
-def _name(value) -> str | None:
-    return value if isinstance(value, str) and NAME_RE.match(value) else None

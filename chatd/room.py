@@ -12,10 +12,10 @@ The room takes one *command* at a time (:meth:`Room.handle`: :class:`Nick`,
 for what a codec could not make sense of) and answers with an :class:`Outcome`:
 the *events* to deliver, each addressed to a member id (:class:`Ok`,
 :class:`Paired`, :class:`Unpaired`, :class:`From`, :class:`Users`,
-:class:`Bye`, :class:`Failed`), the members to close, and which members
-changed: ``changed`` (a field that must survive a crash: nick, target,
-``received``) and ``repaired`` (their pairing). The room keeps no record of
-what changed between calls: each outcome says it, and the caller commits it.
+:class:`Bye`, :class:`Failed`), the members to close, and the members whose
+crash-surviving fields (nick, target, ``received``) ``changed``. The room keeps
+no record of what changed between calls: each outcome says it, and the caller
+commits it.
 
 Commands and events are protocol-free. A codec per protocol
 (:mod:`chatd.protocols`) turns a client's bytes into commands and events into
@@ -141,7 +141,6 @@ class Outcome:
     deliveries: list[tuple[int, Event]] = field(default_factory=list)
     closes: list[int] = field(default_factory=list)
     changed: set[int] = field(default_factory=set)
-    repaired: set[int] = field(default_factory=set)
 
     def tell(self, member_id: int, event: Event) -> "Outcome":
         self.deliveries.append((member_id, event))
@@ -151,7 +150,6 @@ class Outcome:
         self.deliveries += other.deliveries
         self.closes += other.closes
         self.changed |= other.changed
-        self.repaired |= other.repaired
 
 
 class Room:
@@ -190,7 +188,6 @@ class Room:
         if member.nick is not None:
             del self._by_nick[member.nick]
         outcome.changed.discard(member_id)
-        outcome.repaired.discard(member_id)
         return outcome
 
     def pairs(self) -> list[tuple[Member, Member]]:
@@ -238,7 +235,6 @@ class Room:
         member.nick = name
         self._by_nick[name] = member
         outcome.changed.add(member.id)
-        outcome.repaired.add(member.id)
         outcome.tell(member.id, Ok("NICK", name))
         self._pair_if_mutual(member, outcome)
 
@@ -253,7 +249,6 @@ class Room:
             self._unpair(member, outcome)
         member.target = name
         outcome.changed.add(member.id)
-        outcome.repaired.add(member.id)
         outcome.tell(member.id, Ok("PAIR", name))
         self._pair_if_mutual(member, outcome)
 
@@ -284,7 +279,6 @@ class Room:
         member.peer, other.peer = other, member
         member.received = other.received = 0
         outcome.changed.update((member.id, other.id))
-        outcome.repaired.update((member.id, other.id))
         outcome.tell(member.id, Paired(other.nick)).tell(other.id, Paired(member.nick))
 
     def _unpair(self, member: Member, outcome: Outcome) -> None:
@@ -293,5 +287,4 @@ class Room:
         member.peer = other.peer = None
         member.received = other.received = 0
         outcome.changed.update((member.id, other.id))
-        outcome.repaired.update((member.id, other.id))
         outcome.tell(other.id, Unpaired(member.nick))

@@ -9,8 +9,9 @@ makes a crash lose and repeat nothing: **no effect leaves chatd before the
 journal has committed it, and every commit covers a command's input, its
 change to the room and its output together.** So:
 
-1. a client is accepted, stored in every holder at once (before a byte of it
-   is read), and joins the room under a free journal slot;
+1. a client is accepted, kept at once (appended to a bundle the holders keep,
+   :mod:`chatd.bundles`: one local ``sendmsg``, before a byte of it is read),
+   and joins the room under a free journal slot;
 2. its bytes are received straight into its input ring in the journal;
 3. :meth:`ChatServer.take_input` takes commands from its codec one at a time.
    Each is handled by the room; the room's :class:`~chatd.room.Outcome` is
@@ -45,7 +46,6 @@ Timers send systemd the status line, ping its watchdog, and audit the holders.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -57,7 +57,8 @@ from fdkeep.text import plural
 
 from . import faults
 from .connection import Connection
-from .holders import LISTEN_NAME, STATE_NAME, Holders, Item, client_name
+from .bundles import ClientBundles
+from .holders import LISTEN_NAME, STATE_NAME, Holders, Item
 from .journal import CLOSING, Journal, Record
 from .protocols.line import LineCodec, encode_event
 from .rings import InRing, OutRing
@@ -88,6 +89,7 @@ class ChatServer:
         self.manager = manager or ServiceManager({})
         self.room = Room()
         self.holders = holders
+        self.bundles = ClientBundles(holders)
         self.max_clients = max_clients
         self.stall_timeout = stall_timeout
         #: On restore, finish what was in flight (see chatd.restore); off only to show loss in tests.
@@ -169,11 +171,11 @@ class ChatServer:
                     pass
                 sock.close()
                 continue
+            # Kept before a byte of it is read: from here on a crash cannot lose it.
+            self.bundles.add(slot, sock.fileno())
             self._dirty |= self.room.join(slot).changed
             connection = self.adopt(sock, slot)
-            # Kept before a byte of it is read: from here on a crash cannot lose it.
-            self.holders.store([self.client_item(slot)])
-            log.info("member %d connected from %s", slot, connection.remote)
+            log.debug("member %d connected from %s", slot, connection.remote)
 
     def take_input(self, connection: Connection) -> None:
         """Handle the connection's commands, as many as the output rings have room for."""
@@ -237,9 +239,6 @@ class ChatServer:
                 continue
             self._dirty.add(member_id)
         self._dirty |= {member_id for member_id in outcome.changed if member_id in self.connections}
-        repaired = [member_id for member_id in outcome.repaired if member_id in self.connections]
-        if repaired:
-            self.holders.store([self.client_item(member_id) for member_id in repaired])
         if outcome.closes:
             self.finish(outcome.closes, "said QUIT")
 
@@ -262,8 +261,8 @@ class ChatServer:
         if connection is None:
             return
         log.info("member %d closed: %s", member_id, reason)
-        connection.close()
-        self.holders.remove([client_name(member_id)])
+        connection.close()  # shut down first: the copy in its bundle ends with it
+        self.bundles.forget(member_id)
         self._freed.add(member_id)
         self._dirty.discard(member_id)
         self._wake.discard(member_id)
@@ -347,25 +346,14 @@ class ChatServer:
     def server_items(self) -> list[Item]:
         return [(LISTEN_NAME, b"{}", self.listener.fileno()), (STATE_NAME, b"{}", self.journal.fd)]
 
-    def client_item(self, member_id: int) -> Item:
-        member = self.room.members.get(member_id)
-        meta = {
-            "nick": member.nick if member else None,
-            "target": member.target if member else None,
-            "paired": bool(member and member.peer),
-            "protocol": self.connections[member_id].codec.protocol,
-        }
-        meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
-        return client_name(member_id), meta_bytes, self.connections[member_id].sock.fileno()
-
     def all_items(self) -> list[Item]:
-        return self.server_items() + [self.client_item(member_id) for member_id in self.connections]
+        return self.server_items() + self.bundles.items()
 
-    def backup_all(self) -> int:
-        """Store every socket and the state again, in bulk; the count of items."""
-        items = self.all_items()
-        self.holders.store(items)
-        return len(items)
+    def backup_all(self) -> dict:
+        """Repack every bundle and store it, with the listener and the journal."""
+        sockets = self.bundles.rebuild_all()
+        self.holders.store(self.server_items())
+        return {"sockets": sockets, "stored": len(self.all_items())}
 
     def audit_holders(self) -> None:
         if self.listener is not None:
@@ -402,7 +390,7 @@ class ChatServer:
                     "protocol": connection.codec.protocol,
                     "remote": connection.remote,
                     "queued": connection.outbox.pending,
-                    "held": None if held is None else client_name(member_id) in held,
+                    "held": None if held is None else self.bundles.held_in(member_id, held),
                 }
             )
         return rows

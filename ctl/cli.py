@@ -88,7 +88,8 @@ def cmd_clients(args) -> int:
 
 def cmd_backup(args) -> int:
     reply = control.call("backup", args.control)
-    _print(args, reply, f"stored {reply['stored']} fds (listening socket, state, clients) in the holders")
+    _print(args, reply, f"kept {plural(reply['sockets'], 'client socket')} in freshly packed bundles; the "
+                        f"holders keep {plural(reply['stored'], 'fd')} for chatd (listener, journal, bundle ends)")
     return 0
 
 

@@ -177,7 +177,8 @@ class Story:
 
     def backup(self) -> None:
         reply = self._control("backup")
-        self.say(f"backup: chatd stored {reply['stored']} fds in holderd")
+        self.say(f"backup: chatd keeps its {plural(reply['sockets'], 'client socket')} in holderd "
+                 f"({plural(reply['stored'], 'fd')}: listener, state, bundle)")
 
     def crash(self) -> None:
         pid = self.chatd.pid

@@ -3,28 +3,39 @@
 Theory of operation
 -------------------
 systemd keeps the fds a service stores (``FDSTORE=1``) across a crash or a
-restart of that service and passes them to its next process. It keeps a name
-per fd, but only a short one (``FDNAME=``, at most 255 characters), while each
-held fd comes with a uid, a name of up to 200 bytes and up to 4 KiB of
-metadata. So each held fd is stored under a short name of its own,
-``held-<serial>``, and what it means is written to an *index*: a memfd, itself
-in the store, made of one line per change::
+restart of that service and passes them to its next process. It keeps a short
+name per fd (``FDNAME=``), hands every name to the next process in one
+environment string capped at 128 KiB, and compares each fd it is handed with
+every fd it keeps. So holderd stores few fds, whatever it holds:
 
-    + <serial> <uid> <name> <meta, base64>     an fd was stored as held-<serial>
-                                               (again: its metadata changed)
-    - <serial>                                 it was released
+- every held fd is appended, keyed by a *serial* of its own, to one of
+  :data:`SHARDS` *bundles* (:mod:`fdkeep.bundle`: a socketpair whose queue
+  keeps fds in flight), shard ``serial % SHARDS``; both ends of each bundle are
+  stored as ``bundle/<shard>/<generation>/w`` and ``…/r``;
+- what each serial means (its uid, name and metadata, up to 4 KiB) is written
+  to an *index*: a memfd, itself in the store as ``index-<generation>``, made
+  of one line per change::
+
+      + <serial> <uid> <name> <meta, base64>     an fd is held as <serial>
+                                                 (again: its metadata changed)
+      - <serial>                                 it was released
 
 Each line is appended with one ``pwrite``, so a crash can cut short only the
 last line, and a line without its newline is ignored. The order of steps makes
 a crash at any instant harmless: a ``+`` line is written before its fd is
-stored, and the fd is removed from the store before its ``-`` line is written.
-What a crash can leave is an fd without a record or a record without an fd;
+appended to a bundle, and a released fd's ``-`` line is written when it is let
+go (its copy stays in the bundle, dead, until the bundle is rebuilt). What a
+crash can leave is an fd without a record or a record without an fd;
 :func:`read_index` and :meth:`FdStoreMirror.restore` discard both.
 
-The index only grows, so once it is over :data:`COMPACT_AT` bytes and four
-times the size of its live lines, a new index holding only the live lines is
-written in full, stored as ``index-<generation+1>``, and only then is the old
-one removed: after a crash in between, the highest generation wins.
+A bundle is rebuilt (its live fds packed into a fresh socketpair) when its
+queue is full or its dead outnumber its live (and dropped when none is live): the fresh one is complete before
+it is stored, and the old one is removed from the store only after; a restore
+takes each shard's highest generation. The index only grows, so once it is over
+:data:`COMPACT_AT` bytes and four times the size of its live lines, a new index
+holding only the live lines is written in full, stored as ``index-<generation+1>``,
+and only then is the old one removed: after a crash in between, the highest
+generation wins.
 
 On a clean stop holderd leaves the store alone: ``systemctl restart`` keeps the
 store, and ``systemctl stop`` empties it anyway.
@@ -38,15 +49,19 @@ import base64
 import binascii
 import logging
 import os
+import re
 from dataclasses import dataclass
 
-from .protocol import Held, HolderCore, Watcher
+from fdkeep.bundle import Bundle, Shard
 from fdkeep.systemd import ServiceManager
+
+from .protocol import Held, HolderCore, Watcher
 
 log = logging.getLogger("holderd")
 
 INDEX_PREFIX = "index-"
-HELD_PREFIX = "held-"
+BUNDLE_NAME = re.compile(r"bundle/(\d+)/(\d+)/([wr])\Z")
+SHARDS = 16
 COMPACT_AT = 1 << 20
 
 
@@ -85,6 +100,11 @@ def remove_line(serial: int) -> bytes:
     return b"- %d\n" % serial
 
 
+def bundle_names(shard: Shard) -> tuple[str, str]:
+    base = f"bundle/{shard.number}/{shard.generation}/"
+    return base + "w", base + "r"
+
+
 def _read_all(fd: int) -> bytes:
     size = os.fstat(fd).st_size
     return os.pread(fd, size, 0) if size else b""
@@ -103,6 +123,7 @@ class FdStoreMirror(Watcher):
         self._index_fd: int | None = None
         self._index_size = 0
         self._generation = 0
+        self._shards: dict[int, Shard] = {}
         self._adopting: dict[int, int] = {}  # fd -> serial, while restoring
 
     # -- after a restart: take back what the store kept --------------------------------
@@ -110,7 +131,29 @@ class FdStoreMirror(Watcher):
         """Hold again every fd systemd passed back; the count restored."""
         passed = self.manager.take_passed_fds()
         if not self.enabled:
+            for fd in passed:
+                os.close(fd)
             return 0
+        entries = self._take_newest_index(passed)
+        by_serial = self._take_bundles(passed, entries)
+        if self._index_fd is None:
+            self._start_index()
+        self._next_serial = max([*entries, 0]) + 1
+        self._adopting = {fd: serial for serial, fd in by_serial.items()}
+        try:
+            for serial, fd in sorted(by_serial.items()):
+                entry = entries[serial]
+                core.adopt(entry.uid, entry.name, entry.meta, fd)
+        finally:
+            self._adopting = {}
+        for serial in entries.keys() - by_serial.keys():
+            self._append(remove_line(serial))  # its fd is gone (hung up while we were away)
+        if by_serial:
+            log.info("took back %d held fds from systemd's fd store (index generation %d, %d bundles)",
+                     len(by_serial), self._generation, len(self._shards))
+        return len(by_serial)
+
+    def _take_newest_index(self, passed: dict[int, str]) -> dict[int, IndexEntry]:
         indexes = sorted(
             ((int(name[len(INDEX_PREFIX):]), fd) for fd, name in passed.items()
              if name.startswith(INDEX_PREFIX) and name[len(INDEX_PREFIX):].isdigit()),
@@ -129,32 +172,40 @@ class FdStoreMirror(Watcher):
                 self._index_fd, self._index_size, self._generation = fd, complete, generation
             else:
                 self._forget(f"{INDEX_PREFIX}{generation}", fd)  # an old generation
-        by_serial = {}
+        return entries
+
+    def _take_bundles(self, passed: dict[int, str], entries: dict[int, IndexEntry]) -> dict[int, int]:
+        """Each shard's newest whole bundle; the fds in it the index knows, by serial."""
+        ends: dict[tuple[int, int], dict[str, int]] = {}
         for fd, name in passed.items():
             if name.startswith(INDEX_PREFIX):
                 continue
-            tail = name[len(HELD_PREFIX):]
-            if name.startswith(HELD_PREFIX) and tail.isdigit() and int(tail) in entries:
-                by_serial[int(tail)] = fd
-            else:
-                log.warning("systemd passed fd %d named %r, which the index does not know: dropping it", fd, name)
+            match = BUNDLE_NAME.match(name)
+            if match is None:
+                log.warning("systemd passed fd %d named %r, which holderd does not know: dropping it", fd, name)
                 self._forget(name, fd)
-        if self._index_fd is None:
-            self._start_index()
-        self._next_serial = max([*entries, 0]) + 1
-        self._adopting = {fd: serial for serial, fd in by_serial.items()}
-        try:
-            for serial, fd in sorted(by_serial.items()):
-                entry = entries[serial]
-                core.adopt(entry.uid, entry.name, entry.meta, fd)
-        finally:
-            self._adopting = {}
-        for serial in entries.keys() - by_serial.keys():
-            self._append(remove_line(serial))  # its fd is gone (hung up while we were away)
-        if by_serial:
-            log.info("took back %d held fds from systemd's fd store (index generation %d)",
-                     len(by_serial), self._generation)
-        return len(by_serial)
+                continue
+            ends.setdefault((int(match[1]), int(match[2])), {})[match[3]] = fd
+        newest: dict[int, int] = {}
+        for (number, generation), pair in ends.items():
+            if set(pair) == {"w", "r"} and generation > newest.get(number, 0):
+                newest[number] = generation
+        by_serial: dict[int, int] = {}
+        for (number, generation), pair in ends.items():
+            if newest.get(number) != generation:
+                for end, fd in pair.items():
+                    self._forget(f"bundle/{number}/{generation}/{end}", fd)
+                continue
+            shard = Shard(number, Bundle.from_fds(pair["w"], pair["r"]), generation)
+            for serial, fd in shard.bundle.read():
+                if serial in entries and serial not in by_serial:
+                    by_serial[serial] = fd
+                    shard.live[serial] = fd
+                else:
+                    os.close(fd)
+                    shard.dead += 1
+            self._shards[number] = shard
+        return by_serial
 
     def _forget(self, name: str, fd: int) -> None:
         self.manager.remove(name)
@@ -172,6 +223,31 @@ class FdStoreMirror(Watcher):
             self.manager.remove(f"{INDEX_PREFIX}{self._generation - 1}")
             os.close(old)
 
+    # -- bundles ------------------------------------------------------------------------
+    def _keep(self, serial: int, fd: int) -> None:
+        number = serial % SHARDS
+        shard = self._shards.get(number)
+        if shard is None:
+            shard = Shard(number, Bundle.create(), generation=1)
+            self._shards[number] = shard
+            shard.add([(serial, fd)])
+            self._store_shard(shard)
+        elif not shard.add([(serial, fd)]):
+            shard.live[serial] = fd
+            self._rebuild(shard)
+
+    def _store_shard(self, shard: Shard) -> None:
+        for name, fd in zip(bundle_names(shard), shard.bundle.fds()):
+            self.manager.store(name, fd)
+
+    def _rebuild(self, old: Shard) -> None:
+        fresh = old.rebuilt()
+        self._store_shard(fresh)
+        self._shards[old.number] = fresh
+        for name in bundle_names(old):
+            self.manager.remove(name)
+        old.bundle.close()
+
     # -- the watcher ----------------------------------------------------------------------
     def held(self, uid: int, held: Held) -> None:
         if not self.enabled:
@@ -184,7 +260,7 @@ class FdStoreMirror(Watcher):
             serial = self._next_serial
             self._next_serial += 1
             self._append(line)
-            self.manager.store(f"{HELD_PREFIX}{serial}", held.fd)
+            self._keep(serial, held.fd)
         self._serial_of[held.fd] = serial
         self._lines[serial] = line
         self._live_size += len(line)
@@ -203,8 +279,17 @@ class FdStoreMirror(Watcher):
         serial = self._serial_of.pop(held.fd, None)
         if serial is None or not self.enabled:
             return
-        self.manager.remove(f"{HELD_PREFIX}{serial}")
         self._append(remove_line(serial))
+        shard = self._shards.get(serial % SHARDS)
+        if shard is not None:
+            shard.forget(serial)
+            if not shard.live:
+                del self._shards[shard.number]
+                for name in bundle_names(shard):
+                    self.manager.remove(name)
+                shard.bundle.close()
+            elif shard.worth_rebuilding():
+                self._rebuild(shard)
         self._live_size -= len(self._lines.pop(serial))
         if self._index_size > COMPACT_AT and self._index_size > 4 * self._live_size:
             self._start_index()

@@ -32,7 +32,8 @@ def test_crash_after_backup_and_restore_keeps_connections_pairs_and_counters(run
     silent = running.client()  # connected before the crash, said nothing
     exchange(a, b, 1, 1, "before")
     exchange(a, b, 2, 2, "before")
-    assert running.control("backup")["stored"] == 5  # listener, state, three clients
+    backup = running.control("backup")
+    assert (backup["sockets"], backup["stored"]) == (3, 4)  # three clients; listener, state, a bundle's ends
     running.kill_chatd(sig)
     a.send("MSG while down")  # waits in the kernel until a chatd reads it
     running.start_chatd("--restore")
@@ -85,7 +86,9 @@ def test_closing_on_purpose_removes_from_holderd_and_peer_hears(running):
     assert b.line() == "UNPAIRED A"
     from holderd.client import HolderClient
     names = {i["name"] for i in HolderClient(running.holder_socket).list()}
-    assert names == {"chatd/listen", "chatd/state", "chatd/client/1"}
+    assert names == {"chatd/listen", "chatd/state", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}
+    rows = running.control("clients")["clients"]
+    assert [(row["nick"], row["held"]) for row in rows] == [("B", True)]
 
 
 def test_protocol_errors_against_a_running_chatd(running):

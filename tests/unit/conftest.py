@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import array
 import os
+import select
 import socket
+import threading
 
 import pytest
 
 
 class NotifySocket:
+    """Reads what it is sent on a thread of its own, as systemd does: a datagram
+    sender blocks once ten messages wait (net.unix.max_dgram_qlen)."""
+
     def __init__(self, path):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
@@ -22,8 +27,22 @@ class NotifySocket:
         self.path = str(path)
         self.store: dict[str, list[int]] = {}
         self.messages: list[dict] = []
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._reader = threading.Thread(target=self._read_on, daemon=True)
+        self._reader.start()
+
+    def _read_on(self):
+        while not self._closing.is_set():
+            select.select([self.sock], [], [], 0.02)
+            if not self._closing.is_set():
+                self.drain()
 
     def drain(self) -> list[dict]:
+        with self._lock:
+            return self._drain()
+
+    def _drain(self) -> list[dict]:
         while True:
             try:
                 data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * 4))
@@ -50,6 +69,8 @@ class NotifySocket:
         return {os.dup(fd): name for name, fds in self.store.items() for fd in fds}
 
     def close(self):
+        self._closing.set()
+        self._reader.join(2)
         for fds in self.store.values():
             for fd in fds:
                 os.close(fd)

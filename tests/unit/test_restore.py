@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from chatd.holders import Holders
 from chatd.restore import restore
 from chatd.server import ChatServer
-from ctl.launch import wait_until
 from ctl.probe import LineClient
 from holderd.client import Retrieved
 
@@ -115,29 +114,52 @@ def test_a_new_server_takes_back_listener_journal_and_clients():
     holder.forget_all()
 
 
-def test_without_the_journal_clients_come_back_from_their_metadata_under_new_slots():
+def test_without_the_journal_clients_keep_their_connections_as_new_members():
     holder = MemoryHolder()
     first = ChatServer(Holders([holder]), 8)
     first.bind("127.0.0.1", 0)
     with serving(first):
         leaver = connect(first.port, "L")
-        a, b = chatting_pair(first)  # slots 1 and 2
+        a, b = chatting_pair(first)
         leaver.send("QUIT")
         assert leaver.line() == "BYE"
-        wait_until(lambda: holder.held_names() == {"chatd/listen", "chatd/state", "chatd/client/1", "chatd/client/2"},
-                   5, "the leaver to be forgotten")
+    assert holder.held_names() == {"chatd/listen", "chatd/state", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}
     die(first)
-    holder.remove(["chatd/state"])  # the journal is lost: only holderd's metadata is left
+    holder.remove(["chatd/state"])  # the journal is lost: the sockets are all that is left
 
     second = ChatServer(Holders([holder]), 8)
     summary = restore(second)
-    assert (summary["clients"], summary["pairs"]) == (2, 1), "nick and target came from the metadata"
-    assert holder.held_names() == {"chatd/listen", "chatd/state", "chatd/client/0", "chatd/client/1"}, \
-        "each client is kept under its new slot's name, and a new journal is kept"
+    assert (summary["clients"], summary["pairs"]) == (2, 0), "the connections, not their chat state"
+    assert holder.held_names() == {"chatd/listen", "chatd/state", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}, \
+        "a new journal is kept in its place"
     with serving(second):
+        a.send("NICK A", "PAIR B")
+        b.send("NICK B", "PAIR A")
+        assert a.lines(2) == ["OK NICK A", "OK PAIR B"] and b.lines(3) == ["OK NICK B", "OK PAIR A", "PAIRED A"]
         a.send("MSG two")
         assert b.line() == "FROM A 1 two", "without the journal the count starts again"
     a.close(), b.close(), leaver.close()
+    holder.forget_all()
+
+
+def test_a_crash_during_a_restore_loses_nothing():
+    """Reading bundles back does not consume them: a restore that dies half-way leaves
+    everything for the next one."""
+    holder = MemoryHolder()
+    first = ChatServer(Holders([holder]), 8)
+    first.bind("127.0.0.1", 0)
+    with serving(first):
+        a, b = chatting_pair(first)
+    die(first)
+    half = ChatServer(Holders([holder]), 8)
+    assert restore(half)["clients"] == 2
+    die(half)  # as if it crashed right after taking everything back
+    third = ChatServer(Holders([holder]), 8)
+    assert restore(third)["clients"] == 2
+    with serving(third):
+        a.send("MSG two")
+        assert b.line() == "FROM A 2 two"
+    a.close(), b.close()
     holder.forget_all()
 
 

@@ -108,9 +108,9 @@ def test_restore_rederives_pairs_and_keeps_counters_silently():
 def test_the_outcome_says_what_must_be_saved():
     room, _ = paired_room()
     outcome = say(room, 1, "MSG x")
-    assert outcome.changed == {2} and outcome.repaired == set()
+    assert outcome.changed == {2}, "the receiver's count"
     outcome = say(room, 2, "PAIR Z")
-    assert outcome.repaired == {1, 2} and outcome.changed == {1, 2}
+    assert outcome.changed == {1, 2}, "both lose their pairing and their counts"
     assert say(room, 1, "WHO").changed == set(), "a question changes nothing"
 
 

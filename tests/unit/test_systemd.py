@@ -98,3 +98,28 @@ def test_a_notification_systemd_does_not_take_is_reported_not_raised(tmp_path, m
     manager = ServiceManager({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
     assert manager.notify("READY=1") is False
     assert manager.store("x", 0) is False
+
+
+def test_holderd_keeps_thousands_in_few_names_and_takes_them_back(notify_socket):
+    sockets = [socket.socketpair() for _ in range(1500)]
+    core = HolderCore(watcher=FdStoreMirror(manager_for(notify_socket)))
+    items = [{"name": f"n{index}", "meta": "bWV0YQ=="} for index in range(len(sockets))]
+    for start in range(0, len(sockets), 250):
+        core.handle(1000, {"op": "STORE", "items": items[start:start + 250]},
+                    [os.dup(a.fileno()) for a, _ in sockets[start:start + 250]])
+    core.handle(1000, {"op": "REMOVE", "names": [f"n{index}" for index in range(1000)]}, [])
+    notify_socket.drain()
+    assert len(notify_socket.store) <= 1 + 2 * 16 + 2, "an index and two ends per bundle, not an fd each"
+    assert sum(len(fds) for fds in notify_socket.store.values()) == len(notify_socket.store)
+    core.watcher.detach()
+    core.close()
+
+    restarted = HolderCore(watcher=FdStoreMirror(manager_for(notify_socket, notify_socket.passed())))
+    assert restarted.watcher.restore(restarted) == 500
+    held = {held.name: held for _, held in restarted.held_items()}
+    assert sorted(held) == sorted(f"n{index}" for index in range(1000, 1500))
+    assert held["n1234"].ino == os.fstat(sockets[1234][0].fileno()).st_ino
+    restarted.watcher.detach()
+    restarted.close()
+    for a, b in sockets:
+        a.close(), b.close()
