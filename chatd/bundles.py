@@ -44,6 +44,25 @@ BUNDLE_PREFIX = PREFIX + "bundle/"
 NAME = re.compile(r"chatd/bundle/(\d+)/(\d+)/([wr])\Z")
 
 
+#: Descriptors chatd needs besides one per client: the listener, the journal,
+#: the epoll fd, holderd and control connections, logs, imports.
+OWN_FDS = 64
+
+
+def clients_the_fd_limit_allows(fd_limit: int, shard_slots: int = SHARD_SLOTS) -> int:
+    """How many clients chatd can hold under ``RLIMIT_NOFILE`` = ``fd_limit``.
+
+    Two counts must stay under it. Open fds: one socket per client, two ends
+    per shard's bundle, and chatd's own. Fds in flight, which the kernel counts
+    per user against the sender's limit (``ETOOMANYREFS`` past it, unless the
+    sender has CAP_SYS_RESOURCE): one per client, and a shard's worth more
+    while that shard is rebuilt.
+    """
+    by_open_fds = (fd_limit - OWN_FDS - 2) * shard_slots // (shard_slots + 2)
+    by_fds_in_flight = fd_limit - shard_slots
+    return max(min(by_open_fds, by_fds_in_flight), 0)
+
+
 def names(shard: int, generation: int) -> tuple[str, str]:
     base = f"{BUNDLE_PREFIX}{shard}/{generation}/"
     return base + "w", base + "r"
@@ -113,6 +132,15 @@ class ClientBundles:
         old.bundle.close()
         log.info("bundle %d rebuilt as generation %d with %d sockets (%s)", number, fresh.generation,
                  len(fresh.live), why)
+
+    def tidy(self) -> None:
+        """Pack one shard whose sockets went in one message each (as accepts append them):
+        fewer messages make a restore faster and leave room in the queue. One a call, so
+        that the loop is never held long; called from a timer."""
+        for number, shard in self.shards.items():
+            if shard.worth_packing():
+                self.rebuild(number, f"{shard.messages} messages for {len(shard.live)} sockets")
+                return
 
     def rebuild_all(self) -> int:
         for number in list(self.shards):

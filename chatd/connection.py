@@ -46,12 +46,12 @@ READ_SIZE = 65536
 
 class Connection(Channel):
     def __init__(self, server: "ChatServer", sock: socket.socket, member_id: int, codec: Codec,
-                 inbox: InRing, outbox: OutRing):
+                 inbox: InRing, outbox: OutRing, inode: int | None = None):
         self.server = server
         self.member_id = member_id
         self.codec = codec
         self.inbox = inbox
-        self.inode = os.fstat(sock.fileno()).st_ino
+        self.inode = inode if inode is not None else os.fstat(sock.fileno()).st_ino
         #: Seen the client's EOF: what it sent before is handled, then it is closed.
         self.eof = False
         #: Said its last word (BYE): closed once its output is sent.
@@ -63,11 +63,14 @@ class Connection(Channel):
         #: The input offset a predecessor died handling, and how many times.
         self.poison_offset = 0
         self.poison_count = 0
-        try:
-            self.remote = "%s:%d" % sock.getpeername()[:2]
-        except OSError:
-            self.remote = "?"
         super().__init__(server.loop, sock, outbox)
+
+    @property
+    def remote(self) -> str:
+        try:
+            return "%s:%d" % self.sock.getpeername()[:2]
+        except OSError:
+            return "?"
 
     @property
     def outbox(self) -> OutRing:

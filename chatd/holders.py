@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Protocol
 
 from fdkeep.errors import Error
@@ -63,13 +64,23 @@ class Holder(Protocol):
 
 
 class HolderdHolder:
-    """holderd, reached over its UNIX socket."""
+    """holderd, reached over its UNIX socket.
+
+    Calls are blocking, and short: holderd answers in well under a millisecond,
+    and chatd calls it only for a few names (a new or rebuilt bundle, the
+    audit). A holderd that does not answer within :data:`TIMEOUT` is left alone
+    for :data:`RETRY_AFTER` seconds (calls meanwhile are skipped and logged as
+    failed), so a hung holderd costs chatd's loop at most one timeout each time.
+    """
 
     label = "holderd"
+    TIMEOUT = 1.0
+    RETRY_AFTER = 5.0
 
     def __init__(self, path: str | None):
-        self.client = HolderClient(path, timeout=3.0)
+        self.client = HolderClient(path, timeout=self.TIMEOUT)
         self.working: bool | None = None
+        self._retry_at = 0.0
 
     def _outcome(self, error: Error | None, what: str) -> bool:
         if error is None:
@@ -79,14 +90,18 @@ class HolderdHolder:
             return True
         if error.code == "unavailable":
             if self.working is not False:
-                log.warning("holderd unavailable, %s skipped: %s", what, error.message)
+                log.warning("holderd unavailable, %s skipped (retried in %.0f s): %s", what, self.RETRY_AFTER,
+                            error.message)
             self.working = False
+            self._retry_at = time.monotonic() + self.RETRY_AFTER
         else:
             log.warning("holderd refused %s: %s", what, error)
         return False
 
     def _attempt(self, what: str, call):
         """``call()``'s result, or None if holderd failed (logged as its state changes)."""
+        if self.working is False and time.monotonic() < self._retry_at:
+            return None
         try:
             result = call()
         except Error as exc:

@@ -153,14 +153,28 @@ class Journal:
         #: Which copy of each slot is current, and whether the slot is used.
         self._current = bytearray(slots)
         self._used = bytearray(slots)
+        self._scan()
         #: Slots neither used nor handed out by allocate(); popped from the end.
-        self._free: list[int] = []
-        for slot in range(slots - 1, -1, -1):
-            self._current[slot] = self._pick_current(slot)
-            self._used[slot] = self.read(slot) is not None
-            if not self._used[slot]:
-                self._free.append(slot)
+        self._free: list[int] = [slot for slot in range(slots - 1, -1, -1) if not self._used[slot]]
         self._allocated: set[int] = set()
+
+    def _scan(self) -> None:
+        """Find each slot's current copy, in one pass over the records; erase the tags no commit made."""
+        copies = memoryview(self._map)[HEADER_SIZE:HEADER_SIZE + self.slots * 2 * RECORD.size]
+        try:
+            for index, (tag, used, *_) in enumerate(RECORD.iter_unpack(copies)):
+                slot, copy = divmod(index, 2)
+                if tag > self.committed:  # what a crash cut short
+                    self._write(self._copy_offset(slot, copy), SEQ.pack(0))
+                    tag = 0
+                if copy == 0:
+                    best_tag, best_used = tag, used
+                elif tag > best_tag:
+                    self._current[slot], self._used[slot] = 1, used == 1
+                else:
+                    self._current[slot], self._used[slot] = 0, best_used == 1
+        finally:
+            copies.release()
 
     # -- making and finding the file ----------------------------------------------------
     @staticmethod
@@ -207,18 +221,6 @@ class Journal:
     # -- the two copies ---------------------------------------------------------------
     def _copy_offset(self, slot: int, copy: int) -> int:
         return HEADER_SIZE + (2 * slot + copy) * RECORD.size
-
-    def _tag(self, slot: int, copy: int) -> int:
-        return SEQ.unpack_from(self._map, self._copy_offset(slot, copy))[0]
-
-    def _pick_current(self, slot: int) -> int:
-        """The copy with the highest tag a commit made; erase a tag no commit made."""
-        tags = [self._tag(slot, copy) for copy in (0, 1)]
-        for copy, tag in enumerate(tags):
-            if tag > self.committed:
-                self._write(self._copy_offset(slot, copy), SEQ.pack(0))
-                tags[copy] = 0
-        return 0 if tags[0] >= tags[1] else 1
 
     def _write(self, offset: int, data: bytes) -> None:
         """Every byte a commit writes goes through here (a test replays them)."""
@@ -287,9 +289,8 @@ class Journal:
     def records(self):
         """(slot, record) for every used slot."""
         for slot in range(self.slots):
-            record = self.read(slot)
-            if record is not None:
-                yield slot, record
+            if self._used[slot]:
+                yield slot, self.read(slot)
 
     # -- rings ------------------------------------------------------------------------
     def _ring_offset(self, slot: int) -> int:

@@ -14,6 +14,7 @@ from holderd.client import default_socket as holderd_socket
 
 from . import faults
 from .control import ControlServer, default_socket as control_socket
+from .bundles import clients_the_fd_limit_allows
 from .holders import Holders, HolderdHolder, SystemdHolder
 from .journal import Journal
 from .restore import restore
@@ -95,7 +96,13 @@ def main(argv=None) -> int:
     except Error as exc:
         log.error("%s", exc.message)
         return 2
-    raise_fd_limit()
+    fd_limit = raise_fd_limit()
+    allowed = clients_the_fd_limit_allows(fd_limit)
+    if args.max_clients > allowed:
+        log.warning("--max-clients %d is more than RLIMIT_NOFILE %d allows (each client is an open socket and "
+                    "the same socket in flight in a bundle): serving at most %d; raise LimitNOFILE= for more",
+                    args.max_clients, fd_limit, allowed)
+        args.max_clients = allowed
     manager = ServiceManager()
     holders = [] if args.no_holderd else [HolderdHolder(args.holder)]
     if manager.present:

@@ -198,7 +198,7 @@ def _take_back(server: "ChatServer", slot: int, sock: socket.socket, record: Rec
                                    server.journal.in_size)
         in_flight[0] += read - record.in_handled
         in_flight[1] += record.out_end - written
-        server.adopt(sock, slot, record, read, written)
+        server.adopt(sock, slot, record, read, written, inode)
         if record.flags & CLOSING:
             return True
         return Member(slot, record.protocol, record.nick, record.target, record.received)
@@ -207,7 +207,7 @@ def _take_back(server: "ChatServer", slot: int, sock: socket.socket, record: Rec
         sock.close()
         return None
     # Kept right after its accept, before its first commit: a new client, nothing said yet.
-    server.adopt(sock, slot, None, positions.read, positions.written)
+    server.adopt(sock, slot, None, positions.read, positions.written, inode)
     log.info("member %d restored without a journal record (accepted just before the crash)", slot)
     return Member(slot)
 

@@ -80,6 +80,10 @@ MAX_EVENT = 72 * 1024
 RESERVE = 2 * MAX_EVENT
 #: A client that takes nothing of its queued output this long is closed.
 STALL_TIMEOUT = 60.0
+#: How often a bundle of sockets appended one by one is packed (one bundle a time).
+TIDY_INTERVAL = 0.2
+#: How long accepting stops when accept() fails (out of fds).
+ACCEPT_PAUSE = 0.5
 
 
 class ChatServer:
@@ -102,6 +106,7 @@ class ChatServer:
         #: The summary of the restore this process started with (chatd.restore).
         self.restore_summary: dict | None = None
         self._status_sent: str | None = None
+        self._accept_paused = False
         #: Members whose record must be committed; slots to free; connections to wake.
         self._dirty: set[int] = set()
         self._freed: set[int] = set()
@@ -134,21 +139,23 @@ class ChatServer:
         self.loop.add(listener.fileno(), IN, self._accept)
 
     def adopt(self, sock: socket.socket, member_id: int, record: Record | None = None,
-              read: int = 0, written: int = 0) -> Connection:
+              read: int = 0, written: int = 0, inode: int | None = None) -> Connection:
         """Serve ``sock`` as member ``member_id``: a new client, or one restored with its record
         and the kernel's counts of what was read and written on it."""
-        if record is None:
+        fresh = record is None
+        if fresh:
             record = Record(0, in_handled=read, out_start=written, out_end=written)
         inbox = InRing(self.journal.in_ring(member_id), record.in_handled, read)
         outbox = OutRing(self.journal.out_ring(member_id), written, record.out_end)
         codec = LineCodec(consumed=record.in_handled, state=record.codec)
         if read > record.in_handled:
             codec.feed(inbox.bytes(record.in_handled, read))
-        connection = Connection(self, sock, member_id, codec, inbox, outbox)
+        connection = Connection(self, sock, member_id, codec, inbox, outbox, inode)
         connection.finishing = bool(record.flags & CLOSING)
         connection.poison_offset, connection.poison_count = record.poison_offset, record.poison_count
         self.connections[member_id] = connection
-        self._dirty.add(member_id)
+        if fresh or outbox:  # a record to write; or output a crash left, which only a commit sends
+            self._dirty.add(member_id)
         return connection
 
     # -- clients ----------------------------------------------------------------------
@@ -159,7 +166,7 @@ class ChatServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.error("accept failed: %s", exc)
+                self._pause_accepting(exc)
                 return
             faults.reached("after-accept")
             slot = self.journal.allocate()
@@ -176,6 +183,23 @@ class ChatServer:
             self._dirty |= self.room.join(slot).changed
             connection = self.adopt(sock, slot)
             log.debug("member %d connected from %s", slot, connection.remote)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of fds (or memory): stop accepting for a moment instead of spinning on the
+        listener, which stays readable; the clients wait in its backlog meanwhile."""
+        if self._accept_paused:
+            return
+        self._accept_paused = True
+        log.error("accept failed (%s) with %s: not accepting for %.1f s", exc.strerror or exc,
+                  plural(len(self.connections), "client"), ACCEPT_PAUSE)
+        self.loop.modify(self.listener.fileno(), 0)
+
+        def resume():
+            self._accept_paused = False
+            if self.listener is not None:
+                self.loop.modify(self.listener.fileno(), IN)
+
+        self.loop.call_later(ACCEPT_PAUSE, resume)
 
     def take_input(self, connection: Connection) -> None:
         """Handle the connection's commands, as many as the output rings have room for."""
@@ -424,6 +448,7 @@ class ChatServer:
     def serve_forever(self) -> None:
         self.loop.call_every(STATUS_INTERVAL, self._report_status)
         self.loop.call_every(AUDIT_INTERVAL, self.audit_holders)
+        self.loop.call_every(TIDY_INTERVAL, self.bundles.tidy)
         self.loop.call_every(min(self.stall_timeout / 4, 5.0), self._drop_stalled)
         if self.manager.watchdog_interval:
             self.loop.call_every(self.manager.watchdog_interval, self.manager.watchdog, first=0)

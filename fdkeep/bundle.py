@@ -149,6 +149,8 @@ class Shard:
         #: key -> the fd it was appended with (the caller's, kept open by the caller).
         self.live: dict[int, int] = dict(live or {})
         self.dead = 0
+        #: Messages in the queue: each costs the reader a call and the writer's buffer some 1 KB.
+        self.messages = -(-len(self.live) // MAX_FDS)
 
     def add(self, entries: list[tuple[int, int]]) -> bool:
         """Append; False if the bundle is full (rebuild, then add again)."""
@@ -157,6 +159,7 @@ class Shard:
         except BlockingIOError:
             return False
         self.live.update(entries)
+        self.messages += -(-len(entries) // MAX_FDS)
         return True
 
     def forget(self, key: int) -> None:
@@ -165,6 +168,10 @@ class Shard:
 
     def worth_rebuilding(self) -> bool:
         return self.dead >= self.MIN_DEAD and self.dead > len(self.live)
+
+    def worth_packing(self) -> bool:
+        """Many small messages (one per append): a rebuild packs them 253 a message."""
+        return self.messages > 2 * -(-len(self.live) // MAX_FDS) + 32
 
     def rebuilt(self) -> "Shard":
         """A fresh shard with the live entries packed; the caller stores it, then drops this one."""
@@ -175,4 +182,5 @@ class Shard:
             fresh.bundle.close()
             raise
         fresh.live = dict(self.live)
+        fresh.messages = -(-len(fresh.live) // MAX_FDS)
         return fresh
