@@ -14,8 +14,12 @@ to keep (``FDSTORE=1`` + ``FDNAME=``) or forget (``FDSTOREREMOVE=1``). systemd
 keeps stored fds across a crash or restart of the service and hands them to its
 next process as ``$LISTEN_FDS``/``$LISTEN_FDNAMES`` (fds 3, 4, ...); a stop
 empties the store. Messages that carry fds need SCM_RIGHTS, which sdnotify
-cannot send, so those go through python-systemd's :func:`systemd.daemon.notify`,
-which also reads the passed fds back (:func:`systemd.daemon.listen_fds_with_names`).
+cannot send; python-systemd's ``notify(..., fds=)`` can, but it blocks in
+``sendmsg`` while holding the GIL when systemd's queue is full (ten datagrams,
+``net.unix.max_dgram_qlen``), which freezes every thread of the process. So
+those go out through a ``sendmsg`` of this module's own, which lets other
+threads run while it waits. python-systemd reads the passed fds back
+(:func:`systemd.daemon.listen_fds_with_names`).
 
 :class:`ServiceManager` is that whole conversation, in this one module, and
 nothing when there is no systemd: then every call is a no-op and
@@ -33,8 +37,10 @@ POLLHUP/POLLERR, and compares every fd it is handed with every fd stored.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
+import socket
 
 FDNAME_MAX = 255
 
@@ -66,6 +72,7 @@ class ServiceManager:
         self._passed = self._take_passed_fds() if self.present else {}
         self.watchdog_interval = watchdog_interval(environ) if self.present else None
         self._notifier = None  # connected at the first notification
+        self._fd_socket = None
         self._warned = False
 
     @staticmethod
@@ -115,18 +122,21 @@ class ServiceManager:
     def watchdog(self) -> None:
         self.notify("WATCHDOG=1")
 
-    # -- fds: python-systemd ----------------------------------------------------------
+    # -- fds: SCM_RIGHTS on our own sendmsg -------------------------------------------
     def _notify_fds(self, assignments: str, fds: list[int]) -> bool:
         if not self.present:
             return False
-        from systemd.daemon import notify
-
-        what = assignments.split("\n", 1)[0]
+        address = os.environ.get("NOTIFY_SOCKET", "")
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
-            sent = notify(assignments, fds=fds)
+            if self._fd_socket is None:
+                self._fd_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._fd_socket.sendmsg([assignments.encode()], ancillary, 0, address)
         except OSError as exc:
-            return self._failed(what, exc)
-        return sent or self._failed(what, "sd_pid_notify_with_fds sent nothing")
+            return self._failed(assignments.split("\n", 1)[0], exc)
+        return True
 
     def store(self, name: str, *fds: int) -> bool:
         """Keep ``fds`` in the store under ``name`` (an fd already there is not added twice)."""

@@ -82,6 +82,8 @@ def test_holderd_holder_says_when_holderd_is_gone_and_when_it_is_back(tmp_path, 
     assert caplog.text.count("holderd unavailable") == 1, "a failure is logged once, not per call"
     running = Running(path)
     try:
+        assert holder.store([("chatd/listen", b"", fd)]) is False, "not asked again until RETRY_AFTER"
+        holder._retry_at = 0  # as if RETRY_AFTER had passed
         assert holder.store([("chatd/listen", b"", fd)]) is True and holder.working is True
         assert "works again" in caplog.text
     finally:
