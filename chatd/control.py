@@ -85,12 +85,15 @@ class ControlServer:
         if reply is not None:
             peer.send(reply)
 
-    def _serving(self) -> None:
-        if self.awaiting_restore:
-            raise Error("not-serving", "chatd waits for `chatctl restore` first")
-
     def _op_status(self, peer):
         return {"ok": True, **self.server.status(), "awaiting_restore": self.awaiting_restore}
+
+    def _serving(self) -> None:
+        if self.server.standby:
+            raise Error("standby", "this chatd is the standby: it serves once the one serving dies "
+                                   "(talk to that one: chatctl's default --control)")
+        if self.awaiting_restore:
+            raise Error("not-serving", "chatd waits for `chatctl restore` first")
 
     def _op_clients(self, peer):
         return {"ok": True, "clients": self.server.clients()}
@@ -118,13 +121,24 @@ class ControlServer:
         return {"ok": True, "drained": self.server.drain()}
 
     def _op_crash(self, peer):
+        self._serving()
         log.warning("crash requested by pid %d: dying of SIGSEGV", peer.pid)
         peer.send({"ok": True, "pid": os.getpid()})
         peer.sock.setblocking(True)
         peer.close_after_flush()
         crash()
 
+    def rebind(self, path: str) -> None:
+        """Listen at ``path`` instead (a standby's path, or the server's once it serves)."""
+        if path == self.path:
+            return
+        fresh = listen_unix(path, backlog=16)
+        self.close()
+        self.path, self.sock = path, fresh
+        self.server.loop.add(self.sock.fileno(), IN, self._accept)
+
     def close(self) -> None:
+        self.server.loop.remove(self.sock.fileno())
         self.sock.close()
         try:
             os.unlink(self.path)

@@ -57,7 +57,8 @@ Layout (little-endian)::
                          record size u32, input ring size u32, output ring
                          size u32; at 64: selector u8; at 72 and 80: committed
                          sequence u64 (copies 0 and 1); at 128: marker valid
-                         u8, at 132 its slot u32, at 136 its offset u64
+                         u8, at 132 its slot u32, at 136 its offset u64; at
+                         160: the owner's pid u32, at 168 its start time u64
     records:             per slot, record copy 0 then record copy 1
     rings:               page-aligned; per slot, its input ring then its output ring
     record (160 bytes):  seq u64, used u8, protocol u8, flags u8, poison
@@ -87,6 +88,8 @@ SELECTOR_OFFSET = 64
 ROOT_OFFSETS = (72, 80)
 MARKER = struct.Struct("<B3xIQ")
 MARKER_OFFSET = 128
+OWNER = struct.Struct("<I4xQ")
+OWNER_OFFSET = 160
 SEQ = struct.Struct("<Q")
 RECORD = struct.Struct("<QBBBB4xQQQQQQ32s32s16s16x")
 PROTOCOLS = ("line", "websocket")
@@ -100,7 +103,7 @@ OUT_RING = 256 * 1024
 #: Record flags.
 CLOSING = 1  # said its last word (BYE); to be closed once its output is sent
 
-assert RECORD.size == 160 and MARKER_OFFSET + MARKER.size <= HEADER_SIZE
+assert RECORD.size == 160 and MARKER_OFFSET + MARKER.size <= OWNER_OFFSET < OWNER_OFFSET + OWNER.size <= HEADER_SIZE
 
 
 @dataclass
@@ -325,6 +328,16 @@ class Journal:
         """(slot, offset) of the command a predecessor died handling, if it did."""
         valid, slot, offset = MARKER.unpack_from(self._map, MARKER_OFFSET)
         return (slot, offset) if valid == 1 and slot < self.slots else None
+
+    # -- the owner ------------------------------------------------------------------
+    def set_owner(self, pid: int, start_time: int) -> None:
+        """Say which process serves from this journal (chatd.standby reads it): advisory,
+        not a commit."""
+        OWNER.pack_into(self._map, OWNER_OFFSET, pid, start_time)
+
+    def owner(self) -> tuple[int, int] | None:
+        pid, start_time = OWNER.unpack_from(self._map, OWNER_OFFSET)
+        return (pid, start_time) if pid else None
 
     def close(self) -> None:
         self._view.release()

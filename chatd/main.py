@@ -15,10 +15,11 @@ from holderd.client import default_socket as holderd_socket
 from . import faults
 from .control import ControlServer, default_socket as control_socket
 from .bundles import clients_the_fd_limit_allows
-from .holders import Holders, HolderdHolder, SystemdHolder
+from .holders import LISTEN_NAME, Holders, HolderdHolder, SystemdHolder
 from .journal import Journal
 from .restore import restore
 from .server import STALL_TIMEOUT, ChatServer
+from .standby import Turns
 
 log = logging.getLogger("chatd")
 
@@ -44,6 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="holderd's socket (default: $HOLDERD_SOCKET or %(default)s)",
     )
     parser.add_argument("--no-holderd", action="store_true", help="keep no copies in holderd")
+    parser.add_argument(
+        "--lease", action="store_true",
+        help="take turns with another chatd started the same way (the warm standby): serve only "
+        "while holding holderd's lease 'chatd', else wait, started and ready, and take over the "
+        "moment the one serving dies (see chatd/standby.py)",
+    )
     parser.add_argument(
         "--restore",
         action="store_true",
@@ -81,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--wait goes with --restore")
     if args.fresh and args.restore:
         parser.error("--fresh and --restore contradict each other")
+    if args.lease and (args.no_holderd or args.wait):
+        parser.error("--lease needs holderd (it keeps the lease) and cannot go with --wait")
     if args.max_clients < 1:
         parser.error("--max-clients must be at least 1")
     return args
@@ -114,29 +123,43 @@ def main(argv=None) -> int:
     if args.fresh:
         server.holders.forget_all()
     try:
-        control = ControlServer(server, args.control, restore_on_request=args.wait)
+        # With --lease the control socket moves to args.control only once this chatd serves.
+        control = ControlServer(server, args.control + (".standby" if args.lease else ""),
+                                restore_on_request=args.wait)
     except OSError as exc:
         log.error("cannot open the control socket %s: %s", args.control, exc)
         return 1
     stop_on_signals(log)
-    try:
-        if args.wait:
-            log.info("waiting for `chatctl restore` on %s", args.control)
-        elif restore(server) is None:
-            if args.restore:
-                log.error("--restore: the holders keep no listening socket for chatd; nothing to restore")
-                return 1
+
+    def start_serving(fresh_allowed: bool = True) -> bool:
+        """Restore what the holders keep, else (unless --restore) start afresh; then READY."""
+        if restore(server) is None:
+            if args.restore or not fresh_allowed:
+                log.error("the holders keep no listening socket for chatd: nothing to restore")
+                return False
             try:
                 server.bind(args.host, args.port)
             except OSError as exc:
                 log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+                return False
+        server.announce_ready()
+        return True
+
+    try:
+        if args.wait:
+            log.info("waiting for `chatctl restore` on %s", args.control)
+        elif args.lease:
+            turns = Turns(server, control, args.control, args.holder, start_serving)
+            if not turns.start(systemd_passed_a_listener=LISTEN_NAME in manager.passed_names()):
                 return 1
-        if not args.wait:
-            server.announce_ready()
-        faults.start_counting()  # test crash points count from here: not in chatd's own restore
+        elif start_serving():
+            faults.start_counting()  # test crash points count from here: not in chatd's own restore
+        else:
+            return 1
         server.serve_forever()
-    except SystemExit:
-        pass
+    except SystemExit as exc:
+        if exc.code:
+            return exc.code
     finally:
         manager.stopping(f"stopping; {server.status_line()}")
         control.close()

@@ -86,9 +86,14 @@ def restore(server: "ChatServer") -> dict | None:
             log.warning("the holders keep %d fds for chatd but no listening socket: dropping them", len(retrieved))
             server.holders.forget_all()
         return None
+    journal, journal_fd = _attach_journal(by_name.get(STATE_NAME, []), server.max_clients)
+    if server.may_take_over is not None and not server.may_take_over(journal):
+        journal.close()
+        close_fds(item.fd for item in retrieved if item.fd != journal_fd)
+        return None
+    server.journal = journal
     used_fds = {listeners[0].fd}
     server.listen_on(socket.socket(fileno=listeners[0].fd))
-    server.journal, journal_fd = _attach_journal(by_name.get(STATE_NAME, []), server.max_clients)
     if journal_fd is not None:
         used_fds.add(journal_fd)
     dying = server.journal.handling()

@@ -107,6 +107,10 @@ class ChatServer:
         self.restore_summary: dict | None = None
         self._status_sent: str | None = None
         self._accept_paused = False
+        #: The warm standby (chatd.standby): up, not serving until the lease comes.
+        self.standby = False
+        #: A check a restore makes of the journal it found before taking anything (chatd.standby).
+        self.may_take_over = None
         #: Members whose record must be committed; slots to free; connections to wake.
         self._dirty: set[int] = set()
         self._freed: set[int] = set()
@@ -390,6 +394,7 @@ class ChatServer:
             "pid": os.getpid(),
             "port": self.port,
             "serving": self.listener is not None,
+            "role": "standby" if self.standby else "serving" if self.listener is not None else "waiting",
             "clients": len(self.connections),
             "pairs": len(self.room.pairs()),
             "started": self.started,
@@ -429,6 +434,8 @@ class ChatServer:
         return len(ending)
 
     def status_line(self) -> str:
+        if self.standby:
+            return "standby: takes over the moment the chatd serving dies"
         if self.listener is None:
             return "waiting for `chatctl restore`"
         pairs = len(self.room.pairs())

@@ -4,7 +4,9 @@ It does what a package's post-install script would, and nothing more:
 
 1. creates the system users ``holderd`` and ``chatd`` (no home, no shell) if
    they are missing;
-2. writes ``holderd.service`` and ``chatd.service`` into the unit directory,
+2. writes ``holderd.service``, ``chatd@.service`` (chatd's two processes,
+   taking turns) and ``chatd.service`` (which starts and stops both) into the
+   unit directory,
    with the units' placeholder prefix ``/opt/process-backup`` replaced by the
    prefix this package is installed in (so ``ExecStart=`` finds the programs);
 3. optionally writes ``/etc/default/chatd`` (``CHATD_OPTIONS=``);
@@ -21,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-UNITS = ("holderd.service", "chatd.service")
+UNITS = ("holderd.service", "chatd.service", "chatd@.service")
 USERS = {"holderd": "holderd socket holder", "chatd": "chatd chat server"}
 PLACEHOLDER_PREFIX = "/opt/process-backup"
 
@@ -44,6 +46,7 @@ def units_source(prefix: str) -> Path:
 
 def render_unit(text: str, prefix: str) -> str:
     return text.replace(PLACEHOLDER_PREFIX + "/", prefix.rstrip("/") + "/")
+
 
 
 def ensure_user(name: str, comment: str) -> bool:

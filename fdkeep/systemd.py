@@ -83,6 +83,10 @@ class ServiceManager:
 
         return listen_fds_with_names(unset_environment=True)
 
+    def passed_names(self) -> set[str]:
+        """The names of the fds systemd passed at start (not yet taken)."""
+        return set(self._passed.values())
+
     def take_passed_fds(self) -> dict[int, str]:
         """The fds systemd passed at start, ``{fd: name}``, once: the caller uses or closes each."""
         passed, self._passed = self._passed, {}

@@ -161,3 +161,64 @@ class HolderClient:
         if prefix is not None:
             body["prefix"] = prefix
         return self._call(body)[0][0]["removed"]
+
+
+class Lease:
+    """A lease from holderd, on a connection of its own that lives as long as its holder.
+
+    holderd grants a lease name (per uid) to the first connection that asks and
+    queues the others; when the holder's connection ends (its process died), the
+    next in line is told at once. :meth:`request` asks; then :meth:`fileno` goes
+    into the caller's event loop and :meth:`poll` says what came: ``"granted"``
+    (it is ours now) or ``"lost"`` (holderd went away: ask again once it is back,
+    since a restarted holderd remembers no lease).
+    """
+
+    def __init__(self, name: str, path: str | None = None, timeout: float = 1.0):
+        self.name = name
+        self.path = path or default_socket()
+        self.timeout = timeout
+        self._conn: FrameSocket | None = None
+
+    def request(self) -> bool:
+        """Ask for the lease; True if it is ours, False if we wait in line. Raises Error."""
+        self.close()
+        try:
+            self._conn = FrameSocket(self.path, self.timeout)
+            self._conn.send({"id": 1, "op": "LEASE", "lease": self.name})
+            reply = self._conn.receive().body
+        except (OSError, ConnectionError) as exc:
+            self.close()
+            raise unavailable(self.path, str(exc)) from None
+        except Error as exc:
+            self.close()
+            raise Error("bad-reply", f"holderd's reply is unreadable: {exc.message}") from None
+        if not reply.get("ok"):
+            self.close()
+            raise Error(str(reply.get("error", "unknown")), str(reply.get("message", "")))
+        self._conn.sock.setblocking(False)
+        return bool(reply.get("granted"))
+
+    def fileno(self) -> int:
+        return self._conn.sock.fileno()
+
+    def poll(self) -> str | None:
+        """What holderd said since: "granted", "lost", or None (nothing yet)."""
+        if self._conn is None:
+            return "lost"
+        try:
+            frame = self._conn.receive()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except (OSError, ConnectionError, Error):
+            self.close()
+            return "lost"
+        close_fds(frame.fds)
+        if frame.body.get("event") == "lease-granted" and frame.body.get("lease") == self.name:
+            return "granted"
+        return None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

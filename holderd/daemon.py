@@ -106,7 +106,7 @@ class Holderd:
                 log.warning("refused pid %d uid %d: not in --allow-uid", pid, uid)
                 self._refuse(sock, uid)
                 continue
-            peer = FramePeer(self.loop, sock, self._on_frame, self.peers.discard, self.max_frame)
+            peer = FramePeer(self.loop, sock, self._on_frame, self._peer_closed, self.max_frame)
             self.peers.add(peer)
 
     @staticmethod
@@ -118,8 +118,17 @@ class Holderd:
             pass
         sock.close()
 
+    def _peer_closed(self, peer: FramePeer) -> None:
+        self.peers.discard(peer)
+        by_number = {id(other): other for other in self.peers}
+        for number, event in self.core.peer_gone(id(peer)):
+            waiter = by_number.get(number)
+            if waiter is not None:
+                log.info("lease %s passes to %r (its holder, pid %d, is gone)", event["lease"], waiter, peer.pid)
+                waiter.send(event)
+
     def _on_frame(self, peer: FramePeer, body: dict, fds: list[int]) -> None:
-        for reply in self.core.handle(peer.uid, body, fds):
+        for reply in self.core.handle(peer.uid, body, fds, id(peer)):
             if not reply.body.get("ok"):
                 log.info("%r: %s %s: %s", peer, body.get("op"), reply.body["error"], reply.body["message"])
             peer.send(reply.body, reply.fds)

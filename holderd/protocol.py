@@ -21,6 +21,12 @@ knowing how.
 Replies that carry descriptors carry fresh duplicates: the caller sends and
 closes them, and a held descriptor dropped meanwhile can never be confused with
 a new one that reused its number.
+
+*Leases* let two processes of one uid take turns (chatd and its warm
+standby): ``LEASE`` grants a name to the first connection that asks; the others
+queue. A lease belongs to a connection, not a process: when that connection
+ends (the holder died: the kernel closed its socket), :meth:`HolderCore.peer_gone`
+hands the lease to the next in the queue and says whom to tell, at once.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from fdkeep.fdpass import close_fds
 from fdkeep.frames import MAX_FDS_PER_FRAME, batches, item_size
 
 PROTOCOL_VERSION = 1
-OPERATIONS = ("PING", "STORE", "RETRIEVE", "REMOVE", "LIST")
+OPERATIONS = ("PING", "STORE", "RETRIEVE", "REMOVE", "LIST", "LEASE")
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,10 @@ class HolderCore:
         self.watcher = watcher or Watcher()
         self._names: dict[int, dict[str, Held]] = {}
         self._by_fd: dict[int, tuple[int, Held]] = {}
+        #: (uid, lease name) -> the peer holding it, and the peers waiting for it, in order.
+        self._leases: dict[tuple[int, str], int] = {}
+        self._waiting: dict[tuple[int, str], list[int]] = {}
+        self._peer = 0  # the peer whose request is being handled
 
     # -- queries used by the daemon -------------------------------------------------
     def count(self, uid: int | None = None) -> int:
@@ -117,7 +127,10 @@ class HolderCore:
                 yield uid, held
 
     # -- the requests -----------------------------------------------------------------
-    def handle(self, uid: int, body: dict, fds: list[int]) -> list[Reply]:
+    def handle(self, uid: int, body: dict, fds: list[int], peer: int = 0) -> list[Reply]:
+        """Replies to one request of connection ``peer`` (any number the caller keeps
+        for it: leases are held by connections) whose uid is ``uid``."""
+        self._peer = peer
         request_id = body.get("id")
         op = body.get("op")
         try:
@@ -264,6 +277,34 @@ class HolderCore:
         for held in selected:
             self._release(uid, held)
         return [Reply({"removed": len(selected)})]
+
+    def _op_lease(self, uid, body, fds):
+        name = self._check_name(body.get("lease"))
+        key = (uid, name)
+        holder = self._leases.setdefault(key, self._peer)
+        if holder == self._peer:
+            return [Reply({"lease": name, "granted": True})]
+        waiting = self._waiting.setdefault(key, [])
+        if self._peer not in waiting:
+            waiting.append(self._peer)
+        return [Reply({"lease": name, "granted": False, "waiting": waiting.index(self._peer) + 1})]
+
+    def peer_gone(self, peer: int) -> list[tuple[int, dict]]:
+        """Connection ``peer`` ended: its leases pass to the next waiters.
+        (peer, event body) for each one to tell that it holds a lease now."""
+        told = []
+        for key, waiting in list(self._waiting.items()):
+            if peer in waiting:
+                waiting.remove(peer)
+        for key, holder in list(self._leases.items()):
+            if holder != peer:
+                continue
+            del self._leases[key]
+            waiting = self._waiting.get(key, [])
+            if waiting:
+                self._leases[key] = waiting.pop(0)
+                told.append((self._leases[key], {"id": None, "ok": True, "event": "lease-granted", "lease": key[1]}))
+        return told
 
     # -- dropping -----------------------------------------------------------------------
     def _release(self, uid: int, held: Held) -> None:

@@ -26,7 +26,7 @@ import pytest
 from ctl.launch import wait_until
 from ctl import soak
 from ctl.probe import LineClient
-from harness import BootedSystemd, machine_can_boot_containers
+from harness import BootedSystemd, CommandFailed, machine_can_boot_containers
 from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,21 +117,54 @@ def now(machine) -> str:
     return machine.run("date", "+%Y-%m-%d %H:%M:%S.%N").stdout.strip()[:-3]
 
 
+CHATD_UNITS = ("chatd@1", "chatd@2")
+
+
+def serving(machine) -> tuple[str, int]:
+    """(unit, pid) of the chatd that serves: either unit may, they take turns."""
+    pid = chatctl(machine, "status")["chatd"]["pid"]
+    for unit in CHATD_UNITS:
+        if main_pid(machine, unit) == pid:
+            return unit, pid
+    raise AssertionError(f"no chatd unit has the serving pid {pid}")
+
+
+def serving_other_than(machine, old_pid: int) -> tuple[str, int] | None:
+    """The chatd serving, once it is not ``old_pid`` (None meanwhile, while nobody answers)."""
+    try:
+        found = serving(machine)
+    except (CommandFailed, AssertionError):
+        return None
+    return found if found[1] != old_pid else None
+
+
+def other(unit: str) -> str:
+    return CHATD_UNITS[1 - CHATD_UNITS.index(unit)]
+
+
+def chatd_journal(machine, since: str | None = None) -> str:
+    """Both chatd units' journal, interleaved."""
+    argv = ["journalctl", "-u", "chatd@*", "--no-pager", "-o", "short-precise"]
+    return machine.run(*argv, *(["--since", since] if since else [])).stdout
+
+
 def crash_chatd(machine) -> float:
-    """``chatctl crash`` and wait for systemd's new chatd; the gap kill-to-READY in ms."""
-    old = main_pid(machine, "chatd")
-    before = restarts(machine, "chatd")
+    """``chatctl crash`` the chatd serving; wait until the other serves and the crashed unit,
+    restarted by systemd, stands by. The gap: the crashed process's exit to the restore done."""
+    unit, old = serving(machine)
+    before = restarts(machine, unit)
     since = now(machine)
     chatctl(machine, "crash")
-    wait_active(machine, "chatd", old)
-    assert restarts(machine, "chatd") == before + 1
-    return ready_gap_ms(machine, since)
+    wait_until(lambda: serving_other_than(machine, old), 30, "another chatd to serve")
+    wait_active(machine, unit, old)
+    assert restarts(machine, unit) == before + 1
+    return takeover_gap_ms(machine, since)
 
 
-def ready_gap_ms(machine, since: str) -> float:
-    """From the journal: the dead process's exit to the new one's READY ("Started")."""
-    out = machine.run("journalctl", "-u", "chatd", "--since", since, "-o", "json", "--no-pager").stdout
-    died = started = None
+def takeover_gap_ms(machine, since: str) -> float:
+    """From the journal: the dead process's exit to the next one's restore."""
+    out = machine.run("journalctl", "-u", "chatd@*", "--since", since, "-o", "json", "--no-pager").stdout
+    died = restored = None
     for line in out.splitlines():
         entry = json.loads(line)
         message = entry.get("MESSAGE", "")
@@ -140,19 +173,23 @@ def ready_gap_ms(machine, since: str) -> float:
         stamp = int(entry["__REALTIME_TIMESTAMP"]) / 1000
         if died is None and "Main process exited" in message:
             died = stamp
-        elif died is not None and message.startswith("Started chatd"):
-            started = stamp
+        elif died is not None and "restored" in message:
+            restored = stamp
             break
-    assert died is not None and started is not None, out
-    return round(started - died, 1)
+    assert died is not None and restored is not None, out
+    return round(restored - died, 1)
 
 
 def test_start_brings_holderd_and_two_clients_chat(machine):
     assert machine.show("holderd", "ActiveState") == "active"
     assert machine.show("chatd", "ActiveState") == "active"
-    assert machine.show("chatd", "User") == "chatd"
+    for unit in CHATD_UNITS:
+        wait_until(lambda: machine.show(unit, "ActiveState") == "active", 10, f"{unit} to be active")
+        assert machine.show(unit, "User") == "chatd"
     assert machine.show("holderd", "User") == "holderd"
-    assert "clients" in machine.show("chatd", "StatusText")
+    unit, _ = serving(machine)
+    assert "standby" in machine.show(other(unit), "StatusText")
+    assert "clients" in machine.show(unit, "StatusText")
     clients = pair(machine, "ann", "bob")
     try:
         chat(clients, ("ann", "bob"), 1)
@@ -164,12 +201,16 @@ def test_start_brings_holderd_and_two_clients_chat(machine):
 def test_crash_restarts_and_restores_by_itself(machine):
     clients = machine.clients
     ports = [client.local_port for client in clients]
+    crashed, _ = serving(machine)
     gap = crash_chatd(machine)
-    print(f"crash-to-READY gap with 2 clients: {gap} ms")
-    journal = machine.journal("chatd")
+    print(f"crash to restored, by the standby, with 2 clients: {gap} ms")
+    journal = chatd_journal(machine)
     assert re.search(r"code=(dumped|killed), status=11/SEGV", journal), journal
     assert "Scheduled restart job" in journal
+    assert "granted the lease: taking over" in journal
     assert "restored 2 clients and 1 pair" in journal
+    assert serving(machine)[0] == other(crashed), "the roles swapped"
+    assert "standby" in machine.show(crashed, "StatusText")
     chat(clients, ("ann", "bob"), 3)
     assert [client.sock.getsockname()[1] for client in clients] == ports
 
@@ -195,7 +236,7 @@ def test_fd_store_alone_restores_when_holderd_is_stopped(machine):
         # The restart of chatd starts holderd again (Wants=), empty: what chatd
         # restored came from systemd's fd store alone.
         assert "holding 0 fds" in machine.journal("holderd", since)
-        assert "restored 2 clients and 1 pair" in machine.journal("chatd", since)
+        assert "restored 2 clients and 1 pair" in chatd_journal(machine, since)
         chat(machine.clients, ("ann", "bob"), 5)
     finally:
         machine.systemctl("start", "holderd")
@@ -204,41 +245,50 @@ def test_fd_store_alone_restores_when_holderd_is_stopped(machine):
 
 
 def test_a_hung_chatd_is_killed_by_the_watchdog_and_restored(machine):
-    """SIGSTOP: chatd stops pinging; systemd's watchdog kills it, and the restart restores."""
-    old = main_pid(machine, "chatd")
-    before = restarts(machine, "chatd")
+    """SIGSTOP: chatd stops pinging; systemd's watchdog kills it, and the standby takes over."""
+    unit, old = serving(machine)
+    before = restarts(machine, unit)
     since = now(machine)
     machine.run("kill", "-STOP", str(old))
     stopped_at = time.monotonic()
-    wait_active(machine, "chatd", old, timeout=30)
+    wait_until(lambda: serving_other_than(machine, old), 30, "another chatd to serve")
     took = time.monotonic() - stopped_at
-    print(f"SIGSTOP to a new chatd serving: {took:.1f} s (WatchdogSec=5s, TimeoutAbortSec=2s)")
-    assert restarts(machine, "chatd") == before + 1
-    journal = machine.journal("chatd", since)
-    assert "Watchdog timeout" in journal, journal
-    assert "restored 2 clients and 1 pair" in journal
+    print(f"SIGSTOP to another chatd serving: {took:.1f} s (WatchdogSec=5s, TimeoutAbortSec=2s)")
+    wait_active(machine, unit, old)
+    assert restarts(machine, unit) == before + 1
+    assert "Watchdog timeout" in machine.journal(unit, since), machine.journal(unit, since)
+    assert "restored 2 clients and 1 pair" in chatd_journal(machine, since)
     chat(machine.clients, ("ann", "bob"), 6)
 
 
 def test_systemctl_restart_keeps_the_clients(machine):
-    old = main_pid(machine, "chatd")
-    machine.systemctl("restart", "chatd")
-    wait_active(machine, "chatd", old)
+    unit, old = serving(machine)
+    machine.systemctl("restart", unit)  # the one serving alone: the lease passes on
+    wait_active(machine, unit, old)
+    wait_until(lambda: serving_other_than(machine, old), 10, "a chatd to serve")
     chat(machine.clients, ("ann", "bob"), 7)
+    old = [main_pid(machine, unit) for unit in CHATD_UNITS]
+    machine.systemctl("restart", "chatd")  # both, as for an upgrade (PartOf=)
+    for unit, pid in zip(CHATD_UNITS, old):
+        wait_active(machine, unit, pid)
+    chat(machine.clients, ("ann", "bob"), 8)
 
 
 def test_stop_then_start_keeps_the_clients_through_holderd(machine):
-    old = main_pid(machine, "chatd")
+    old = [main_pid(machine, unit) for unit in CHATD_UNITS]
     machine.systemctl("stop", "chatd")
+    wait_until(lambda: [machine.show(unit, "ActiveState") for unit in CHATD_UNITS] == ["inactive", "inactive"],
+               10, "both chatd processes to stop (PartOf=)")
     assert machine.clients[0].silent_for(0.3)  # no EOF while chatd is down
     machine.systemctl("start", "chatd")
-    wait_active(machine, "chatd", old)
-    chat(machine.clients, ("ann", "bob"), 8)
+    for unit, pid in zip(CHATD_UNITS, old):
+        wait_active(machine, unit, pid)
+    chat(machine.clients, ("ann", "bob"), 9)
     # And the store has them again, so a crash now is covered twice over.
     machine.systemctl("stop", "holderd")
     try:
         crash_chatd(machine)
-        chat(machine.clients, ("ann", "bob"), 9)
+        chat(machine.clients, ("ann", "bob"), 10)
     finally:
         machine.systemctl("start", "holderd")
 
@@ -273,7 +323,7 @@ def test_two_thousand_idle_connections_survive_a_crash(machine):
         wait_until(lambda: chatctl(machine, "status")["chatd"]["clients"] == count, 60, f"{count} clients")
         wait_until(lambda: sum(row["held"] for row in chatctl(machine, "clients")) == count, 60, "all held")
         gap = crash_chatd(machine)
-        print(f"crash-to-READY gap with {count} idle clients: {gap} ms")
+        print(f"crash to restored, by the standby, with {count} idle clients: {gap} ms")
         assert chatctl(machine, "status")["chatd"]["clients"] == count
         for index, client in enumerate(clients):
             client.send(f"NICK idle{index}")
@@ -285,7 +335,7 @@ def test_two_thousand_idle_connections_survive_a_crash(machine):
 
 
 def test_security_exposure_is_low(machine):
-    for unit in ("holderd", "chatd"):
+    for unit in ("holderd", "chatd@1", "chatd"):
         out = machine.run("systemd-analyze", "security", "--no-pager", f"{unit}.service").stdout
         score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out).group(1))
         print(f"systemd-analyze security {unit}.service: {score}")
@@ -295,16 +345,14 @@ def test_security_exposure_is_low(machine):
 def test_pairs_streaming_through_chatctl_crashes_lose_nothing(machine):
     """The zero-loss fault test once more, under the real systemd: chatctl crash, systemd
     restarts chatd, the restored chatd finishes what was in flight."""
-    before = restarts(machine, "chatd")
+    before = sum(restarts(machine, unit) for unit in CHATD_UNITS)
 
     def crash(rng):
-        old = main_pid(machine, "chatd")
-        chatctl(machine, "crash")
-        wait_active(machine, "chatd", old)
+        crash_chatd(machine)  # the standby serves, and the crashed unit stands by again
 
-    # systemd allows 20 starts in 10 s (StartLimitBurst): about one crash a second stays below.
+    # systemd allows 20 starts a unit in 10 s (StartLimitBurst); the two units take turns.
     tally = soak.run(machine.port, pairs=20, crashes=25, crash=crash, interval=(0.2, 0.6))
     print("fault test under systemd:", tally.row())
-    assert tally.crashes == 25 and restarts(machine, "chatd") == before + 25
+    assert tally.crashes == 25 and sum(restarts(machine, unit) for unit in CHATD_UNITS) == before + 25
     assert tally.problems() == 0, (tally.row(), tally.notes)
     assert tally.received == tally.sent > 1000

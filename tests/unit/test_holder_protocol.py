@@ -154,3 +154,24 @@ def test_storing_the_same_socket_again_keeps_it_and_takes_the_new_meta(sockets):
     [listed] = core.handle(7, {"op": "LIST"}, [])
     assert [item["meta"] for item in listed.body["items"]] == [b64(b"new")]
     core.close()
+
+
+def test_a_lease_goes_to_the_first_and_passes_in_line_when_its_holder_is_gone():
+    core = HolderCore()
+
+    def lease(uid, peer, name="chatd"):
+        [reply] = core.handle(uid, {"op": "LEASE", "id": 1, "lease": name}, [], peer)
+        return reply.body
+
+    assert lease(100, peer=1) == {"id": 1, "ok": True, "lease": "chatd", "granted": True}
+    assert lease(100, peer=1)["granted"], "asking again keeps it"
+    assert lease(100, peer=2) == {"id": 1, "ok": True, "lease": "chatd", "granted": False, "waiting": 1}
+    assert lease(100, peer=3)["waiting"] == 2
+    assert lease(200, peer=4)["granted"], "each uid has its own leases"
+    assert core.peer_gone(3) == [], "a waiter leaving passes nothing"
+    assert core.peer_gone(1) == [(2, {"id": None, "ok": True, "event": "lease-granted", "lease": "chatd"})]
+    assert lease(100, peer=5)["granted"] is False
+    assert core.peer_gone(2) == [(5, {"id": None, "ok": True, "event": "lease-granted", "lease": "chatd"})]
+    assert core.peer_gone(5) == [] and lease(100, peer=6)["granted"], "free again"
+    [bad] = core.handle(100, {"op": "LEASE", "lease": "no spaces"}, [], 7)
+    assert bad.body["error"] == "bad-name"

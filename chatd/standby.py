@@ -1,0 +1,203 @@
+"""Taking turns: one chatd serves, a warm standby takes over the moment it dies.
+
+Theory of operation
+-------------------
+A cold restart costs ``RestartSec`` plus up to 250 ms of systemd's timer
+slack plus Python starting (~100 ms) before the restore even begins. A second
+chatd that has already started, imported everything and connected to holderd
+removes all of that: it waits, and takes over when the server dies.
+
+**Who serves** is decided by a lease in holderd (``LEASE chatd``, see
+holderd/PROTOCOL.md). With ``--lease``, a chatd asks for it at start: the first
+to ask serves; the other waits in line on its holderd connection. A lease
+belongs to that connection, so when the serving process dies, however it dies,
+the kernel closes its socket, holderd sees the connection end (microseconds,
+no timer) and tells the next in line at once. That one takes what holderd keeps
+for chatd (the listening socket, the journal, the bundles) and serves
+(:mod:`chatd.restore`). systemd meanwhile restarts the dead unit; its new
+process asks for the lease, finds it taken, and becomes the next standby: the
+roles swap, and every crash is covered by whichever process is alive.
+
+**Two units, not one.** A standby inside chatd.service's cgroup would be killed
+with its failed main process, and only a unit's own processes may use its fd
+store. So the same program runs as ``chatd.service`` and as
+``chatd-standby.service`` (``PartOf=chatd.service``: stopped and restarted
+with it). Each process keeps *its own unit's* fd store current while it serves;
+a process that becomes the standby clears its unit's store (what systemd
+passed it is stale: the server is elsewhere now). So whichever unit serves, its
+store and holderd both keep everything, and a crash of holderd together with
+the server still restores, from that unit's store.
+
+**Never two servers.** A restarted holderd remembers no lease, and both
+processes ask again; the standby might ask first. So before it takes over, a
+standby reads the journal's *owner* (the pid and start time of the process
+serving from it, written when it begins to serve): if that process is alive,
+the standby gives the lease back at once and asks again later, and the server,
+which never stops serving over a lease, gets it. A server that finds holderd
+unreachable at start serves only if systemd passed it a listening socket (it
+was serving); a standby without a lease never serves.
+
+Limits: the standby takes over as fast as a restore runs (linear in the
+clients); there is one standby; and without holderd there is no lease, so the
+pair falls back to one unit serving from its fd store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from fdkeep.errors import Error
+from fdkeep.loop import IN
+from holderd.client import Lease
+
+from . import faults
+from .journal import Journal
+
+if TYPE_CHECKING:
+    from .control import ControlServer
+    from .server import ChatServer
+
+log = logging.getLogger("chatd")
+
+LEASE_NAME = "chatd"
+#: How often a chatd that cannot reach holderd, or had to give the lease back, asks again.
+RETRY = 0.2
+#: How long a standby given the lease waits for the previous owner to finish dying.
+OWNER_GRACE = 0.1
+
+
+def process_identity(pid: int) -> tuple[int, int] | None:
+    """(pid, start time in clock ticks since boot), which no later process can share; None if
+    gone, dead or a zombie (not yet reaped by its parent, but serving nobody)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X", b"x"):
+            return None
+        return pid, int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class Turns:
+    """The lease and the role it gives: ``serving`` or ``standby``."""
+
+    def __init__(self, server: "ChatServer", control: "ControlServer", control_path: str, holder_path: str,
+                 start_serving):
+        self.server = server
+        self.control = control
+        self.control_path = control_path  # the server's; the standby listens at control_path + ".standby"
+        self.lease = Lease(LEASE_NAME, holder_path)
+        self.start_serving = start_serving  # () -> bool: restore or bind; False if it could not
+        self.role = "starting"
+        self._watching = False
+
+    # -- at start -------------------------------------------------------------------
+    def start(self, systemd_passed_a_listener: bool) -> bool:
+        """Serve, or wait as the standby; False if chatd cannot start at all."""
+        try:
+            granted = self.lease.request()
+        except Error as exc:
+            if systemd_passed_a_listener:
+                log.warning("holderd unreachable (%s): serving from systemd's fd store without the lease",
+                            exc.message)
+                return self._serve()
+            log.warning("holderd unreachable (%s): waiting as the standby until it answers", exc.message)
+            return self._wait()
+        if granted:
+            return self._serve()
+        return self._wait()
+
+    def _serve(self, fresh_allowed: bool = True) -> bool:
+        if not self.start_serving(fresh_allowed):
+            return False
+        self.control.rebind(self.control_path)
+        self.role = "serving"
+        self.server.journal.set_owner(*process_identity(os.getpid()))
+        self._watch_lease()
+        faults.start_counting()
+        return True
+
+    def _wait(self) -> bool:
+        self.role = "standby"
+        for holder in self.server.holders:
+            if holder.label == "systemd":
+                holder.forget_all()  # stale: whoever serves keeps its own unit's store
+        self.server.standby = True
+        self.server.announce_ready()
+        log.info("standby: waiting for the lease %r in holderd to serve", LEASE_NAME)
+        self._watch_lease()
+        return True
+
+    # -- the lease's events -----------------------------------------------------------
+    def _watch_lease(self) -> None:
+        if self._watching:
+            return
+        if self.lease._conn is not None:
+            self.server.loop.add(self.lease.fileno(), IN, self._lease_readable)
+            self._watching = True
+        else:
+            self.server.loop.call_later(RETRY, self._ask_again)
+
+    def _unwatch(self) -> None:
+        if self._watching and self.lease._conn is not None:
+            self.server.loop.remove(self.lease.fileno())
+        self._watching = False
+
+    def _lease_readable(self, mask: int) -> None:
+        event = self.lease.poll()
+        if event == "granted" and self.role == "standby":
+            self._take_over()
+        elif event == "lost":
+            self._unwatch()
+            log.warning("lost holderd's lease connection (%s); asking again", self.role)
+            self.server.loop.call_later(RETRY, self._ask_again)
+
+    def _ask_again(self) -> None:
+        try:
+            granted = self.lease.request()
+        except Error:
+            self.server.loop.call_later(RETRY, self._ask_again)
+            return
+        self._watch_lease()
+        if self.role == "serving":
+            self.server.audit_holders()  # holderd is back, perhaps empty: refill it now
+        elif granted:
+            self._take_over()
+
+    # -- taking over ------------------------------------------------------------------
+    def _take_over(self) -> None:
+        log.info("granted the lease: taking over")
+        self.server.standby = False
+        self.server.may_take_over = self._nobody_else_serves
+        try:
+            # Never afresh: a lease that came after waiting with nothing kept means holderd
+            # lost what it held (it restarted empty), not that nobody serves.
+            served = self._serve(fresh_allowed=False)
+        finally:
+            self.server.may_take_over = None
+        if not served:
+            log.warning("giving the lease back, and waiting")
+            self.server.standby = True
+            self._unwatch()
+            self.lease.close()
+            self.server.loop.call_later(RETRY, self._ask_again)
+
+    def _nobody_else_serves(self, journal: Journal) -> bool:
+        """The journal says who serves from it; a live process other than us means: not us.
+
+        A process closes its sockets (which passed us the lease) a moment before it
+        is a zombie, so an owner that still looks alive gets :data:`OWNER_GRACE` to die."""
+        owner = journal.owner()
+        if owner is None or owner == process_identity(os.getpid()):
+            return True
+        deadline = time.monotonic() + OWNER_GRACE
+        while process_identity(owner[0]) == owner:
+            if time.monotonic() > deadline:
+                log.warning("chatd pid %d still serves from the journal holderd keeps", owner[0])
+                return False
+            time.sleep(0.002)
+        return True

@@ -1,0 +1,60 @@
+"""The warm standby: two chatd take turns on holderd's lease; killing the one serving hands
+its clients to the other at once, and a restarted one becomes the next standby."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from ctl import control
+from ctl.launch import wait_for_answer
+
+
+def start_lease_chatd(procs, standby: bool):
+    """A chatd with --lease; wait until it answers on the socket of the role it should take."""
+    proc = procs.spawn("chatd", "chatd", "--port", str(procs.port or 0), "--control", procs.control_socket,
+                       "--holder", procs.holder_socket, "--lease")
+    path = procs.control_socket + (".standby" if standby else "")
+    status = wait_for_answer(proc, lambda: control.call("status", path), 15, "chatd")
+    assert status["role"] == ("standby" if standby else "serving"), status
+    if not standby:
+        procs.port = status["port"]
+    return proc
+
+
+def test_the_standby_serves_the_moment_the_server_dies_and_the_roles_swap(procs):
+    procs.start_holderd()
+    serving = start_lease_chatd(procs, standby=False)
+    a, b = procs.pair()
+    a.send("MSG one")
+    assert b.line() == "FROM A 1 one"
+    standby = start_lease_chatd(procs, standby=True)
+    gaps = []
+    for round_number in range(3):
+        killed_at = time.monotonic()
+        serving.send_signal(signal.SIGKILL)
+        a.send(f"MSG round {round_number}")
+        assert b.line() == f"FROM A {round_number + 2} round {round_number}"
+        gaps.append((time.monotonic() - killed_at) * 1000)
+        assert serving.wait(10) == -signal.SIGKILL
+        status = control.call("status", procs.control_socket)
+        assert status["pid"] == standby.pid and status["role"] == "serving" and status["clients"] == 2
+        serving, standby = standby, start_lease_chatd(procs, standby=True)  # what systemd's restart does
+    print("kill -> relayed with the standby:", ", ".join(f"{gap:.0f} ms" for gap in gaps))
+    assert "granted the lease: taking over" in procs.logs()
+
+
+def test_a_standby_never_serves_beside_a_live_server_when_holderd_restarts(procs):
+    procs.start_holderd()
+    serving = start_lease_chatd(procs, standby=False)
+    a, b = procs.pair()
+    standby = start_lease_chatd(procs, standby=True)
+    procs.holderd.send_signal(signal.SIGKILL)  # no systemd here: holderd comes back empty,
+    procs.holderd.wait(10)                      # and remembers no lease
+    procs.start_holderd()
+    time.sleep(1.5)
+    assert control.call("status", procs.control_socket)["pid"] == serving.pid
+    assert control.call("status", procs.control_socket + ".standby")["role"] == "standby"
+    a.send("MSG still one server")
+    assert b.line() == "FROM A 1 still one server"
+    assert standby.poll() is None and serving.poll() is None
