@@ -67,7 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="drop whatever the holders keep for chatd and start afresh (ends those connections)",
     )
-    parser.add_argument("--max-clients", type=int, default=10000, help="connection limit (default %(default)s)")
+    parser.add_argument(
+        "--max-clients", type=int, default=0,
+        help="connection limit (default: as many as RLIMIT_NOFILE allows, about that limit less 1%%; "
+        "past the limit a client gets ERR server-full)",
+    )
     parser.add_argument(
         "--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="SECONDS",
         help="close a client that takes none of its queued output for this long (default %(default)s)",
@@ -90,8 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--fresh and --restore contradict each other")
     if args.lease and (args.no_holderd or args.wait):
         parser.error("--lease needs holderd (it keeps the lease) and cannot go with --wait")
-    if args.max_clients < 1:
-        parser.error("--max-clients must be at least 1")
+    if args.max_clients < 0:
+        parser.error("--max-clients must be 0 (as many as the fd limit allows) or more")
     return args
 
 
@@ -107,7 +111,9 @@ def main(argv=None) -> int:
         return 2
     fd_limit = raise_fd_limit()
     allowed = clients_the_fd_limit_allows(fd_limit)
-    if args.max_clients > allowed:
+    if args.max_clients == 0:
+        args.max_clients = allowed
+    elif args.max_clients > allowed:
         log.warning("--max-clients %d is more than RLIMIT_NOFILE %d allows (each client is an open socket and "
                     "the same socket in flight in a bundle): serving at most %d; raise LimitNOFILE= for more",
                     args.max_clients, fd_limit, allowed)

@@ -82,6 +82,10 @@ RESERVE = 2 * MAX_EVENT
 STALL_TIMEOUT = 60.0
 #: How often a bundle of sockets appended one by one is packed (one bundle a time).
 TIDY_INTERVAL = 0.2
+#: Why clients usually go, logged at debug level only.
+ROUTINE_ENDS = {"said its last word", "client closed the connection", "said QUIT"}
+#: Connections accepted in one turn of the loop, at most.
+ACCEPT_BATCH = 16
 #: How long accepting stops when accept() fails (out of fds).
 ACCEPT_PAUSE = 0.5
 
@@ -164,7 +168,9 @@ class ChatServer:
 
     # -- clients ----------------------------------------------------------------------
     def _accept(self, mask: int) -> None:
-        while True:
+        # At most ACCEPT_BATCH a turn: the listener stays readable, and the clients already
+        # served get their turn in between, however many connect at once.
+        for _ in range(ACCEPT_BATCH):
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -275,7 +281,7 @@ class ChatServer:
         that word is sent. All stop first, then leave: none hears of another leaving after it."""
         ending = [c for c in map(self.connections.get, member_ids) if c is not None and not c.finishing]
         for connection in ending:
-            log.info("member %d finishing: %s", connection.member_id, reason)
+            log.debug("member %d finishing: %s", connection.member_id, reason)
             connection.finishing = True
             self._dirty.add(connection.member_id)
             self.update_reading(connection)
@@ -288,7 +294,9 @@ class ChatServer:
         connection = self.connections.pop(member_id, None)
         if connection is None:
             return
-        log.info("member %d closed: %s", member_id, reason)
+        # One line per client in the journal would be thousands a second at scale: only
+        # the unexpected ends are worth an info line.
+        (log.debug if reason in ROUTINE_ENDS else log.info)("member %d closed: %s", member_id, reason)
         connection.close()  # shut down first: the copy in its bundle ends with it
         self.bundles.forget(member_id)
         self._freed.add(member_id)
@@ -396,6 +404,7 @@ class ChatServer:
             "serving": self.listener is not None,
             "role": "standby" if self.standby else "serving" if self.listener is not None else "waiting",
             "clients": len(self.connections),
+            "max_clients": self.max_clients,
             "pairs": len(self.room.pairs()),
             "started": self.started,
             "restored_at": self.restored_at,

@@ -8,11 +8,15 @@ from fdkeep.fdpass import close_fds
 from fdkeep.peer import FrameSocket
 
 
+#: A report of every client (``clients``) runs to some 150 bytes a client.
+MAX_REPLY = 64 << 20
+
+
 def call(op: str, path: str | None = None, timeout: float = 10.0) -> dict:
     """One control request; the reply body. Raises :class:`~fdkeep.errors.Error` with chatd's error code."""
     path = path or default_socket()
     try:
-        with FrameSocket(path, timeout) as conn:
+        with FrameSocket(path, timeout, max_frame=MAX_REPLY) as conn:
             conn.send({"op": op})
             frame = conn.receive()
     except (OSError, ConnectionError, Error) as exc:

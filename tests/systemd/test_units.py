@@ -311,8 +311,8 @@ def test_drain_ends_every_connection(machine):
     assert chatctl(machine, "status")["chatd"]["clients"] == 0
 
 
-def test_two_thousand_idle_connections_survive_a_crash(machine):
-    count = 2000
+def test_ten_thousand_idle_connections_survive_a_crash(machine):
+    count = 10_000
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < count + 200:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))

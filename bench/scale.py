@@ -1,0 +1,363 @@
+"""Crash gap at scale, under the real systemd: idle clients by the thousand, a pair that chats, a kill.
+
+    .venv/bin/python bench/scale.py [--sizes 100,1000,10000,ceiling] [--json PATH] [--plot PATH]
+
+Boots a systemd in a container (tests/systemd/harness.py), provisions it with
+scripts/provision (the units as a user installs them: chatd@1 and chatd@2
+taking turns, holderd), and for each size:
+
+1. connects that many idle clients, from several processes (one process holds
+   at most ~20,000 fds here), while a pair chats: A sends B a timestamped
+   message every 2 ms. It reports the accept rate, the pair's worst one-way
+   delay while the others connect, the CPU systemd's PID 1 spent meanwhile, and
+   memory per client in chatd, holderd and PID 1 (RSS growth / clients);
+2. crashes the chatd serving (``chatctl crash``, a real SIGSEGV) with the warm
+   standby up, then again with it stopped (a cold restart by systemd: the
+   restart timer, a new Python, the restore), and for each reads: kill -> the
+   first message relayed on a restored connection (the pair's), kill -> all
+   restored (the restore's journal line), the restore itself, and for the cold
+   case systemd's restart timer and exec -> READY; then how many clients
+   answer (each sends NICK and waits for OK).
+
+It prints a table, writes the figures as JSON and a PNG plot. ``ceiling`` is
+as many clients as chatd's fd limit allows (chatctl status: max_clients), less
+a few for the pair and probes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "systemd"), str(ROOT / "tests")]
+
+from harness import BootedSystemd  # noqa: E402
+from helpers import free_port  # noqa: E402
+
+from ctl.launch import wait_until  # noqa: E402
+from ctl.probe import LineClient  # noqa: E402
+
+CHATCTL = "/opt/process-backup/bin/chatctl"
+PER_WORKER = 4900
+
+
+def idle_worker(port: int, count: int, commands, results) -> None:
+    """Hold ``count`` idle connections; on "check", each sends NICK and waits for OK."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    socks = []
+    for _ in range(count):
+        socks.append(socket.create_connection(("127.0.0.1", port), timeout=60))
+    results.put(("connected", count))
+    while True:
+        command = commands.get()
+        if command == "check":
+            tag = os.getpid()
+            for index, sock in enumerate(socks):
+                sock.sendall(f"NICK w{tag}x{index}\n".encode())
+            answered = 0
+            for index, sock in enumerate(socks):
+                try:
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        chunk = sock.recv(100)
+                        if not chunk:
+                            break
+                        data += chunk
+                    answered += data == f"OK NICK w{tag}x{index}\n".encode()
+                except OSError:
+                    pass
+            results.put(("answered", answered))
+        elif command == "quit":
+            for sock in socks:
+                sock.sendall(b"QUIT\n")
+            for sock in socks:
+                sock.close()
+            results.put(("closed", count))
+            return
+
+
+class Pair:
+    """A sends B a message with its send time every 2 ms; B records when each arrives."""
+
+    def __init__(self, port: int):
+        self.a, self.b = LineClient(port, timeout=60), LineClient(port, timeout=60)
+        self.a.send("NICK benchA", "PAIR benchB")
+        self.b.send("NICK benchB", "PAIR benchA")
+        assert self.b.lines(3)[-1] == "PAIRED benchA" and self.a.lines(3)[-1] == "PAIRED benchB"
+        self.arrivals: list[tuple[float, float]] = []  # (sent, arrived), wall clock
+        self.stop = threading.Event()
+        threading.Thread(target=self._send, daemon=True).start()
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _send(self):
+        while not self.stop.is_set():
+            self.a.send(f"MSG {time.time():.6f}")
+            time.sleep(0.002)
+
+    def _receive(self):
+        while not self.stop.is_set():
+            try:
+                line = self.b.line()
+            except (OSError, EOFError):
+                return
+            if line.startswith("FROM benchA "):
+                self.arrivals.append((float(line.split()[3]), time.time()))
+
+    def worst_delay_ms(self, since: float, until: float) -> float:
+        delays = [arrived - sent for sent, arrived in self.arrivals if since <= sent <= until]
+        return round(max(delays) * 1000, 1) if delays else float("nan")
+
+    def first_after(self, moment: float) -> float | None:
+        """When the first message sent after ``moment`` arrived."""
+        return next((arrived for sent, arrived in self.arrivals if sent > moment), None)
+
+    def close(self):
+        self.stop.set()
+        self.a.close(), self.b.close()
+
+
+def pid1_cpu(machine) -> float:
+    with open(f"/proc/{machine.pid1}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(status.read().split("VmRSS:")[1].split()[0])
+
+
+def host_pid(machine, unit: str) -> int:
+    """A unit's main process as this side sees it: the process under the container's PID 1
+    whose innermost pid (NSpid) is the one systemd reports."""
+    inner = int(machine.show(unit, "MainPID"))
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as status:
+                nspid = next(line.split()[1:] for line in status if line.startswith("NSpid:"))
+        except (OSError, StopIteration):
+            continue
+        if len(nspid) == 2 and int(nspid[1]) == inner and _under(int(entry), machine.pid1):
+            return int(entry)
+    raise RuntimeError(f"{unit}'s process (pid {inner} inside) not found")
+
+
+def _under(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+    return False
+
+
+def chatctl(machine, *args: str) -> dict:
+    return json.loads(machine.run(CHATCTL, *args, "--json").stdout)
+
+
+def serving_unit(machine) -> str:
+    pid = chatctl(machine, "status")["chatd"]["pid"]
+    return next(unit for unit in ("chatd@1", "chatd@2") if int(machine.show(unit, "MainPID")) == pid)
+
+
+def journal_times(machine, since: str) -> list[tuple[float, str, str]]:
+    out = machine.run("journalctl", "-u", "chatd@*", "--since", since, "-o", "json", "--no-pager").stdout
+    entries = []
+    for line in out.splitlines():
+        entry = json.loads(line)
+        message = entry.get("MESSAGE", "")
+        if isinstance(message, list):
+            message = bytes(message).decode(errors="replace")
+        entries.append((int(entry["__REALTIME_TIMESTAMP"]) / 1e6, entry.get("_SYSTEMD_UNIT", ""), message))
+    return entries
+
+
+def crash_and_measure(machine, pair: Pair, clients: int, cold: bool) -> dict:
+    unit = serving_unit(machine)
+    standby = "chatd@2" if unit == "chatd@1" else "chatd@1"
+    if cold:
+        machine.systemctl("stop", standby)
+    since = machine.run("date", "+%Y-%m-%d %H:%M:%S.%N").stdout.strip()[:-3]
+    old = chatctl(machine, "status")["chatd"]["pid"]
+    machine.run(CHATCTL, "crash")
+
+    def restored():
+        try:
+            status = chatctl(machine, "status")["chatd"]
+        except Exception:
+            return None
+        return status if status.get("pid") != old and status.get("serving") else None
+
+    status = wait_until(restored, 120, "a chatd to serve again", interval=0.05)
+    time.sleep(0.5)
+    entries = journal_times(machine, since)
+    died = next(stamp for stamp, _, message in entries if "Main process exited" in message)
+    restored_at = next(stamp for stamp, _, message in entries if message.startswith("chatd: INFO restored")
+                       and stamp >= died)
+    first = pair.first_after(died)
+    result = {
+        "kill_to_first_relayed_ms": round((first - died) * 1000, 1) if first else None,
+        "kill_to_all_restored_ms": round((restored_at - died) * 1000, 1),
+        "restore_ms": status["restore"]["milliseconds"],
+        "clients_back": status["clients"],
+    }
+    if cold:
+        started = [stamp for stamp, _, message in entries if message.startswith("Starting chatd@") and stamp > died]
+        ready = [stamp for stamp, _, message in entries if message.startswith("Started chatd@") and stamp > died]
+        result["restart_timer_ms"] = round((started[0] - died) * 1000, 1) if started else None
+        result["exec_to_ready_ms"] = round((ready[0] - started[0]) * 1000, 1) if started and ready else None
+        machine.systemctl("start", standby)
+    wait_until(lambda: all(machine.show(u, "ActiveState") == "active" for u in ("chatd@1", "chatd@2")), 30,
+               "both chatd processes up again")
+    return result
+
+
+def measure_size(machine, port: int, size: int, pair: Pair) -> dict:
+    commands, results = [], multiprocessing.Queue()
+    workers = []
+    cpu_before = pid1_cpu(machine)
+    serving_pid = host_pid(machine, serving_unit(machine))
+    holderd_pid = host_pid(machine, "holderd")
+    rss_before = {"chatd": rss_kib(serving_pid), "holderd": rss_kib(holderd_pid), "pid1": rss_kib(machine.pid1)}
+    began = time.time()
+    for start in range(0, size, PER_WORKER):
+        queue = multiprocessing.Queue()
+        worker = multiprocessing.Process(target=idle_worker, args=(port, min(PER_WORKER, size - start), queue,
+                                                                    results), daemon=True)
+        worker.start()
+        commands.append(queue)
+        workers.append(worker)
+    for _ in workers:
+        assert results.get(timeout=300)[0] == "connected"
+    wait_until(lambda: chatctl(machine, "status")["chatd"]["clients"] >= size + 2, 300, f"{size} clients accepted")
+    connected = time.time()
+    row = {
+        "clients": size,
+        "accepts_per_s": round(size / (connected - began)),
+        "pair_worst_delay_while_connecting_ms": pair.worst_delay_ms(began, connected),
+        "pid1_cpu_s": round(pid1_cpu(machine) - cpu_before, 3),
+    }
+    time.sleep(1)
+    for name, pid in (("chatd", serving_pid), ("holderd", holderd_pid), ("pid1", machine.pid1)):
+        row[f"{name}_bytes_per_client"] = round((rss_kib(pid) - rss_before[name]) * 1024 / size)
+    time.sleep(2)  # the bundles get packed in the background (one a 0.2 s)
+    for mode in ("standby", "cold"):
+        crash = crash_and_measure(machine, pair, size, cold=mode == "cold")
+        for queue in commands:
+            queue.put("check")
+        crash["answered"] = sum(results.get(timeout=300)[1] for _ in workers)
+        row[mode] = crash
+        print(f"  {size} clients, {mode}: {crash}", flush=True)
+    for queue in commands:
+        queue.put("quit")
+    for _ in workers:
+        results.get(timeout=300)
+    for worker in workers:
+        worker.join(30)
+    wait_until(lambda: chatctl(machine, "status")["chatd"]["clients"] <= 2, 120, "the idle clients to leave")
+    return row
+
+
+def wheels_dir() -> Path:
+    directory = Path("/tmp/process-backup-bench-wheels")
+    directory.mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--use-pep517", "--disable-pip-version-check",
+                    "-w", str(directory), "systemd-python", "sdnotify", "setuptools", "wheel"], check=True)
+    directory.chmod(0o755)
+    return directory
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100,1000,10000,ceiling")
+    parser.add_argument("--json", metavar="PATH", default=str(ROOT / "bench" / "results" / "scale.json"))
+    parser.add_argument("--plot", metavar="PATH", default=str(ROOT / "bench" / "results" / "scale.png"))
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    port = free_port()
+    wheels = wheels_dir()
+    rows = []
+    with BootedSystemd(binds=[str(ROOT), str(wheels)], boot_timeout=120) as machine:
+        result = machine.run("bash", str(ROOT / "scripts" / "provision"), "--source", str(ROOT), "--wheels",
+                             str(wheels), "--chatd-options", f"--port {port}", "--no-selftest", check=False,
+                             timeout=900)
+        if result.returncode != 0:
+            print(result.stdout, result.stderr)
+            return 1
+        ceiling = chatctl(machine, "status")["chatd"]["max_clients"] - 10
+        pair = Pair(port)
+        try:
+            for text in args.sizes.split(","):
+                size = ceiling if text == "ceiling" else int(text)
+                print(f"{size} idle clients ...", flush=True)
+                rows.append(measure_size(machine, port, size, pair))
+        except BaseException:
+            print(machine.run("journalctl", "-u", "chatd@*", "-u", "holderd", "-n", "60", "--no-pager",
+                              check=False).stdout)
+            raise
+        finally:
+            pair.close()
+    print_table(rows)
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as out:
+        json.dump(rows, out, indent=2)
+    plot(rows, args.plot)
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| clients | kill -> first relayed, standby | cold | kill -> all restored, standby | cold | "
+          "restore | restart timer | exec -> READY | answered | PID 1 CPU | accepts/s | pair worst delay "
+          "while others connect | bytes/client chatd, holderd, PID 1 |")
+    print("|" + " --- |" * 14)
+    for row in rows:
+        standby, cold = row["standby"], row["cold"]
+        print(f"| {row['clients']:,} | {standby['kill_to_first_relayed_ms']} ms | {cold['kill_to_first_relayed_ms']} ms "
+              f"| {standby['kill_to_all_restored_ms']} ms | {cold['kill_to_all_restored_ms']} ms "
+              f"| {standby['restore_ms']} ms | {cold.get('restart_timer_ms')} ms | {cold.get('exec_to_ready_ms')} ms "
+              f"| {standby['answered']:,} / {cold['answered']:,} | {row['pid1_cpu_s']} s | {row['accepts_per_s']:,} "
+              f"| {row['pair_worst_delay_while_connecting_ms']} ms | {row['chatd_bytes_per_client']}, "
+              f"{row['holderd_bytes_per_client']}, {row['pid1_bytes_per_client']} |")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = [row["clients"] for row in rows]
+    figure, axes = plt.subplots(figsize=(7.5, 4))
+    for mode, style in (("standby", "o-"), ("cold", "s--")):
+        axes.plot(clients, [row[mode]["kill_to_first_relayed_ms"] for row in rows], style,
+                  label=f"kill -> first message relayed ({mode})")
+        axes.plot(clients, [row[mode]["kill_to_all_restored_ms"] for row in rows], style, alpha=0.5,
+                  label=f"kill -> all restored ({mode})")
+    axes.set_xscale("log")
+    axes.set_xlabel("idle clients held")
+    axes.set_ylabel("ms")
+    axes.set_title("chatd crash gap under systemd 252 (warm standby vs cold restart)")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
