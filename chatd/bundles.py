@@ -16,8 +16,10 @@ A socket closed on purpose is shut down, which ends it for every copy at once,
 and forgotten here: its entry stays in the queue, dead, until the shard is
 rebuilt. A shard is rebuilt (its live sockets packed 253 a message into a
 fresh socketpair) when its queue is full (the kernel charges it to the
-writer's send buffer) or when its dead outnumber its live, and dropped when
-none is left alive. The order makes a
+writer's send buffer), and in the background when its dead are many or its
+sockets went one a message; it is dropped when none is left alive. A replaced
+bundle is drained once its successor is stored everywhere, so that a copy of
+it a holder still keeps cannot keep sockets in flight. The order makes a
 crash at any point harmless: the fresh bundle is complete before it is stored,
 and the old one is removed only after the fresh one is stored everywhere, so
 a holder always keeps at least one whole bundle per shard, and a restore takes
@@ -30,10 +32,12 @@ are in flight; small shards keep that extra small.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 
 from fdkeep.bundle import Bundle, Shard
+from fdkeep.errors import Error
 
 from .holders import PREFIX, Holders, Item
 
@@ -93,7 +97,26 @@ class ClientBundles:
         return shard is not None and slot in shard.live and set(names(shard.number, shard.generation)) <= held_names
 
     def add(self, slot: int, fd: int) -> None:
-        """Keep the socket in ``slot``: appended to its shard at once."""
+        """Keep the socket in ``slot``: appended to its shard at once. Raises Error
+        ``too-many-in-flight`` when the kernel keeps no more fds in flight for this user
+        even after the dead are packed away (the caller refuses the client)."""
+        try:
+            self._add(slot, fd)
+        except OSError as exc:
+            if exc.errno != errno.ETOOMANYREFS:
+                raise
+            for shard in sorted(self.shards.values(), key=lambda s: s.dead, reverse=True):
+                if shard.dead:
+                    self.rebuild(shard.number, "the kernel's limit of fds in flight was reached")
+            try:
+                self._add(slot, fd)
+            except OSError as again:
+                if again.errno != errno.ETOOMANYREFS:
+                    raise
+                raise Error("too-many-in-flight", "the kernel keeps no more fds in flight for chatd's user "
+                            "(RLIMIT_NOFILE): raise LimitNOFILE= or lower --max-clients") from None
+
+    def _add(self, slot: int, fd: int) -> None:
         number = self.shard_of(slot)
         shard = self.shards.get(number)
         if shard is None:
@@ -118,9 +141,21 @@ class ClientBundles:
         if not shard.live:  # nothing left to keep: the bundle goes, and the dead in it with it
             del self.shards[shard.number]
             self.holders.remove(list(names(shard.number, shard.generation)))
+            shard.bundle.drain()
             shard.bundle.close()
-        elif shard.worth_rebuilding():
-            self.rebuild(shard.number, f"{shard.dead} dead against {len(shard.live)} live")
+
+    def tidy(self) -> None:
+        """Rebuild one shard with many dead, or one whose sockets went in one message each (as
+        accepts append them): fewer fds in flight, fewer messages for a restore to read, room
+        in the queue. One a call, so that the loop is never held long; called from a timer."""
+        for number, shard in self.shards.items():
+            if shard.worth_rebuilding():
+                self.rebuild(number, f"{shard.dead} dead against {len(shard.live)} live")
+                return
+        for number, shard in self.shards.items():
+            if shard.worth_packing():
+                self.rebuild(number, f"{shard.messages} messages for {len(shard.live)} sockets")
+                return
 
     def rebuild(self, number: int, why: str) -> None:
         """A fresh bundle with the live sockets packed: stored everywhere, then the old one removed."""
@@ -129,18 +164,10 @@ class ClientBundles:
         self.holders.store(self._items_of(fresh))
         self.shards[number] = fresh
         self.holders.remove(list(names(old.number, old.generation)))
+        old.bundle.drain()  # a copy of the old pair kept anywhere must not keep its sockets in flight
         old.bundle.close()
         log.info("bundle %d rebuilt as generation %d with %d sockets (%s)", number, fresh.generation,
                  len(fresh.live), why)
-
-    def tidy(self) -> None:
-        """Pack one shard whose sockets went in one message each (as accepts append them):
-        fewer messages make a restore faster and leave room in the queue. One a call, so
-        that the loop is never held long; called from a timer."""
-        for number, shard in self.shards.items():
-            if shard.worth_packing():
-                self.rebuild(number, f"{shard.messages} messages for {len(shard.live)} sockets")
-                return
 
     def rebuild_all(self) -> int:
         for number in list(self.shards):

@@ -51,6 +51,7 @@ import os
 import socket
 import time
 
+from fdkeep.errors import Error
 from fdkeep.loop import IN, Loop
 from fdkeep.systemd import ServiceManager
 from fdkeep.text import plural
@@ -182,17 +183,27 @@ class ChatServer:
             slot = self.journal.allocate()
             if slot is None:
                 log.warning("refusing a client: all %d slots are taken (--max-clients)", self.max_clients)
-                try:
-                    sock.send(encode_event(Failed("server-full")))
-                except OSError:
-                    pass
-                sock.close()
+                self._refuse(sock)
                 continue
             # Kept before a byte of it is read: from here on a crash cannot lose it.
-            self.bundles.add(slot, sock.fileno())
+            try:
+                self.bundles.add(slot, sock.fileno())
+            except Error as exc:
+                log.error("refusing a client: %s", exc.message)
+                self.journal.commit({slot: None})
+                self._refuse(sock)
+                continue
             self._dirty |= self.room.join(slot).changed
             connection = self.adopt(sock, slot)
             log.debug("member %d connected from %s", slot, connection.remote)
+
+    @staticmethod
+    def _refuse(sock: socket.socket) -> None:
+        try:
+            sock.send(encode_event(Failed("server-full")))
+        except OSError:
+            pass
+        sock.close()
 
     def _pause_accepting(self, exc: OSError) -> None:
         """Out of fds (or memory): stop accepting for a moment instead of spinning on the

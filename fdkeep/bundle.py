@@ -34,7 +34,11 @@ Limits to respect, from the kernel:
   keeps, with room for a fresh bundle while the old one still exists;
 - a descriptor closed on purpose still sits in the queue: its owner shuts the
   socket down (so the peer sees the end at once), forgets its key, and builds a
-  fresh bundle once the dead outnumber the live (:class:`Shard`).
+  fresh bundle once the dead are many (:class:`Shard`);
+- a bundle replaced by a fresh one is :meth:`drained <Bundle.drain>` once its
+  successor is kept everywhere: any holder that still keeps a copy of the old
+  pair (until it forgets it) would otherwise keep its queue, and its fds in
+  flight, alive.
 
 :class:`Shard` is one bundle with that bookkeeping: which keys are live, how
 many are dead, when to rebuild. How the ends reach the holders, and in which
@@ -124,6 +128,24 @@ class Bundle:
         keys = [KEY.unpack_from(data, MESSAGE.size + index * KEY.size)[0] for index in range(count)]
         return list(zip(keys, fds))
 
+    def drain(self) -> int:
+        """Take everything out of the queue and close it; how many fds that was.
+
+        For a bundle being replaced, once its successor is kept everywhere: a
+        holder may still keep a copy of the old pair for a while (holderd's own
+        backup drops it only when it rebuilds), and whatever is queued in it
+        would stay in flight meanwhile, counted against the sender's limit."""
+        drained = 0
+        while True:
+            try:
+                data, fds = recv_with_fds(self.reader, MESSAGE.size + MAX_FDS * KEY.size, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return drained
+            close_fds(fds)
+            drained += len(fds)
+            if not data:
+                return drained
+
     def fds(self) -> tuple[int, int]:
         return self.writer.fileno(), self.reader.fileno()
 
@@ -139,8 +161,9 @@ class Shard:
     fresh bundle from the one it replaces (both are held for a moment).
     """
 
-    #: Rebuild once the dead reach this many and outnumber the live.
-    MIN_DEAD = 64
+    #: Rebuild once the dead reach this many and a quarter of the live: they are in flight,
+    #: and count against the owner's fd limit like the live.
+    MIN_DEAD = 32
 
     def __init__(self, number: int, bundle: Bundle, generation: int, live: dict[int, int] | None = None):
         self.number = number
@@ -167,7 +190,7 @@ class Shard:
             self.dead += 1
 
     def worth_rebuilding(self) -> bool:
-        return self.dead >= self.MIN_DEAD and self.dead > len(self.live)
+        return self.dead >= self.MIN_DEAD and 4 * self.dead > len(self.live)
 
     def worth_packing(self) -> bool:
         """Many small messages (one per append): a rebuild packs them 253 a message."""

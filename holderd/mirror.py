@@ -244,9 +244,13 @@ class FdStoreMirror(Watcher):
         fresh = old.rebuilt()
         self._store_shard(fresh)
         self._shards[old.number] = fresh
-        for name in bundle_names(old):
+        self._drop(old)
+
+    def _drop(self, shard: Shard) -> None:
+        for name in bundle_names(shard):
             self.manager.remove(name)
-        old.bundle.close()
+        shard.bundle.drain()  # what systemd may still keep of it must not keep fds in flight
+        shard.bundle.close()
 
     # -- the watcher ----------------------------------------------------------------------
     def held(self, uid: int, held: Held) -> None:
@@ -285,9 +289,7 @@ class FdStoreMirror(Watcher):
             shard.forget(serial)
             if not shard.live:
                 del self._shards[shard.number]
-                for name in bundle_names(shard):
-                    self.manager.remove(name)
-                shard.bundle.close()
+                self._drop(shard)
             elif shard.worth_rebuilding():
                 self._rebuild(shard)
         self._live_size -= len(self._lines.pop(serial))

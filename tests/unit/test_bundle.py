@@ -82,17 +82,30 @@ def test_a_full_queue_says_so_and_a_rebuilt_shard_packs_the_live(sockets):
     shard.bundle.close(), fresh.bundle.close()
 
 
-def test_the_dead_make_a_shard_worth_rebuilding_once_they_outnumber_the_live(sockets):
+def test_the_dead_make_a_shard_worth_rebuilding_once_many_and_a_quarter_of_the_live(sockets):
     pairs = sockets(200)
     shard = Shard(0, Bundle.create(), generation=1)
     assert shard.add([(key, a.fileno()) for key, (a, _) in enumerate(pairs)])
-    for key in range(99):
+    for key in range(39):
         shard.forget(key)
-    assert not shard.worth_rebuilding()
-    shard.forget(99)
-    shard.forget(100)
-    assert shard.worth_rebuilding()
+    assert not shard.worth_rebuilding(), "39 dead, 161 live"
+    shard.forget(39)
+    shard.forget(40)
+    assert shard.worth_rebuilding(), "41 dead, 159 live"
     shard.bundle.close()
+
+
+def test_a_drained_bundle_keeps_nothing_in_flight_whoever_keeps_a_copy_of_it(sockets):
+    (a, b), = sockets(1)
+    bundle = Bundle.create()
+    bundle.append([(1, a.fileno())])
+    copy = Bundle.from_fds(*map(os.dup, bundle.fds()))  # as a holder keeps one
+    a.close()
+    assert bundle.drain() == 1
+    b.settimeout(2)
+    assert b.recv(10) == b"", "its last reference was in the queue: gone, though a copy of the pair lives"
+    assert copy.read() == []
+    copy.close(), bundle.close()
 
 
 def test_closing_both_ends_releases_what_was_in_flight(sockets):

@@ -1,13 +1,15 @@
-"""Relay rate: messages a second through chatd, with and without its backups, against a plain relay.
+"""Relay and accept rates: chatd with and without its backups, against a plain relay, in one run.
 
-    .venv/bin/python bench/relay.py [--pairs 10] [--seconds 5] [--size 100] [--rounds 3]
-                                    [--compare-rev REV] [--json PATH] [--plot PATH]
+    .venv/bin/python bench/rates.py [--pairs 10] [--seconds 5] [--size 100] [--rounds 3]
+                                    [--accepts 6000] [--compare-rev REV] [--json PATH] [--plot PATH]
 
 Each *target* is started in turn in a scratch directory and given the same
-load: ``--pairs`` pairs of line clients (in this process, on a selector), each
-keeping ``--window`` messages of ``--size`` bytes on their way to its partner.
-After a second of warm-up, the ``FROM`` lines received in ``--seconds`` are
-counted. Targets:
+loads. Relay: ``--pairs`` pairs of line clients (in this process, on a
+selector), each keeping ``--window`` messages of ``--size`` bytes on their way
+to its partner; after a second of warm-up, the ``FROM`` lines received in
+``--seconds`` are counted. Accept: ``--accepts`` new clients, from three
+processes at once, each connecting, sending NICK and waiting for its OK; the
+rate is clients answered per second. Targets:
 
 - ``chatd+holderd``: the product as a user runs it;
 - ``chatd``: chatd without holderd (``--no-holderd``; its journal still on);
@@ -136,15 +138,52 @@ def _first_line(launcher: Launcher, proc) -> str | None:
     return line if line.isdigit() else None
 
 
-def measure(name: str, args, revision_root: str | None) -> float:
+def measure(name: str, args, revision_root: str | None) -> tuple[float, float]:
+    """(messages relayed a second, clients accepted and answered a second)."""
     with Launcher() as launcher:
         port = start_target(name, launcher, revision_root)
         load = Load(port, args.pairs, args.size, args.window)
         try:
             load.run(1.0)
-            return load.run(args.seconds) / args.seconds
+            relayed = load.run(args.seconds) / args.seconds
         finally:
             load.close()
+        return relayed, accept_rate(port, args.accepts)
+
+
+def _accept_worker(port: int, count: int, tag: int, ready, go, results) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    ready.put(tag)
+    go.wait()
+    socks = []
+    for index in range(count):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(f"NICK n{tag}x{index}\n".encode())
+        socks.append(sock)
+    answered = sum(sock.recv(100).startswith(b"OK NICK") for sock in socks)
+    results.put((time.monotonic(), answered))
+    for sock in socks:
+        sock.close()
+
+
+def accept_rate(port: int, total: int, workers: int = 3) -> float:
+    import multiprocessing
+
+    ready, results, go = multiprocessing.Queue(), multiprocessing.Queue(), multiprocessing.Event()
+    procs = [multiprocessing.Process(target=_accept_worker, args=(port, total // workers, tag, ready, go, results))
+             for tag in range(workers)]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        ready.get(timeout=30)
+    began = time.monotonic()
+    go.set()
+    finished = [results.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    return sum(answered for _, answered in finished) / (max(stamp for stamp, _ in finished) - began)
 
 
 def worktree(revision: str) -> str:
@@ -161,9 +200,11 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--accepts", type=int, default=6000, help="clients a round of the accept test connects")
     parser.add_argument("--compare-rev", metavar="REV", help="also run chatd and holderd of this git revision")
-    parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--plot", metavar="PATH", help="a bar chart of the medians (needs matplotlib)")
+    parser.add_argument("--json", metavar="PATH", default=os.path.join(ROOT, "bench", "results", "rates.json"))
+    parser.add_argument("--plot", metavar="PATH", default=os.path.join(ROOT, "bench", "results", "rates.png"),
+                        help="a bar chart of the medians")
     args = parser.parse_args()
     targets = ["chatd+holderd", "chatd", "chatd+holderd, no journal", "asyncio"]
     revision_root = None
@@ -171,37 +212,46 @@ def main() -> int:
         revision_root = worktree(args.compare_rev)
         targets.append(f"chatd@{args.compare_rev}+holderd")
     rates: dict[str, list[float]] = {name: [] for name in targets}
+    accepts: dict[str, list[float]] = {name: [] for name in targets}
     try:
         for round_number in range(args.rounds):
             for name in targets:
-                rate = measure(name, args, revision_root if "@" in name else None)
-                rates[name].append(rate)
-                print(f"round {round_number + 1}: {name:>28}: {rate:10,.0f} messages/s", flush=True)
+                relayed, accepted = measure(name, args, revision_root if "@" in name else None)
+                rates[name].append(relayed)
+                accepts[name].append(accepted)
+                print(f"round {round_number + 1}: {name:>28}: {relayed:10,.0f} messages/s, "
+                      f"{accepted:8,.0f} accepts/s", flush=True)
     finally:
         if revision_root:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", revision_root], capture_output=True)
     medians = {name: statistics.median(values) for name, values in rates.items()}
+    accept_medians = {name: statistics.median(values) for name, values in accepts.items()}
     print(f"\n{args.pairs} pairs, {args.size}-byte messages, {args.window} in flight per client, "
-          f"{args.seconds:g} s x {args.rounds} rounds\n")
-    print("| target | messages/s (median) | vs asyncio | vs chatd+holderd |")
-    print("| --- | --- | --- | --- |")
+          f"{args.seconds:g} s x {args.rounds} rounds; {args.accepts} new clients a round\n")
+    print("| target | messages/s | vs asyncio | vs no holderd | accepts/s | vs asyncio | vs no holderd |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, median in medians.items():
-        print(f"| {name} | {median:,.0f} | {median / medians['asyncio']:.2f}x | "
-              f"{median / medians['chatd+holderd']:.2f}x |")
+        accept = accept_medians[name]
+        print(f"| {name} | {median:,.0f} | {median / medians['asyncio']:.2f}x | {median / medians['chatd']:.2f}x "
+              f"| {accept:,.0f} | {accept / accept_medians['asyncio']:.2f}x | {accept / accept_medians['chatd']:.2f}x |")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as out:
-            json.dump({"args": vars(args), "rates": rates, "medians": medians}, out, indent=2)
+            json.dump({"args": vars(args), "relay": rates, "relay_medians": medians, "accepts": accepts,
+                       "accept_medians": accept_medians}, out, indent=2)
     if args.plot:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        figure, axes = plt.subplots(figsize=(7, 3.5))
-        axes.barh(list(medians), list(medians.values()), color="#6a8caf")
-        axes.set_xlabel("messages relayed per second (median)")
-        axes.set_title(f"Relay rate, {args.pairs} pairs, {args.size}-byte messages")
+        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+        left.barh(list(medians), list(medians.values()), color="#6a8caf")
+        left.set_xlabel("messages relayed per second (median)")
+        left.set_title(f"{args.pairs} pairs, {args.size}-byte messages")
+        right.barh(list(accept_medians), list(accept_medians.values()), color="#9bbb59")
+        right.set_xlabel("new clients accepted and answered per second")
+        right.set_yticklabels([])
         figure.tight_layout()
         figure.savefig(args.plot, dpi=120)
     return 0
