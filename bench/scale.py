@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "systemd"), str(ROOT / "tests")]
 
 from harness import BootedSystemd  # noqa: E402
-from helpers import free_port  # noqa: E402
+from helpers import free_port, offline_wheels  # noqa: E402
 
 from ctl.launch import wait_until  # noqa: E402
 from ctl.probe import LineClient  # noqa: E402
@@ -276,8 +276,7 @@ def measure_size(machine, port: int, size: int, pair: Pair) -> dict:
 def wheels_dir() -> Path:
     directory = Path("/tmp/process-backup-bench-wheels")
     directory.mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--use-pep517", "--disable-pip-version-check",
-                    "-w", str(directory), "systemd-python", "sdnotify", "setuptools", "wheel"], check=True)
+    offline_wheels(directory)
     directory.chmod(0o755)
     return directory
 

@@ -139,15 +139,15 @@ def start_variant(launcher: Launcher, variant: str):
     if variant == "process-backup, cold":
         launcher.start_chatd()
         return [launcher.chatd]
-    first = launcher.spawn("chatd", "chatd", "--port", "0", "--control", launcher.control_socket,
-                           "--holder", launcher.holder_socket, "--lease")
+    first = launcher.spawn("chatd", "chatd", "--port", "0", "--http-port", "-1", "--control",
+                           launcher.control_socket, "--holder", launcher.holder_socket, "--lease")
     launcher.port = wait_for_answer(first, lambda: launcher.control("status"), 15, "chatd")["port"]
     return [first, start_standby(launcher)]
 
 
 def start_standby(launcher: Launcher):
-    proc = launcher.spawn("chatd", "chatd", "--port", str(launcher.port), "--control", launcher.control_socket,
-                          "--holder", launcher.holder_socket, "--lease")
+    proc = launcher.spawn("chatd", "chatd", "--port", str(launcher.port), "--http-port", "-1", "--control",
+                          launcher.control_socket, "--holder", launcher.holder_socket, "--lease")
     wait_for_answer(proc, lambda: control.call("status", launcher.control_socket + ".standby"), 15, "standby")
     return proc
 

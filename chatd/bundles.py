@@ -48,9 +48,10 @@ BUNDLE_PREFIX = PREFIX + "bundle/"
 NAME = re.compile(r"chatd/bundle/(\d+)/(\d+)/([wr])\Z")
 
 
-#: Descriptors chatd needs besides one per client: the listener, the journal,
-#: the epoll fd, holderd and control connections, logs, imports.
-OWN_FDS = 64
+#: Descriptors chatd needs besides one per client: the listeners, the journal,
+#: the epoll fd, holderd and control connections, logs, imports, and what a
+#: restore holds for a moment.
+OWN_FDS = 128
 
 
 def clients_the_fd_limit_allows(fd_limit: int, shard_slots: int = SHARD_SLOTS) -> int:

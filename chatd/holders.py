@@ -13,7 +13,8 @@ restarted empty, or a stop emptied systemd's store).
 chatd never stops serving because a holder is down: each failure is logged
 once, when the holder goes from working to failing, and its recovery likewise.
 
-Names: ``chatd/listen`` (the listening socket), ``chatd/state`` (the journal
+Names: ``chatd/listen`` and ``chatd/listen-web`` (the listening sockets of the
+line and the web port), ``chatd/state`` (the journal
 memfd) and ``chatd/bundle/<shard>/<generation>/w`` and ``/r``, the two ends of
 each bundle of client sockets (:mod:`chatd.bundles`): a few names, whatever the
 count of clients.
@@ -35,6 +36,7 @@ log = logging.getLogger("chatd")
 
 PREFIX = "chatd/"
 LISTEN_NAME = PREFIX + "listen"
+LISTEN_WEB_NAME = PREFIX + "listen-web"
 STATE_NAME = PREFIX + "state"
 
 #: (name, metadata, fd): what a holder keeps.

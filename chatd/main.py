@@ -33,7 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    parser.add_argument("--port", type=int, default=5001, help="TCP port; 0 picks a free one (default %(default)s)")
+    parser.add_argument("--port", type=int, default=5001,
+                        help="the line protocol's TCP port; 0 picks a free one (default %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8080,
+                        help="the web port: the chat page at /, its WebSocket at /ws, /healthz; 0 picks a free "
+                        "one, -1 serves no web (default %(default)s)")
     parser.add_argument(
         "--control",
         default=control_socket(own_service=True),
@@ -139,15 +143,18 @@ def main(argv=None) -> int:
 
     def start_serving(fresh_allowed: bool = True) -> bool:
         """Restore what the holders keep, else (unless --restore) start afresh; then READY."""
-        if restore(server) is None:
-            if args.restore or not fresh_allowed:
-                log.error("the holders keep no listening socket for chatd: nothing to restore")
-                return False
-            try:
-                server.bind(args.host, args.port)
-            except OSError as exc:
-                log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
-                return False
+        http_port = None if args.http_port < 0 else args.http_port
+        try:
+            if restore(server) is None:
+                if args.restore or not fresh_allowed:
+                    log.error("the holders keep no listening socket for chatd: nothing to restore")
+                    return False
+                server.bind(args.host, args.port, http_port)
+            elif http_port is not None and server.http_port is None:
+                server.bind_web(args.host, http_port)
+        except OSError as exc:
+            log.error("cannot listen on %s (ports %d, web %s): %s", args.host, args.port, http_port, exc)
+            return False
         server.announce_ready()
         return True
 

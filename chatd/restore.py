@@ -55,7 +55,7 @@ from fdkeep.tcpcount import CLOSE_WAIT, ESTABLISHED, stream_positions
 from fdkeep.text import plural
 
 from .bundles import parse_name
-from .holders import LISTEN_NAME, STATE_NAME
+from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME
 from .journal import CLOSING, Journal, Record
 from .room import Member
 
@@ -93,12 +93,19 @@ def restore(server: "ChatServer") -> dict | None:
         return None
     server.journal = journal
     used_fds = {listeners[0].fd}
-    server.listen_on(socket.socket(fileno=listeners[0].fd))
+    server.listen_on(socket.socket(fileno=listeners[0].fd), "line")
+    if by_name.get(LISTEN_WEB_NAME):
+        used_fds.add(by_name[LISTEN_WEB_NAME][0].fd)
+        server.listen_on(socket.socket(fileno=by_name[LISTEN_WEB_NAME][0].fd), "websocket")
     if journal_fd is not None:
         used_fds.add(journal_fd)
     dying = server.journal.handling()
     server.journal.clear_handling()
-    bundles, stale = _newest_bundles(by_name)  # duplicates: every fd in `retrieved` is closed below
+    bundles, stale = _newest_bundles(by_name)
+    for _, bundle in bundles.values():
+        used_fds.update(bundle.fds())
+    # Before the bundles' sockets come in: at the fd limit's edge every spare fd counts.
+    close_fds(item.fd for item in retrieved if item.fd not in used_fds)
     records = dict(server.journal.records())
     members, in_flight = [], [0, 0]
     for number, (generation, bundle) in sorted(bundles.items()):
@@ -113,7 +120,6 @@ def restore(server: "ChatServer") -> dict | None:
             if member is not True:
                 members.append(member)
         server.bundles.adopt(shard)
-    close_fds(item.fd for item in retrieved if item.fd not in used_fds)
     gone = {slot: None for slot in records if slot not in server.connections}
     server.journal.commit(gone)  # their sockets are gone: those clients left meanwhile
     server.room.restore(members)
@@ -156,7 +162,7 @@ def _newest_bundles(by_name: dict[str, list]) -> tuple[dict[int, tuple[int, Bund
     for name, items in by_name.items():
         parsed = parse_name(name)
         if parsed is None:
-            if name not in (LISTEN_NAME, STATE_NAME):
+            if name not in (LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME):
                 log.warning("the holders keep %s, which this chatd does not know: forgetting it", name)
                 names_seen.add(name)
             continue
@@ -166,7 +172,9 @@ def _newest_bundles(by_name: dict[str, list]) -> tuple[dict[int, tuple[int, Bund
     newest: dict[int, tuple[int, Bundle]] = {}
     for (number, generation), pair in sorted(ends.items()):
         if set(pair) == {"w", "r"}:
-            newest[number] = (generation, Bundle.from_fds(os.dup(pair["w"]), os.dup(pair["r"])))
+            if number in newest:
+                newest[number][1].detach()
+            newest[number] = (generation, Bundle.from_fds(pair["w"], pair["r"]))
     stale = {name for name in names_seen
              if (parsed := parse_name(name)) is None or newest.get(parsed[0], (None,))[0] != parsed[1]}
     return newest, stale

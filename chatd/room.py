@@ -27,7 +27,9 @@ The rules:
 - ``Pair(name)`` → ``Ok("PAIR", name)``, then ``Paired`` to both once mutual;
   the peer of a pairing this replaces gets ``Unpaired``
 - ``Msg(text)`` → the peer gets ``From(sender, n, text)``, ``n`` counting from 1
-  what this receiver got on this pairing; ``Failed("not-paired")``
+  what this receiver got on this pairing; ``Failed("not-paired")``;
+  ``Failed("bad-text")`` for text with control characters (tab aside): they
+  could garble a peer's terminal, and no protocol here needs them
 - ``Who()`` → ``Users``: every named member and its peer (the first :data:`MAX_USERS`)
 - ``Quit()`` → ``Bye``, then the member is closed; its peer gets ``Unpaired``
 - ``Invalid(code)`` → ``Failed(code)``
@@ -42,6 +44,8 @@ from dataclasses import dataclass, field
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
 #: A WHO answer lists at most this many members (so that one answer stays small).
 MAX_USERS = 1000
+#: What message text may not contain: C0 controls but tab, DEL, C1 controls.
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 # -- commands: what a member asks ---------------------------------------------------------
@@ -253,6 +257,9 @@ class Room:
         self._pair_if_mutual(member, outcome)
 
     def _msg(self, member: Member, text: str, outcome: Outcome) -> None:
+        if CONTROL.search(text):
+            outcome.tell(member.id, Failed("bad-text"))
+            return
         peer = member.peer
         if peer is None:
             outcome.tell(member.id, Failed("not-paired"))

@@ -59,9 +59,10 @@ from fdkeep.text import plural
 from . import faults
 from .connection import Connection
 from .bundles import ClientBundles
-from .holders import LISTEN_NAME, STATE_NAME, Holders, Item
+from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME, Holders, Item
 from .journal import CLOSING, Journal, Record
-from .protocols.line import LineCodec, encode_event
+from .protocols import codec_for
+from .protocols.line import encode_event
 from .rings import InRing, OutRing
 from .room import Bye, Command, Failed, Msg, Outcome, Room
 
@@ -72,13 +73,15 @@ STATUS_INTERVAL = 1.0
 #: How often chatd checks that its holders still hold everything (holderd may
 #: have been stopped and started meanwhile, which empties it).
 AUDIT_INTERVAL = 5.0
-#: The largest event one command sends one member: a FROM carrying a whole
-#: 64 KiB line, or a WHO answer (at most MAX_USERS entries).
-MAX_EVENT = 72 * 1024
+#: The largest event one command sends one member, in any protocol: a FROM
+#: carrying a whole 64 KiB line (as JSON, where every '"' of it doubles), or a
+#: WHO answer (at most MAX_USERS entries).
+MAX_EVENT = 132 * 1024
 #: Free room an output ring must have before a command that may write to it is
-#: handled. Twice the largest event: after any command a ring still has room
-#: for the notices (UNPAIRED, PAIRED) other members' commands may send it.
-RESERVE = 2 * MAX_EVENT
+#: handled: the largest event, and room for the notices (UNPAIRED, PAIRED) other
+#: members' commands may send it meanwhile (each of those follows a command of
+#: its own, so they are few).
+RESERVE = MAX_EVENT + 16 * 1024
 #: A client that takes nothing of its queued output this long is closed.
 STALL_TIMEOUT = 60.0
 #: How often a bundle of sockets appended one by one is packed (one bundle a time).
@@ -104,7 +107,8 @@ class ChatServer:
         #: On restore, finish what was in flight (see chatd.restore); off only to show loss in tests.
         self.replay = replay
         self.connections: dict[int, Connection] = {}
-        self.listener: socket.socket | None = None
+        #: The listening sockets, by the protocol their clients speak: "line", and "websocket" (the web port).
+        self.listeners: dict[str, socket.socket] = {}
         self.journal: Journal | None = None
         self.started = time.time()
         self.restored_at: float | None = None
@@ -124,39 +128,58 @@ class ChatServer:
 
     # -- start: fresh or restored ---------------------------------------------------------
     @property
+    def listener(self) -> socket.socket | None:
+        """The line port's listening socket (None before chatd serves)."""
+        return self.listeners.get("line")
+
+    @property
     def port(self) -> int | None:
         return self.listener.getsockname()[1] if self.listener else None
 
-    def bind(self, host: str, port: int) -> None:
-        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    @property
+    def http_port(self) -> int | None:
+        web = self.listeners.get("websocket")
+        return web.getsockname()[1] if web else None
+
+    def bind(self, host: str, port: int, http_port: int | None = None) -> None:
+        """Start afresh: a new journal and listening sockets, kept in every holder."""
+        listeners = {}
         try:
-            # A fresh start after a crash must not wait for TIME_WAIT sockets to expire.
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((host, port))
-            listener.listen(1024)
+            listeners["line"] = listen_tcp(host, port)
+            if http_port is not None:
+                listeners["websocket"] = listen_tcp(host, http_port)
         except OSError:
-            listener.close()
+            for listener in listeners.values():
+                listener.close()
             raise
         self.journal = Journal.create(self.max_clients)
-        self.listen_on(listener)
+        for protocol, listener in listeners.items():
+            self.listen_on(listener, protocol)
         self.holders.store(self.server_items())
-        log.info("listening on %s:%d (fresh start)", host, self.port)
+        web = f", web on port {self.http_port}" if self.http_port else ""
+        log.info("listening on %s:%d%s (fresh start)", host, self.port, web)
 
-    def listen_on(self, listener: socket.socket) -> None:
+    def bind_web(self, host: str, http_port: int) -> None:
+        """A web port for a chatd restored without one (it ran without --http-port before)."""
+        self.listen_on(listen_tcp(host, http_port), "websocket")
+        self.holders.store(self.server_items())
+        log.info("web on %s:%d", host, self.http_port)
+
+    def listen_on(self, listener: socket.socket, protocol: str = "line") -> None:
         listener.setblocking(False)
-        self.listener = listener
-        self.loop.add(listener.fileno(), IN, self._accept)
+        self.listeners[protocol] = listener
+        self.loop.add(listener.fileno(), IN, lambda mask: self._accept(protocol))
 
     def adopt(self, sock: socket.socket, member_id: int, record: Record | None = None,
-              read: int = 0, written: int = 0, inode: int | None = None) -> Connection:
-        """Serve ``sock`` as member ``member_id``: a new client, or one restored with its record
-        and the kernel's counts of what was read and written on it."""
+              read: int = 0, written: int = 0, inode: int | None = None, protocol: str = "line") -> Connection:
+        """Serve ``sock`` as member ``member_id``: a new client of ``protocol``, or one restored
+        with its record and the kernel's counts of what was read and written on it."""
         fresh = record is None
         if fresh:
-            record = Record(0, in_handled=read, out_start=written, out_end=written)
+            record = Record(0, protocol, in_handled=read, out_start=written, out_end=written)
         inbox = InRing(self.journal.in_ring(member_id), record.in_handled, read)
         outbox = OutRing(self.journal.out_ring(member_id), written, record.out_end)
-        codec = LineCodec(consumed=record.in_handled, state=record.codec)
+        codec = codec_for(record.protocol, record.in_handled, record.codec)
         if read > record.in_handled:
             codec.feed(inbox.bytes(record.in_handled, read))
         connection = Connection(self, sock, member_id, codec, inbox, outbox, inode)
@@ -168,12 +191,12 @@ class ChatServer:
         return connection
 
     # -- clients ----------------------------------------------------------------------
-    def _accept(self, mask: int) -> None:
+    def _accept(self, protocol: str) -> None:
         # At most ACCEPT_BATCH a turn: the listener stays readable, and the clients already
         # served get their turn in between, however many connect at once.
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, _ = self.listener.accept()
+                sock, _ = self.listeners[protocol].accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -193,8 +216,8 @@ class ChatServer:
                 self.journal.commit({slot: None})
                 self._refuse(sock)
                 continue
-            self._dirty |= self.room.join(slot).changed
-            connection = self.adopt(sock, slot)
+            self._dirty |= self.room.join(slot, protocol).changed
+            connection = self.adopt(sock, slot, protocol=protocol)
             log.debug("member %d connected from %s", slot, connection.remote)
 
     @staticmethod
@@ -213,12 +236,13 @@ class ChatServer:
         self._accept_paused = True
         log.error("accept failed (%s) with %s: not accepting for %.1f s", exc.strerror or exc,
                   plural(len(self.connections), "client"), ACCEPT_PAUSE)
-        self.loop.modify(self.listener.fileno(), 0)
+        for listener in self.listeners.values():
+            self.loop.modify(listener.fileno(), 0)
 
         def resume():
             self._accept_paused = False
-            if self.listener is not None:
-                self.loop.modify(self.listener.fileno(), IN)
+            for listener in self.listeners.values():
+                self.loop.modify(listener.fileno(), IN)
 
         self.loop.call_later(ACCEPT_PAUSE, resume)
 
@@ -234,6 +258,7 @@ class ChatServer:
             if connection.codec.consumed != connection.inbox.handled:
                 connection.inbox.consume(connection.codec.consumed)
                 self._dirty.add(connection.member_id)
+            self._send_protocol_output(connection)
             if command is None:
                 break
             self.journal.mark_handling(connection.member_id, start)
@@ -241,10 +266,20 @@ class ChatServer:
                 self.apply(self._handle(connection, start, command))
             finally:
                 self.journal.clear_handling()
+            self._send_protocol_output(connection)
             faults.reached("after-handle")
-        if connection.eof and not connection.blocked and not connection.closed and not connection.finishing:
+        if connection.codec.finished and not connection.closed and not connection.finishing:
+            self.finish([connection.member_id], "its protocol ended it")
+        elif connection.eof and not connection.blocked and not connection.closed and not connection.finishing:
             self.close_client(connection.member_id, "client closed the connection")
         self.update_reading(connection)
+
+    def _send_protocol_output(self, connection: Connection) -> None:
+        """What the codec must send on its own (an HTTP answer, a pong) goes out like events do."""
+        output = connection.codec.take_output()
+        if output:
+            connection.outbox.append(output)
+            self._dirty.add(connection.member_id)
 
     def _handle(self, connection: Connection, start: int, command: Command) -> Outcome:
         member_id = connection.member_id
@@ -391,7 +426,9 @@ class ChatServer:
 
     # -- what the holders keep --------------------------------------------------------
     def server_items(self) -> list[Item]:
-        return [(LISTEN_NAME, b"{}", self.listener.fileno()), (STATE_NAME, b"{}", self.journal.fd)]
+        names = {"line": LISTEN_NAME, "websocket": LISTEN_WEB_NAME}
+        return [(names[protocol], b"{}", listener.fileno()) for protocol, listener in self.listeners.items()] + [
+            (STATE_NAME, b"{}", self.journal.fd)]
 
     def all_items(self) -> list[Item]:
         return self.server_items() + self.bundles.items()
@@ -412,6 +449,7 @@ class ChatServer:
         return {
             "pid": os.getpid(),
             "port": self.port,
+            "http_port": self.http_port,
             "serving": self.listener is not None,
             "role": "standby" if self.standby else "serving" if self.listener is not None else "waiting",
             "clients": len(self.connections),
@@ -459,7 +497,8 @@ class ChatServer:
         if self.listener is None:
             return "waiting for `chatctl restore`"
         pairs = len(self.room.pairs())
-        return f"{plural(len(self.connections), 'client')}, {plural(pairs, 'pair')} on port {self.port}"
+        web = f", web on {self.http_port}" if self.http_port else ""
+        return f"{plural(len(self.connections), 'client')}, {plural(pairs, 'pair')} on port {self.port}{web}"
 
     def _report_status(self) -> None:
         line = self.status_line()
@@ -480,3 +519,16 @@ class ChatServer:
         if self.manager.watchdog_interval:
             self.loop.call_every(self.manager.watchdog_interval, self.manager.watchdog, first=0)
         self.loop.run_forever()
+
+
+def listen_tcp(host: str, port: int) -> socket.socket:
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # A fresh start after a crash must not wait for TIME_WAIT sockets to expire.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(1024)
+    except OSError:
+        listener.close()
+        raise
+    return listener

@@ -10,10 +10,9 @@ benchmarks. A :class:`Launcher` owns one working directory: the sockets
 launchers never meet. Children run this same Python and import this same
 checkout, installed or not.
 
-chatd is started on ``--port 0`` unless a port is given: the kernel picks a
-free port (no race with other programs), and the launcher learns it from
-chatd's status; a restored chatd keeps the same listening socket, so the port
-stays. :meth:`Launcher.close` ends every process it started (SIGTERM, then
+chatd is started on ``--port 0`` and ``--http-port 0``: the kernel picks free
+ports (no race with other programs), and the launcher learns them from chatd's
+status; a restored chatd keeps the same listening sockets, so the ports stay. :meth:`Launcher.close` ends every process it started (SIGTERM, then
 SIGKILL after a grace period) and removes a directory it made itself.
 """
 
@@ -80,6 +79,7 @@ class Launcher:
         self.holderd: subprocess.Popen | None = None
         self.chatd: subprocess.Popen | None = None
         self.port: int | None = None
+        self.http_port: int | None = None
 
     def spawn(self, name: str, *argv: str, env: dict | None = None) -> subprocess.Popen:
         """``python -m ARGV…`` with its output in ``NAME-<n>.log``; ``env`` adds to the environment."""
@@ -103,8 +103,8 @@ class Launcher:
     def start_chatd(self, *extra: str, wait: bool = True, env: dict | None = None) -> subprocess.Popen:
         """chatd on this launcher's port (a free one the first time); with ``wait``, until it answers."""
         self.chatd = self.spawn(
-            "chatd", "chatd", "--port", str(self.port or 0), "--control", self.control_socket,
-            "--holder", self.holder_socket, *extra, env=env,
+            "chatd", "chatd", "--port", str(self.port or 0), "--http-port", str(self.http_port or 0),
+            "--control", self.control_socket, "--holder", self.holder_socket, *extra, env=env,
         )
         if wait:
             self.wait_chatd()
@@ -115,6 +115,8 @@ class Launcher:
         status = wait_for_answer(self.chatd, lambda: self.control("status"), timeout, "chatd")
         if status.get("port"):
             self.port = status["port"]
+        if status.get("http_port"):
+            self.http_port = status["http_port"]
         return status
 
     def control(self, op: str) -> dict:

@@ -51,3 +51,79 @@ class LineClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class WebSocketClient:
+    """A blocking client of chatd's WebSocket (/ws on the web port), for tests: JSON in, JSON out.
+
+    It speaks RFC 6455 through wsproto (client side, so its frames are masked as a
+    browser's are) and can send a message in fragments or a frame in pieces, to
+    exercise the server's parser the way networks and browsers do.
+    """
+
+    def __init__(self, port: int, timeout: float = 5.0, host: str = "127.0.0.1"):
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request
+
+        self.timeout = timeout
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.local_port = self.sock.getsockname()[1]
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.sock.sendall(self.ws.send(Request(host=f"{host}:{port}", target="/ws")))
+        self._events = []
+        while not any(isinstance(event, AcceptConnection) for event in self._events):
+            self._pump()
+        self._events = [event for event in self._events if not isinstance(event, AcceptConnection)]
+
+    def _pump(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("chatd closed the connection")
+        self.ws.receive_data(data)
+        self._events.extend(self.ws.events())
+
+    def send(self, *messages: dict) -> None:
+        import json
+
+        from wsproto.events import TextMessage
+
+        self.sock.sendall(b"".join(self.ws.send(TextMessage(data=json.dumps(m))) for m in messages))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def frame(self, message: dict | str, finished: bool = True) -> bytes:
+        """The bytes of one (masked) text frame, to send as the test likes."""
+        import json
+
+        from wsproto.events import TextMessage
+
+        text = message if isinstance(message, str) else json.dumps(message)
+        return self.ws.send(TextMessage(data=text, message_finished=finished))
+
+    def event(self):
+        """The next wsproto event: TextMessage, CloseConnection, Ping, Pong."""
+        while not self._events:
+            self._pump()
+        return self._events.pop(0)
+
+    def message(self) -> dict:
+        """The next JSON message (fragments joined)."""
+        import json
+
+        from wsproto.events import TextMessage
+
+        parts = []
+        while True:
+            event = self.event()
+            if not isinstance(event, TextMessage):
+                raise AssertionError(f"expected a text message, got {event!r}")
+            parts.append(event.data)
+            if event.message_finished:
+                return json.loads("".join(parts))
+
+    def messages(self, count: int) -> list[dict]:
+        return [self.message() for _ in range(count)]
+
+    def close(self) -> None:
+        self.sock.close()

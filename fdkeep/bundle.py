@@ -149,6 +149,11 @@ class Bundle:
     def fds(self) -> tuple[int, int]:
         return self.writer.fileno(), self.reader.fileno()
 
+    def detach(self) -> None:
+        """Let go of the two fds without closing them (they are someone else's to close)."""
+        self.writer.detach()
+        self.reader.detach()
+
     def close(self) -> None:
         self.writer.close()
         self.reader.close()

@@ -36,3 +36,18 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     server, _ = listener.accept()
     listener.close()
     return client, server
+
+
+def offline_wheels(directory) -> None:
+    """Wheels of everything installing this checkout needs (its dependencies and its build
+    backend), so that a container or VM can install it with no network: provision --wheels."""
+    import glob
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--use-pep517", "--disable-pip-version-check",
+                    "-w", str(directory), str(root), "setuptools", "wheel"], check=True, timeout=900)
+    for own in glob.glob(os.path.join(str(directory), "process_backup-*.whl")):
+        os.remove(own)  # provision builds the checkout itself

@@ -54,6 +54,8 @@ from xml.etree import ElementTree
 
 import pytest
 
+from helpers import offline_wheels
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The Debian packages that PROCESS_BACKUP_VAGRANT_UP=1 needs, each with what shows
@@ -644,9 +646,7 @@ def test_vagrant_up_provisions_and_passes_the_selftest(vagrant):
         lv.note(f"box built: {box.stat().st_size >> 20} MiB")
 
         shutil.copytree(REPO, checkout, ignore=CHECKOUT_IGNORE)
-        lv.run([sys.executable, "-m", "pip", "wheel", "-q", "--use-pep517", "--disable-pip-version-check",
-                "-w", str(checkout / "wheels"), "systemd-python", "sdnotify", "setuptools", "wheel"],
-               timeout=600, log_name="wheels.log")
+        offline_wheels(checkout / "wheels")
         lv.note("checkout copied, wheels built for an offline install")
 
         lv.run([vagrant, "box", "add", "--name", box_name, str(box)], timeout=600, env=env, log_name="box-add.log")

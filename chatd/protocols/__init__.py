@@ -6,7 +6,14 @@ then take :meth:`next_command` until it returns None (it needs more bytes);
 client expects. The room never sees a byte and a codec never sees a socket, so
 clients of different protocols chat with each other.
 
-- :mod:`chatd.protocols.line`: the line protocol on the chat port.
+- :mod:`chatd.protocols.line`: the line protocol on the chat port;
+- :mod:`chatd.protocols.web`: HTTP and the WebSocket on the web port.
+
+Besides encoding events, a codec may have bytes of its own to send (an HTTP
+answer, a WebSocket pong): :meth:`take_output`; and it may end its connection
+(``finished``). ``consumed`` and ``state`` say where in the stream the codec
+stands and in which parse state: a codec made from them and fed the bytes from
+``consumed`` on goes on exactly as this one would (chatd's journal relies on it).
 """
 
 from __future__ import annotations
@@ -19,9 +26,26 @@ from ..room import Command, Event
 class Codec(Protocol):
     #: The protocol's name, as the state journal records it.
     protocol: str
+    #: Stream offset up to which input is used up; the parse state there.
+    consumed: int
+    state: bytes
+    #: True once the protocol has ended the connection (close when the output is sent).
+    finished: bool
 
     def feed(self, data: bytes) -> None: ...
 
     def next_command(self) -> Command | None: ...
 
+    def take_output(self) -> bytes: ...
+
     def encode(self, event: Event) -> bytes: ...
+
+
+def codec_for(protocol: str, consumed: int = 0, state: bytes = b"") -> Codec:
+    """A codec of ``protocol`` ("line" or "websocket"), resuming from (consumed, state)."""
+    from .line import LineCodec
+    from .web import WebCodec
+
+    if protocol == "websocket":
+        return WebCodec(consumed, state)
+    return LineCodec(consumed=consumed, state=state)

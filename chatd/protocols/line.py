@@ -91,6 +91,7 @@ class LineCodec:
     """
 
     protocol = "line"
+    finished = False  # a line client ends with QUIT or EOF, never by the protocol alone
 
     def __init__(self, max_line: int = MAX_LINE, consumed: int = 0, state: bytes = b""):
         self.max_line = max_line
@@ -151,5 +152,9 @@ class LineCodec:
     def buffered(self) -> bytes:
         """The start of a line still waiting for its end."""
         return bytes(self._buffer[self._start:])
+
+    @staticmethod
+    def take_output() -> bytes:
+        return b""
 
     encode = staticmethod(encode_event)

@@ -12,13 +12,14 @@ from ctl.launch import wait_for_answer
 
 def start_lease_chatd(procs, standby: bool):
     """A chatd with --lease; wait until it answers on the socket of the role it should take."""
-    proc = procs.spawn("chatd", "chatd", "--port", str(procs.port or 0), "--control", procs.control_socket,
+    proc = procs.spawn("chatd", "chatd", "--port", str(procs.port or 0), "--http-port", str(procs.http_port or 0),
+                       "--control", procs.control_socket,
                        "--holder", procs.holder_socket, "--lease")
     path = procs.control_socket + (".standby" if standby else "")
     status = wait_for_answer(proc, lambda: control.call("status", path), 15, "chatd")
     assert status["role"] == ("standby" if standby else "serving"), status
     if not standby:
-        procs.port = status["port"]
+        procs.port, procs.http_port = status["port"], status["http_port"]
     return proc
 
 

@@ -27,7 +27,7 @@ from ctl.launch import wait_until
 from ctl import soak
 from ctl.probe import LineClient
 from harness import BootedSystemd, CommandFailed, machine_can_boot_containers
-from helpers import free_port
+from helpers import free_port, offline_wheels
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "/opt/process-backup"
@@ -44,11 +44,7 @@ if not can_boot:
 def wheels(tmp_path_factory) -> Path:
     """Wheels of the dependencies, so the container installs offline (pip caches the builds)."""
     directory = tmp_path_factory.mktemp("wheels")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--use-pep517", "--disable-pip-version-check", "-w", str(directory),
-         "systemd-python", "sdnotify", "setuptools", "wheel"],
-        check=True, timeout=600,
-    )
+    offline_wheels(directory)
     directory.chmod(0o755)
     return directory
 
