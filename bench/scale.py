@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import resource
 import socket
-import subprocess
 import sys
 import threading
 import time

@@ -16,8 +16,6 @@ import json
 import os
 import re
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
