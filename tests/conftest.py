@@ -1,6 +1,57 @@
-"""Shared by every test: remember each phase's report, so fixtures can tell a failure."""
+"""Shared by every test: real holderd and chatd processes on loopback (the ``procs``
+fixture), cleaned up always; and each phase's report, so fixtures can tell a failure."""
+
+from __future__ import annotations
 
 import pytest
+
+from ctl.launch import Launcher
+from ctl.probe import LineClient
+
+
+class Processes(Launcher):
+    """The launcher of the demo, plus line clients that are closed with it."""
+
+    def __init__(self, directory):
+        super().__init__(str(directory))
+        self.clients: list[LineClient] = []
+
+    def client(self, nick: str | None = None, pair: str | None = None) -> LineClient:
+        client = LineClient(self.port)
+        self.clients.append(client)
+        if nick:
+            client.send(f"NICK {nick}")
+            assert client.line() == f"OK NICK {nick}"
+        if pair:
+            client.send(f"PAIR {pair}")
+            assert client.line() == f"OK PAIR {pair}"
+        return client
+
+    def pair(self, a: str = "A", b: str = "B") -> tuple[LineClient, LineClient]:
+        first = self.client(a, b)
+        second = self.client(b)
+        second.send(f"PAIR {a}")
+        assert second.lines(2) == [f"OK PAIR {a}", f"PAIRED {a}"]
+        assert first.line() == f"PAIRED {b}"
+        return first, second
+
+    def kill_chatd(self, sig: int) -> None:
+        self.chatd.send_signal(sig)
+        assert self.chatd.wait(10) == -sig
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        super().close()
+
+
+@pytest.fixture
+def procs(tmp_path, request):
+    processes = Processes(tmp_path)
+    yield processes
+    processes.close()
+    if hasattr(request.node, "rep_call") and request.node.rep_call.failed:
+        print(processes.logs())
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -178,19 +178,20 @@ class WebCodec:
         self.consumed += count
 
     def next_command(self) -> Command | None:
-        if self.finished:
+        if self.phase == HTTP and not self.finished:
+            self._http()  # answers, or switches to the WebSocket (and frames may follow at once)
+        if self.finished or self.phase != OPEN:
             return None
-        if self.phase == HTTP:
-            return self._http()
         return self._frames()
 
     # -- HTTP ---------------------------------------------------------------------------
-    def _http(self) -> Command | None:
+    def _http(self) -> None:
         end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buffer) > MAX_HEAD:
-                self._answer(431, b"request head too large\n")
-            return None
+        if end < 0 and len(self._buffer) <= MAX_HEAD:
+            return
+        if end < 0 or end + 4 > MAX_HEAD:
+            self._answer(431, b"request head too large\n")
+            return
         head = bytes(self._buffer[:end + 4])
         conn = h11.Connection(h11.SERVER)
         conn.receive_data(head)
@@ -198,10 +199,10 @@ class WebCodec:
             request = conn.next_event()
         except h11.RemoteProtocolError as exc:
             self._answer(400, f"bad request: {exc}\n".encode())
-            return None
+            return
         if not isinstance(request, h11.Request):
             self._answer(400, b"bad request\n")
-            return None
+            return
         target = request.target.decode("ascii", "replace").split("?", 1)[0]
         if request.method not in (b"GET", b"HEAD"):
             self._answer(405, b"only GET here\n", extra=[(b"Allow", b"GET, HEAD")])
@@ -214,7 +215,6 @@ class WebCodec:
             self._answer(200, page(name), content_type)
         else:
             self._answer(404, b"not found: the chat page is at /, its WebSocket at /ws\n")
-        return None
 
     def _answer(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
                 extra: list[tuple[bytes, bytes]] = ()) -> None:
@@ -279,8 +279,10 @@ class WebCodec:
             elif isinstance(event, Ping):
                 self._output += self._ws.send(event.response())
             elif isinstance(event, CloseConnection):
-                if self._ws.state == ConnectionState.REMOTE_CLOSING:
+                if self._ws.state == ConnectionState.REMOTE_CLOSING:  # the browser closes: answer it
                     self._output += self._ws.send(event.response())
+                else:  # wsproto found the frames broken (1002, 1007): close with its code
+                    self._close(event.code, event.reason or "")
                 self._finish()
         return command
 

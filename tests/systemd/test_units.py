@@ -49,12 +49,12 @@ def wheels(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def machine(wheels):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     with BootedSystemd(binds=[str(REPO), str(wheels)], boot_timeout=90) as container:
-        container.port = port
+        container.port, container.http_port = port, http_port
         result = container.run(
             "bash", str(REPO / "scripts" / "provision"), "--source", str(REPO), "--wheels", str(wheels),
-            "--chatd-options", f"--port {port}", check=False, timeout=600,
+            "--chatd-options", f"--port {port} --http-port {http_port}", check=False, timeout=600,
         )
         print(result.stdout, result.stderr)
         if result.returncode != 0:
@@ -298,8 +298,8 @@ def test_drain_ends_every_connection(machine):
         client.close()
     status = chatctl(machine, "status")["chatd"]
     assert status["clients"] == 0
-    # Only the listening socket and the state file are left in either holder.
-    assert status["held"] == {"holderd": 2, "systemd": 2}
+    # Only the listening sockets (line, web) and the state file are left in either holder.
+    assert status["held"] == {"holderd": 3, "systemd": 3}
     # And really forgotten: a crash now restores no client.
     crash_chatd(machine)
     assert chatctl(machine, "status")["chatd"]["clients"] == 0
@@ -350,3 +350,38 @@ def test_pairs_streaming_through_chatctl_crashes_lose_nothing(machine):
     assert tally.crashes == 25 and sum(restarts(machine, unit) for unit in CHATD_UNITS) == before + 25
     assert tally.problems() == 0, (tally.row(), tally.notes)
     assert tally.received == tally.sent > 1000
+
+
+def test_a_browser_chats_on_through_chatctl_crashes_without_noticing(machine):
+    """The browser test once more under the real systemd: two Chromium pages, two crashes."""
+    import shutil
+
+    if not shutil.which("chromium"):
+        pytest.fail("Debian's chromium is not installed (apt-get install chromium); scripts/test installs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+        pages = []
+        for nick, peer in (("wanda", "wilma"), ("wilma", "wanda")):
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{machine.http_port}/")
+            page.wait_for_function("window.chat.opens === 1")
+            page.fill("#nick", nick)
+            page.click("#nick-form button")
+            page.fill("#peer", peer)
+            page.click("#pair-form button")
+            pages.append(page)
+        for page, peer in zip(pages, ("wilma", "wanda")):
+            page.wait_for_function(f"window.chat.paired === {peer!r}")
+        for round_number in range(3):
+            if round_number:
+                crash_chatd(machine)
+            pages[0].fill("#text", f"round {round_number}")
+            pages[0].click("#send")
+            pages[1].wait_for_function(f"window.chat.messages.length === {round_number + 1}")
+        assert [(m["n"], m["text"]) for m in pages[1].evaluate("window.chat.messages")] == [
+            (1, "round 0"), (2, "round 1"), (3, "round 2")]
+        assert [page.evaluate("window.chat.closes") for page in pages] == [0, 0]
+        browser.close()
