@@ -35,7 +35,7 @@ async def serve(reader, writer):
 
 
 async def main(port):
-    server = await asyncio.start_server(serve, "127.0.0.1", port, limit=1 << 17, backlog=1024)
+    server = await asyncio.start_server(serve, "127.0.0.1", port, limit=1 << 17, backlog=4096)
     print(server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
 

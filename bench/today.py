@@ -9,8 +9,8 @@ Three ways to run the same chatd, each crashed ``--crashes`` times (SIGKILL) whi
   a crash ends every connection. Its clients do what chat clients do today:
   on EOF or reset they reconnect with exponential backoff (50 ms, doubling,
   at most 1 s), send NICK and PAIR again, and go on numbering; what they try to
-  send while disconnected is lost, and so is what the server had not yet
-  relayed;
+  send while disconnected or not yet paired again is lost, and so is what the
+  server had not yet relayed;
 - ``process-backup, cold``: holderd and one chatd; after the kill a new chatd
   starts 225 ms later, as systemd does (``RestartSec=100ms`` plus half its
   250 ms timer slack), and restores; clients never reconnect;
@@ -52,6 +52,7 @@ class Client:
     def __init__(self, run: "Run", nick: str, partner: str):
         self.run, self.nick, self.partner = run, nick, partner
         self.sent = 0
+        self.paired = threading.Event()  # set at the first PAIRED: sending starts then
         self.received: set[int] = set()
         self.arrivals: list[tuple[int, float]] = []
         self.sock = None
@@ -72,6 +73,7 @@ class Client:
                 delay = min(delay * 2, 1.0)
 
     def _send(self) -> None:
+        self.paired.wait(10)
         while not self.run.stopping:
             self.sent += 1
             try:
@@ -90,6 +92,8 @@ class Client:
                 buffer += data
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
+                    if line.startswith(b"PAIRED "):
+                        self.paired.set()
                     if line.startswith(b"FROM "):
                         _, _, _, text = line.split(b" ", 3)
                         number = int(text.split(b":")[1])

@@ -17,11 +17,14 @@ from .control import ControlServer, default_socket as control_socket
 from .bundles import clients_the_fd_limit_allows
 from .holders import LISTEN_NAME, Holders, HolderdHolder, SystemdHolder
 from .journal import Journal
+from .protocols import web_unavailable
 from .restore import restore
 from .server import STALL_TIMEOUT, ChatServer
 from .standby import Turns
 
 log = logging.getLogger("chatd")
+
+DEFAULT_HTTP_PORT = 8080
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,9 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=5001,
                         help="the line protocol's TCP port; 0 picks a free one (default %(default)s)")
-    parser.add_argument("--http-port", type=int, default=8080,
+    parser.add_argument("--http-port", type=int, default=None,
                         help="the web port: the chat page at /, its WebSocket at /ws, /healthz; 0 picks a free "
-                        "one, -1 serves no web (default %(default)s)")
+                        f"one, -1 serves no web (default {DEFAULT_HTTP_PORT}, or none, with a warning, if h11 "
+                        "and wsproto are not installed)")
     parser.add_argument(
         "--control",
         default=control_socket(own_service=True),
@@ -113,6 +117,15 @@ def main(argv=None) -> int:
     except Error as exc:
         log.error("%s", exc.message)
         return 2
+    web_problem = web_unavailable() if args.http_port is None or args.http_port >= 0 else None
+    if web_problem and args.http_port is not None:
+        log.error("%s", web_problem)
+        return 2
+    if web_problem:
+        log.warning("no web chat: %s", web_problem)
+        args.http_port = -1
+    elif args.http_port is None:
+        args.http_port = DEFAULT_HTTP_PORT
     fd_limit = raise_fd_limit()
     allowed = clients_the_fd_limit_allows(fd_limit)
     if args.max_clients == 0:

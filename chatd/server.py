@@ -218,7 +218,8 @@ class ChatServer:
                 continue
             self._dirty |= self.room.join(slot, protocol).changed
             connection = self.adopt(sock, slot, protocol=protocol)
-            log.debug("member %d connected from %s", slot, connection.remote)
+            if log.isEnabledFor(logging.DEBUG):  # .remote is a syscall: not for nothing
+                log.debug("member %d connected from %s", slot, connection.remote)
 
     @staticmethod
     def _refuse(sock: socket.socket) -> None:
@@ -527,7 +528,7 @@ def listen_tcp(host: str, port: int) -> socket.socket:
         # A fresh start after a crash must not wait for TIME_WAIT sockets to expire.
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
-        listener.listen(1024)
+        listener.listen(4096)  # capped by net.core.somaxconn; clients queue here during a crash gap
     except OSError:
         listener.close()
         raise

@@ -12,7 +12,11 @@ checkout, installed or not.
 
 chatd is started on ``--port 0`` and ``--http-port 0``: the kernel picks free
 ports (no race with other programs), and the launcher learns them from chatd's
-status; a restored chatd keeps the same listening sockets, so the ports stay. :meth:`Launcher.close` ends every process it started (SIGTERM, then
+status; a restored chatd keeps the same listening sockets, so the ports stay.
+Where this Python lacks h11 or wsproto (the demo from a bare checkout), chatd
+gets ``--http-port -1`` and serves the line protocol alone.
+
+:meth:`Launcher.close` ends every process it started (SIGTERM, then
 SIGKILL after a grace period) and removes a directory it made itself.
 """
 
@@ -26,6 +30,7 @@ import sys
 import tempfile
 import time
 
+from chatd.protocols import web_unavailable
 from fdkeep.errors import Error
 from holderd.client import HolderClient
 
@@ -103,12 +108,19 @@ class Launcher:
     def start_chatd(self, *extra: str, wait: bool = True, env: dict | None = None) -> subprocess.Popen:
         """chatd on this launcher's port (a free one the first time); with ``wait``, until it answers."""
         self.chatd = self.spawn(
-            "chatd", "chatd", "--port", str(self.port or 0), "--http-port", str(self.http_port or 0),
+            "chatd", "chatd", "--port", str(self.port or 0), "--http-port", str(self.web_port()),
             "--control", self.control_socket, "--holder", self.holder_socket, *extra, env=env,
         )
         if wait:
             self.wait_chatd()
         return self.chatd
+
+    def web_port(self) -> int:
+        """The web port to ask chatd for: the one it had, 0 (a free one) the first time, -1 (none)
+        where this Python lacks the web chat's libraries (the demo from a bare checkout)."""
+        if web_unavailable():
+            return -1
+        return self.http_port or 0
 
     def wait_chatd(self, timeout: float = 15) -> dict:
         """chatd's status once it answers; learns its port."""

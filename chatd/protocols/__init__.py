@@ -18,6 +18,7 @@ stands and in which parse state: a codec made from them and fed the bytes from
 
 from __future__ import annotations
 
+import sys
 from typing import Protocol
 
 from ..room import Command, Event
@@ -43,9 +44,28 @@ class Codec(Protocol):
 
 def codec_for(protocol: str, consumed: int = 0, state: bytes = b"") -> Codec:
     """A codec of ``protocol`` ("line" or "websocket"), resuming from (consumed, state)."""
-    from .line import LineCodec
-    from .web import WebCodec
-
     if protocol == "websocket":
+        from .web import WebCodec
+
         return WebCodec(consumed, state)
+    from .line import LineCodec
+
     return LineCodec(consumed=consumed, state=state)
+
+
+def web_unavailable() -> str | None:
+    """Why this Python cannot serve the web chat (h11 or wsproto missing), or None if it can.
+
+    The line protocol needs nothing beyond the standard library, so chatd (and
+    the demo) run from a bare checkout; the web codec is imported only when asked.
+    """
+    missing = []
+    for module in ("h11", "wsproto"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if not missing:
+        return None
+    return (f"the web chat needs {' and '.join(missing)}, which this Python ({sys.executable}) lacks: "
+            "install process-backup with pip (e.g. `.venv/bin/pip install -e .`), or pass --http-port -1")
