@@ -1,5 +1,6 @@
 """Real holderd, chatd and clients on loopback: crashes by real signals, restores by a new chatd."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import threading
 
 import pytest
 
-from ctl.launch import wait_until
+from ctl.launch import SOURCE_ROOT, wait_until
 from ctl.probe import LineClient
 
 
@@ -33,7 +34,8 @@ def test_crash_after_backup_and_restore_keeps_connections_pairs_and_counters(run
     exchange(a, b, 1, 1, "before")
     exchange(a, b, 2, 2, "before")
     backup = running.control("backup")
-    assert (backup["sockets"], backup["stored"]) == (3, 4)  # three clients; listener, state, a bundle's ends
+    # three clients; the two listeners (line, web), the journal, a bundle's two ends
+    assert (backup["sockets"], backup["stored"]) == (3, 5)
     running.kill_chatd(sig)
     a.send("MSG while down")  # waits in the kernel until a chatd reads it
     running.start_chatd("--restore")
@@ -86,7 +88,7 @@ def test_closing_on_purpose_removes_from_holderd_and_peer_hears(running):
     assert b.line() == "UNPAIRED A"
     from holderd.client import HolderClient
     names = {i["name"] for i in HolderClient(running.holder_socket).list()}
-    assert names == {"chatd/listen", "chatd/state", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}
+    assert names == {"chatd/listen", "chatd/listen-web", "chatd/state", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}
     rows = running.control("clients")["clients"]
     assert [(row["nick"], row["held"]) for row in rows] == [("B", True)]
 
@@ -120,6 +122,16 @@ def test_restore_without_anything_held_fails_clearly(procs):
 
 def test_demo_exits_zero():
     out = subprocess.run([sys.executable, "-m", "ctl.cli", "demo"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "PASS" in out.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="no system python3")
+def test_the_readme_demo_command_runs_on_the_bare_system_python():
+    """README's first command, exactly: Debian's python3 from the checkout, none of our
+    dependencies installed (no venv, no user site): chatd serves the line protocol alone."""
+    out = subprocess.run(["/usr/bin/python3", "-s", "-m", "ctl", "demo"], capture_output=True, text=True,
+                         timeout=120, cwd=SOURCE_ROOT, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
     assert out.returncode == 0, out.stdout + out.stderr
     assert "PASS" in out.stdout
 
