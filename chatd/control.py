@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from fdkeep.errors import Error
 from fdkeep.fdpass import close_fds
-from fdkeep.loop import IN
+from fdkeep.loop import AcceptPause
 from fdkeep.paths import runtime_dir
 from fdkeep.peer import FramePeer, listen_unix
 
@@ -53,13 +53,18 @@ class ControlServer:
         self.awaiting_restore = restore_on_request
         self.peers: set[FramePeer] = set()
         self.sock = listen_unix(path, backlog=16)
-        server.loop.add(self.sock.fileno(), IN, self._accept)
+        self.accepting = AcceptPause(server.loop, log, "control socket")
+        self.accepting.add(self.sock.fileno(), self._accept)
 
     def _accept(self, mask: int) -> None:
         try:
             sock, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:  # out of fds: chatd goes on, chatctl waits or times out
+            self.accepting.failed(exc)
+            return
+        self.accepting.accepted()
         peer = FramePeer(self.server.loop, sock, self._on_frame, self.peers.discard)
         if peer.uid not in (0, os.geteuid()):
             log.warning("control: refused uid %d", peer.uid)
@@ -135,7 +140,7 @@ class ControlServer:
         fresh = listen_unix(path, backlog=16)
         self.close()
         self.path, self.sock = path, fresh
-        self.server.loop.add(self.sock.fileno(), IN, self._accept)
+        self.accepting.add(self.sock.fileno(), self._accept)
 
     def close(self) -> None:
         self.server.loop.remove(self.sock.fileno())

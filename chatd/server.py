@@ -52,7 +52,7 @@ import socket
 import time
 
 from fdkeep.errors import Error
-from fdkeep.loop import IN, Loop
+from fdkeep.loop import AcceptPause, Loop
 from fdkeep.systemd import ServiceManager
 from fdkeep.text import plural
 
@@ -115,7 +115,7 @@ class ChatServer:
         #: The summary of the restore this process started with (chatd.restore).
         self.restore_summary: dict | None = None
         self._status_sent: str | None = None
-        self._accept_paused = False
+        self.accepting = AcceptPause(self.loop, log, "clients", ACCEPT_PAUSE)
         #: The warm standby (chatd.standby): up, not serving until the lease comes.
         self.standby = False
         #: A check a restore makes of the journal it found before taking anything (chatd.standby).
@@ -168,7 +168,7 @@ class ChatServer:
     def listen_on(self, listener: socket.socket, protocol: str = "line") -> None:
         listener.setblocking(False)
         self.listeners[protocol] = listener
-        self.loop.add(listener.fileno(), IN, lambda mask: self._accept(protocol))
+        self.accepting.add(listener.fileno(), lambda mask: self._accept(protocol))
 
     def adopt(self, sock: socket.socket, member_id: int, record: Record | None = None,
               read: int = 0, written: int = 0, inode: int | None = None, protocol: str = "line") -> Connection:
@@ -200,8 +200,9 @@ class ChatServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._pause_accepting(exc)
+                self.accepting.failed(exc, f" with {plural(len(self.connections), 'client')}")
                 return
+            self.accepting.accepted()
             faults.reached("after-accept")
             slot = self.journal.allocate()
             if slot is None:
@@ -228,24 +229,6 @@ class ChatServer:
         except OSError:
             pass
         sock.close()
-
-    def _pause_accepting(self, exc: OSError) -> None:
-        """Out of fds (or memory): stop accepting for a moment instead of spinning on the
-        listener, which stays readable; the clients wait in its backlog meanwhile."""
-        if self._accept_paused:
-            return
-        self._accept_paused = True
-        log.error("accept failed (%s) with %s: not accepting for %.1f s", exc.strerror or exc,
-                  plural(len(self.connections), "client"), ACCEPT_PAUSE)
-        for listener in self.listeners.values():
-            self.loop.modify(listener.fileno(), 0)
-
-        def resume():
-            self._accept_paused = False
-            for listener in self.listeners.values():
-                self.loop.modify(listener.fileno(), IN)
-
-        self.loop.call_later(ACCEPT_PAUSE, resume)
 
     def take_input(self, connection: Connection) -> None:
         """Handle the connection's commands, as many as the output rings have room for."""

@@ -23,6 +23,7 @@ SIGKILL after a grace period) and removes a directory it made itself.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -86,17 +87,24 @@ class Launcher:
         self.port: int | None = None
         self.http_port: int | None = None
 
-    def spawn(self, name: str, *argv: str, env: dict | None = None) -> subprocess.Popen:
-        """``python -m ARGV…`` with its output in ``NAME-<n>.log``; ``env`` adds to the environment."""
+    def spawn(self, name: str, *argv: str, env: dict | None = None, fd_limit: int | None = None) -> subprocess.Popen:
+        """``python -m ARGV…`` with its output in ``NAME-<n>.log``; ``env`` adds to the environment;
+        ``fd_limit`` sets its RLIMIT_NOFILE, soft and hard (tests of running out of fds)."""
         log = open(os.path.join(self.workdir, f"{name}-{len(self.started)}.log"), "w")
+
+        def limit_fds():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
         with log:
             proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                    env={**self.env, **(env or {})}, cwd=self.workdir)
+                                    env={**self.env, **(env or {})}, cwd=self.workdir,
+                                    preexec_fn=limit_fds if fd_limit else None)
         self.started.append(proc)
         return proc
 
-    def start_holderd(self, *extra: str, wait: bool = True) -> subprocess.Popen:
-        self.holderd = self.spawn("holderd", "holderd.daemon", "--socket", self.holder_socket, *extra)
+    def start_holderd(self, *extra: str, wait: bool = True, fd_limit: int | None = None) -> subprocess.Popen:
+        self.holderd = self.spawn("holderd", "holderd.daemon", "--socket", self.holder_socket, *extra,
+                                  fd_limit=fd_limit)
         if wait:
             wait_for_answer(self.holderd, self.ping_holderd, 10, "holderd")
         return self.holderd
@@ -105,11 +113,12 @@ class Launcher:
         with HolderClient(self.holder_socket, timeout=1) as holder:
             return holder.ping()
 
-    def start_chatd(self, *extra: str, wait: bool = True, env: dict | None = None) -> subprocess.Popen:
+    def start_chatd(self, *extra: str, wait: bool = True, env: dict | None = None,
+                    fd_limit: int | None = None) -> subprocess.Popen:
         """chatd on this launcher's port (a free one the first time); with ``wait``, until it answers."""
         self.chatd = self.spawn(
             "chatd", "chatd", "--port", str(self.port or 0), "--http-port", str(self.web_port()),
-            "--control", self.control_socket, "--holder", self.holder_socket, *extra, env=env,
+            "--control", self.control_socket, "--holder", self.holder_socket, *extra, env=env, fd_limit=fd_limit,
         )
         if wait:
             self.wait_chatd()

@@ -144,6 +144,60 @@ class Loop:
         self._epoll.close()
 
 
+class AcceptPause:
+    """Stops accepting for a moment when ``accept()`` fails for want of fds or memory.
+
+    A listening socket stays readable while clients wait in its backlog, so an
+    ``accept()`` that fails with EMFILE, ENFILE, ENOBUFS or ENOMEM and is tried
+    again at the next event spins at full CPU and floods the log. Instead, on a
+    failure every listener given to :meth:`add` is unwatched for ``seconds``
+    (clients wait in the backlog meanwhile; the kernel completes their
+    handshakes), the failure is logged once, however long it lasts, and the
+    first accept that works again says how long it lasted.
+    """
+
+    def __init__(self, loop: Loop, logger: logging.Logger, what: str, seconds: float = 0.5):
+        self.loop = loop
+        self.log = logger
+        self.what = what
+        self.seconds = seconds
+        self.paused = False
+        self._listeners: list[int] = []
+        self._failing_since: float | None = None
+
+    def add(self, fd: int, callback: Callable[[int], None]) -> None:
+        """Watch listener ``fd`` on the loop, calling ``callback(mask)`` when a client waits."""
+        self._listeners.append(fd)
+        self.loop.add(fd, 0 if self.paused else IN, callback)
+
+    def failed(self, exc: OSError, detail: str = "") -> None:
+        """``accept()`` raised ``exc`` (not EAGAIN): pause every listener."""
+        if self.paused:
+            return
+        self.paused = True
+        if self._failing_since is None:
+            self._failing_since = self.loop.clock()
+            self.log.error("%s: accept failed (%s)%s; not accepting for %.1f s at a time until it works again",
+                           self.what, exc.strerror or exc, detail, self.seconds)
+        for fd in self._listeners:
+            if self.loop.watching(fd):
+                self.loop.modify(fd, 0)
+        self.loop.call_later(self.seconds, self._resume)
+
+    def _resume(self) -> None:
+        self.paused = False
+        self._listeners = [fd for fd in self._listeners if self.loop.watching(fd)]
+        for fd in self._listeners:
+            self.loop.modify(fd, IN)
+
+    def accepted(self) -> None:
+        """An ``accept()`` worked: if it had been failing, say it is over."""
+        if self._failing_since is not None:
+            self.log.warning("%s: accepting again, after %.1f s of failures", self.what,
+                             self.loop.clock() - self._failing_since)
+            self._failing_since = None
+
+
 def stop_on_signals(logger: logging.Logger) -> None:
     """SIGTERM and SIGINT end the daemon's loop by raising SystemExit.
 

@@ -17,7 +17,7 @@ import sys
 
 from fdkeep.errors import Error
 from fdkeep.frames import DEFAULT_MAX_FRAME
-from fdkeep.loop import IN, Loop, raise_fd_limit, stop_on_signals
+from fdkeep.loop import AcceptPause, Loop, raise_fd_limit, stop_on_signals
 from fdkeep.peer import FramePeer, listen_unix, peer_credentials, send_frame
 from fdkeep.systemd import ServiceManager
 
@@ -90,7 +90,8 @@ class Holderd:
         self.peers: set[FramePeer] = set()
         # Anyone may connect; SO_PEERCRED, not file modes, decides who is served.
         self.listener = listen_unix(socket_path)
-        self.loop.add(self.listener.fileno(), IN, self._accept)
+        self.accepting = AcceptPause(self.loop, log, "holderd")
+        self.accepting.add(self.listener.fileno(), self._accept)
 
     def _accept(self, mask: int) -> None:
         while True:
@@ -99,8 +100,9 @@ class Holderd:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.error("accept failed: %s", exc)
+                self.accepting.failed(exc, f" holding {self.core.count()} fds")
                 return
+            self.accepting.accepted()
             pid, uid, _ = peer_credentials(sock)
             if uid not in self.allowed_uids:
                 log.warning("refused pid %d uid %d: not in --allow-uid", pid, uid)

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -172,3 +173,33 @@ def test_a_reader_that_takes_nothing_for_the_stall_timeout_is_closed(procs):
     wait_until(lambda: lines.append(a.line()) or lines[-1] == "UNPAIRED B", 30, "A to hear of it")
     procs.close()
     writer.join(10)
+
+
+def test_out_of_fds_chatd_pauses_accepting_and_lives(procs):
+    """chatd at its fd limit, by control connections that hold fds: its control socket's
+    accept() fails with EMFILE. That took chatd down (only EAGAIN was caught); now both
+    its listeners pause, it says so once, and its clients are unharmed."""
+    procs.start_holderd()
+    procs.start_chatd("--max-clients", "10", fd_limit=400)
+    a, b = procs.pair()
+    crowd = []
+    while "accept failed" not in procs.logs():
+        assert len(crowd) < 1000, "chatd never ran out of fds"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        crowd.append(sock)
+        sock.settimeout(0.5)
+        try:
+            sock.connect(procs.control_socket)
+        except (TimeoutError, BlockingIOError):
+            pass  # the backlog is full: chatd stopped accepting
+    late = LineClient(procs.port)  # waits in the backlog while chatd is out of fds
+    exchange(a, b, 1, 1, "out of fds")
+    assert procs.chatd.poll() is None
+    for sock in crowd:
+        sock.close()
+    late.send("NICK late")
+    assert late.line() == "OK NICK late"
+    late.close()
+    wait_until(lambda: "accepting again" in procs.logs(), 10, "chatd to say it accepts again")
+    assert procs.logs().count("accept failed") <= 2, "said once per listener kind, not in a loop"
+    exchange(a, b, 2, 2, "after")

@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -257,3 +258,26 @@ def test_a_frame_announcing_more_than_253_fds_is_refused(holder):
     assert sock.recv(1) == b""  # the stream cannot be trusted any more: disconnected
     sock.close()
     still_serves(holder)
+
+
+def test_out_of_fds_it_pauses_accepting_says_so_once_and_serves_again(procs):
+    """holderd at its fd limit: accept() fails with EMFILE while clients wait in the backlog.
+    It must not spin (it did: ~100 % CPU, megabytes of `accept failed`), and once fds are
+    free again it serves."""
+    procs.start_holderd(fd_limit=64)
+    crowd = []
+    for _ in range(100):  # more than 64 fds' worth; the backlog holds the rest
+        crowd.append(raw_connection(procs.holder_socket))
+    holderd_cpu = lambda: sum(int(x) for x in open(f"/proc/{procs.holderd.pid}/stat").read().split()[13:15])
+    wait_until(lambda: "accept failed" in procs.logs(), 10, "holderd to run out of fds")
+    before = holderd_cpu()
+    time.sleep(2)
+    spent = (holderd_cpu() - before) / os.sysconf("SC_CLK_TCK")
+    assert spent < 0.5, f"holderd spent {spent:.2f} s of CPU in 2 s while out of fds: it spins"
+    assert procs.logs().count("accept failed") == 1, "said once, not in a loop"
+    for sock in crowd:
+        sock.close()
+    wait_until(lambda: HolderClient(procs.holder_socket, timeout=1).ping()["version"] == 1, 10,
+               "holderd to serve again")
+    wait_until(lambda: "accepting again" in procs.logs(), 10, "holderd to say it accepts again")
+    still_serves(procs)
