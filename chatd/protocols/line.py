@@ -5,7 +5,7 @@ Theory of operation
 A client sends UTF-8 lines ending in ``\\n`` (a ``\\r`` before it is dropped),
 at most :data:`MAX_LINE` bytes each, not counting the ending. :class:`LineCodec`
 cuts the byte stream into lines and each line into a command: the first word,
-matched without regard to case, names it (``NICK``, ``PAIR``, ``MSG``,
+ASCII, matched without regard to ASCII case, names it (``NICK``, ``PAIR``, ``MSG``,
 ``WHO``, ``QUIT``), the rest after one space is its argument. A line that grows
 past the limit is reported once, as ``Invalid("line-too-long")``, and its bytes
 are thrown away up to and including the next ``\\n``, so a huge line costs no
@@ -45,6 +45,9 @@ def parse_line(line: bytes) -> Command:
         return Invalid("bad-encoding")
     verb, space, argument = text.partition(" ")
     argument = argument if space else None
+    if not verb.isascii():
+        # str.upper() maps Unicode: "nic\u212a" (a Kelvin sign) would become "NICK".
+        return Invalid("unknown-command")
     verb = verb.upper()
     if verb == "MSG":
         return Msg(argument or "")

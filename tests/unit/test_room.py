@@ -96,6 +96,26 @@ def test_errors():
     assert texts(room.handle(1, parse_line(b"MSG \xff"))) == [(1, "ERR bad-encoding")]
 
 
+def test_command_words_are_ascii_only():
+    """str.upper() maps Unicode: a long s (U+017F) made "m\u017fg" a MSG, a dotless i
+    (U+0131) "qu\u0131t" a QUIT; a Kelvin sign (U+212A) lowers to "k"."""
+    room = Room()
+    room.join(1)
+    assert texts(say(room, 1, "nick ann")) == [(1, "OK NICK ann")]
+    for line in ("NIC\u212a bob", "nic\u212a bob", "m\u017fg hi", "qu\u0131t"):
+        assert texts(say(room, 1, line)) == [(1, "ERR unknown-command")], repr(line)
+    assert texts(say(room, 1, "\uff2d\uff33\uff27 hi")) == [(1, "ERR unknown-command")]  # fullwidth MSG
+
+
+def test_message_text_with_control_characters_is_refused_and_the_peer_gets_nothing():
+    """NUL, a lone CR, ESC (terminal escapes), DEL and C1 controls would reach the peer's
+    screen raw; tab and every printable character, non-ASCII too, pass."""
+    room, _ = paired_room()
+    for text in ("a\x00b", "a\rb", "\x1b[2Jwiped", "a\x7fb", "a\x85b", "a\x08b"):
+        assert texts(say(room, 1, "MSG " + text)) == [(1, "ERR bad-text")], repr(text)
+    assert texts(say(room, 1, "MSG tab\there, caf\u00e9, \u212a")) == [(2, "FROM A 1 tab\there, caf\u00e9, \u212a")]
+
+
 def test_restore_rederives_pairs_and_keeps_counters_silently():
     room = Room()
     room.restore([Member(5, nick="A", target="B", received=3), Member(9, nick="B", target="A", received=7),
