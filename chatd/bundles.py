@@ -92,10 +92,10 @@ class ClientBundles:
         """What the holders must keep for the client sockets: two ends per shard."""
         return [item for shard in self.shards.values() for item in self._items_of(shard)]
 
-    def held_in(self, slot: int, held_names: set[str]) -> bool:
-        """Whether a holder that keeps ``held_names`` keeps the socket in ``slot``."""
+    def held_in(self, slot: int, held: dict[str, int]) -> bool:
+        """Whether a holder that keeps ``held`` (name -> inode) keeps the socket in ``slot``."""
         shard = self.shards.get(self.shard_of(slot))
-        return shard is not None and slot in shard.live and set(names(shard.number, shard.generation)) <= held_names
+        return shard is not None and slot in shard.live and set(names(shard.number, shard.generation)) <= held.keys()
 
     def add(self, slot: int, fd: int) -> None:
         """Keep the socket in ``slot``: appended to its shard at once. Raises Error

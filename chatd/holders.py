@@ -61,8 +61,8 @@ class Holder(Protocol):
     def forget_all(self) -> bool:
         """Forget everything chatd stored (``chatd --fresh``)."""
 
-    def held_names(self) -> set[str] | None:
-        """The names this holder keeps for chatd; None if it cannot be asked."""
+    def held(self) -> dict[str, int] | None:
+        """What this holder keeps for chatd: name -> inode; None if it cannot be asked."""
 
 
 class HolderdHolder:
@@ -127,9 +127,9 @@ class HolderdHolder:
             log.info("holderd forgot the %d fds it kept for chatd (--fresh)", removed)
         return removed is not None
 
-    def held_names(self) -> set[str] | None:
+    def held(self) -> dict[str, int] | None:
         items = self._attempt("listing", lambda: self.client.list(PREFIX))
-        return None if items is None else {item["name"] for item in items}
+        return None if items is None else {item["name"]: item["ino"] for item in items}
 
 
 class SystemdHolder:
@@ -192,8 +192,8 @@ class SystemdHolder:
         log.info("systemd's fd store forgot the %d fds it kept for chatd (--fresh)", len(names))
         return True
 
-    def held_names(self) -> set[str]:
-        return set(self._stored)
+    def held(self) -> dict[str, int]:
+        return dict(self._stored)
 
 
 class Holders:
@@ -233,21 +233,26 @@ class Holders:
                 holder.store(lacking)
 
     def audit(self, items: list[Item]) -> None:
-        """Store everything again in a holder that has lost some of chatd's names."""
-        expected = {name for name, _, _ in items}
+        """Store again, in each holder, what it does not keep as chatd has it: a name it lost
+        (holderd restarted empty), or one it keeps for another fd. Names are compared with
+        their inodes, and only chatd's own count: whatever else its uid keeps hides nothing."""
+        expected = {name: (meta, fd, os.fstat(fd).st_ino) for name, meta, fd in items}
         for holder in self.holders:
-            held = holder.held_names()
-            if held is not None and not expected <= held:
-                log.warning("%s holds %d of chatd's %d fds: storing them all again",
-                            holder.label, len(expected & held), len(expected))
-                holder.store(items)
+            held = holder.held()
+            if held is None:
+                continue
+            lacking = [(name, meta, fd) for name, (meta, fd, ino) in expected.items() if held.get(name) != ino]
+            if lacking:
+                log.warning("%s keeps %d of chatd's %d fds as they are: storing the other %d again",
+                            holder.label, len(expected) - len(lacking), len(expected), len(lacking))
+                holder.store(lacking)
 
     def report(self) -> tuple[dict, dict]:
         """({label: working}, {label: how many of chatd's fds it holds, or None})."""
         working = {holder.label: holder.working for holder in self.holders}
         held = {}
         for holder in self.holders:
-            names = holder.held_names()
+            names = holder.held()
             held[holder.label] = None if names is None else len(names)
         return working, held
 

@@ -447,7 +447,7 @@ class ChatServer:
         }
 
     def clients(self) -> list[dict]:
-        held = next((holder.held_names() for holder in self.holders if holder.label == "holderd"), None)
+        held = next((holder.held() for holder in self.holders if holder.label == "holderd"), None)
         rows = []
         for member_id, connection in sorted(self.connections.items()):
             member = self.room.members.get(member_id)

@@ -60,13 +60,13 @@ def test_holderd_holder_keeps_gives_back_and_forgets(tmp_path, sockets):
         listen, client = sockets(2)
         assert holder.store([("chatd/listen", b"{}", listen), ("chatd/client/3", b'{"nick":"a"}', client)])
         assert holder.working is True
-        assert holder.held_names() == {"chatd/listen", "chatd/client/3"}
+        assert holder.held().keys() == {"chatd/listen", "chatd/client/3"}
         back = {item.name: item for item in holder.retrieve()}
         assert back["chatd/client/3"].meta == b'{"nick":"a"}' and back["chatd/client/3"].ino == inode(client)
         for item in back.values():
             os.close(item.fd)
-        assert holder.remove(["chatd/client/3"]) and holder.held_names() == {"chatd/listen"}
-        assert holder.forget_all() and holder.held_names() == set()
+        assert holder.remove(["chatd/client/3"]) and holder.held().keys() == {"chatd/listen"}
+        assert holder.forget_all() and holder.held().keys() == set()
     finally:
         running.stop()
 
@@ -78,7 +78,7 @@ def test_holderd_holder_says_when_holderd_is_gone_and_when_it_is_back(tmp_path, 
     (fd,) = sockets(1)
     assert holder.store([("chatd/listen", b"", fd)]) is False and holder.working is False
     assert holder.remove(["chatd/listen"]) is False
-    assert holder.retrieve() == [] and holder.held_names() is None
+    assert holder.retrieve() == [] and holder.held() is None
     assert caplog.text.count("holderd unavailable") == 1, "a failure is logged once, not per call"
     running = Running(path)
     try:
@@ -102,10 +102,10 @@ def test_systemd_holder_sends_each_socket_once_per_name(notify_socket, sockets):
     notify_socket.drain()
     [kept] = notify_socket.store["chatd/client/1"]
     assert inode(kept) == inode(second)
-    assert holder.held_names() == {"chatd/client/1"}
+    assert holder.held().keys() == {"chatd/client/1"}
     holder.remove(["chatd/client/1"])
     notify_socket.drain()
-    assert notify_socket.store == {} and holder.held_names() == set()
+    assert notify_socket.store == {} and holder.held().keys() == set()
 
 
 def test_systemd_holder_takes_back_what_was_passed_and_drops_strangers(notify_socket, sockets):
@@ -118,22 +118,25 @@ def test_systemd_holder_takes_back_what_was_passed_and_drops_strangers(notify_so
     os.close(item.fd)
     notify_socket.drain()
     assert notify_socket.messages == [{"FDSTOREREMOVE": "1", "FDNAME": "someone-else"}]
-    assert holder.held_names() == {"chatd/listen"}
+    assert holder.held().keys() == {"chatd/listen"}
 
 
 class Recorder:
-    """A holder that only remembers names (a stand-in to watch the fan-out)."""
+    """A holder that only remembers names and inodes (a stand-in to watch the fan-out)."""
 
-    def __init__(self, label, names=()):
-        self.label, self.working, self.names, self.stored = label, True, set(names), []
+    def __init__(self, label, items=()):
+        self.label, self.working, self.names, self.stored = label, True, {}, []
+        self.store(items)
+        self.stored.clear()
 
     def store(self, items):
         self.stored.append([name for name, _, _ in items])
-        self.names |= {name for name, _, _ in items}
+        self.names |= {name: os.fstat(fd).st_ino for name, _, fd in items}
         return True
 
     def remove(self, names):
-        self.names -= set(names)
+        for name in names:
+            self.names.pop(name, None)
         return True
 
     def retrieve(self):
@@ -143,17 +146,30 @@ class Recorder:
         self.names.clear()
         return True
 
-    def held_names(self):
-        return set(self.names)
+    def held(self):
+        return dict(self.names)
 
 
 def test_the_fan_out_refills_a_holder_that_lost_names(sockets):
     listen, client = sockets(2)
     items = [("chatd/listen", b"", listen), ("chatd/client/0", b"", client)]
-    full, empty = Recorder("full", ["chatd/listen", "chatd/client/0"]), Recorder("empty")
+    full, empty = Recorder("full", items), Recorder("empty")
     holders = Holders([full, empty])
     holders.audit(items)
     assert full.stored == [] and empty.stored == [["chatd/listen", "chatd/client/0"]]
     assert holders.report() == ({"full": True, "empty": True}, {"full": 2, "empty": 2})
     holders.remove(["chatd/client/0"])
-    assert full.names == empty.names == {"chatd/listen"}
+    assert full.names.keys() == empty.names.keys() == {"chatd/listen"}
+
+
+def test_the_audit_sees_a_name_kept_for_another_fd_and_is_not_fooled_by_other_names(sockets):
+    """Only (name, inode) pairs of chatd's own items count: a holder that keeps the right
+    names, one of them for a stale socket, plus other names of the same uid, is refilled
+    with just what it lacks."""
+    listen, state, stale, other = sockets(4)
+    items = [("chatd/listen", b"", listen), ("chatd/state", b"", state)]
+    holder = Recorder("holderd", [("chatd/listen", b"", listen), ("chatd/state", b"", stale),
+                                  ("chatd/old-thing", b"", other), ("someone/else", b"", other)])
+    Holders([holder]).audit(items)
+    assert holder.stored == [["chatd/state"]]
+    assert holder.names["chatd/state"] == os.fstat(state).st_ino
