@@ -28,8 +28,10 @@ import time
 from typing import Protocol
 
 from fdkeep.errors import Error
+from fdkeep.loop import Loop, Timer
 from fdkeep.systemd import ServiceManager
 from fdkeep.text import plural
+from fdkeep.peer import FrameSocket
 from holderd.client import HolderClient, Retrieved
 
 log = logging.getLogger("chatd")
@@ -78,11 +80,71 @@ class HolderdHolder:
     label = "holderd"
     TIMEOUT = 1.0
     RETRY_AFTER = 5.0
+    #: How often a holderd that went away is asked whether it is back.
+    PROBE_INTERVAL = 0.1
 
     def __init__(self, path: str | None):
         self.client = HolderClient(path, timeout=self.TIMEOUT)
         self.working: bool | None = None
         self._retry_at = 0.0
+        self._loop: Loop | None = None
+        self._refill = None
+        self._watched: FrameSocket | None = None
+        self._watched_fd = -1
+        self._probe: Timer | None = None
+
+    # -- hearing at once that holderd went away ------------------------------------------
+    def watch(self, loop: Loop, refill) -> None:
+        """Hear at once when holderd goes away, and call ``refill()`` as soon as it answers again.
+
+        holderd that stops or crashes closes chatd's connection to it: the loop
+        sees the hang-up (a registration with no events, as holderd watches the
+        sockets it holds). Until holderd is back, chatd's sockets are kept in one
+        holder fewer, and without systemd's store, in none: so the new holderd is
+        probed every :data:`PROBE_INTERVAL`, not at the next audit, and ``refill``
+        (chatd's audit: store what holderd lacks) runs the moment it answers.
+        """
+        self._loop, self._refill = loop, refill
+        self._follow_connection()
+
+    def _follow_connection(self) -> None:
+        """Watch the connection the client has now (a new one after a failure, perhaps
+        under the number of the old one: connections are compared, not numbers)."""
+        if self._loop is None or self.client.connection is self._watched:
+            return
+        self._unwatch()
+        self._watched = self.client.connection
+        if self._watched is not None:
+            self._watched_fd = self._watched.sock.fileno()
+            self._loop.add(self._watched_fd, 0, self._hung_up)
+
+    def _unwatch(self) -> None:
+        # By the number it was watched under: the connection may be closed already.
+        if self._watched is not None:
+            self._loop.remove(self._watched_fd)
+            self._watched = None
+
+    def _hung_up(self, mask: int) -> None:
+        self._unwatch()
+        self.client.close()
+        if self._probe is None:
+            log.warning("holderd at %s went away: asking every %.1f s until it is back, then storing "
+                        "everything again", self.client.path, self.PROBE_INTERVAL)
+            self.working = False
+            self._probe = self._loop.call_every(self.PROBE_INTERVAL, self._probe_back)
+
+    def _probe_back(self) -> None:
+        try:
+            self.client.ping()
+        except Error:
+            self.client.close()
+            return
+        self._probe.cancel()
+        self._probe = None
+        self._retry_at = 0.0
+        self._outcome(None, "probing")
+        self._follow_connection()
+        self._refill()
 
     def _outcome(self, error: Error | None, what: str) -> bool:
         if error is None:
@@ -109,6 +171,8 @@ class HolderdHolder:
         except Error as exc:
             self._outcome(exc, what)
             return None
+        finally:
+            self._follow_connection()
         self._outcome(None, what)
         return result
 
@@ -204,6 +268,12 @@ class Holders:
 
     def __iter__(self):
         return iter(self.holders)
+
+    def watch(self, loop: Loop, refill) -> None:
+        """Let each holder that can tell it went away call ``refill()`` once it is back."""
+        for holder in self.holders:
+            if isinstance(holder, HolderdHolder):
+                holder.watch(loop, refill)
 
     def store(self, items: list[Item]) -> None:
         for holder in self.holders:

@@ -498,6 +498,7 @@ class ChatServer:
     def serve_forever(self) -> None:
         self.loop.call_every(STATUS_INTERVAL, self._report_status)
         self.loop.call_every(AUDIT_INTERVAL, self.audit_holders)
+        self.holders.watch(self.loop, self.audit_holders)
         self.loop.call_every(TIDY_INTERVAL, self.bundles.tidy)
         self.loop.call_every(min(self.stall_timeout / 4, 5.0), self._drop_stalled)
         if self.manager.watchdog_interval:

@@ -65,6 +65,11 @@ class HolderClient:
             self._conn.close()
             self._conn = None
 
+    @property
+    def connection(self) -> FrameSocket | None:
+        """The connection now open (a new one after a failure), to watch for holderd going away."""
+        return self._conn
+
     def __enter__(self):
         return self.connect()
 

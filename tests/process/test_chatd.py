@@ -6,11 +6,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from ctl.launch import SOURCE_ROOT, wait_until
 from ctl.probe import LineClient
+from holderd.client import HolderClient
 
 
 @pytest.fixture
@@ -203,3 +205,27 @@ def test_out_of_fds_chatd_pauses_accepting_and_lives(procs):
     wait_until(lambda: "accepting again" in procs.logs(), 10, "chatd to say it accepts again")
     assert procs.logs().count("accept failed") <= 2, "said once per listener kind, not in a loop"
     exchange(a, b, 2, 2, "after")
+
+
+def test_a_restarted_holderd_is_refilled_at_once_so_a_crash_right_after_loses_nothing(running):
+    """Without systemd, holderd is the only holder: after it restarts empty, chatd must
+    refill it the moment it answers (it hears its connection end), not at the next
+    5-second audit, since a chatd crash in between would lose every connection. Twice,
+    so that an audit that happens to come just in time cannot pass for it."""
+    a, b = running.pair()
+    exchange(a, b, 1, 1, "before")
+    held_by_chatd = lambda: {item["name"] for item in HolderClient(running.holder_socket, timeout=1).list("chatd/")}
+    kept = held_by_chatd()
+    assert {"chatd/listen", "chatd/state"} <= kept
+    for round_number in (2, 3):
+        running.holderd.send_signal(signal.SIGKILL)
+        running.holderd.wait(10)
+        running.start_holderd()
+        back = time.monotonic()
+        wait_until(lambda: held_by_chatd() == kept, 10, "chatd to refill the new holderd")
+        refilled_in = time.monotonic() - back
+        assert refilled_in < 1.5, f"refilled {refilled_in:.1f} s after holderd answered: at the audit, not at once"
+        exchange(a, b, round_number, round_number, f"holderd restarted {round_number - 1}x")
+    running.kill_chatd(signal.SIGKILL)  # right after: holderd alone keeps everything
+    running.start_chatd("--restore")
+    exchange(a, b, 4, 4, "after chatd died")
