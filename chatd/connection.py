@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from fdkeep.peer import Channel
@@ -63,6 +64,11 @@ class Connection(Channel):
         #: The input offset a predecessor died handling, and how many times.
         self.poison_offset = 0
         self.poison_count = 0
+        #: When this process began serving it (accepted, or restored).
+        self.opened_at = time.monotonic()
+        #: The client's address, as counted against --max-per-address; "" if exempt (loopback)
+        #: or not counted, None until known (a restored connection: learned soon after).
+        self.address: str | None = None
         super().__init__(server.loop, sock, outbox)
 
     @property

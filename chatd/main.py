@@ -81,12 +81,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "past the limit a client gets ERR server-full)",
     )
     parser.add_argument(
+        "--max-per-address", type=int, default=256, metavar="N",
+        help="connections one client address may have, so that one host cannot take every slot; "
+        "past it a client gets ERR too-many-connections (an HTTP 503 on the web port). Loopback "
+        "is exempt: put a reverse proxy on this host, or set 0 (no limit) behind one elsewhere "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="SECONDS",
         help="close a client that takes none of its queued output for this long (default %(default)s)",
     )
     parser.add_argument(
         "--no-journal", action="store_true",
-        help="write no crash-surviving state, only to measure what the journal costs (bench/relay.py): "
+        help="write no crash-surviving state, only to measure what the journal costs (bench/rates.py): "
         "a crash then loses what was in flight and every count",
     )
     parser.add_argument(
@@ -102,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--fresh and --restore contradict each other")
     if args.lease and (args.no_holderd or args.wait):
         parser.error("--lease needs holderd (it keeps the lease) and cannot go with --wait")
+    if args.max_per_address < 0:
+        parser.error("--max-per-address must be 0 (no limit) or more")
     if args.max_clients < 0:
         parser.error("--max-clients must be 0 (as many as the fd limit allows) or more")
     return args
@@ -142,7 +151,8 @@ def main(argv=None) -> int:
     if args.no_journal:
         Journal.durable = False
         log.warning("--no-journal: nothing in flight survives a crash (a benchmark setting)")
-    server = ChatServer(Holders(holders), args.max_clients, manager, args.stall_timeout, replay=not args.no_replay)
+    server = ChatServer(Holders(holders), args.max_clients, manager, args.stall_timeout, replay=not args.no_replay,
+                        max_per_address=args.max_per_address)
     if args.fresh:
         server.holders.forget_all()
     try:

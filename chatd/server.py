@@ -50,6 +50,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 
 from fdkeep.errors import Error
 from fdkeep.loop import AcceptPause, Loop
@@ -61,8 +62,7 @@ from .connection import Connection
 from .bundles import ClientBundles
 from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME, Holders, Item
 from .journal import CLOSING, Journal, Record
-from .protocols import codec_for
-from .protocols.line import encode_event
+from .protocols import codec_for, refusal
 from .rings import InRing, OutRing
 from .room import Bye, Command, Failed, Msg, Outcome, Room
 
@@ -92,17 +92,35 @@ ROUTINE_ENDS = {"said its last word", "client closed the connection", "said QUIT
 ACCEPT_BATCH = 16
 #: How long accepting stops when accept() fails (out of fds).
 ACCEPT_PAUSE = 0.5
+#: How long a web client may take to send its whole HTTP request (the opening of the WebSocket).
+HANDSHAKE_TIMEOUT = 10.0
+#: How long after a restore chatd counts the restored clients' addresses.
+ADDRESS_LEARNING_DELAY = 1.0
+
+
+def counted_address(peer) -> str:
+    """The address a client counts against --max-per-address as; "" for loopback, which is
+    exempt (tests, benchmarks, and a reverse proxy on this host carry many clients each)."""
+    host = peer[0] if isinstance(peer, tuple) else ""
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return "" if host.startswith("127.") or host == "::1" else host
 
 
 class ChatServer:
     def __init__(self, holders: Holders, max_clients: int, manager: ServiceManager | None = None,
-                 stall_timeout: float = STALL_TIMEOUT, replay: bool = True):
+                 stall_timeout: float = STALL_TIMEOUT, replay: bool = True, max_per_address: int = 0):
         self.loop = Loop()
         self.manager = manager or ServiceManager({})
         self.room = Room()
         self.holders = holders
         self.bundles = ClientBundles(holders)
         self.max_clients = max_clients
+        #: Connections one client address may have (0: no limit; loopback is exempt).
+        self.max_per_address = max_per_address
+        self.per_address: Counter[str] = Counter()
+        self._learning_addresses = False
+        self._refusing: set[str] = set()  # addresses told of in the log as over the limit
         self.stall_timeout = stall_timeout
         #: On restore, finish what was in flight (see chatd.restore); off only to show loss in tests.
         self.replay = replay
@@ -186,6 +204,9 @@ class ChatServer:
         connection.finishing = bool(record.flags & CLOSING)
         connection.poison_offset, connection.poison_count = record.poison_offset, record.poison_count
         self.connections[member_id] = connection
+        if not fresh and not self._learning_addresses:
+            self._learning_addresses = True
+            self.loop.call_later(ADDRESS_LEARNING_DELAY, self._learn_addresses)
         if fresh or outbox:  # a record to write; or output a crash left, which only a commit sends
             self._dirty.add(member_id)
         return connection
@@ -196,7 +217,7 @@ class ChatServer:
         # served get their turn in between, however many connect at once.
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, _ = self.listeners[protocol].accept()
+                sock, peer = self.listeners[protocol].accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -204,10 +225,18 @@ class ChatServer:
                 return
             self.accepting.accepted()
             faults.reached("after-accept")
+            address = counted_address(peer)
+            if self.max_per_address and address and self.per_address[address] >= self.max_per_address:
+                if address not in self._refusing:  # said once, not per attempt
+                    self._refusing.add(address)
+                    log.warning("refusing more clients from %s: it has %d connections (--max-per-address)",
+                                address, self.max_per_address)
+                self._refuse(sock, protocol, "too-many-connections")
+                continue
             slot = self.journal.allocate()
             if slot is None:
                 log.warning("refusing a client: all %d slots are taken (--max-clients)", self.max_clients)
-                self._refuse(sock)
+                self._refuse(sock, protocol, "server-full")
                 continue
             # Kept before a byte of it is read: from here on a crash cannot lose it.
             try:
@@ -215,20 +244,36 @@ class ChatServer:
             except Error as exc:
                 log.error("refusing a client: %s", exc.message)
                 self.journal.commit({slot: None})
-                self._refuse(sock)
+                self._refuse(sock, protocol, "server-full")
                 continue
             self._dirty |= self.room.join(slot, protocol).changed
             connection = self.adopt(sock, slot, protocol=protocol)
+            connection.address = address
+            if address:
+                self.per_address[address] += 1
             if log.isEnabledFor(logging.DEBUG):  # .remote is a syscall: not for nothing
                 log.debug("member %d connected from %s", slot, connection.remote)
 
     @staticmethod
-    def _refuse(sock: socket.socket) -> None:
+    def _refuse(sock: socket.socket, protocol: str, code: str) -> None:
         try:
-            sock.send(encode_event(Failed("server-full")))
+            sock.send(refusal(protocol, code))
         except OSError:
             pass
         sock.close()
+
+    def _learn_addresses(self) -> None:
+        """Count restored clients against --max-per-address (not during the restore: a
+        getpeername each would slow the takeover)."""
+        self._learning_addresses = False
+        for connection in self.connections.values():
+            if connection.address is None:
+                try:
+                    connection.address = counted_address(connection.sock.getpeername())
+                except OSError:
+                    connection.address = ""
+                if connection.address:
+                    self.per_address[connection.address] += 1
 
     def take_input(self, connection: Connection) -> None:
         """Handle the connection's commands, as many as the output rings have room for."""
@@ -328,6 +373,11 @@ class ChatServer:
         # the unexpected ends are worth an info line.
         (log.debug if reason in ROUTINE_ENDS else log.info)("member %d closed: %s", member_id, reason)
         connection.close()  # shut down first: the copy in its bundle ends with it
+        if connection.address:
+            self.per_address[connection.address] -= 1
+            if self.per_address[connection.address] <= 0:
+                del self.per_address[connection.address]
+            self._refusing.discard(connection.address)
         self.bundles.forget(member_id)
         self._freed.add(member_id)
         self._dirty.discard(member_id)
@@ -402,6 +452,9 @@ class ChatServer:
     def _drop_stalled(self) -> None:
         now = time.monotonic()
         for connection in list(self.connections.values()):
+            if connection.codec.opening and now - connection.opened_at > HANDSHAKE_TIMEOUT:
+                self.close_client(connection.member_id, f"sent no complete request in {HANDSHAKE_TIMEOUT:.0f} s")
+                continue
             waiting_since = connection.progress_at
             if connection.outbox and waiting_since and now - waiting_since > self.stall_timeout:
                 self.close_client(connection.member_id,

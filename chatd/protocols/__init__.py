@@ -32,6 +32,9 @@ class Codec(Protocol):
     state: bytes
     #: True once the protocol has ended the connection (close when the output is sent).
     finished: bool
+    #: True while the client has yet to finish the protocol's opening (an HTTP request):
+    #: a client that takes too long is closed (chatd.server.HANDSHAKE_TIMEOUT).
+    opening: bool
 
     def feed(self, data: bytes) -> None: ...
 
@@ -51,6 +54,19 @@ def codec_for(protocol: str, consumed: int = 0, state: bytes = b"") -> Codec:
     from .line import LineCodec
 
     return LineCodec(consumed=consumed, state=state)
+
+
+def refusal(protocol: str, code: str) -> bytes:
+    """What a client chatd will not serve gets before its connection is closed: the
+    line protocol's ``ERR <code>``, or an HTTP 503 naming it on the web port."""
+    if protocol == "websocket":
+        from .web import http_response
+
+        return http_response(503, f"chatd refuses this connection: {code}\n".encode())
+    from ..room import Failed
+    from .line import encode_event
+
+    return encode_event(Failed(code))
 
 
 def web_unavailable() -> str | None:

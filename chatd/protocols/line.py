@@ -95,6 +95,7 @@ class LineCodec:
 
     protocol = "line"
     finished = False  # a line client ends with QUIT or EOF, never by the protocol alone
+    opening = False  # a line client may say its first word when it likes
 
     def __init__(self, max_line: int = MAX_LINE, consumed: int = 0, state: bytes = b""):
         self.max_line = max_line

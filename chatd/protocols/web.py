@@ -165,6 +165,11 @@ class WebCodec:
     def state(self) -> bytes:
         return self.phase
 
+    @property
+    def opening(self) -> bool:
+        """No complete HTTP request yet (a slow sender of a partial one is closed for it)."""
+        return self.phase == HTTP and not self.finished
+
     def feed(self, data: bytes) -> None:
         self._buffer += data
 

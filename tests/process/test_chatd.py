@@ -229,3 +229,55 @@ def test_a_restarted_holderd_is_refilled_at_once_so_a_crash_right_after_loses_no
     running.kill_chatd(signal.SIGKILL)  # right after: holderd alone keeps everything
     running.start_chatd("--restore")
     exchange(a, b, 4, 4, "after chatd died")
+
+
+def a_local_address_that_is_not_loopback() -> str | None:
+    """This machine's address on its way out (no packet is sent), if it has one."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if address.startswith("127.") else address
+
+
+def test_one_address_cannot_take_every_slot(procs):
+    address = a_local_address_that_is_not_loopback()
+    if address is None:
+        pytest.skip("no non-loopback address to connect from")
+    procs.start_holderd()
+    procs.start_chatd("--host", "0.0.0.0", "--max-per-address", "3")
+    first = [LineClient(procs.port, host=address) for _ in range(3)]
+    for number, client in enumerate(first):
+        client.send(f"NICK n{number}")
+        assert client.line() == f"OK NICK n{number}"
+    extra = LineClient(procs.port, host=address)
+    assert extra.line() == "ERR too-many-connections"
+    assert extra.sock.recv(10) == b"", "then closed"
+    web = socket.create_connection((address, procs.http_port), timeout=5)
+    assert web.recv(200).startswith(b"HTTP/1.1 503 "), "the web port counts the same address"
+    web.close()
+    local = procs.client("local")  # loopback is exempt
+    first[0].close()
+    wait_until(lambda: procs.control("status")["clients"] == 3, 10, "chatd to see a client go")
+    again = LineClient(procs.port, host=address)
+    again.send("NICK again")
+    assert again.line() == "OK NICK again"
+    assert procs.logs().count("refusing more clients from") == 1, "said once, not per attempt"
+    for client in first[1:] + [extra, again, local]:
+        client.close()
+
+
+def test_a_web_client_that_never_finishes_its_request_is_closed(procs):
+    procs.start_holderd()
+    procs.start_chatd()
+    slow = socket.create_connection(("127.0.0.1", procs.http_port), timeout=30)
+    slow.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    started = time.monotonic()
+    assert slow.recv(100) == b"", "closed"
+    assert 9 < time.monotonic() - started < 25
+    assert "sent no complete request in 10 s" in procs.logs()
+    slow.close()
