@@ -176,7 +176,9 @@ def main(argv=None) -> int:
             elif http_port is not None and server.http_port is None:
                 server.bind_web(args.host, http_port)
         except OSError as exc:
-            log.error("cannot listen on %s (ports %d, web %s): %s", args.host, args.port, http_port, exc)
+            web = f" or web port {http_port}" if http_port is not None else ""
+            log.error("cannot listen on %s port %d%s: %s; is another chatd running? (`chatctl status`; "
+                      "or pass --port/--http-port)", args.host, args.port, web, exc.strerror or exc)
             return False
         server.announce_ready()
         return True

@@ -36,7 +36,8 @@ def run(host: str, port: int, nick: str | None, pair: str | None, out=sys.stdout
     try:
         sock = socket.create_connection((host, port), timeout=10)
     except OSError as exc:
-        say(f"cannot connect to {host}:{port}: {exc}")
+        say(f"cannot connect to chatd at {host}:{port} ({exc.strerror or exc}); is chatd running there? "
+            "(`chatctl status`; or pass --host/--port)")
         return 1
     sock.settimeout(None)
     local_port = sock.getsockname()[1]
