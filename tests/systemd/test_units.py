@@ -333,7 +333,7 @@ def test_security_exposure_is_low(machine):
         out = machine.run("systemd-analyze", "security", "--no-pager", f"{unit}.service").stdout
         score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out).group(1))
         print(f"systemd-analyze security {unit}.service: {score}")
-        assert score <= 3.0, out
+        assert score <= 2.0, out  # issue 16: at most 2.0
 
 
 def test_pairs_streaming_through_chatctl_crashes_lose_nothing(machine):
