@@ -17,6 +17,18 @@ crash-surviving fields (nick, target, ``received``) ``changed``. The room keeps
 no record of what changed between calls: each outcome says it, and the caller
 commits it.
 
+Across hosts (:mod:`chatd.cluster`), the room also knows *remote* members: the
+nick, host and target of every member of another chatd host, from the
+cluster's directory (:meth:`Room.remote_changed`, :meth:`Room.remote_gone`).
+A local member pairs with a remote one by the same rule, mutual targets. A
+message to a remote peer is not delivered but *forwarded*: the outcome lists a
+:class:`Forward`, numbered ``k`` by the sender (``k`` counts every message the
+member has sent under its nick's *incarnation*, a random id drawn when it took
+the nick), which the server publishes. The other host hands it to its room
+(:meth:`Room.receive`), which drops what it has seen (``k`` at or below the last
+``k`` of that incarnation) and numbers the rest ``n`` like a local message. The
+room only ever tells its own members: the other host tells its own.
+
 Commands and events are protocol-free. A codec per protocol
 (:mod:`chatd.protocols`) turns a client's bytes into commands and events into
 its bytes, so a line client and a browser chat in the same room.
@@ -135,7 +147,40 @@ class Member:
     target: str | None = None
     #: Messages received on the current pairing; the n of the next From is this + 1.
     received: int = 0
-    peer: "Member | None" = None
+    peer: "Member | Remote | None" = None
+    #: Across hosts: the random id of this member's hold on its nick, and the k of the
+    #: last message it forwarded under it.
+    incarnation: int = 0
+    sent: int = 0
+    #: Across hosts: the incarnation and k of the last forwarded message it received.
+    peer_incarnation: int = 0
+    last_k: int = 0
+    #: Paired with a remote member when last committed: a restore re-pairs it silently
+    #: once the directory shows that member again (see Room.restore).
+    remote_paired: bool = False
+
+
+@dataclass
+class Remote:
+    """A member of another chatd host, as the cluster's directory shows it."""
+
+    nick: str
+    host: str
+    target: str | None
+    peer: Member | None = None
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A message for a member of another host: the server publishes it."""
+
+    sender: int
+    host: str
+    receiver: str
+    sender_nick: str
+    incarnation: int
+    k: int
+    text: str
 
 
 @dataclass
@@ -145,6 +190,7 @@ class Outcome:
     deliveries: list[tuple[int, Event]] = field(default_factory=list)
     closes: list[int] = field(default_factory=list)
     changed: set[int] = field(default_factory=set)
+    forwards: list[Forward] = field(default_factory=list)
 
     def tell(self, member_id: int, event: Event) -> "Outcome":
         self.deliveries.append((member_id, event))
@@ -154,12 +200,17 @@ class Outcome:
         self.deliveries += other.deliveries
         self.closes += other.closes
         self.changed |= other.changed
+        self.forwards += other.forwards
 
 
 class Room:
     def __init__(self):
         self.members: dict[int, Member] = {}
         self._by_nick: dict[str, Member] = {}
+        #: Members of other hosts, by nick (empty on one host).
+        self.remote: dict[str, Remote] = {}
+        #: Restored members paired with a remote one, until the directory shows it again.
+        self._awaiting: dict[str, Member] = {}
 
     # -- membership ---------------------------------------------------------------------
     def join(self, member_id: int, protocol: str = "line") -> Outcome:
@@ -179,8 +230,10 @@ class Room:
         for member in members:
             if member.peer is None:
                 peer = self._mutual_target(member)
-                if peer is not None:
+                if isinstance(peer, Member):
                     member.peer, peer.peer = peer, member
+                elif member.remote_paired and member.nick is not None:
+                    self._awaiting[member.nick] = member
 
     def leave(self, member_id: int) -> Outcome:
         outcome = Outcome()
@@ -191,11 +244,95 @@ class Room:
             self._unpair(member, outcome)
         if member.nick is not None:
             del self._by_nick[member.nick]
+            self._awaiting.pop(member.nick, None)
         outcome.changed.discard(member_id)
         return outcome
 
-    def pairs(self) -> list[tuple[Member, Member]]:
-        return [(m, m.peer) for m in self.members.values() if m.peer is not None and m.id < m.peer.id]
+    def pairs(self) -> list[tuple[Member, Member | Remote]]:
+        """Every pair once: local pairs, and local members paired with a remote one."""
+        return [(m, m.peer) for m in self.members.values()
+                if m.peer is not None and (isinstance(m.peer, Remote) or m.id < m.peer.id)]
+
+    def nick_free(self, member_id: int, name) -> bool:
+        """Whether ``member_id`` may try to take ``name``: valid, and neither a local member
+        nor a remote one (as far as the directory shows) holds it. The cluster decides."""
+        if name is None or not NAME_RE.match(name):
+            return False
+        holder = self._by_nick.get(name)
+        return (holder is None or holder.id == member_id) and name not in self.remote
+
+    # -- the other hosts --------------------------------------------------------------------
+    def remote_changed(self, nick: str, host: str, target: str | None) -> Outcome:
+        """The directory shows ``nick`` on ``host`` with ``target``: re-derive its pairing."""
+        outcome = Outcome()
+        if nick in self._by_nick:
+            return outcome  # ours: the directory echoes our own members
+        remote = self.remote.get(nick)
+        if remote is None:
+            remote = self.remote[nick] = Remote(nick, host, target)
+        else:
+            remote.host = host
+            if remote.target == target:
+                return outcome
+            remote.target = target
+            if remote.peer is not None and remote.peer.nick != target:
+                self._remote_left(remote, outcome)
+        local = self._by_nick.get(target) if target is not None else None
+        if local is None or local.target != nick or local.peer is remote:
+            return outcome
+        awaited = self._awaiting.pop(local.nick, None) is local
+        if awaited and local.peer is None:
+            local.peer, remote.peer = remote, local  # as it was before the crash: silently
+            return outcome
+        self._pair_if_mutual(local, outcome)
+        return outcome
+
+    def remote_gone(self, nick: str) -> Outcome:
+        """``nick`` left the directory (its member left, or its host is gone)."""
+        outcome = Outcome()
+        remote = self.remote.pop(nick, None)
+        if remote is not None and remote.peer is not None:
+            self._remote_left(remote, outcome)
+        return outcome
+
+    def directory_complete(self) -> Outcome:
+        """The directory has shown everything it holds: members that were paired with a
+        remote member no longer there learn they are not."""
+        outcome = Outcome()
+        for member in self._awaiting.values():
+            member.remote_paired = False
+            member.received = 0
+            outcome.changed.add(member.id)
+            if member.target is not None:
+                outcome.tell(member.id, Unpaired(member.target))
+        self._awaiting.clear()
+        return outcome
+
+    def _remote_left(self, remote: Remote, outcome: Outcome) -> None:
+        member = remote.peer
+        remote.peer = member.peer = None
+        member.received = 0
+        member.remote_paired = False
+        outcome.changed.add(member.id)
+        outcome.tell(member.id, Unpaired(remote.nick))
+
+    def receive(self, receiver: str, sender: str, incarnation: int, k: int, text: str) -> Outcome | None:
+        """A message a member of another host forwarded to ``receiver``. The outcome is
+        empty when it is not for anyone here any more or was seen already; None when its
+        receiver names the sender but the directory has not shown the pairing yet (the
+        sender's host saw it first): the caller keeps it and asks again later."""
+        outcome = Outcome()
+        member = self._by_nick.get(receiver)
+        if member is None or member.target != sender:
+            return outcome
+        if incarnation == member.peer_incarnation and k <= member.last_k:
+            return outcome
+        if not (isinstance(member.peer, Remote) and member.peer.nick == sender):
+            return None
+        member.peer_incarnation, member.last_k = incarnation, k
+        member.received += 1
+        outcome.changed.add(member.id)
+        return outcome.tell(member.id, From(sender, member.received, text))
 
     # -- commands -----------------------------------------------------------------------
     def handle(self, member_id: int, command: Command) -> Outcome:
@@ -218,8 +355,14 @@ class Room:
         return outcome
 
     def users(self) -> Users:
-        named = (m for m in self.members.values() if m.nick is not None)
-        return Users(tuple((m.nick, m.peer.nick if m.peer else None) for m, _ in zip(named, range(MAX_USERS))))
+        named = [m for m in self.members.values() if m.nick is not None] + list(self.remote.values())
+        return Users(tuple((m.nick, self._peer_nick(m)) for m, _ in zip(named, range(MAX_USERS))))
+
+    def _peer_nick(self, member: Member | Remote) -> str | None:
+        if isinstance(member, Member):
+            return member.peer.nick if member.peer else None
+        other = self._by_nick.get(member.target) or self.remote.get(member.target) if member.target else None
+        return member.target if other is not None and other.target == member.nick else None
 
     def _nick(self, member: Member, name, outcome: Outcome) -> None:
         if name is None or not NAME_RE.match(name):
@@ -229,13 +372,14 @@ class Room:
         if holder is member:
             outcome.tell(member.id, Ok("NICK", name))
             return
-        if holder is not None:
+        if holder is not None or name in self.remote:
             outcome.tell(member.id, Failed("nick-taken"))
             return
         if member.peer:
             self._unpair(member, outcome)
         if member.nick is not None:
             del self._by_nick[member.nick]
+            self._awaiting.pop(member.nick, None)
         member.nick = name
         self._by_nick[name] = member
         outcome.changed.add(member.id)
@@ -264,15 +408,21 @@ class Room:
         if peer is None:
             outcome.tell(member.id, Failed("not-paired"))
             return
+        if isinstance(peer, Remote):
+            member.sent += 1
+            outcome.changed.add(member.id)
+            outcome.forwards.append(Forward(member.id, peer.host, peer.nick, member.nick, member.incarnation,
+                                            member.sent, text))
+            return
         peer.received += 1
         outcome.changed.add(peer.id)
         outcome.tell(peer.id, From(member.nick, peer.received, text))
 
     # -- pairing ------------------------------------------------------------------------
-    def _mutual_target(self, member: Member) -> Member | None:
+    def _mutual_target(self, member: Member) -> Member | Remote | None:
         if member.nick is None or member.target is None:
             return None
-        other = self._by_nick.get(member.target)
+        other = self._by_nick.get(member.target) or self.remote.get(member.target)
         if other is None or other is member or other.target != member.nick:
             return None
         return other
@@ -280,6 +430,15 @@ class Room:
     def _pair_if_mutual(self, member: Member, outcome: Outcome) -> None:
         other = self._mutual_target(member)
         if other is None:
+            return
+        if isinstance(other, Remote):
+            if other.peer is not None:
+                self._remote_left(other, outcome)
+            member.peer, other.peer = other, member
+            member.received = 0
+            member.remote_paired = True
+            outcome.changed.add(member.id)
+            outcome.tell(member.id, Paired(other.nick))
             return
         if other.peer:
             self._unpair(other, outcome)
@@ -289,9 +448,15 @@ class Room:
         outcome.tell(member.id, Paired(other.nick)).tell(other.id, Paired(member.nick))
 
     def _unpair(self, member: Member, outcome: Outcome) -> None:
-        """Break ``member``'s pairing; only the other side is told."""
+        """Break ``member``'s pairing; only the other side is told (a remote one by its host,
+        when the directory shows it what changed here)."""
         other = member.peer
         member.peer = other.peer = None
-        member.received = other.received = 0
-        outcome.changed.update((member.id, other.id))
-        outcome.tell(other.id, Unpaired(member.nick))
+        member.received = 0
+        member.remote_paired = False
+        outcome.changed.add(member.id)
+        if isinstance(other, Member):
+            other.received = 0
+            outcome.changed.add(other.id)
+            outcome.tell(other.id, Unpaired(member.nick))
+
