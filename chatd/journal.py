@@ -9,13 +9,17 @@ dead process left it: writes to a shared mapping are in the file the moment
 they are made, no flush needed.
 
 The file has a header, one *slot* per connection, and for each slot two
-*rings* of bytes:
+*rings* of bytes (three across hosts):
 
 - the **input ring**: chatd receives a client's bytes straight into it
   (``recv_into`` a view of the mapping), so what chatd takes from a socket is
   never only in its private memory;
 - the **output ring**: every byte chatd means to send a client is written here
-  first, and sent from here.
+  first, and sent from here;
+- across hosts (:mod:`chatd.cluster`), the **outbox**: the messages this
+  client sent to members of other hosts, committed and not yet acknowledged
+  by the cluster (``[box_start, box_end)``, :class:`chatd.rings.Outbox`).
+  After a crash they are published again; the cluster drops what it has.
 
 A ring holds a window of a TCP stream: stream offset ``x`` lives at position
 ``x % size``. Which window is given by the slot's :class:`Record`: the input
@@ -37,6 +41,11 @@ current. A commit
 2. writes ``c + 1`` into the spare copy of the committed number;
 3. flips the selector byte. That one-byte store is the commit.
 
+The committed number's copy carries the *cursor* beside it: across hosts, the
+last sequence of the cluster's stream up to which every message for this host
+is handled (:mod:`chatd.cluster`), so it is committed in the same step as what
+handling them changed.
+
 A process can die between any two instructions, but a one-byte store is
 indivisible: a reader (:meth:`Journal.attach`) takes the committed number
 ``c`` the selector points at and, in each slot, the copy with the highest tag
@@ -53,19 +62,23 @@ command is skipped (a *poison* line must not kill every successor).
 
 Layout (little-endian)::
 
-    header (4096 bytes): magic "CHATDJ02", version u32, slot count u32,
+    header (4096 bytes): magic "CHATDJ03", version u32, slot count u32,
                          record size u32, input ring size u32, output ring
-                         size u32; at 64: selector u8; at 72 and 80: committed
-                         sequence u64 (copies 0 and 1); at 128: marker valid
-                         u8, at 132 its slot u32, at 136 its offset u64; at
-                         160: the owner's pid u32, at 168 its start time u64
+                         size u32, outbox size u32 (0: one host); at 64:
+                         selector u8; at 72 and 88: committed sequence u64
+                         and cursor u64 (copies 0 and 1); at 128: marker
+                         valid u8, at 132 its slot u32, at 136 its offset
+                         u64; at 160: the owner's pid u32, at 168 its start
+                         time u64
     records:             per slot, record copy 0 then record copy 1
-    rings:               page-aligned; per slot, its input ring then its output ring
-    record (160 bytes):  seq u64, used u8, protocol u8, flags u8, poison
+    rings:               page-aligned; per slot, its input ring, its output
+                         ring, its outbox
+    record (208 bytes):  seq u64, used u8, protocol u8, flags u8, poison
                          count u8, 4 padding, socket inode u64, received u64,
                          in_handled u64, out_start u64, out_end u64, poison
                          offset u64, nick 32s, target 32s, codec state 16s,
-                         16 reserved
+                         incarnation u64, sent u64, peer incarnation u64,
+                         last k u64, box_start u64, box_end u64, 16 reserved
 
 The file is sparse: a ring takes memory only for the pages a connection has
 used, and :meth:`Journal.commit` gives a freed slot's pages back.
@@ -80,18 +93,19 @@ from dataclasses import dataclass
 
 from fdkeep.errors import Error
 
-MAGIC = b"CHATDJ02"
-VERSION = 2
-HEADER = struct.Struct("<8sIIIII")
+MAGIC = b"CHATDJ03"
+VERSION = 3
+HEADER = struct.Struct("<8sIIIIII")
 HEADER_SIZE = 4096
 SELECTOR_OFFSET = 64
-ROOT_OFFSETS = (72, 80)
+ROOT_OFFSETS = (72, 88)
+ROOT = struct.Struct("<QQ")  # committed sequence, cursor
 MARKER = struct.Struct("<B3xIQ")
 MARKER_OFFSET = 128
 OWNER = struct.Struct("<I4xQ")
 OWNER_OFFSET = 160
 SEQ = struct.Struct("<Q")
-RECORD = struct.Struct("<QBBBB4xQQQQQQ32s32s16s16x")
+RECORD = struct.Struct("<QBBBB4xQQQQQQ32s32s16sQQQQQQ16x")
 PROTOCOLS = ("line", "websocket")
 PAGE = mmap.PAGESIZE
 
@@ -99,11 +113,14 @@ PAGE = mmap.PAGESIZE
 IN_RING = 128 * 1024
 #: Output ring: room for what a slow reader has not taken yet (see chatd.server).
 OUT_RING = 256 * 1024
+#: Outbox, across hosts: a whole message (64 KiB) waiting for the cluster, and more.
+BOX_RING = 128 * 1024
 
 #: Record flags.
 CLOSING = 1  # said its last word (BYE); to be closed once its output is sent
+REMOTE_PAIRED = 2  # paired with a member of another host (chatd.room.Member.remote_paired)
 
-assert RECORD.size == 160 and MARKER_OFFSET + MARKER.size <= OWNER_OFFSET < OWNER_OFFSET + OWNER.size <= HEADER_SIZE
+assert RECORD.size == 208 and ROOT_OFFSETS[0] + ROOT.size <= ROOT_OFFSETS[1] < ROOT_OFFSETS[1] + ROOT.size <= MARKER_OFFSET and MARKER_OFFSET + MARKER.size <= OWNER_OFFSET < OWNER_OFFSET + OWNER.size <= HEADER_SIZE
 
 
 @dataclass
@@ -125,6 +142,15 @@ class Record:
     #: The input offset a predecessor died handling, and how many times.
     poison_offset: int = 0
     poison_count: int = 0
+    #: Across hosts (see chatd.room.Member): the nick's incarnation and the k of the last
+    #: forward; the incarnation and k of the last forward received.
+    incarnation: int = 0
+    sent: int = 0
+    peer_incarnation: int = 0
+    last_k: int = 0
+    #: Stream offsets of the outbox's forwards not yet acknowledged: [box_start, box_end).
+    box_start: int = 0
+    box_end: int = 0
 
 
 def _pack_name(name: str | None) -> bytes:
@@ -144,15 +170,16 @@ class Journal:
     #: then never written, and a crash loses what was in flight and every count.
     durable = True
 
-    def __init__(self, fd: int, slots: int, in_size: int, out_size: int, mapping: mmap.mmap):
+    def __init__(self, fd: int, slots: int, in_size: int, out_size: int, box_size: int, mapping: mmap.mmap):
         self.fd = fd
         self.slots = slots
         self.in_size = in_size
         self.out_size = out_size
+        self.box_size = box_size
         self._map = mapping
         self._view = memoryview(mapping)
         self._rings = self.rings_offset(slots)
-        self.committed = SEQ.unpack_from(mapping, ROOT_OFFSETS[mapping[SELECTOR_OFFSET] & 1])[0]
+        self.committed, self.cursor = ROOT.unpack_from(mapping, ROOT_OFFSETS[mapping[SELECTOR_OFFSET] & 1])
         #: Which copy of each slot is current, and whether the slot is used.
         self._current = self._used = bytearray()
         self._scan()
@@ -185,14 +212,15 @@ class Journal:
         return -(-records_end // PAGE) * PAGE
 
     @classmethod
-    def size_for(cls, slots: int, in_size: int = IN_RING, out_size: int = OUT_RING) -> int:
-        return cls.rings_offset(slots) + slots * (in_size + out_size)
+    def size_for(cls, slots: int, in_size: int = IN_RING, out_size: int = OUT_RING, box_size: int = 0) -> int:
+        return cls.rings_offset(slots) + slots * (in_size + out_size + box_size)
 
     @classmethod
-    def create(cls, slots: int, in_size: int = IN_RING, out_size: int = OUT_RING) -> "Journal":
-        if in_size % PAGE or out_size % PAGE:
+    def create(cls, slots: int, in_size: int = IN_RING, out_size: int = OUT_RING, box_size: int = 0) -> "Journal":
+        """A new journal; ``box_size`` BOX_RING across hosts (an outbox per slot), 0 on one host."""
+        if in_size % PAGE or out_size % PAGE or box_size % PAGE:
             raise ValueError(f"ring sizes must be multiples of the page size ({PAGE})")
-        size = cls.size_for(slots, in_size, out_size)
+        size = cls.size_for(slots, in_size, out_size, box_size)
         fd = os.memfd_create("chatd-journal", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)  # sparse: pages come when first written
@@ -200,8 +228,8 @@ class Journal:
         except OSError:
             os.close(fd)
             raise
-        HEADER.pack_into(mapping, 0, MAGIC, VERSION, slots, RECORD.size, in_size, out_size)
-        return cls(fd, slots, in_size, out_size, mapping)
+        HEADER.pack_into(mapping, 0, MAGIC, VERSION, slots, RECORD.size, in_size, out_size, box_size)
+        return cls(fd, slots, in_size, out_size, box_size, mapping)
 
     @classmethod
     def attach(cls, fd: int) -> "Journal":
@@ -210,15 +238,16 @@ class Journal:
         if size < HEADER_SIZE:
             raise state_error(f"state file is {size} bytes, too short for a header")
         mapping = mmap.mmap(fd, size)
-        magic, version, slots, record_size, in_size, out_size = HEADER.unpack_from(mapping, 0)
+        magic, version, slots, record_size, in_size, out_size, box_size = HEADER.unpack_from(mapping, 0)
         if magic != MAGIC or version != VERSION or record_size != RECORD.size:
             mapping.close()
-            raise state_error(f"not a chatd journal of version {VERSION} (magic {magic!r}, version {version})")
-        if not in_size or not out_size or in_size % PAGE or out_size % PAGE or size < cls.size_for(
-                slots, in_size, out_size):
+            raise state_error(f"not a chatd journal of version {VERSION} (magic {magic!r}, version {version}): "
+                              "one from another release of chatd cannot be restored; `chatd --fresh` starts anew")
+        if (not in_size or not out_size or in_size % PAGE or out_size % PAGE or box_size % PAGE
+                or size < cls.size_for(slots, in_size, out_size, box_size)):
             mapping.close()
             raise state_error(f"state file of {size} bytes cannot hold its {slots} slots and rings")
-        return cls(fd, slots, in_size, out_size, mapping)
+        return cls(fd, slots, in_size, out_size, box_size, mapping)
 
     # -- the two copies ---------------------------------------------------------------
     def _copy_offset(self, slot: int, copy: int) -> int:
@@ -245,20 +274,22 @@ class Journal:
         self._allocated.add(slot)
         return True
 
-    def commit(self, changes: dict[int, Record | None]) -> None:
-        """Make every record in ``changes`` current at once, crash-atomically; None frees a slot."""
-        if not changes:
+    def commit(self, changes: dict[int, Record | None], cursor: int | None = None) -> None:
+        """Make every record in ``changes``, and the ``cursor`` if given, current at once,
+        crash-atomically; None frees a slot."""
+        cursor = self.cursor if cursor is None else cursor
+        if not changes and cursor == self.cursor:
             return
         sequence = self.committed + 1
         if self.durable:
             for slot, record in changes.items():
                 self._write(self._copy_offset(slot, 1 - self._current[slot]), self._pack(sequence, record))
             selector = self._map[SELECTOR_OFFSET] & 1
-            self._write(ROOT_OFFSETS[1 - selector], SEQ.pack(sequence))
+            self._write(ROOT_OFFSETS[1 - selector], ROOT.pack(sequence, cursor))
             self._write(SELECTOR_OFFSET, bytes([1 - selector]))  # the one-byte flip that commits
             for slot in changes:
                 self._current[slot] ^= 1
-        self.committed = sequence
+        self.committed, self.cursor = sequence, cursor
         for slot, record in changes.items():
             was_taken = self._used[slot] or slot in self._allocated
             self._used[slot] = record is not None
@@ -270,22 +301,25 @@ class Journal:
     @staticmethod
     def _pack(sequence: int, record: Record | None) -> bytes:
         if record is None:
-            return RECORD.pack(sequence, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b"", b"", b"")
+            return RECORD.pack(sequence, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b"", b"", b"", 0, 0, 0, 0, 0, 0)
         return RECORD.pack(
             sequence, 1, PROTOCOLS.index(record.protocol), record.flags, min(record.poison_count, 255),
             record.inode, record.received, record.in_handled, record.out_start, record.out_end,
             record.poison_offset, _pack_name(record.nick), _pack_name(record.target), record.codec,
+            record.incarnation, record.sent, record.peer_incarnation, record.last_k, record.box_start,
+            record.box_end,
         )
 
     def read(self, slot: int) -> Record | None:
         (_, used, protocol, flags, poison_count, inode, received, in_handled, out_start, out_end,
-         poison_offset, nick, target, codec) = RECORD.unpack_from(self._map, self._copy_offset(slot, self._current[slot]))
+         poison_offset, nick, target, codec, incarnation, sent, peer_incarnation, last_k, box_start,
+         box_end) = RECORD.unpack_from(self._map, self._copy_offset(slot, self._current[slot]))
         if used != 1:
             return None
         return Record(
             inode, PROTOCOLS[protocol] if protocol < len(PROTOCOLS) else "line", _unpack_name(nick),
             _unpack_name(target), received, in_handled, out_start, out_end, flags, codec.rstrip(b"\0"),
-            poison_offset, poison_count,
+            poison_offset, poison_count, incarnation, sent, peer_incarnation, last_k, box_start, box_end,
         )
 
     def records(self):
@@ -296,7 +330,7 @@ class Journal:
 
     # -- rings ------------------------------------------------------------------------
     def _ring_offset(self, slot: int) -> int:
-        return self._rings + slot * (self.in_size + self.out_size)
+        return self._rings + slot * (self.in_size + self.out_size + self.box_size)
 
     def in_ring(self, slot: int) -> memoryview:
         start = self._ring_offset(slot)
@@ -306,10 +340,15 @@ class Journal:
         start = self._ring_offset(slot) + self.in_size
         return self._view[start:start + self.out_size]
 
+    def box_ring(self, slot: int) -> memoryview:
+        """The slot's outbox (empty on one host)."""
+        start = self._ring_offset(slot) + self.in_size + self.out_size
+        return self._view[start:start + self.box_size]
+
     def _release_rings(self, slot: int) -> None:
         """A freed slot's ring pages go back to the system (the file stays as large)."""
         try:
-            self._map.madvise(mmap.MADV_REMOVE, self._ring_offset(slot), self.in_size + self.out_size)
+            self._map.madvise(mmap.MADV_REMOVE, self._ring_offset(slot), self.in_size + self.out_size + self.box_size)
         except (AttributeError, OSError):
             pass
 

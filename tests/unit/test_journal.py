@@ -72,7 +72,7 @@ def state_of(data: bytes) -> dict:
     os.write(fd, data)
     journal = Journal.attach(fd)
     try:
-        return dict(journal.records())
+        return {**dict(journal.records()), "cursor": journal.cursor}
     finally:
         journal.close()
 
@@ -81,23 +81,26 @@ BEFORE = {0: Record(10, "line", "ann", "bob", 3, 100, 40, 70), 1: Record(11, "li
           2: Record(12, "line", "cid", None, 0, codec=b"\x01")}
 AFTER_CHANGES = {0: Record(10, "line", "ann", "cid", 0, 130, 70, 95), 1: Record(11, "line", "bob", "ann", 0, 9, 5, 40),
                  2: Record(12, "line", "cid", "ann", 0, 77, poison_offset=77, poison_count=1),
-                 3: Record(13, "websocket", "dan", None, 0, flags=1)}
+                 3: Record(13, "websocket", "dan", None, 0, flags=3, incarnation=2**63 + 5, sent=7,
+                           peer_incarnation=99, last_k=6, box_start=100, box_end=350)}
+BEFORE_CURSOR, AFTER_CURSOR = 5, 42
 
 
 @pytest.mark.parametrize("commits_before", [1, 2, 3], ids=["copy-1-spare", "copy-0-spare", "mixed"])
 def test_every_prefix_of_a_commit_is_all_or_nothing(commits_before):
     """Replay a commit's writes one byte at a time onto the image before it: a reader
     of any prefix finds every record as before or every record as after, never a mix."""
-    journal = Journal.create(5, PAGE, PAGE)
+    journal = Journal.create(5, PAGE, PAGE, PAGE)
     for index in range(commits_before):  # so that spares sit in different copies per slot
         journal.commit({slot: BEFORE[slot] for slot in list(BEFORE)[index % 3:]})
-    journal.commit(BEFORE)
+    journal.commit(BEFORE, cursor=BEFORE_CURSOR)
     before_image = image(journal)
-    recorder = Recording(os.dup(journal.fd), journal.slots, PAGE, PAGE, journal._map)
+    recorder = Recording(os.dup(journal.fd), journal.slots, PAGE, PAGE, journal.box_size, journal._map)
     recorder.writes.clear()
-    recorder.commit(AFTER_CHANGES)
+    recorder.commit(AFTER_CHANGES, cursor=AFTER_CURSOR)
     after = state_of(image(journal))
-    assert after == AFTER_CHANGES and state_of(before_image) == BEFORE
+    assert after == {**AFTER_CHANGES, "cursor": AFTER_CURSOR}
+    assert state_of(before_image) == {**BEFORE, "cursor": BEFORE_CURSOR}
     byte_writes = [(offset + i, data[i:i + 1]) for offset, data in recorder.writes for i in range(len(data))]
     seen = set()
     replayed = bytearray(before_image)
@@ -106,7 +109,8 @@ def test_every_prefix_of_a_commit_is_all_or_nothing(commits_before):
             offset, byte = byte_writes[count - 1]
             replayed[offset:offset + 1] = byte
         state = state_of(bytes(replayed))
-        assert state in (BEFORE, after), f"a reader after {count} of {len(byte_writes)} bytes saw a mix"
+        assert state in ({**BEFORE, "cursor": BEFORE_CURSOR}, after), \
+            f"a reader after {count} of {len(byte_writes)} bytes saw a mix"
         seen.add("after" if state == after else "before")
     assert seen == {"before", "after"}
     os.close(recorder.fd)
@@ -128,7 +132,7 @@ def test_a_commit_cut_short_cannot_be_revived_by_the_next_one():
                 raise Dies()  # the root is never written: a crash before the flip
             super()._write(offset, data)
 
-    dying = CutShort(os.dup(journal.fd), 2, PAGE, PAGE, journal._map)
+    dying = CutShort(os.dup(journal.fd), 2, PAGE, PAGE, 0, journal._map)
     with pytest.raises(Dies):
         dying.commit({0: Record(1, "line", "torn", None, 9)})
     survivor = Journal.attach(os.dup(journal.fd))
@@ -171,4 +175,14 @@ def test_the_handling_marker_names_the_command_until_cleared():
     assert Journal.attach(os.dup(journal.fd)).handling() == (3, 123456789)
     journal.clear_handling()
     assert journal.handling() is None
+    journal.close()
+
+
+def test_the_cursor_alone_is_committed_and_survives():
+    journal = Journal.create(2, PAGE, PAGE, PAGE)
+    journal.commit({}, cursor=7)
+    again = Journal.attach(os.dup(journal.fd))
+    assert (again.cursor, again.committed) == (7, 1) and again.box_size == PAGE
+    assert len(again.box_ring(1)) == PAGE
+    again.close()
     journal.close()
