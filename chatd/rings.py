@@ -20,11 +20,18 @@ so far as committed (the journal record's ``out_end``, committed in the same
 step). :meth:`OutRing.flush` sends committed bytes only, so nothing reaches a
 client before the journal says it was to be sent; ``sent`` is what the kernel
 counts as written.
+
+:class:`Outbox` (across hosts only) holds ``[published, end)``: forwards to
+members of other hosts, each a length-prefixed payload, appended and committed
+like output, and given up only once the cluster acknowledged them
+(:meth:`Outbox.published_to`, committed in a later step). After a crash, every
+entry in the committed window is published again, in order.
 """
 
 from __future__ import annotations
 
 import socket
+import struct
 
 
 class InRing:
@@ -130,3 +137,66 @@ class OutRing:
     def clear(self) -> None:
         """Give up on what is unsent (the client is gone)."""
         self.sent = self.committed = self.end
+
+
+class Outbox:
+    ENTRY = struct.Struct("<I")
+
+    def __init__(self, view: memoryview, published: int = 0, end: int = 0):
+        if not 0 <= end - published <= len(view):
+            raise ValueError(f"outbox window [{published}, {end}) does not fit a ring of {len(view)}")
+        self.view = view
+        self.size = len(view)
+        self.published = published
+        self.end = end
+        self.committed = end
+
+    @property
+    def free(self) -> int:
+        return self.size - (self.end - self.published)
+
+    def __bool__(self) -> bool:
+        return self.committed > self.published
+
+    def append(self, payload: bytes) -> int:
+        """Add an entry; its stream offset. Raises ValueError if it does not fit."""
+        entry = self.ENTRY.pack(len(payload)) + payload
+        if len(entry) > self.free:
+            raise ValueError(f"{len(entry)} bytes do not fit the {self.free} free in the outbox")
+        start = self.end
+        a = start % self.size
+        first = min(len(entry), self.size - a)
+        self.view[a:a + first] = entry[:first]
+        if first < len(entry):
+            self.view[:len(entry) - first] = entry[first:]
+        self.end += len(entry)
+        return start
+
+    def commit(self) -> None:
+        self.committed = self.end
+
+    def _read(self, start: int, count: int) -> bytes:
+        a = start % self.size
+        if a + count <= self.size:
+            return bytes(self.view[a:a + count])
+        return bytes(self.view[a:]) + bytes(self.view[:count - (self.size - a)])
+
+    def entries(self, start: int | None = None) -> list[tuple[int, int, bytes]]:
+        """(start, end, payload) of each committed entry from ``start`` (default: the
+        first not yet published) on."""
+        offset = self.published if start is None else start
+        found = []
+        while offset < self.committed:
+            (length,) = self.ENTRY.unpack(self._read(offset, self.ENTRY.size))
+            end = offset + self.ENTRY.size + length
+            if end > self.committed:
+                raise ValueError(f"the outbox entry at {offset} runs past the committed end {self.committed}")
+            found.append((offset, end, self._read(offset + self.ENTRY.size, length)))
+            offset = end
+        return found
+
+    def published_to(self, end: int) -> None:
+        """Entries before ``end`` are acknowledged by the cluster: their room is free (once committed)."""
+        if not self.published <= end <= self.committed:
+            raise ValueError(f"cannot publish up to {end}: the window is [{self.published}, {self.committed})")
+        self.published = end

@@ -74,3 +74,26 @@ def test_random_appends_and_flushes_deliver_the_stream_intact():
         got += client.recv(65536)
     assert got == sent
     client.close(), server.close()
+
+
+def test_the_outbox_keeps_committed_entries_until_published_across_the_wrap():
+    from chatd.rings import Outbox
+
+    box = Outbox(memoryview(bytearray(64)))
+    first = box.append(b"a" * 20)
+    second = box.append(b"b" * 20)
+    assert box.entries() == [], "nothing committed yet"
+    box.commit()
+    assert [payload for _, _, payload in box.entries()] == [b"a" * 20, b"b" * 20]
+    box.published_to(box.entries()[0][1])
+    third = box.append(b"c" * 30)  # wraps around the ring's end
+    box.commit()
+    assert [payload for _, _, payload in box.entries()] == [b"b" * 20, b"c" * 30]
+    restored = Outbox(box.view, published=second, end=box.end)
+    assert [start for start, _, _ in restored.entries()] == [second, third] and first == 0
+    try:
+        box.append(b"d" * 40)
+    except ValueError as exc:
+        assert "do not fit" in str(exc)
+    else:
+        raise AssertionError("an entry that does not fit must be refused")
