@@ -34,7 +34,7 @@ from fdkeep.peer import Channel
 
 from . import faults
 from .protocols import Codec
-from .rings import InRing, OutRing
+from .rings import InRing, OutRing, Outbox
 from .room import Event
 
 if TYPE_CHECKING:
@@ -47,11 +47,13 @@ READ_SIZE = 65536
 
 class Connection(Channel):
     def __init__(self, server: "ChatServer", sock: socket.socket, member_id: int, codec: Codec,
-                 inbox: InRing, outbox: OutRing, inode: int | None = None):
+                 inbox: InRing, outbox: OutRing, inode: int | None = None, forwards: Outbox | None = None):
         self.server = server
         self.member_id = member_id
         self.codec = codec
         self.inbox = inbox
+        #: Across hosts: messages to members of other hosts, until the cluster has them.
+        self.forwards = forwards
         self.inode = inode if inode is not None else os.fstat(sock.fileno()).st_ino
         #: Seen the client's EOF: what it sent before is handled, then it is closed.
         self.eof = False

@@ -61,10 +61,10 @@ from . import faults
 from .connection import Connection
 from .bundles import ClientBundles
 from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME, Holders, Item
-from .journal import CLOSING, Journal, Record
+from .journal import CLOSING, REMOTE_PAIRED, Journal, Record
 from .protocols import codec_for, refusal
-from .rings import InRing, OutRing
-from .room import Bye, Command, Failed, Msg, Outcome, Room
+from .rings import InRing, OutRing, Outbox
+from .room import Bye, Command, Failed, Member, Msg, Outcome, Room
 
 log = logging.getLogger("chatd")
 
@@ -197,10 +197,12 @@ class ChatServer:
             record = Record(0, protocol, in_handled=read, out_start=written, out_end=written)
         inbox = InRing(self.journal.in_ring(member_id), record.in_handled, read)
         outbox = OutRing(self.journal.out_ring(member_id), written, record.out_end)
+        forwards = Outbox(self.journal.box_ring(member_id), record.box_start, record.box_end) \
+            if self.journal.box_size else None
         codec = codec_for(record.protocol, record.in_handled, record.codec)
         if read > record.in_handled:
             codec.feed(inbox.bytes(record.in_handled, read))
-        connection = Connection(self, sock, member_id, codec, inbox, outbox, inode)
+        connection = Connection(self, sock, member_id, codec, inbox, outbox, inode, forwards)
         connection.finishing = bool(record.flags & CLOSING)
         connection.poison_offset, connection.poison_count = record.poison_offset, record.poison_count
         self.connections[member_id] = connection
@@ -398,20 +400,27 @@ class ChatServer:
 
     # -- the commit -----------------------------------------------------------------
     def record(self, connection: Connection) -> Record:
-        member = self.room.members.get(connection.member_id)
+        member = self.room.members.get(connection.member_id) or Member(connection.member_id)
+        forwards = connection.forwards
         return Record(
             inode=connection.inode,
             protocol=connection.codec.protocol,
-            nick=member.nick if member else None,
-            target=member.target if member else None,
-            received=member.received if member else 0,
+            nick=member.nick,
+            target=member.target,
+            received=member.received,
             in_handled=connection.inbox.handled,
             out_start=connection.outbox.sent,
             out_end=connection.outbox.end,
-            flags=CLOSING if connection.finishing else 0,
+            flags=(CLOSING if connection.finishing else 0) | (REMOTE_PAIRED if member.remote_paired else 0),
             codec=connection.codec.state,
             poison_offset=connection.poison_offset,
             poison_count=connection.poison_count,
+            incarnation=member.incarnation,
+            sent=member.sent,
+            peer_incarnation=member.peer_incarnation,
+            last_k=member.last_k,
+            box_start=forwards.published if forwards else 0,
+            box_end=forwards.end if forwards else 0,
         )
 
     def commit(self) -> None:
