@@ -61,6 +61,8 @@ class Connection(Channel):
         self.finishing = False
         #: Waiting for room in an output ring (its own or its peer's).
         self.blocked = False
+        #: A command of it waits for the cluster's answer (chatd.cluster: a NICK being claimed).
+        self.parked = False
         #: Since when queued output waits for the client to take some (None: nothing waits).
         self.progress_at: float | None = None
         #: The input offset a predecessor died handling, and how many times.

@@ -64,7 +64,7 @@ from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME, Holders, Item
 from .journal import CLOSING, REMOTE_PAIRED, Journal, Record
 from .protocols import codec_for, refusal
 from .rings import InRing, OutRing, Outbox
-from .room import Bye, Command, Failed, Member, Msg, Outcome, Room
+from .room import Bye, Command, Failed, Member, Msg, Outcome, Remote, Room
 
 log = logging.getLogger("chatd")
 
@@ -128,6 +128,9 @@ class ChatServer:
         #: The listening sockets, by the protocol their clients speak: "line", and "websocket" (the web port).
         self.listeners: dict[str, socket.socket] = {}
         self.journal: Journal | None = None
+        #: Across hosts (chatd.cluster): set once serving, with --cluster; each slot then has an outbox.
+        self.cluster = None
+        self.box_size = 0
         self.started = time.time()
         self.restored_at: float | None = None
         #: The summary of the restore this process started with (chatd.restore).
@@ -170,7 +173,7 @@ class ChatServer:
             for listener in listeners.values():
                 listener.close()
             raise
-        self.journal = Journal.create(self.max_clients)
+        self.journal = Journal.create(self.max_clients, box_size=self.box_size)
         for protocol, listener in listeners.items():
             self.listen_on(listener, protocol)
         self.holders.store(self.server_items())
@@ -280,12 +283,15 @@ class ChatServer:
     def take_input(self, connection: Connection) -> None:
         """Handle the connection's commands, as many as the output rings have room for."""
         connection.blocked = False
-        while not connection.closed and not connection.finishing:
+        while not connection.closed and not connection.finishing and not connection.parked:
             if not self._has_room(connection):
                 connection.blocked = True
                 break
             start = connection.codec.consumed
             command = connection.codec.next_command()
+            if command is not None and self.cluster and self.cluster.parks(connection, connection.codec.consumed,
+                                                                           command):
+                break  # the cluster answers it (chatd.cluster): its input stays unhandled till then
             if connection.codec.consumed != connection.inbox.handled:
                 connection.inbox.consume(connection.codec.consumed)
                 self._dirty.add(connection.member_id)
@@ -326,10 +332,29 @@ class ChatServer:
             log.exception("member %d: handling %r failed; answered ERR internal-error", member_id, command)
             return Outcome().tell(member_id, Failed("internal-error"))
 
+    def resume_parked(self, connection: Connection, end: int, outcome: Outcome) -> None:
+        """The cluster answered a parked command (which ends at input offset ``end``): carry
+        out its outcome and take the client's next commands."""
+        connection.parked = False
+        connection.inbox.consume(end)
+        self._dirty.add(connection.member_id)
+        self.apply(outcome)
+        self.take_input(connection)
+
+    def changed(self, *member_ids: int) -> None:
+        """These members' records are to be committed (the cluster changed them)."""
+        self._dirty.update(member_id for member_id in member_ids if member_id in self.connections)
+
+    @staticmethod
+    def output_has_room(connection: Connection) -> bool:
+        return connection.outbox.free >= RESERVE
+
     def _has_room(self, connection: Connection) -> bool:
         if connection.outbox.free < RESERVE:
             return False
         member = self.room.members.get(connection.member_id)
+        if member is not None and isinstance(member.peer, Remote):
+            return self.cluster is None or self.cluster.has_room(connection, member)
         peer = self.connections.get(member.peer.id) if member and member.peer else None
         return peer is None or peer.outbox.free >= RESERVE
 
@@ -350,6 +375,8 @@ class ChatServer:
                 continue
             self._dirty.add(member_id)
         self._dirty |= {member_id for member_id in outcome.changed if member_id in self.connections}
+        for forward in outcome.forwards:
+            self.cluster.forward(forward)
         if outcome.closes:
             self.finish(outcome.closes, "said QUIT")
 
@@ -363,8 +390,15 @@ class ChatServer:
             self._dirty.add(connection.member_id)
             self.update_reading(connection)
         for connection in ending:
-            if connection.member_id in self.room.members:
-                self.apply(self.room.leave(connection.member_id))
+            self._leave_room(connection.member_id)
+
+    def _leave_room(self, member_id: int) -> None:
+        member = self.room.members.get(member_id)
+        if member is None:
+            return
+        if self.cluster is not None and member.nick is not None:
+            self.cluster.nick_left(member.nick)
+        self.apply(self.room.leave(member_id))
 
     def close_client(self, member_id: int, reason: str) -> None:
         """Close a client on purpose: it leaves the room, the journal and every holder."""
@@ -384,8 +418,9 @@ class ChatServer:
         self._freed.add(member_id)
         self._dirty.discard(member_id)
         self._wake.discard(member_id)
-        if member_id in self.room.members:
-            self.apply(self.room.leave(member_id))
+        if self.cluster is not None:
+            self.cluster.closed(connection)
+        self._leave_room(member_id)
 
     def output_moved(self, connection: Connection) -> None:
         """Some of the connection's output was sent: room for those waiting on it, or its end."""
@@ -395,8 +430,10 @@ class ChatServer:
             return
         self._wake.add(connection.member_id)
         member = self.room.members.get(connection.member_id)
-        if member is not None and member.peer is not None:
+        if member is not None and isinstance(member.peer, Member):
             self._wake.add(member.peer.id)
+        elif member is not None and self.cluster is not None:
+            self.cluster.wake(member.nick)  # messages from other hosts may wait for this room
 
     # -- the commit -----------------------------------------------------------------
     def record(self, connection: Connection) -> Record:
@@ -438,7 +475,7 @@ class ChatServer:
             committed = [self.connections[m] for m in self._dirty if m in self.connections]
             for connection in committed:
                 changes[connection.member_id] = self.record(connection)
-            self.journal.commit(changes)
+            self.journal.commit(changes, cursor=self.cluster.cursor if self.cluster else None)
             self._dirty.clear()
             self._freed.clear()
             for connection in committed:
@@ -449,6 +486,8 @@ class ChatServer:
                     self._send(connection)
                 if not connection.closed:
                     self.update_reading(connection)
+            if self.cluster is not None:
+                self.cluster.committed(committed)
             faults.reached("after-commit")
 
     def _send(self, connection: Connection) -> None:
@@ -506,6 +545,7 @@ class ChatServer:
             "restore": self.restore_summary,
             "holders": working,
             "held": held,
+            "cluster": self.cluster.status() if self.cluster else None,
         }
 
     def clients(self) -> list[dict]:
