@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import re
+import socket
 import sys
 
 from fdkeep.errors import Error
@@ -16,7 +18,7 @@ from . import faults
 from .control import ControlServer, default_socket as control_socket
 from .bundles import clients_the_fd_limit_allows
 from .holders import LISTEN_NAME, Holders, HolderdHolder, SystemdHolder
-from .journal import Journal
+from .journal import BOX_RING, Journal
 from .protocols import web_unavailable
 from .restore import restore
 from .server import STALL_TIMEOUT, ChatServer
@@ -101,8 +103,35 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="on restore, throw away what the dead chatd had read and not handled and what it had "
         "committed and not sent, instead of finishing it (loses messages: for tests that must show loss)",
     )
+    parser.add_argument(
+        "--cluster", metavar="URLS",
+        help="join other chatd hosts through NATS JetStream (comma-separated nats:// URLs of its servers): "
+        "nicks are unique across hosts and pairs may span them, exactly once (see chatd/cluster.py); "
+        "off by default: one host needs no broker",
+    )
+    parser.add_argument(
+        "--host-id", metavar="NAME", default=None,
+        help="this host's name in the cluster, [A-Za-z0-9_-]{1,32}, the same across restarts "
+        "(default: the machine's host name)",
+    )
+    parser.add_argument("--no-outbox", action="store_true",
+                        help="with --cluster: publish forwards without keeping them in the journal first "
+                        "(loses messages in a crash: for tests that must show loss)")
+    parser.add_argument("--no-cursor", action="store_true",
+                        help="with --cluster: read the stream from new messages on after a restart instead of "
+                        "from the journal's cursor (loses messages: for tests that must show loss)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
+    if args.cluster:
+        from .cluster import HOST_ID_RE
+
+        args.host_id = args.host_id or re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32]
+        if not HOST_ID_RE.match(args.host_id):
+            parser.error(f"--host-id {args.host_id!r} must be 1-32 of A-Z a-z 0-9 _ -")
+        if args.wait:
+            parser.error("--cluster cannot go with --wait")
+    elif args.no_outbox or args.no_cursor or args.host_id:
+        parser.error("--host-id, --no-outbox and --no-cursor go with --cluster")
     if args.wait and not args.restore:
         parser.error("--wait goes with --restore")
     if args.fresh and args.restore:
@@ -153,6 +182,8 @@ def main(argv=None) -> int:
         log.warning("--no-journal: nothing in flight survives a crash (a benchmark setting)")
     server = ChatServer(Holders(holders), args.max_clients, manager, args.stall_timeout, replay=not args.no_replay,
                         max_per_address=args.max_per_address)
+    if args.cluster:
+        server.box_size = BOX_RING
     if args.fresh:
         server.holders.forget_all()
     try:
@@ -180,7 +211,26 @@ def main(argv=None) -> int:
             log.error("cannot listen on %s port %d%s: %s; is another chatd running? (`chatctl status`; "
                       "or pass --port/--http-port)", args.host, args.port, web, exc.strerror or exc)
             return False
+        if args.cluster and not join_cluster():
+            return False
         server.announce_ready()
+        return True
+
+    def join_cluster() -> bool:
+        from .bus import Bus
+        from .cluster import Cluster
+
+        if not server.journal.box_size:
+            log.error("the journal kept for chatd is a single host's (no outboxes): it cannot join a cluster; "
+                      "start once with --fresh (ends the connections it keeps) to join")
+            return False
+        try:
+            bus = Bus([url.strip() for url in args.cluster.split(",") if url.strip()], args.host_id)
+        except Error as exc:
+            log.error("%s", exc.message)
+            return False
+        server.cluster = Cluster(server, bus, args.host_id, outbox=not args.no_outbox, cursor=not args.no_cursor)
+        server.cluster.start()
         return True
 
     try:
@@ -201,4 +251,6 @@ def main(argv=None) -> int:
     finally:
         manager.stopping(f"stopping; {server.status_line()}")
         control.close()
+        if server.cluster is not None:
+            server.cluster.close()
     return 0
