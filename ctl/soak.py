@@ -76,7 +76,7 @@ class Client:
         self.nick = nick
         self.partner = partner
         self.slow = slow
-        self.sock = socket.create_connection(("127.0.0.1", traffic.port), timeout=10)
+        self.sock = socket.create_connection(("127.0.0.1", traffic.port_for(nick)), timeout=10)
         self.sock.setblocking(False)
         if slow:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
@@ -202,8 +202,12 @@ class Client:
 
 
 class Traffic:
-    def __init__(self, port: int, pairs: int, window: int = 20, seed: int = 1, slow_share: float = 0.25):
-        self.port = port
+    def __init__(self, port: int | list[int], pairs: int, window: int = 20, seed: int = 1,
+                 slow_share: float = 0.25):
+        """``port``: chatd's line port; or the ports of several chatd hosts (a cluster), and
+        then the two of each pair connect to different hosts: a<i> to the i-th (round), b<i>
+        to the next."""
+        self.ports = port if isinstance(port, list) else [port]
         self.window = window
         self.rng = random.Random(seed)
         self.tally = Tally()
@@ -218,6 +222,10 @@ class Traffic:
                     self.selector.register(client.sock, selectors.EVENT_READ, client)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def port_for(self, nick: str) -> int:
+        index = int(nick[1:]) + (nick[0] == "b")
+        return self.ports[index % len(self.ports)]
 
     def start(self) -> None:
         self._thread.start()
@@ -257,7 +265,7 @@ class Traffic:
         return self.tally
 
 
-def run(port: int, pairs: int, crashes: int, crash, seed: int = 1, interval=(0.05, 0.5),
+def run(port: int | list[int], pairs: int, crashes: int, crash, seed: int = 1, interval=(0.05, 0.5),
         settle: float = 60.0, progress=None) -> Tally:
     """Stream between ``pairs`` pairs while calling ``crash(rng)`` ``crashes`` times, a random
     ``interval`` apart; then settle and tally."""
