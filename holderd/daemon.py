@@ -57,7 +57,7 @@ from .protocol import Held, HolderCore, Limits, Replies, Watcher, out_of_fds
 log = logging.getLogger("holderd")
 
 #: A peer whose replies wait this long for it to read them is logged (once).
-UNREAD_REPORT_AFTER = 10.0
+UNREAD_REPORT_AFTER = 5.0
 
 
 class HangupWatcher(Watcher):
@@ -148,14 +148,14 @@ class Holderd:
             self.accepting.accepted()
             pid, uid, _ = peer_credentials(sock)
             if uid not in self.allowed_uids:
-                self.offences.warning((uid, "not-allowed"), "refused pid %d uid %d: not in --allow-uid", pid, uid)
+                self.offences.warning((uid, "not-allowed"), "refused pid %d uid %d (not-allowed): not in --allow-uid", pid, uid)
                 self._refuse(sock, Error("not-allowed", f"uid {uid} may not use this holderd"))
                 continue
             mine = self.by_uid.setdefault(uid, set())
             if len(mine) >= self.limits.max_connections_per_uid:
                 self.offences.warning(
                     (uid, "too-many-connections"),
-                    "refused pid %d uid %d: the uid has %d connections, the most --max-connections-per-uid allows",
+                    "refused pid %d uid %d (too-many-connections): the uid has %d, the most --max-connections-per-uid allows",
                     pid, uid, len(mine))
                 self._refuse(sock, Error(
                     "too-many-connections",
@@ -206,7 +206,7 @@ class Holderd:
             if parked > most:
                 self.offences.warning(
                     (peer.uid, "parked-limit"),
-                    "%r dropped: its uid's unfinished frames hold %d %s in holderd, over %s %d",
+                    "%r dropped (parked-limit): its uid's unfinished frames hold %d %s in holderd, over %s %d",
                     peer, parked, what, option, most)
                 return Error(
                     "parked-limit",
@@ -224,7 +224,7 @@ class Holderd:
             if peer.partial_since is not None and now - peer.partial_since > timeout:
                 self.offences.warning(
                     (peer.uid, "timeout"),
-                    "%r dropped: a frame it began %.0f s ago is not whole yet (--frame-timeout %g)",
+                    "%r dropped (timeout): a frame it began %.0f s ago is not whole yet (--frame-timeout %g)",
                     peer, now - peer.partial_since, timeout)
                 peer.refuse(Error(
                     "timeout",
