@@ -31,7 +31,10 @@ the peer may not have read. While the peer is not read from and nothing is
 queued but such fds are in flight, its socket is watched for ``EPOLLOUT``
 edge-triggered: the kernel wakes a writer each time its peer consumes one of
 its messages, so the peer's reading is seen the moment it happens, at no cost
-while it does not read.
+while it does not read. For the same reason a peer that is dropped
+(:meth:`~FramePeer.drop`: a fatal error) lets go of what it parked at once but
+keeps its socket, read from no more, until it has read the fds sent to it or
+closed its end: only then are they no longer ours to count.
 
 :class:`OutputQueue` is the one capped output queue of the project: every
 non-blocking writer (a frame peer, a chat client's connection) queues into one
@@ -273,6 +276,8 @@ class FramePeer(Channel):
         self._dispatching = False
         #: The owner still answers a frame: take no other meanwhile.
         self.held = False
+        #: Served no more (see :meth:`drop`).
+        self.dropped = False
         #: Since when (loop clock) a frame begun and not complete is waited for; None if none is.
         self.partial_since: float | None = None
         #: How many of the fds sent are known to have been read (see :attr:`unread_fds`).
@@ -325,11 +330,24 @@ class FramePeer(Channel):
         self._flush()
 
     def refuse(self, exc: Error) -> None:
-        """Send ``exc``; if it is fatal, disconnect the peer right after, with what its socket
-        took of our output by then: we never wait for a peer we drop, it may be one that does
-        not read."""
+        """Send ``exc``; if it is fatal, :meth:`drop` the peer."""
         self.send(exc.as_reply())
         if exc.fatal:
+            self.drop()
+
+    def drop(self) -> None:
+        """Serve the peer no more, and close it as soon as that frees all it costs: at once,
+        unless fds we sent it are unread. Those count against us, queued or in flight in its
+        socket, until it reads them or closes its end: until then the connection is kept (and
+        counted by its owner), read from no more. We never wait for more than that: what we
+        queued without fds may be lost to a peer that does not read."""
+        self.dropped = True
+        self._decoder.close()  # what it parked goes now
+        self._dispatch()
+        self._close_if_dropped()
+
+    def _close_if_dropped(self) -> None:
+        if self.dropped and not self.closed and not self.unread_fds:
             self.close()
 
     def _wanted(self, done: bool) -> int:
@@ -345,6 +363,7 @@ class FramePeer(Channel):
         # The socket took more of our output, or the peer read some of it.
         self._see_reads()
         self._watch(not self.output)
+        self._close_if_dropped()
         self._dispatch()
         if self._on_drain is not None and not self.closed:
             self._on_drain(self)
@@ -357,7 +376,7 @@ class FramePeer(Channel):
         self._dispatch()
 
     def _taking(self) -> bool:
-        return not (self.closed or self._closing or self.held or self.lagging)
+        return not (self.closed or self._closing or self.dropped or self.held or self.lagging)
 
     def _readable(self) -> None:
         try:

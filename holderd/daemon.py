@@ -252,7 +252,7 @@ class Holderd:
     def _answer(self, peer: FramePeer) -> bool:
         """Send the peer what it has room for of its replies; True once all are sent."""
         replies = self.answering[peer]
-        while not replies.done:
+        while not replies.done and not peer.dropped:
             if peer.lagging:
                 return self._wait(peer)
             room = self._fd_room(peer)
@@ -267,7 +267,7 @@ class Holderd:
             peer.send(reply.body, reply.fds)
             if peer.closed:
                 return True
-        del self.answering[peer]
+        self.answering.pop(peer, None)
         self.waiting.pop(peer, None)
         return True
 
