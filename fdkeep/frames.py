@@ -96,7 +96,13 @@ class FrameDecoder:
 
     @property
     def pending_bytes(self) -> int:
+        """Bytes fed and not yet given out in a frame."""
         return len(self._buffer)
+
+    @property
+    def pending_fds(self) -> int:
+        """Descriptors fed and not yet given out with a frame (this decoder closes them if it is closed)."""
+        return len(self._fds)
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None if more bytes are needed.

@@ -11,6 +11,31 @@ carry duplicates. A peer that breaks the wire format gets one error frame; if
 the stream can no longer be trusted (a fatal error) it is disconnected after
 that frame.
 
+A peer is served one request at a time, and only while it reads what it is
+sent. Frames are taken from it (and its socket is read) only while its owner
+does not :meth:`~FramePeer.hold` it (holderd holds a peer while a reply it
+streams waits for room) and while less than :attr:`FramePeer.HIGH_WATER` bytes
+wait to be sent to it. Otherwise its requests wait in its own socket, and the
+kernel's flow control slows it down: a peer that pipelines requests and reads
+no replies costs a bounded amount, not a growing queue. Its owner learns when
+room comes back (``on_drain``) and what it keeps parked in frames begun and
+not finished (``on_parked``, after each read; :attr:`FramePeer.partial_since`
+says since when the frame under way is waited for).
+
+Descriptors sent to a peer are not gone from the world when they leave our
+queue: until the peer reads them they are in flight in its socket, where the
+kernel counts them against the sender (``RLIMIT_NOFILE`` of fds in flight per
+user). :attr:`FramePeer.unread_fds` counts both: the queued ones, and those
+sent since the socket's send queue (``SIOCOUTQ``) was last seen empty, which
+the peer may not have read. While the peer is not read from and nothing is
+queued but such fds are in flight, its socket is watched for ``EPOLLOUT``
+edge-triggered: the kernel wakes a writer each time its peer consumes one of
+its messages, so the peer's reading is seen the moment it happens, at no cost
+while it does not read. For the same reason a peer that is dropped
+(:meth:`~FramePeer.drop`: a fatal error) lets go of what it parked at once but
+keeps its socket, read from no more, until it has read the fds sent to it or
+closed its end: only then are they no longer ours to count.
+
 :class:`OutputQueue` is the one capped output queue of the project: every
 non-blocking writer (a frame peer, a chat client's connection) queues into one
 and flushes it when the loop says the socket is writable. The cap turns a peer
@@ -25,21 +50,27 @@ listening socket both daemons serve on, the same way for both.
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import logging
 import os
+import select
 import socket
 import struct
+import termios
 from collections import deque
 from typing import Callable
 
 from .errors import Error
 from .fdpass import close_fds, recv_with_fds, send_with_fds
 from .frames import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
+from .logs import Offences
 from .loop import HANGUP, IN, OUT, Loop
 from .paths import prepare_socket_path
 
 log = logging.getLogger(__name__)
+offences = Offences(log)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -79,6 +110,9 @@ class OutputQueue:
         self.limit = limit
         self._chunks: deque[tuple[memoryview, list[int]]] = deque()
         self.pending = 0
+        #: Descriptors queued, and how many were ever sent.
+        self.fds = 0
+        self.sent_fds = 0
 
     def __bool__(self) -> bool:
         return bool(self._chunks)
@@ -89,6 +123,7 @@ class OutputQueue:
             return False
         self._chunks.append((memoryview(data), list(fds)))
         self.pending += len(data)
+        self.fds += len(fds)
         return True
 
     def flush(self, sock: socket.socket) -> bool:
@@ -101,6 +136,8 @@ class OutputQueue:
                 return False
             if fds:
                 close_fds(fds)
+                self.fds -= len(fds)
+                self.sent_fds += len(fds)
             self.pending -= sent
             if sent < len(data):
                 self._chunks[0] = (data[sent:], [])
@@ -113,6 +150,7 @@ class OutputQueue:
             close_fds(fds)
         self._chunks.clear()
         self.pending = 0
+        self.fds = 0
 
 
 class Channel:
@@ -136,6 +174,7 @@ class Channel:
         self.closed = False
         self.reading = True
         sock.setblocking(False)
+        self._events = IN
         loop.add(sock.fileno(), IN, self._on_event)
 
     def _on_event(self, mask: int) -> None:
@@ -162,8 +201,17 @@ class Channel:
             self.reading = reading
             self._watch(not self.output)
 
+    def _wanted(self, done: bool) -> int:
+        """The events to watch for, ``done`` once the output is empty."""
+        return (IN if self.reading else 0) | (0 if done else OUT)
+
     def _watch(self, done: bool) -> None:
-        self.loop.modify(self.sock.fileno(), (IN if self.reading else 0) | (0 if done else OUT))
+        events = self._wanted(done)
+        # Only a change is told to epoll: re-registering an edge-triggered mask
+        # would report the socket's present state again, as a fresh edge.
+        if events != self._events:
+            self._events = events
+            self.loop.modify(self.sock.fileno(), events)
 
     def _flush(self) -> bool:
         """Send what the socket takes; True once nothing is left (or nothing can be sent)."""
@@ -189,11 +237,21 @@ class Channel:
         self.sock.close()
 
 
+def unsent_bytes(sock: socket.socket) -> int:
+    """What the kernel keeps of what we sent on a UNIX stream socket and its peer has
+    not read yet (``SIOCOUTQ``, in the kernel's own measure of buffers: 0 once all is read)."""
+    value = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, value, True)
+    return value[0]
+
+
 class FramePeer(Channel):
     """One non-blocking frame connection, owned by a server running a :class:`~fdkeep.loop.Loop`."""
 
     #: A peer that stops reading may not make us buffer more than this.
     MAX_PENDING_OUTPUT = 64 << 20
+    #: No frame is taken from a peer while more than this waits to be sent to it.
+    HIGH_WATER = 256 << 10
 
     def __init__(
         self,
@@ -202,24 +260,67 @@ class FramePeer(Channel):
         on_frame: Callable[["FramePeer", dict, list[int]], None],
         on_close: Callable[["FramePeer"], None],
         max_frame: int = DEFAULT_MAX_FRAME,
+        on_drain: Callable[["FramePeer"], None] | None = None,
+        on_parked: Callable[["FramePeer"], Error | None] | None = None,
     ):
+        """``on_drain(peer)``: what waits for the peer shrank (it read, or the socket took
+        more). ``on_parked(peer)``: after each read, an Error to drop the peer with for
+        what it keeps parked (:attr:`parked_bytes`, :attr:`parked_fds`), or None."""
         self.pid, self.uid, self.gid = peer_credentials(sock)
         self._on_frame = on_frame
         self._on_close = on_close
+        self._on_drain = on_drain
+        self._on_parked = on_parked
         self._decoder = FrameDecoder(max_frame)
         self._closing = False
+        self._dispatching = False
+        #: The owner still answers a frame: take no other meanwhile.
+        self.held = False
+        #: Served no more (see :meth:`drop`).
+        self.dropped = False
+        #: Since when (loop clock) a frame begun and not complete is waited for; None if none is.
+        self.partial_since: float | None = None
+        #: How many of the fds sent are known to have been read (see :attr:`unread_fds`).
+        self._read_fds = 0
         super().__init__(loop, sock, OutputQueue(self.MAX_PENDING_OUTPUT))
 
     def __repr__(self) -> str:
         return f"<peer pid={self.pid} uid={self.uid}>"
 
+    # -- what the peer costs us ----------------------------------------------------
+    @property
+    def unread_fds(self) -> int:
+        """fds of our frames the peer has not read: queued here, or in flight in its socket."""
+        self._see_reads()
+        return self.output.fds + self.output.sent_fds - self._read_fds
+
+    def _see_reads(self) -> None:
+        # The kernel tells no count of fds read, but an empty send queue means all were.
+        if self._read_fds < self.output.sent_fds and not self.closed and unsent_bytes(self.sock) == 0:
+            self._read_fds = self.output.sent_fds
+
+    @property
+    def lagging(self) -> bool:
+        """More than :attr:`HIGH_WATER` bytes wait to be sent to the peer."""
+        return self.output.pending > self.HIGH_WATER
+
+    @property
+    def parked_bytes(self) -> int:
+        """Bytes received and not yet handled: a frame begun, and frames waiting while held."""
+        return self._decoder.pending_bytes
+
+    @property
+    def parked_fds(self) -> int:
+        return self._decoder.pending_fds
+
+    # -- sending ---------------------------------------------------------------------
     def send(self, body: dict, fds=()) -> None:
         """Queue a frame; ``fds`` are sent with it and then closed."""
         if self.closed:
             close_fds(fds)
             return
         if not self.output.append(encode_frame(body, len(fds)), fds):
-            log.warning("%r does not read its replies; disconnecting it", self)
+            offences.warning((self.uid, "unread"), "%r does not read its replies; disconnecting it", self)
             self.close()
             return
         self._flush()
@@ -227,6 +328,55 @@ class FramePeer(Channel):
     def close_after_flush(self) -> None:
         self._closing = True
         self._flush()
+
+    def refuse(self, exc: Error) -> None:
+        """Send ``exc``; if it is fatal, :meth:`drop` the peer."""
+        self.send(exc.as_reply())
+        if exc.fatal:
+            self.drop()
+
+    def drop(self) -> None:
+        """Serve the peer no more, and close it as soon as that frees all it costs: at once,
+        unless fds we sent it are unread. Those count against us, queued or in flight in its
+        socket, until it reads them or closes its end: until then the connection is kept (and
+        counted by its owner), read from no more. We never wait for more than that: what we
+        queued without fds may be lost to a peer that does not read."""
+        self.dropped = True
+        self._decoder.close()  # what it parked goes now
+        self._dispatch()
+        self._close_if_dropped()
+
+    def _close_if_dropped(self) -> None:
+        if self.dropped and not self.closed and not self.unread_fds:
+            self.close()
+
+    def _wanted(self, done: bool) -> int:
+        if not self.reading and done and self._read_fds < self.output.sent_fds:
+            # Woken each time the peer consumes one of our messages (see the module's doc).
+            return OUT | select.EPOLLET
+        return super()._wanted(done)
+
+    def _on_event(self, mask: int) -> None:
+        super()._on_event(mask)
+        if self.closed or not mask & OUT:
+            return
+        # The socket took more of our output, or the peer read some of it.
+        self._see_reads()
+        self._watch(not self.output)
+        self._close_if_dropped()
+        self._dispatch()
+        if self._on_drain is not None and not self.closed:
+            self._on_drain(self)
+
+    # -- taking frames ---------------------------------------------------------------
+    def hold(self, held: bool) -> None:
+        """Take no frame from this peer while ``held`` (its owner still answers one); on release,
+        the frames already received are taken, then its socket is read again."""
+        self.held = held
+        self._dispatch()
+
+    def _taking(self) -> bool:
+        return not (self.closed or self._closing or self.dropped or self.held or self.lagging)
 
     def _readable(self) -> None:
         try:
@@ -245,23 +395,44 @@ class FramePeer(Channel):
             self.close()
             return
         self._decoder.feed(data, fds)
-        while not self.closed and not self._closing:
-            try:
-                frame = self._decoder.next_frame()
-            except Error as exc:
-                self._refuse(exc)
-                if exc.fatal:
-                    return
-                continue
-            if frame is None:
-                return
-            self._on_frame(self, frame.body, frame.fds)
+        self._dispatch()
+        if not self.closed and self._on_parked is not None:
+            error = self._on_parked(self)
+            if error is not None:
+                self.refuse(error)
+
+    def _dispatch(self) -> None:
+        """Hand over the complete frames received while we take frames; then read only if we still do."""
+        if self._dispatching:  # a frame's handling sent or released: the loop below goes on
+            return
+        self._dispatching = True
+        try:
+            while self._taking():
+                try:
+                    frame = self._decoder.next_frame()
+                except Error as exc:
+                    self.partial_since = None
+                    self._refuse(exc)
+                    continue
+                if frame is None:
+                    break
+                self.partial_since = None
+                self._on_frame(self, frame.body, frame.fds)
+        finally:
+            self._dispatching = False
+        if self.closed:
+            return
+        taking = self._taking()
+        if not taking or not self._decoder.pending_bytes:
+            # Nothing begun, or it waits for us, not for the sender.
+            self.partial_since = None
+        elif self.partial_since is None:
+            self.partial_since = self.loop.clock()
+        self.set_reading(taking)
 
     def _refuse(self, exc: Error) -> None:
-        log.warning("%r sent a bad frame: %s", self, exc.message)
-        self.send(exc.as_reply())
-        if exc.fatal:
-            self.close_after_flush()
+        offences.warning((self.uid, exc.code), "%r sent a bad frame: %s", self, exc.message)
+        self.refuse(exc)
 
     def _write_failed(self, exc: OSError) -> None:
         if exc.errno not in (errno.EPIPE, errno.ECONNRESET):

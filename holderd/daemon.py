@@ -1,9 +1,37 @@
 """holderd: keeps duplicates of its clients' file descriptors, by name.
 
+Theory of operation
+-------------------
 The I/O edge around :class:`holderd.protocol.HolderCore`: a UNIX stream socket,
 peer credentials, the event loop (:mod:`fdkeep.loop`), hang-up watching of
 held sockets, and the conversation with systemd (:mod:`fdkeep.systemd`).
 Run ``holderd --help`` for the options; ``holderd/PROTOCOL.md`` for the wire.
+
+Whatever a client makes holderd keep is bounded per connection and per uid
+(:class:`~holderd.protocol.Limits`), so that no client can take from another
+what holderd has (its fds above all):
+
+- connections: a uid's connection past ``max_connections_per_uid`` gets
+  ``too-many-connections`` and is closed;
+- frames under way (:class:`~fdkeep.peer.FramePeer` parks what arrives until a
+  frame is whole): when a read puts a uid's parked bytes or fds over its bound,
+  that peer gets ``parked-limit`` and is dropped; a frame begun must be whole
+  within ``frame_timeout``, else the peer gets ``timeout`` and is dropped
+  (:meth:`Holderd._sweep`, once a second);
+- replies: a peer is answered one request at a time. Its :class:`Replies` are
+  taken only while it has room: its unread fds (queued or in flight in its
+  socket) under the per-peer and the per-uid bound, less than
+  ``FramePeer.HIGH_WATER`` bytes waiting. Until its request is answered the
+  peer is held: no other request of it is read, so a client that pipelines
+  RETRIEVEs and reads nothing makes holderd keep at most its bounds, and waits.
+  Room comes back when a peer reads or its queue moves (``on_drain``), or a
+  peer closes; the replies waiting are then taken again after the loop's
+  events (:meth:`Holderd._answer_waiting`), in the order they came, and once a
+  second whatever happens. When holderd itself has no fd to spare and none is
+  queued to be freed, the request ends with ``no-resources``.
+
+Every offender is logged with its pid and uid and what it did, at most once a
+minute per uid and offence (:class:`~fdkeep.logs.Offences`).
 """
 
 from __future__ import annotations
@@ -16,16 +44,20 @@ import socket
 import sys
 
 from fdkeep.errors import Error
-from fdkeep.frames import DEFAULT_MAX_FRAME
+from fdkeep.frames import DEFAULT_MAX_FRAME, MAX_FDS_PER_FRAME
+from fdkeep.logs import Offences
 from fdkeep.loop import AcceptPause, Loop, raise_fd_limit, stop_on_signals
 from fdkeep.peer import FramePeer, listen_unix, peer_credentials, send_frame
 from fdkeep.systemd import ServiceManager
 
 from .client import default_socket
 from .mirror import FdStoreMirror
-from .protocol import Held, HolderCore, Limits, Watcher
+from .protocol import Held, HolderCore, Limits, Replies, Watcher, out_of_fds
 
 log = logging.getLogger("holderd")
+
+#: A peer whose replies wait this long for it to read them is logged (once).
+UNREAD_REPORT_AFTER = 5.0
 
 
 class HangupWatcher(Watcher):
@@ -79,6 +111,7 @@ class Holderd:
     ):
         self.socket_path = socket_path
         self.allowed_uids = allowed_uids
+        self.limits = limits
         self.max_frame = max_frame
         self.manager = manager or ServiceManager({})
         self.loop = Loop()
@@ -88,11 +121,21 @@ class Holderd:
         hangups.core = self.core
         self.restored = self.mirror.restore(self.core)
         self.peers: set[FramePeer] = set()
+        self.by_uid: dict[int, set[FramePeer]] = {}
+        #: The peers whose request is not all answered yet, in the order they asked.
+        self.answering: dict[FramePeer, Replies] = {}
+        #: Since when each of those waits for room, and whether that was logged.
+        self.waiting: dict[FramePeer, list] = {}
+        self._room_grew = False
+        self.offences = Offences(log)
         # Anyone may connect; SO_PEERCRED, not file modes, decides who is served.
         self.listener = listen_unix(socket_path)
         self.accepting = AcceptPause(self.loop, log, "holderd")
         self.accepting.add(self.listener.fileno(), self._accept)
+        self.loop.after_events(self._answer_waiting)
+        self.loop.call_every(1.0, self._sweep)
 
+    # -- connections ------------------------------------------------------------------
     def _accept(self, mask: int) -> None:
         while True:
             try:
@@ -105,23 +148,45 @@ class Holderd:
             self.accepting.accepted()
             pid, uid, _ = peer_credentials(sock)
             if uid not in self.allowed_uids:
-                log.warning("refused pid %d uid %d: not in --allow-uid", pid, uid)
-                self._refuse(sock, uid)
+                self.offences.warning((uid, "not-allowed"), "refused pid %d uid %d (not-allowed): not in --allow-uid", pid, uid)
+                self._refuse(sock, Error("not-allowed", f"uid {uid} may not use this holderd"))
                 continue
-            peer = FramePeer(self.loop, sock, self._on_frame, self._peer_closed, self.max_frame)
+            mine = self.by_uid.setdefault(uid, set())
+            if len(mine) >= self.limits.max_connections_per_uid:
+                self.offences.warning(
+                    (uid, "too-many-connections"),
+                    "refused pid %d uid %d (too-many-connections): the uid has %d, the most --max-connections-per-uid allows",
+                    pid, uid, len(mine))
+                self._refuse(sock, Error(
+                    "too-many-connections",
+                    f"uid {uid} has {len(mine)} connections to holderd, the most --max-connections-per-uid "
+                    "allows; close some (one connection carries any number of requests) or raise it"))
+                continue
+            peer = FramePeer(self.loop, sock, self._on_frame, self._peer_closed, self.max_frame,
+                             on_drain=self._drained, on_parked=self._parked)
             self.peers.add(peer)
+            mine.add(peer)
 
     @staticmethod
-    def _refuse(sock: socket.socket, uid: int) -> None:
+    def _refuse(sock: socket.socket, error: Error) -> None:
         try:
             sock.setblocking(False)
-            send_frame(sock, Error("not-allowed", f"uid {uid} may not use this holderd").as_reply())
+            send_frame(sock, error.as_reply())
         except OSError:
             pass
         sock.close()
 
     def _peer_closed(self, peer: FramePeer) -> None:
         self.peers.discard(peer)
+        mine = self.by_uid.get(peer.uid)
+        if mine is not None:
+            mine.discard(peer)
+            if not mine:
+                del self.by_uid[peer.uid]
+        # Nothing to close: replies not taken yet hold no duplicates.
+        self.answering.pop(peer, None)
+        self.waiting.pop(peer, None)
+        self._room_grew = True
         by_number = {id(other): other for other in self.peers}
         for number, event in self.core.peer_gone(id(peer)):
             waiter = by_number.get(number)
@@ -129,11 +194,106 @@ class Holderd:
                 log.info("lease %s passes to %r (its holder, pid %d, is gone)", event["lease"], waiter, peer.pid)
                 waiter.send(event)
 
+    def _parked(self, peer: FramePeer) -> Error | None:
+        """After a read: the peer is dropped if its uid's connections now park too much."""
+        mine = self.by_uid.get(peer.uid, ())
+        for what, parked, most, option in (
+            ("bytes", sum(p.parked_bytes for p in mine), self.limits.max_parked_bytes_per_uid,
+             "--max-parked-bytes-per-uid"),
+            ("fds", sum(p.parked_fds for p in mine), self.limits.max_parked_fds_per_uid,
+             "--max-parked-fds-per-uid"),
+        ):
+            if parked > most:
+                self.offences.warning(
+                    (peer.uid, "parked-limit"),
+                    "%r dropped (parked-limit): its uid's unfinished frames hold %d %s in holderd, over %s %d",
+                    peer, parked, what, option, most)
+                return Error(
+                    "parked-limit",
+                    f"uid {peer.uid}'s connections keep {parked} {what} of frames not yet whole in holderd, "
+                    f"over {option} {most}: send each frame whole, fewer at once",
+                    fatal=True)
+        return None
+
+    def _sweep(self) -> None:
+        """Once a second: drop the peers that leave a frame unfinished too long; tell those whose
+        replies wait unread; and look for room that came without an event."""
+        now = self.loop.clock()
+        timeout = self.limits.frame_timeout
+        for peer in list(self.peers):
+            if peer.partial_since is not None and now - peer.partial_since > timeout:
+                self.offences.warning(
+                    (peer.uid, "timeout"),
+                    "%r dropped (timeout): a frame it began %.0f s ago is not whole yet (--frame-timeout %g)",
+                    peer, now - peer.partial_since, timeout)
+                peer.refuse(Error(
+                    "timeout",
+                    f"a frame begun {now - peer.partial_since:.0f} s ago is still not whole: send each frame "
+                    f"whole within --frame-timeout ({timeout:g} s)",
+                    fatal=True))
+        for peer, state in self.waiting.items():
+            since, told = state
+            if not told and now - since >= UNREAD_REPORT_AFTER:
+                state[1] = True
+                self.offences.info(
+                    (peer.uid, "unread"),
+                    "%r has left %d fds and %d bytes of its replies unread for %.0f s: "
+                    "its next requests wait until it reads them", peer, peer.unread_fds,
+                    peer.output.pending, now - since)
+        if self.answering:
+            self._room_grew = True
+
+    # -- requests and replies ---------------------------------------------------------
     def _on_frame(self, peer: FramePeer, body: dict, fds: list[int]) -> None:
-        for reply in self.core.handle(peer.uid, body, fds, id(peer)):
+        self.answering[peer] = self.core.handle(peer.uid, body, fds, id(peer))
+        if not self._answer(peer):
+            peer.hold(True)  # its next requests wait in its socket meanwhile
+
+    def _answer(self, peer: FramePeer) -> bool:
+        """Send the peer what it has room for of its replies; True once all are sent."""
+        replies = self.answering[peer]
+        while not replies.done and not peer.dropped:
+            if peer.lagging:
+                return self._wait(peer)
+            room = self._fd_room(peer)
+            reply = replies.take(room)
+            if reply is None:
+                if room == 0 or any(other.output.fds for other in self.peers):
+                    return self._wait(peer)  # room comes when a peer reads, or fds queued are sent
+                reply = replies.fail(out_of_fds())
             if not reply.body.get("ok"):
-                log.info("%r: %s %s: %s", peer, body.get("op"), reply.body["error"], reply.body["message"])
+                self.offences.info((peer.uid, reply.body["error"]), "%r: %s: %s", peer,
+                                   reply.body["error"], reply.body["message"])
             peer.send(reply.body, reply.fds)
+            if peer.closed:
+                return True
+        self.answering.pop(peer, None)
+        self.waiting.pop(peer, None)
+        return True
+
+    def _wait(self, peer: FramePeer) -> bool:
+        self.waiting.setdefault(peer, [self.loop.clock(), False])
+        return False
+
+    def _fd_room(self, peer: FramePeer) -> int:
+        """How many fds the peer's next reply may carry."""
+        room = min(MAX_FDS_PER_FRAME, self.limits.max_unread_fds_per_peer - peer.unread_fds)
+        if room > 0:
+            uid_unread = sum(other.unread_fds for other in self.by_uid.get(peer.uid, ()))
+            room = min(room, self.limits.max_unread_fds_per_uid - uid_unread)
+        return max(room, 0)
+
+    def _drained(self, peer: FramePeer) -> None:
+        self._room_grew = True
+
+    def _answer_waiting(self) -> None:
+        """After the loop's events: if room may have grown, answer on, in the order asked."""
+        if not self._room_grew:
+            return
+        self._room_grew = False
+        for peer in list(self.answering):
+            if peer in self.answering and self._answer(peer) and not peer.closed:
+                peer.hold(False)  # its next requests, received or not, are taken now
 
     def status_line(self) -> str:
         return f"holding {self.core.count()} fds for {len(self.allowed_uids)} allowed uids"
@@ -202,15 +362,82 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="a uid or user name allowed to store and retrieve (repeatable; default: holderd's "
         "own uid and root)",
     )
-    parser.add_argument(
-        "--max-fds-per-uid",
-        type=int,
-        help="how many fds one uid may have held (default: the fd limit less 256 for holderd's own use)",
+    bounds = parser.add_argument_group(
+        "bounds",
+        "What a client may make holderd keep, each with the error it gets past it (all of them: "
+        "holderd/PROTOCOL.md, Limits). \"The fd limit\" is holderd's RLIMIT_NOFILE (LimitNOFILE=).",
     )
-    parser.add_argument("--max-meta-bytes", type=int, default=Limits.max_meta_bytes)
-    parser.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME)
+    bounds.add_argument(
+        "--max-fds-per-uid",
+        type=positive_int, metavar="N",
+        help="how many fds one uid may have held; past it a STORE gets limit-reached "
+        "(default: the fd limit less 256 for holderd's own use)",
+    )
+    bounds.add_argument("--max-meta-bytes", type=positive_int, metavar="BYTES", default=Limits.max_meta_bytes,
+                        help="the metadata of one item, decoded; past it: meta-too-large (default: %(default)s)")
+    bounds.add_argument("--max-frame-bytes", type=positive_int, metavar="BYTES", default=DEFAULT_MAX_FRAME,
+                        help="the body of one request; past it: frame-too-large, and the connection is closed "
+                        "(default: %(default)s)")
+    bounds.add_argument(
+        "--max-connections-per-uid", type=positive_int, metavar="N", default=Limits.max_connections_per_uid,
+        help="connections one uid may have open to holderd at once; one more gets too-many-connections "
+        "and is closed (default: %(default)s)")
+    bounds.add_argument(
+        "--max-unread-fds-per-peer", type=positive_int, metavar="N",
+        help="fds in replies one connection may have unread (queued in holderd or in flight in its "
+        "socket); at it, holderd sends that connection no more fds and reads none of its requests "
+        "until it reads (default: 1024, or a sixteenth of the fd limit if less)")
+    bounds.add_argument(
+        "--max-unread-fds-per-uid", type=positive_int, metavar="N",
+        help="the same for all connections of one uid together (default: 4096, or a quarter of the fd "
+        "limit if less)")
+    bounds.add_argument(
+        "--max-parked-bytes-per-uid", type=positive_int, metavar="BYTES", default=Limits.max_parked_bytes_per_uid,
+        help="bytes of frames not yet whole that one uid's connections may have sent holderd in all; the "
+        "connection whose read goes past it gets parked-limit and is closed (default: %(default)s, 8 MiB)")
+    bounds.add_argument(
+        "--max-parked-fds-per-uid", type=positive_int, metavar="N",
+        help="the same for fds that came with frames not yet whole (default: 1024, or an eighth of the "
+        "fd limit if less, but at least 253: one full STORE)")
+    bounds.add_argument(
+        "--frame-timeout", type=positive_float, default=Limits.frame_timeout, metavar="SECONDS",
+        help="how long a frame begun may take to arrive whole; past it the connection gets timeout and "
+        "is closed (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def limits_from(args: argparse.Namespace, fd_limit: int) -> Limits:
+    """The bounds the options ask for; those left out scale with holderd's fd limit."""
+
+    def share(value, default: int, part: int, least: int = 1) -> int:
+        return value if value is not None else max(min(default, fd_limit // part), least)
+
+    return Limits(
+        max_fds_per_uid=args.max_fds_per_uid or max(fd_limit - 256, 1),
+        max_meta_bytes=args.max_meta_bytes,
+        max_connections_per_uid=args.max_connections_per_uid,
+        max_unread_fds_per_peer=share(args.max_unread_fds_per_peer, Limits.max_unread_fds_per_peer, 16),
+        max_unread_fds_per_uid=share(args.max_unread_fds_per_uid, Limits.max_unread_fds_per_uid, 4),
+        max_parked_bytes_per_uid=args.max_parked_bytes_per_uid,
+        max_parked_fds_per_uid=share(args.max_parked_fds_per_uid, Limits.max_parked_fds_per_uid, 8,
+                                     least=MAX_FDS_PER_FRAME),
+        frame_timeout=args.frame_timeout,
+    )
 
 
 def main(argv=None) -> int:
@@ -218,10 +445,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level, format="holderd: %(levelname)s %(message)s", stream=sys.stderr)
     allowed = set(args.allow_uid) if args.allow_uid else {os.geteuid(), 0}
     fd_limit = raise_fd_limit()
-    max_fds_per_uid = args.max_fds_per_uid or max(fd_limit - 256, 1)
-    if max_fds_per_uid > fd_limit:
-        log.warning("--max-fds-per-uid %d exceeds RLIMIT_NOFILE %d: raise LimitNOFILE=", max_fds_per_uid, fd_limit)
-    limits = Limits(max_fds_per_uid, args.max_meta_bytes)
+    limits = limits_from(args, fd_limit)
+    if limits.max_fds_per_uid > fd_limit:
+        log.warning("--max-fds-per-uid %d exceeds RLIMIT_NOFILE %d: raise LimitNOFILE=", limits.max_fds_per_uid, fd_limit)
     try:
         daemon = Holderd(args.socket, allowed, limits, args.max_frame_bytes, ServiceManager())
     except OSError as exc:

@@ -9,9 +9,11 @@ a uid sees and touches only its own names.
 
 Requests and replies are frames (see :mod:`fdkeep.frames`) whose JSON bodies are
 described in ``holderd/PROTOCOL.md``. :class:`HolderCore` turns one request
-(the peer's uid, the frame's body and descriptors) into a list of replies
-(bodies and descriptors to send). It owns the held descriptors: it closes the
-ones it drops and those of a request it refuses, so a caller never has to.
+(the peer's uid, the frame's body and descriptors) into its :class:`Replies`:
+the reply frames (bodies and descriptors to send), which the caller takes one
+at a time, when it has room to send them. It owns the held descriptors: it
+closes the ones it drops and those of a request it refuses, so a caller never
+has to.
 
 The core tells a :class:`Watcher` when a descriptor starts and stops being
 held, so that the daemon can watch held sockets for a hang-up (and drop them,
@@ -21,6 +23,20 @@ knowing how.
 Replies that carry descriptors carry fresh duplicates: the caller sends and
 closes them, and a held descriptor dropped meanwhile can never be confused with
 a new one that reused its number.
+
+``RETRIEVE`` and ``LIST`` answer in chunks (:class:`Chunks`), and a chunk is
+made only when it is taken: :meth:`Replies.take` is given the room the caller
+has for fds (what its peer may still have unread), and a RETRIEVE chunk
+duplicates that many fds at most, from the names selected, as they are held
+*then* (a name dropped since is skipped; one replaced gives its new fd). So a
+RETRIEVE of everything never needs more free fds than one chunk's, whatever is
+held, and a peer that reads no replies makes holderd duplicate no more than
+its caller lets it. Duplicating leaves :attr:`Limits.fd_reserve` fds free
+(room to accept clients and take STOREs meanwhile): the last duplicates are
+given back if fewer would be left, and a chunk is cut short rather than fail;
+with no fd to spare at all, :meth:`Replies.take` says so (None) and the caller
+waits for fds to be freed, or ends the replies with ``no-resources``
+(:meth:`Replies.fail`).
 
 *Leases* let two processes of one uid take turns (chatd and its warm
 standby): ``LEASE`` grants a name to the first connection that asks; the others
@@ -35,21 +51,41 @@ import base64
 import binascii
 import os
 import stat
+from collections import deque
 from dataclasses import dataclass, field
 
 from fdkeep.errors import Error
 from fdkeep.fdpass import close_fds
-from fdkeep.frames import MAX_FDS_PER_FRAME, batches, item_size
+from fdkeep.frames import BATCH_BYTES, MAX_FDS_PER_FRAME, item_size
 
 PROTOCOL_VERSION = 1
 OPERATIONS = ("PING", "STORE", "RETRIEVE", "REMOVE", "LIST", "LEASE")
+#: Items in one LIST chunk, at most.
+LIST_CHUNK = 1000
 
 
 @dataclass(frozen=True)
 class Limits:
+    """Every bound of holderd, with its default; ``holderd --help`` and
+    ``holderd/PROTOCOL.md`` name the option and the error of each."""
+
+    # Checked by the core: what a uid may have held, and what an item may be.
     max_fds_per_uid: int = 65536
     max_meta_bytes: int = 4096
     max_name_bytes: int = 200
+    #: fds that duplicating for RETRIEVE leaves free, for accepting and taking STOREs meanwhile.
+    fd_reserve: int = 64
+    # Checked by the daemon: what one peer, and one uid over all its connections,
+    # may make holderd keep while it serves them.
+    max_connections_per_uid: int = 256
+    #: fds of replies a peer, or a uid, has not read (queued in holderd or in flight in its socket).
+    max_unread_fds_per_peer: int = 1024
+    max_unread_fds_per_uid: int = 4096
+    #: What a uid's connections keep parked in holderd: received, not yet a whole frame.
+    max_parked_bytes_per_uid: int = 8 << 20
+    max_parked_fds_per_uid: int = 1024
+    #: Seconds a frame begun may take to arrive whole.
+    frame_timeout: float = 10.0
 
 
 @dataclass
@@ -68,6 +104,93 @@ class Held:
 class Reply:
     body: dict
     fds: list[int] = field(default_factory=list)
+
+
+class Replies:
+    """The reply frames to one request, in order, taken one at a time as the caller
+    has room to send them; iterating takes them all (with room for every fd)."""
+
+    def __init__(self, request_id, replies: list[Reply] = ()):
+        self.request_id = request_id
+        self._ready = deque(replies)
+
+    @property
+    def done(self) -> bool:
+        return not self._ready
+
+    def take(self, fd_room: int = MAX_FDS_PER_FRAME) -> Reply | None:
+        """The next reply, carrying at most ``fd_room`` fds; None if it needs fds and
+        none can be made now (``fd_room`` is 0, or holderd has no fd to spare)."""
+        return self._ready.popleft()
+
+    def fail(self, error: Error) -> Reply:
+        """End the replies with ``error`` instead of what is left of them."""
+        self._ready.clear()
+        return Reply(error.as_reply(self.request_id))
+
+    def __iter__(self):
+        while not self.done:
+            reply = self.take()
+            yield reply if reply is not None else self.fail(out_of_fds())
+
+
+def out_of_fds() -> Error:
+    return Error("no-resources", "holderd has no fds to spare for duplicates now; retry later, "
+                 "retrieve fewer items at once, or raise holderd's LimitNOFILE")
+
+
+class Chunks(Replies):
+    """A RETRIEVE's or a LIST's replies: the selected names in chunks, each made from
+    what is held when it is taken (a RETRIEVE's duplicates too)."""
+
+    def __init__(self, core: "HolderCore", uid: int, request_id, names: list[str], with_fds: bool):
+        super().__init__(request_id)
+        self._core = core
+        self._uid = uid
+        self._names = names
+        self._with_fds = with_fds
+        self._next = 0  # the first name not in a chunk yet
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def take(self, fd_room: int = MAX_FDS_PER_FRAME) -> Reply | None:
+        most = min(fd_room, MAX_FDS_PER_FRAME) if self._with_fds else LIST_CHUNK
+        if most <= 0:
+            return None
+        held_now = self._core._names.get(self._uid, {})
+        chunk: list[tuple[int, Held]] = []  # (position in names, what is held under it)
+        position, used = self._next, 0
+        while position < len(self._names) and len(chunk) < most:
+            held = held_now.get(self._names[position])
+            if held is not None:
+                size = _reply_size(held)
+                if chunk and used + size > BATCH_BYTES:
+                    break
+                chunk.append((position, held))
+                used += size
+            position += 1
+        fds = []
+        if self._with_fds and chunk:
+            fds = self._core._duplicate([held.fd for _, held in chunk])
+            if not fds:
+                return None
+            if len(fds) < len(chunk):
+                position = chunk[len(fds)][0]  # the rest in a later chunk
+                chunk = chunk[:len(fds)]
+        self._next = position
+        self._done = position >= len(self._names)
+        if self._with_fds:
+            items = [{"name": h.name, "meta": _b64(h.meta), "ino": h.ino} for _, h in chunk]
+        else:
+            items = [h.describe() for _, h in chunk]
+        return Reply({"id": self.request_id, "ok": True, "items": items, "more": not self._done}, fds)
+
+    def fail(self, error: Error) -> Reply:
+        self._done = True
+        return super().fail(error)
 
 
 class Watcher:
@@ -127,8 +250,8 @@ class HolderCore:
                 yield uid, held
 
     # -- the requests -----------------------------------------------------------------
-    def handle(self, uid: int, body: dict, fds: list[int], peer: int = 0) -> list[Reply]:
-        """Replies to one request of connection ``peer`` (any number the caller keeps
+    def handle(self, uid: int, body: dict, fds: list[int], peer: int = 0) -> Replies:
+        """The replies to one request of connection ``peer`` (any number the caller keeps
         for it: leases are held by connections) whose uid is ``uid``."""
         self._peer = peer
         request_id = body.get("id")
@@ -141,16 +264,16 @@ class HolderCore:
             if op != "STORE" and fds:
                 raise Error("fd-count-mismatch", f"{op} takes no fds, {len(fds)} came")
             handler = getattr(self, "_op_" + op.lower())
-            replies = handler(uid, body, fds)
+            answer = handler(uid, body, fds)
         except Error as exc:
             close_fds(fds)
-            return [Reply(exc.as_reply(request_id))]
-        for reply in replies:
-            reply.body = {"id": request_id, "ok": True, **reply.body}
-        return replies
+            return Replies(request_id, [Reply(exc.as_reply(request_id))])
+        if isinstance(answer, Replies):
+            return answer
+        return Replies(request_id, [Reply({"id": request_id, "ok": True, **answer})])
 
     def _op_ping(self, uid, body, fds):
-        return [Reply({"version": PROTOCOL_VERSION, "held": self.count(uid), "uid": uid})]
+        return {"version": PROTOCOL_VERSION, "held": self.count(uid), "uid": uid}
 
     def _op_store(self, uid, body, fds):
         items = body.get("items")
@@ -188,7 +311,7 @@ class HolderCore:
                     self.watcher.updated(uid, old)
                 continue
             self._hold(uid, Held(name, meta, fd, ino, kind))
-        return [Reply({"stored": len(parsed)})]
+        return {"stored": len(parsed)}
 
     def adopt(self, uid: int, name: str, meta: bytes, fd: int) -> Held:
         """Hold ``fd`` as if ``uid`` had stored it, unchecked: what holderd held before a restart."""
@@ -245,30 +368,26 @@ class HolderCore:
         return [held for name, held in sorted(names.items()) if name.startswith(prefix)]
 
     def _op_retrieve(self, uid, body, fds):
-        selected = self._selected(uid, body)
-        chunks = batches(selected, MAX_FDS_PER_FRAME, _reply_size)
-        replies = []
-        for index, chunk in enumerate(chunks):
-            duplicates = []
-            try:
-                for held in chunk:
-                    duplicates.append(os.dup(held.fd))
-            except OSError as exc:
-                for reply in replies:
-                    close_fds(reply.fds)
-                close_fds(duplicates)
-                raise Error("no-resources", f"holderd cannot duplicate fds now: {exc}") from None
-            items = [{"name": h.name, "meta": _b64(h.meta), "ino": h.ino} for h in chunk]
-            replies.append(Reply({"items": items, "more": index < len(chunks) - 1}, duplicates))
-        return replies
+        return Chunks(self, uid, body.get("id"), [h.name for h in self._selected(uid, body)], with_fds=True)
 
     def _op_list(self, uid, body, fds):
-        selected = self._selected(uid, body)
-        chunks = batches(selected, 1000, _reply_size)
-        return [
-            Reply({"items": [h.describe() for h in chunk], "more": index < len(chunks) - 1})
-            for index, chunk in enumerate(chunks)
-        ]
+        return Chunks(self, uid, body.get("id"), [h.name for h in self._selected(uid, body)], with_fds=False)
+
+    def _duplicate(self, fds: list[int]) -> list[int]:
+        """Duplicates of the first of ``fds``: as many as can be made leaving ``fd_reserve`` fds free."""
+        reserve = self.limits.fd_reserve
+        made = []
+        # Duplicate all, then ``reserve`` more to see that they would be free, and
+        # give those back: exact, where counting the free fds would cost a walk of
+        # /proc/self/fd, as long as what is held.
+        for fd in fds + fds[:1] * reserve:
+            try:
+                made.append(os.dup(fd))
+            except OSError:
+                break
+        kept = max(min(len(made) - reserve, len(fds)), 0)
+        close_fds(made[kept:])
+        return made[:kept]
 
     def _op_remove(self, uid, body, fds):
         if "names" not in body and "prefix" not in body:
@@ -276,18 +395,18 @@ class HolderCore:
         selected = self._selected(uid, body)
         for held in selected:
             self._release(uid, held)
-        return [Reply({"removed": len(selected)})]
+        return {"removed": len(selected)}
 
     def _op_lease(self, uid, body, fds):
         name = self._check_name(body.get("lease"))
         key = (uid, name)
         holder = self._leases.setdefault(key, self._peer)
         if holder == self._peer:
-            return [Reply({"lease": name, "granted": True})]
+            return {"lease": name, "granted": True}
         waiting = self._waiting.setdefault(key, [])
         if self._peer not in waiting:
             waiting.append(self._peer)
-        return [Reply({"lease": name, "granted": False, "waiting": waiting.index(self._peer) + 1})]
+        return {"lease": name, "granted": False, "waiting": waiting.index(self._peer) + 1}
 
     def peer_gone(self, peer: int) -> list[tuple[int, dict]]:
         """Connection ``peer`` ended: its leases pass to the next waiters.

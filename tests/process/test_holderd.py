@@ -2,6 +2,7 @@
 
 import array
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -281,3 +282,212 @@ def test_out_of_fds_it_pauses_accepting_says_so_once_and_serves_again(procs):
                "holderd to serve again")
     wait_until(lambda: "accepting again" in procs.logs(), 10, "holderd to say it accepts again")
     still_serves(procs)
+
+
+# -- what one client may make holderd keep ---------------------------------------------------
+
+
+def fds_of(proc) -> int:
+    return len(os.listdir(f"/proc/{proc.pid}/fd"))
+
+
+def settled_fds(proc) -> int:
+    """holderd's fd count once it has closed what clients gone before left (the same twice, 0.3 s apart)."""
+    counts = [fds_of(proc)]
+
+    def same_again():
+        time.sleep(0.3)
+        counts.append(fds_of(proc))
+        return counts[-1] == counts[-2]
+
+    wait_until(same_again, 10, "holderd's fd count to settle")
+    return counts[-1]
+
+
+def back_to(proc, baseline: int, what: str) -> None:
+    counts = []
+    try:
+        wait_until(lambda: counts.append(fds_of(proc)) or counts[-1] == baseline, 10, what)
+    except Error:
+        raise AssertionError(f"holderd has {counts[-1]} fds, not {baseline} as before: {what}") from None
+
+
+def send_some(sock, data: bytes) -> None:
+    """Send what the socket takes of ``data`` now, never waiting: a client that does not care."""
+    sock.setblocking(False)
+    try:
+        sock.send(data)
+    except OSError:
+        pass
+
+
+def replied(sock, timeout: float) -> bool:
+    readable, _, _ = select.select([sock], [], [], timeout)
+    return bool(readable)
+
+
+def test_a_client_that_pipelines_retrieves_and_reads_nothing_takes_no_fds_from_others(procs):
+    """It made holderd duplicate fds until RLIMIT_NOFILE, and every other client's STORE and
+    RETRIEVE failed. Now holderd reads no more of its requests once it has a few fds unread
+    (at an fd limit of 512: 32 per connection, 128 per uid), and everyone else is served."""
+    procs.start_holderd(fd_limit=512)
+    pipes = [os.pipe() for _ in range(8)]
+    with HolderClient(procs.holder_socket) as h:
+        h.store([(f"held/{i}", b"", r) for i, (r, _) in enumerate(pipes)])
+    inos = sorted(os.fstat(r).st_ino for r, _ in pipes)
+    for r, w in pipes:
+        os.close(r), os.close(w)
+    baseline = settled_fds(procs.holderd)
+    greedy = raw_connection(procs.holder_socket)
+    send_some(greedy, encode_frame({"op": "RETRIEVE", "prefix": "held/"}) * 3000)  # 24,000 fds' worth
+    time.sleep(1)  # holderd takes what it will of them
+    with HolderClient(procs.holder_socket) as honest:
+        for round in range(20):
+            assert honest.ping()["held"] == 8
+            r, w = os.pipe()
+            honest.store([("honest/new", b"", r)])
+            got = honest.retrieve("")
+            assert sorted(item.name for item in got) == sorted([f"held/{i}" for i in range(8)] + ["honest/new"])
+            for item in got:
+                os.close(item.fd)
+            assert honest.remove(names=["honest/new"]) == 1
+            os.close(r), os.close(w)
+        kept = honest.list("held/")
+    assert sorted(item["ino"] for item in kept) == inos, "holderd kept every fd it held"
+    assert fds_of(procs.holderd) <= baseline + 32 + 5, "the greedy client's unsent fds are bounded"
+    wait_until(lambda: "left" in procs.logs() and "unread" in procs.logs(), 30, "the greedy client to be logged")
+    greedy.close()
+    back_to(procs.holderd, baseline, "holderd to close what it had queued for the greedy client")
+    assert procs.logs().count("of its replies unread") == 1, "logged once, not in a loop"
+    assert f"pid={os.getpid()}" in procs.logs()
+    still_serves(procs)
+
+
+def test_one_retrieve_takes_back_more_fds_than_holderd_has_free(procs):
+    """Holding 1,400 fds at an fd limit of 2,000, a RETRIEVE of all of them failed with
+    no-resources: every duplicate was made before the first was sent."""
+    procs.start_holderd(fd_limit=2000)
+    pipes = [os.pipe() for _ in range(1400)]
+    with HolderClient(procs.holder_socket, timeout=30) as h:
+        assert h.store([(f"many/{i:04}", b"m", r) for i, (r, _) in enumerate(pipes)]) == 1400
+    inos = [os.fstat(r).st_ino for r, _ in pipes]
+    for r, w in pipes:
+        os.close(r), os.close(w)
+    baseline = settled_fds(procs.holderd)
+    assert baseline > 1400
+    with HolderClient(procs.holder_socket, timeout=30) as h:
+        got = h.retrieve("many/")
+    assert [item.name for item in got] == [f"many/{i:04}" for i in range(1400)]
+    assert [os.fstat(item.fd).st_ino for item in got] == inos
+    for item in got:
+        os.close(item.fd)
+    back_to(procs.holderd, baseline, "holderd's fds to be back where they were")
+    still_serves(procs)
+
+
+def test_unfinished_frames_of_one_uid_park_at_most_8_mib_in_holderd(holder):
+    """50 connections, each with most of a 1 MiB frame sent, parked 50 MB; the uid's total is bounded."""
+    body = b'{"op":"PING","pad":"' + b"x" * (1_000_000 - 22) + b'"}'
+    frame = HEADER.pack(len(body), 0) + body
+    socks = []
+    for _ in range(12):  # 900 KB each: the 10th goes past 8 MiB
+        sock = raw_connection(holder.holder_socket)
+        socks.append(sock)
+        try:
+            sock.sendall(frame[:900_000])
+        except OSError:
+            pass  # dropped while sending
+    wait_until(lambda: "parked-limit" in holder.logs(), 10, "holderd to refuse the uid's 10th unfinished frame")
+    refused = [sock for sock in socks if replied(sock, 0.5)]
+    assert 1 <= len(refused) <= 4 and not any(sock in refused for sock in socks[:8])
+    for sock in refused:
+        reply = read_reply(sock).body
+        assert reply["error"] == "parked-limit" and "--max-parked-bytes-per-uid" in reply["message"]
+    still_serves(holder)
+    for sock in socks:
+        if sock not in refused:
+            sock.sendall(frame[900_000:])
+            assert read_reply(sock).body["ok"] is True, "the others' frames, once whole, are served"
+        sock.close()
+    assert holder.logs().count("(parked-limit)") == 1, "logged once, not for every connection dropped"
+
+
+def test_unfinished_frames_of_one_uid_park_at_most_1024_fds(holder):
+    """fds ride with a frame's first byte: a frame begun and never finished kept them, 253 a
+    connection, as many connections as the client liked."""
+    client, server = tcp_pair()
+    baseline = settled_fds(holder.holderd)
+    frame = encode_frame({"op": "STORE", "items": [{"name": f"n{i}"} for i in range(253)]}, 253)
+    socks = []
+    for _ in range(5):  # 253 fds each: the 5th goes past 1024
+        sock = raw_connection(holder.holder_socket)
+        sock.sendmsg([frame[:10]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [server.fileno()] * 253))])
+        socks.append(sock)
+    wait_until(lambda: "parked-limit" in holder.logs(), 10, "holderd to refuse the 5th")
+    assert not any(replied(sock, 0.2) for sock in socks[:4])
+    reply = read_reply(socks[4]).body
+    assert reply["error"] == "parked-limit" and "--max-parked-fds-per-uid" in reply["message"]
+    with HolderClient(holder.holder_socket) as h:
+        h.store([("honest", b"", server.fileno())])  # a STORE of one more fd: within the bound
+        assert h.remove(names=["honest"]) == 1
+    for sock in socks:
+        sock.close()
+    back_to(holder.holderd, baseline, "holderd to close every parked fd")
+    server.close()
+    client.settimeout(5)
+    assert client.recv(10) == b"", "holderd kept none of them"
+    client.close()
+
+
+def test_a_frame_begun_must_be_whole_within_the_frame_timeout(procs):
+    procs.start_holderd("--frame-timeout", "2")
+    slow = raw_connection(procs.holder_socket)
+    frame = encode_frame({"op": "PING", "id": 1})
+    slow.sendall(frame[:8])
+    started = time.monotonic()
+    honest = raw_connection(procs.holder_socket)
+    honest.sendall(frame[:8])
+    time.sleep(0.5)
+    honest.sendall(frame[8:])  # slow, but whole within the timeout
+    assert read_reply(honest).body["ok"] is True
+    slow.settimeout(30)
+    reply = read_reply(slow).body
+    assert reply["error"] == "timeout" and "--frame-timeout" in reply["message"]
+    assert time.monotonic() - started >= 2
+    assert slow.recv(10) == b"", "and it is dropped"
+    slow.close()
+    honest.sendall(frame)
+    assert read_reply(honest).body["ok"] is True, "the honest connection lives on"
+    honest.close()
+    assert procs.logs().count("(timeout)") == 1
+    still_serves(procs)
+
+
+def test_one_uid_may_have_at_most_256_connections(holder):
+    socks = []
+    ping = encode_frame({"op": "PING"})
+    for _ in range(256):
+        sock = raw_connection(holder.holder_socket)
+        sock.sendall(ping)
+        assert read_reply(sock).body["ok"] is True
+        socks.append(sock)
+    for _ in range(20):
+        extra = raw_connection(holder.holder_socket)
+        reply = read_reply(extra).body
+        assert reply["error"] == "too-many-connections" and "--max-connections-per-uid" in reply["message"]
+        assert extra.recv(10) == b""
+        extra.close()
+    assert holder.logs().count("(too-many-connections)") == 1, "logged once, not each time"
+    socks.pop().close()
+
+    def served():
+        try:
+            return HolderClient(holder.holder_socket, timeout=2).ping()["ok"]
+        except Error as exc:  # holderd may take the new connection before it sees the old one end
+            assert exc.code == "too-many-connections"
+            return False
+
+    wait_until(served, 10, "a free connection")
+    for sock in socks:
+        sock.close()
+    still_serves(holder)

@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from helpers import is_open
+from fdkeep.errors import Error
 from holderd.protocol import HolderCore, Limits, Watcher
 
 
@@ -75,7 +76,7 @@ def test_retrieve_comes_in_chunks_of_253(sockets):
     fds = sockets(300)
     for start in range(0, 300, 253):
         store(core, 1, [f"s/{i:03}" for i in range(start, min(start + 253, 300))], fds[start:start + 253])
-    replies = core.handle(1, {"op": "RETRIEVE"}, [])
+    replies = list(core.handle(1, {"op": "RETRIEVE"}, []))
     assert [len(r.fds) for r in replies] == [253, 47]
     assert [r.body["more"] for r in replies] == [True, False]
     for reply in replies:
@@ -175,3 +176,135 @@ def test_a_lease_goes_to_the_first_and_passes_in_line_when_its_holder_is_gone():
     assert core.peer_gone(5) == [] and lease(100, peer=6)["granted"], "free again"
     [bad] = core.handle(100, {"op": "LEASE", "lease": "no spaces"}, [], 7)
     assert bad.body["error"] == "bad-name"
+
+
+# -- RETRIEVE made chunk by chunk -----------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir opened
+
+
+@pytest.fixture
+def pipe_copies():
+    """``make(n)``: n fds, all of them one pipe's read end (holderd keeps fds, not files)."""
+    made = []
+
+    def make(count):
+        r, w = os.pipe()
+        made.extend([r, w])
+        return [os.dup(r) for _ in range(count)]
+
+    yield make
+    for fd in made:
+        os.close(fd)
+
+
+@pytest.fixture
+def free_fds_only():
+    """``leave(n)``: from now on this process can open exactly n more fds (its soft
+    RLIMIT_NOFILE just above its fds, the holes below them filled); undone after."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers = []
+
+    def leave(count):
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        while True:
+            fd = os.open("/dev/null", os.O_RDONLY)
+            if fd > highest:
+                os.close(fd)
+                break
+            fillers.append(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1 + count, hard))
+
+    yield leave
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for fd in fillers:
+        os.close(fd)
+
+
+def store_many(core, uid, fds, prefix="p/"):
+    for start in range(0, len(fds), 253):
+        batch = fds[start:start + 253]
+        [reply] = store(core, uid, [f"{prefix}{i:05}" for i in range(start, start + len(batch))], batch)
+        assert reply.body["ok"], reply.body
+
+
+def test_a_retrieve_duplicates_each_chunk_only_when_it_is_taken(pipe_copies):
+    core = HolderCore()
+    store_many(core, 1, pipe_copies(300))
+    before = open_fds()
+    replies = core.handle(1, {"op": "RETRIEVE", "id": 4}, [])
+    assert open_fds() == before, "no fd is duplicated before a chunk is taken"
+    first = replies.take(10)
+    assert len(first.fds) == 10 and first.body["more"] is True and first.body["id"] == 4
+    assert open_fds() == before + 10
+    os.close(first.fds[0])
+    assert replies.take(0) is None, "no room for fds: no chunk"
+    rest = list(replies)
+    assert [len(r.fds) for r in rest] == [253, 37] and rest[-1].body["more"] is False
+    names = [item["name"] for r in [first, *rest] for item in r.body["items"]]
+    assert names == [f"p/{i:05}" for i in range(300)]
+    for reply in [first, *rest]:
+        for fd in reply.fds:
+            if is_open(fd):
+                os.close(fd)
+    core.close()
+
+
+def test_a_retrieve_of_everything_needs_free_fds_for_one_chunk_not_for_all_held(pipe_copies, free_fds_only):
+    """holderd at its fd limit holding more than it has free: RETRIEVE of all of it failed
+    with no-resources (every fd was duplicated up front); taken chunk by chunk, it works."""
+    core = HolderCore()
+    store_many(core, 1, pipe_copies(600))
+    free_fds_only(200)  # 600 held
+    got = []
+    for reply in core.handle(1, {"op": "RETRIEVE"}, []):
+        assert reply.body["ok"], reply.body
+        got.extend(item["name"] for item in reply.body["items"])
+        for fd in reply.fds:
+            os.close(fd)  # the caller sends them; then they are free again
+    assert got == [f"p/{i:05}" for i in range(600)]
+    core.close()
+
+
+def test_duplicating_leaves_the_reserve_free_and_says_when_nothing_is_to_spare(pipe_copies, free_fds_only):
+    core = HolderCore(Limits(fd_reserve=20))
+    store_many(core, 1, pipe_copies(100))
+    free_fds_only(50)
+    replies = core.handle(1, {"op": "RETRIEVE"}, [])
+    first = replies.take(253)
+    assert len(first.fds) == 50 - 20, "all but the reserve"
+    spare = [os.dup(first.fds[0]) for _ in range(20)]  # the reserve is there
+    with pytest.raises(OSError):
+        os.dup(first.fds[0])
+    for fd in spare:
+        os.close(fd)
+    assert replies.take(253) is None, "nothing to spare now: no chunk, and no error yet"
+    assert not replies.done
+    failed = replies.fail(Error("no-resources", "out of fds"))
+    assert failed.body["error"] == "no-resources" and replies.done
+    for fd in first.fds:
+        os.close(fd)
+    core.close()
+
+
+def test_a_chunk_gives_what_is_held_when_it_is_made(pipe_copies, sockets):
+    core = HolderCore()
+    store_many(core, 1, pipe_copies(5))
+    replies = core.handle(1, {"op": "RETRIEVE", "prefix": "p/"}, [])
+    first = replies.take(2)
+    assert [i["name"] for i in first.body["items"]] == ["p/00000", "p/00001"]
+    core.handle(1, {"op": "REMOVE", "names": ["p/00002"]}, [])
+    (new,) = sockets(1)
+    store(core, 1, ["p/00003"], [new])  # replaced by another file
+    rest = list(replies)
+    items = [i for r in rest for i in r.body["items"]]
+    assert [i["name"] for i in items] == ["p/00003", "p/00004"], "a name dropped meanwhile is skipped"
+    fds = [fd for r in [first, *rest] for fd in r.fds]
+    assert os.fstat(fds[2]).st_ino == items[0]["ino"] == os.fstat(new).st_ino, "a replaced name gives its new fd"
+    for fd in fds:
+        os.close(fd)
+    core.close()
