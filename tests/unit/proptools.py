@@ -72,13 +72,12 @@ def json_objects(text=SAFE_TEXT, max_leaves: int = 12):
 
 
 @st.composite
-def cuts(draw, data: bytes, max_cuts: int = 12) -> list[bytes]:
-    """``data`` cut into pieces at arbitrary points (empty pieces included)."""
-    points = sorted(draw(st.lists(st.integers(0, len(data)), max_size=max_cuts)))
-    bounds = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
-
-
-def split(data: bytes, points) -> list[bytes]:
-    bounds = [0, *sorted(min(max(p, 0), len(data)) for p in points), len(data)]
+def cuts(draw, data: bytes, max_cuts: int = 12, focus: int = 0) -> list[bytes]:
+    """``data`` cut into pieces at arbitrary points (empty pieces included); with ``focus``,
+    most points fall from there on (past a preamble such as an HTTP head)."""
+    anywhere = st.integers(0, len(data))
+    focused = st.integers(max(0, min(focus, len(data))), len(data))
+    points = draw(st.lists(focused | anywhere if focus > 0 else anywhere,
+                           max_size=max_cuts))
+    bounds = [0, *sorted(points), len(data)]
     return [data[a:b] for a, b in zip(bounds, bounds[1:])]

@@ -95,10 +95,10 @@ def test_any_bytes_in_any_splits_with_any_fds_raise_only_error_and_lose_no_fd(pi
 
 @st.composite
 def frames_with_fds(draw):
-    return draw(st.lists(st.tuples(json_objects(), st.integers(0, 3)), min_size=1, max_size=5))
+    return draw(st.lists(st.tuples(json_objects(max_leaves=8), st.integers(0, 3)), min_size=1, max_size=4))
 
 
-@examples(200)
+@examples(120)
 @given(frames=frames_with_fds(), data=st.data())
 def test_encoded_frames_come_back_whole_with_their_own_fds_at_any_split(frames, data):
     """The kernel delivers a frame's fds with its first byte: they go with the piece holding it."""
