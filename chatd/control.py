@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .server import ChatServer
 
 log = logging.getLogger("chatd")
+#: Seconds a control request begun may take to arrive whole.
+FRAME_TIMEOUT = 5.0
 
 
 def default_socket(*, own_service: bool = False) -> str:
@@ -55,6 +57,14 @@ class ControlServer:
         self.sock = listen_unix(path, backlog=16)
         self.accepting = AcceptPause(server.loop, log, "control socket")
         self.accepting.add(self.sock.fileno(), self._accept)
+        server.loop.call_every(1.0, self._sweep)
+
+    def _sweep(self) -> None:
+        for peer in list(self.peers):
+            error = peer.overdue(FRAME_TIMEOUT, "the control timeout")
+            if error is not None:
+                log.warning("control: %r dropped: %s", peer, error.message)
+                peer.refuse(error)
 
     def _accept(self, mask: int) -> None:
         try:

@@ -86,8 +86,10 @@ used, and :meth:`Journal.commit` gives a freed slot's pages back.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -158,7 +160,18 @@ def _pack_name(name: str | None) -> bytes:
 
 
 def _unpack_name(raw: bytes) -> str | None:
-    return raw.rstrip(b"\0").decode("ascii", "replace") or None
+    """A nick as written (see chatd.room.NAME_RE); anything else is a damaged file."""
+    name = raw.rstrip(b"\0")
+    if name and not _NAME.fullmatch(name):
+        raise state_error(f"a record names {name[:40]!r}, not a nick: the state file is damaged; "
+                          "`chatd --fresh` starts anew")
+    return name.decode("ascii") or None
+
+
+log = logging.getLogger("chatd")
+_NAME = re.compile(rb"[A-Za-z0-9_-]{1,32}")
+#: Sequence numbers stay below this; a root at or above it is damage, not history.
+MAX_SEQUENCE = 2 ** 63
 
 
 def state_error(message: str) -> Error:
@@ -243,10 +256,18 @@ class Journal:
             mapping.close()
             raise state_error(f"not a chatd journal of version {VERSION} (magic {magic!r}, version {version}): "
                               "one from another release of chatd cannot be restored; `chatd --fresh` starts anew")
+        # Exactly the size create() made: a header damaged to a smaller geometry would
+        # otherwise be read, and the slots past it silently lost.
         if (not in_size or not out_size or in_size % PAGE or out_size % PAGE or box_size % PAGE
-                or size < cls.size_for(slots, in_size, out_size, box_size)):
+                or size != cls.size_for(slots, in_size, out_size, box_size)):
             mapping.close()
-            raise state_error(f"state file of {size} bytes cannot hold its {slots} slots and rings")
+            raise state_error(f"state file of {size} bytes does not match its header ({slots} slots and rings): "
+                              "it is damaged; `chatd --fresh` starts anew")
+        committed, _ = ROOT.unpack_from(mapping, ROOT_OFFSETS[mapping[SELECTOR_OFFSET] & 1])
+        if committed >= MAX_SEQUENCE:
+            mapping.close()
+            raise state_error(f"state file's commit number {committed} is out of range: it is damaged; "
+                              "`chatd --fresh` starts anew")
         return cls(fd, slots, in_size, out_size, box_size, mapping)
 
     # -- the two copies ---------------------------------------------------------------
@@ -323,10 +344,19 @@ class Journal:
         )
 
     def records(self):
-        """(slot, record) for every used slot."""
+        """(slot, record) for every used slot whose record reads; one that does not (a
+        damaged file) is logged and its slot taken as free: its socket, if it comes back,
+        is closed as a stranger's, rather than every other client lost with the file."""
         for slot in range(self.slots):
             if self._used[slot]:
-                yield slot, self.read(slot)
+                try:
+                    record = self.read(slot)
+                except Error as exc:
+                    log.warning("journal slot %d unreadable, its client is let go: %s", slot, exc.message)
+                    self._used[slot] = 0
+                    self._free.append(slot)
+                    continue
+                yield slot, record
 
     # -- rings ------------------------------------------------------------------------
     def _ring_offset(self, slot: int) -> int:

@@ -430,6 +430,19 @@ class FramePeer(Channel):
             self.partial_since = self.loop.clock()
         self.set_reading(taking)
 
+    def overdue(self, timeout: float, setting: str) -> Error | None:
+        """The fatal error for a frame begun and not whole within ``timeout`` seconds, or None.
+        Owners check their peers with it on a timer: a peer that stops mid-frame would
+        otherwise keep what it sent (and the fds with it: its own connection's among
+        them, which no EOF then ends) for good."""
+        if self.partial_since is None:
+            return None
+        age = self.loop.clock() - self.partial_since
+        if age <= timeout:
+            return None
+        return Error("timeout", f"a frame begun {age:.0f} s ago is still not whole: send each frame "
+                                f"whole within {setting} ({timeout:g} s)", fatal=True)
+
     def _refuse(self, exc: Error) -> None:
         offences.warning((self.uid, exc.code), "%r sent a bad frame: %s", self, exc.message)
         self.refuse(exc)

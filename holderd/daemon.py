@@ -219,18 +219,12 @@ class Holderd:
         """Once a second: drop the peers that leave a frame unfinished too long; tell those whose
         replies wait unread; and look for room that came without an event."""
         now = self.loop.clock()
-        timeout = self.limits.frame_timeout
         for peer in list(self.peers):
-            if peer.partial_since is not None and now - peer.partial_since > timeout:
-                self.offences.warning(
-                    (peer.uid, "timeout"),
-                    "%r dropped (timeout): a frame it began %.0f s ago is not whole yet (--frame-timeout %g)",
-                    peer, now - peer.partial_since, timeout)
-                peer.refuse(Error(
-                    "timeout",
-                    f"a frame begun {now - peer.partial_since:.0f} s ago is still not whole: send each frame "
-                    f"whole within --frame-timeout ({timeout:g} s)",
-                    fatal=True))
+            error = peer.overdue(self.limits.frame_timeout, "--frame-timeout")
+            if error is not None:
+                self.offences.warning((peer.uid, "timeout"), "%r dropped (timeout): %s",
+                                      peer, error.message)
+                peer.refuse(error)
         for peer, state in self.waiting.items():
             since, told = state
             if not told and now - since >= UNREAD_REPORT_AFTER:

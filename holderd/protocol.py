@@ -302,9 +302,12 @@ class HolderCore:
                 raise Error("bad-fd", f"cannot inspect a stored fd: {exc}") from None
         for (name, meta), fd, (ino, kind) in zip(parsed, fds, described):
             old = names.get(name)
-            if old is not None and old.ino == ino and old.kind == kind:
+            if old is not None and old.ino == ino and kind == old.kind == "socket":
                 # The same socket again (a client re-stores after a change):
-                # keep the fd held, take the new metadata.
+                # keep the fd held, take the new metadata. Only a socket's inode
+                # is its own (sockfs gives each one); every eventfd or epoll fd
+                # shares one anon inode, and files on two filesystems may share a
+                # number: those are always taken as new.
                 close_fds([fd])
                 if old.meta != meta:
                     old.meta = meta
@@ -349,7 +352,9 @@ class HolderCore:
     def _check_name(self, name) -> str:
         if not isinstance(name, str) or not name:
             raise Error("bad-name", "a name must be a non-empty string")
-        if len(name.encode()) > self.limits.max_name_bytes:
+        # Characters first: any JSON string may arrive, a lone surrogate too, which
+        # no encoding takes. Printable ASCII has one byte a character.
+        if len(name) > self.limits.max_name_bytes:
             raise Error("bad-name", f"name longer than {self.limits.max_name_bytes} bytes")
         if not all(33 <= ord(ch) <= 126 for ch in name):
             raise Error("bad-name", f"name {name!r} must be printable ASCII without spaces")

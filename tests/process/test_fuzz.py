@@ -14,7 +14,6 @@ import random
 import socket
 import time
 
-import pytest
 
 from ctl.fuzz import Baseline, Fuzzer, HonestPair, Targets, open_fd_count, settled, store_one_of_each, survey
 from ctl.launch import wait_until
@@ -67,34 +66,18 @@ def test_fuzzing_leaves_both_daemons_serving_holding_what_they_held_with_their_f
 
 
 # -- what the fuzzer found ------------------------------------------------------------------------
-LONE_SURROGATE_BUG = (
-    "holderd/protocol.py HolderCore._check_name: len(name.encode()) raises UnicodeEncodeError on a name "
-    "with a lone surrogate (JSON \"\\ud800\"); HolderCore.handle catches only Error, the exception leaves "
-    "Loop.run_once, and holderd exits, closing every fd it held, from one frame of any allowed client. "
-    "Fix: check the characters (33..126) before encoding (or encode with errors='surrogatepass')"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=LONE_SURROGATE_BUG)
 def test_a_lone_surrogate_in_a_name_is_refused_and_holderd_goes_on(procs):
+    """Found by fuzzing, fixed: holderd/protocol.py HolderCore._check_name: len(name.encode())
+    raises UnicodeEncodeError on a name with a lone surrogate (JSON "\\ud800"); HolderCore.handle
+    catches only Error, the exception leaves Loop.run_once, and holderd exits, closing every fd it
+    held, from one frame of any allowed client. Fix: check the characters (33..126) before encoding
+    (or encode with errors='surrogatepass')"""
     procs.start_holderd()
     with FrameSocket(procs.holder_socket, timeout=5) as conn:
         conn.send({"op": "LEASE", "id": 1, "lease": "\ud800"})  # JSON "\ud800": any client may send it
         reply = conn.receive().body
     assert reply["error"] == "bad-name"
     assert procs.holderd.poll() is None and procs.ping_holderd()["version"] == 1
-
-
-SELF_KEPT_BUG = (
-    "fdkeep/peer.py FramePeer (with fdkeep/frames.py FrameDecoder): the fds that came with a frame not yet "
-    "complete wait in the decoder with no deadline, and the connection ends only at EOF. When one of them "
-    "is the client's end of this very connection (or of another connection whose end waits likewise), "
-    "EOF can never come: closing the client's fd leaves the daemon's copy, so the connection, its peer "
-    "object and every fd waiting with it stay open for good (holderd and chatd's control socket alike; "
-    "any allowed local user can exhaust the daemon's fds this way). Fix: when a read leaves fds waiting "
-    "for an incomplete frame, arm a timer (loop.call_later, a few seconds); if the frame is still not "
-    "complete when it fires, send an error and close the connection (decoder.close() closes the fds)"
-)
 
 
 def unfinished_frame(path: str, own: bool) -> None:
@@ -109,8 +92,8 @@ def unfinished_frame(path: str, own: bool) -> None:
     sock.close()
 
 
-def daemons(procs) -> dict:
-    procs.start_holderd()
+def daemons(procs, *holderd_args) -> dict:
+    procs.start_holderd(*holderd_args)
     procs.start_chatd()
     return {procs.holder_socket: procs.holderd.pid, procs.control_socket: procs.chatd.pid}
 
@@ -124,13 +107,17 @@ def test_the_fds_of_an_unfinished_frame_are_closed_when_its_client_goes(procs):
         wait_until(lambda: open_fd_count(pid) <= before, 5, f"{path}'s daemon to close what the frames brought")
 
 
-@pytest.mark.xfail(strict=True, reason=SELF_KEPT_BUG)
 def test_a_connection_whose_own_fd_waits_in_an_unfinished_frame_still_ends(procs):
+    """Found by fuzzing, fixed: the fds that came with a frame not yet whole wait in the decoder,
+    and a connection ends at EOF; when one of them is the client's end of this very connection,
+    EOF never comes, so the connection and every fd waiting with it stayed open for good (holderd
+    and chatd's control socket alike). Now each daemon drops a peer whose frame is not whole in
+    time (FramePeer.overdue: holderd's --frame-timeout, chatd's control timeout of 5 s)."""
     counts = {}
-    for path, pid in daemons(procs).items():
+    for path, pid in daemons(procs, "--frame-timeout", "3").items():
         time.sleep(0.2)
         counts[pid] = open_fd_count(pid)
         unfinished_frame(path, own=True)
-    # both at once: one wait (a fix's deadline must be under 10 s for this to pass)
+    # both at once: one wait, longer than either timeout
     wait_until(lambda: all(open_fd_count(pid) <= before for pid, before in counts.items()), 10,
                "holderd and chatd to end the connections and close their fds")

@@ -143,7 +143,7 @@ def corrupt(draw, data: bytes, where, words: bool = True, slots: int = SLOTS) ->
     return bytes(data)
 
 
-def read_and_use(data: bytes, tolerate_known_bugs: bool = True) -> dict | None:
+def read_and_use(data: bytes) -> dict | None:
     """Attach a journal file; None if it is refused with Error. Otherwise check what was read
     is usable: commit it all back, plus a new record, and read that back; the records read."""
     fd = memfd_with(data)
@@ -159,9 +159,6 @@ def read_and_use(data: bytes, tolerate_known_bugs: bool = True) -> dict | None:
             assert isinstance(record, Record) and record.protocol in PROTOCOLS
             assert len(record.codec) <= 16
         journal.handling(), journal.owner()
-        if tolerate_known_bugs and (journal.committed >= 2 ** 63 or any(
-                not (name or "").isascii() for record in read.values() for name in (record.nick, record.target))):
-            reject()  # known bugs, each with its xfail test below
         journal.commit(dict(read))  # what restore does with what it read: write it back
         free = journal.allocate()
         changes = {free: Record(99, "line", "new", None, 1)} if free is not None else {}
@@ -210,19 +207,15 @@ def test_bytes_the_format_does_not_use_change_nothing(data, commits):
     assert read_and_use(damaged) == expected
 
 
-# -- known bugs ----------------------------------------------------------------------------------
-NON_ASCII_NAME_BUG = (
-    "chatd/journal.py Journal.read: _unpack_name decodes a record's nick/target with errors='replace', "
-    "so a byte over 127 in the file reads as '\\ufffd', which _pack_name's encode('ascii') cannot write "
-    "back: the next commit of that record (chatd.restore commits what it restores) raises "
-    "UnicodeEncodeError, not Error, and every chatd restoring from the file dies. Fix: check names as "
-    "the room does ([A-Za-z0-9_-]{1,32}) when reading, and refuse the record (or the file) as bad-state"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError, reason=NON_ASCII_NAME_BUG)
+# -- bugs found here, fixed ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("field_offset", [64, 96], ids=["nick", "target"])
 def test_a_name_byte_over_127_is_refused_or_read_as_a_writable_name(field_offset):
+    """Found by fuzzing, fixed: chatd/journal.py Journal.read: _unpack_name decodes a record's
+    nick/target with errors='replace', so a byte over 127 in the file reads as '\\ufffd', which
+    _pack_name's encode('ascii') cannot write back: the next commit of that record (chatd.restore
+    commits what it restores) raises UnicodeEncodeError, not Error, and every chatd restoring from
+    the file dies. Fix: check names as the room does ([A-Za-z0-9_-]{1,32}) when reading, and refuse
+    the record (or the file) as bad-state"""
     journal = Journal.create(SLOTS, PAGE, PAGE)
     journal.commit({0: Record(5, "line", "ann", "bob", 1)})
     data = bytearray(image(journal))
@@ -230,40 +223,31 @@ def test_a_name_byte_over_127_is_refused_or_read_as_a_writable_name(field_offset
     offset = HEADER_SIZE + journal._current[0] * RECORD.size + field_offset
     assert data[offset:offset + 3] in (b"ann", b"bob")
     data[offset] = 0xE9
-    read_and_use(bytes(data), tolerate_known_bugs=False)
+    read_and_use(bytes(data))
 
 
-HUGE_SEQUENCE_BUG = (
-    "chatd/journal.py Journal.attach accepts any committed sequence number; Journal.commit packs "
-    "committed + 1 as a u64, so from 2**64 - 1 (one corrupted root word) it raises struct.error, not "
-    "Error: every chatd restoring from the file dies at its first commit. Fix: refuse in attach a "
-    "committed number (or a record tag) of 2**63 or more as bad-state (no real journal gets there)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=HUGE_SEQUENCE_BUG)
 def test_a_committed_sequence_at_the_top_of_its_range_is_refused_or_usable():
+    """Found by fuzzing, fixed: chatd/journal.py Journal.attach accepts any committed sequence
+    number; Journal.commit packs committed + 1 as a u64, so from 2**64 - 1 (one corrupted root
+    word) it raises struct.error, not Error: every chatd restoring from the file dies at its first
+    commit. Fix: refuse in attach a committed number (or a record tag) of 2**63 or more as
+    bad-state (no real journal gets there)"""
     journal = Journal.create(SLOTS, PAGE, PAGE)
     journal.commit({0: Record(5, "line", "ann", None, 1)})
     data = bytearray(image(journal))
     journal.close()
     root = ROOT_OFFSETS[data[SELECTOR_OFFSET] & 1]
     data[root:root + 8] = (2 ** 64 - 1).to_bytes(8, "little")
-    read_and_use(bytes(data), tolerate_known_bugs=False)
+    read_and_use(bytes(data))
 
 
-GEOMETRY_BUG = (
-    "chatd/journal.py Journal.attach only checks that the file is at least size_for(slots, in_size, "
-    "out_size): a header whose slot count (or ring sizes) was changed to a smaller geometry is accepted, "
-    "and the records of the slots past it are silently lost (chatd.restore then closes their clients' "
-    "sockets as strangers). Journal.create makes the file exactly size_for(...): Fix: refuse as "
-    "bad-state a file whose size is not exactly that"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=GEOMETRY_BUG)
 @pytest.mark.parametrize("offset, value", [(12, 2), (12, 1)], ids=["slots-2", "slots-1"])
 def test_a_header_whose_geometry_does_not_match_the_file_is_refused(offset, value):
+    """Found by fuzzing, fixed: chatd/journal.py Journal.attach only checks that the file is at
+    least size_for(slots, in_size, out_size): a header whose slot count (or ring sizes) was changed
+    to a smaller geometry is accepted, and the records of the slots past it are silently lost
+    (chatd.restore then closes their clients' sockets as strangers). Journal.create makes the file
+    exactly size_for(...): Fix: refuse as bad-state a file whose size is not exactly that"""
     journal = Journal.create(SLOTS, PAGE, PAGE)
     journal.commit({3: Record(5, "line", "ann", None, 1)})
     data = bytearray(image(journal))
