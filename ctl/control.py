@@ -17,7 +17,10 @@ def call(op: str, path: str | None = None, timeout: float = 10.0) -> dict:
     path = path or default_socket()
     try:
         with FrameSocket(path, timeout, max_frame=MAX_REPLY) as conn:
-            conn.send({"op": op})
+            try:
+                conn.send({"op": op})
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # chatd may have refused us and hung up first: its reason is still there to read
             frame = conn.receive()
     except (OSError, ConnectionError, Error) as exc:
         raise Error(

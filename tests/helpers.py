@@ -51,3 +51,73 @@ def offline_wheels(directory) -> None:
                     "-w", str(directory), str(root), "setuptools", "wheel"], check=True, timeout=900)
     for own in glob.glob(os.path.join(str(directory), "process_backup-*.whl")):
         os.remove(own)  # provision builds the checkout itself
+
+
+def needs_root_to_act_as_another_uid() -> None:
+    import pytest
+
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root: this test must not be skipped there")
+        pytest.skip("needs root to act as another uid")
+
+
+class OtherUser:
+    """Another uid running our client code: ``create`` makes a real user for the test
+    (``useradd``, gone again at :meth:`close`), else an existing uid (``nobody``).
+    Its scripts run under the system's python with a private copy of the client
+    packages in a world-readable directory (root's home, and a venv in it, is mode
+    700 on Debian), through ``runuser`` for a made user. Sockets the daemons should
+    let it reach go in :attr:`directory`."""
+
+    def __init__(self, create: bool = False, uid: int = 65534, packages=("fdkeep", "holderd")):
+        import shutil
+        import subprocess
+        import tempfile
+
+        from ctl.launch import SOURCE_ROOT
+
+        self.name = None
+        if create:
+            self.name = f"pbtest{os.getpid()}x{random.randrange(10 ** 6)}"
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", self.name],
+                           check=True, capture_output=True, timeout=30)
+            import pwd
+
+            uid = pwd.getpwnam(self.name).pw_uid
+        self.uid = uid
+        self.directory = tempfile.mkdtemp(prefix="other-user-")
+        os.chmod(self.directory, 0o755)
+        for package in packages:
+            shutil.copytree(os.path.join(SOURCE_ROOT, package), os.path.join(self.directory, "lib", package),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        for root, dirs, files in os.walk(self.directory):
+            for name in dirs + files:
+                os.chmod(os.path.join(root, name), 0o755)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def run(self, script: str, **values) -> str:
+        """Run ``script`` (``{name!r}`` fields filled from ``values``) as this user; its stdout."""
+        import subprocess
+
+        code = f"import sys\nsys.path.insert(0, {os.path.join(self.directory, 'lib')!r})\n" + script.format(**values)
+        python = ["/usr/bin/python3", "-I", "-c", code]
+        if self.name is not None:
+            out = subprocess.run(["runuser", "-u", self.name, "--", *python], capture_output=True, text=True,
+                                 timeout=30, cwd=self.directory)
+        else:
+            out = subprocess.run(python, user=self.uid, capture_output=True, text=True, timeout=30,
+                                 cwd=self.directory)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def close(self) -> None:
+        import shutil
+        import subprocess
+
+        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.name is not None:
+            subprocess.run(["userdel", self.name], capture_output=True, timeout=30)
+            self.name = None

@@ -3,19 +3,16 @@
 import array
 import os
 import select
-import shutil
 import socket
-import subprocess
-import tempfile
 import time
 
 import pytest
 
-from ctl.launch import SOURCE_ROOT, wait_until
+from ctl.launch import wait_until
 from fdkeep.errors import Error
 from fdkeep.frames import HEADER, encode_frame
 from fdkeep.peer import FrameSocket
-from helpers import tcp_pair
+from helpers import OtherUser, needs_root_to_act_as_another_uid, tcp_pair
 from holderd.client import HolderClient
 
 
@@ -34,13 +31,6 @@ def read_reply(sock):
 def holder(procs):
     procs.start_holderd("--max-fds-per-uid", "50")
     return procs
-
-
-def needs_root_to_act_as_another_uid():
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI runs as root: this test must not be skipped there")
-        pytest.skip("needs root to act as another uid")
 
 
 def still_serves(procs):
@@ -145,8 +135,6 @@ def test_held_socket_that_hangs_up_is_dropped(holder):
 
 
 STRANGER = """
-import sys
-sys.path.insert(0, {root!r})
 from fdkeep.errors import Error
 from holderd.client import HolderClient
 try:
@@ -157,40 +145,12 @@ except Error as exc:
 """
 
 
-class Stranger:
-    """Another uid's client: the system's python and a private copy of the client
-    library in a world-readable directory, so that it works wherever the checkout
-    lies (root's home is mode 700 on Debian, and so is a venv inside it)."""
-
-    def __init__(self, uid: int = 65534):
-        self.uid = uid
-        self.directory = tempfile.mkdtemp(prefix="holderd-stranger-")
-        os.chmod(self.directory, 0o755)
-        for package in ("fdkeep", "holderd"):
-            shutil.copytree(os.path.join(SOURCE_ROOT, package), os.path.join(self.directory, "lib", package),
-                            ignore=shutil.ignore_patterns("__pycache__"))
-        for root, dirs, files in os.walk(self.directory):
-            for name in dirs + files:
-                os.chmod(os.path.join(root, name), 0o755)
-        self.socket_path = os.path.join(self.directory, "h.sock")
-
-    def ping(self) -> list[str]:
-        """What the stranger's client saw: holderd's error code, or held/listed/removed counts."""
-        script = STRANGER.format(root=os.path.join(self.directory, "lib"), path=self.socket_path)
-        out = subprocess.run(["/usr/bin/python3", "-I", "-c", script], user=self.uid, capture_output=True,
-                             text=True, timeout=20, cwd=self.directory)
-        assert out.returncode == 0, out.stderr
-        return out.stdout.split()
-
-    def close(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
 @pytest.fixture
 def stranger(procs):
     needs_root_to_act_as_another_uid()
-    made = Stranger()
-    procs.holder_socket = made.socket_path
+    made = OtherUser()
+    procs.holder_socket = made.path("h.sock")
+    made.ping = lambda: made.run(STRANGER, path=procs.holder_socket).split()
     yield made
     procs.close()
     made.close()
