@@ -236,7 +236,7 @@ class WebCodec:
         try:
             handshake.receive_data(head)
             events = list(handshake.events())
-        except RemoteProtocolError as exc:
+        except (RemoteProtocolError, UnicodeError) as exc:  # wsproto decodes Host as IDNA: any bytes may fail
             self._answer(400, f"bad WebSocket handshake: {exc}\n".encode())
             return
         if not events or not isinstance(events[0], Request):
