@@ -366,16 +366,16 @@ class Cluster:
             self.wake(target)
 
     def _host_changed(self, change: HostChanged) -> None:
-        if change.alive == (change.host in self.alive_hosts) or change.host == self.host_id:
+        if change.alive == (change.host_id in self.alive_hosts) or change.host_id == self.host_id:
             return
         if change.alive:
-            self.alive_hosts.add(change.host)
-            log.info("cluster: host %s is up", change.host)
+            self.alive_hosts.add(change.host_id)
+            log.info("cluster: host %s is up", change.host_id)
         else:
-            self.alive_hosts.discard(change.host)
-            log.warning("cluster: host %s is gone: its members leave the room here", change.host)
+            self.alive_hosts.discard(change.host_id)
+            log.warning("cluster: host %s is gone: its members leave the room here", change.host_id)
         for nick, (host, target) in list(self.directory.items()):
-            if host == change.host:
+            if host == change.host_id:
                 outcome = self.room.remote_changed(nick, host, target) if change.alive else self.room.remote_gone(nick)
                 self._apply(outcome)
 

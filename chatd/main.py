@@ -114,6 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="this host's name in the cluster, [A-Za-z0-9_-]{1,32}, the same across restarts "
         "(default: the machine's host name)",
     )
+    parser.add_argument(
+        "--host-lease", metavar="SECONDS", type=float, default=10.0,
+        help="with --cluster: how long this host's lease lasts unrenewed; when a host is gone that long, "
+             "the other hosts free its nicks (default 10; the same on every host)")
     parser.add_argument("--no-outbox", action="store_true",
                         help="with --cluster: publish forwards without keeping them in the journal first "
                         "(loses messages in a crash: for tests that must show loss)")
@@ -225,7 +229,8 @@ def main(argv=None) -> int:
                       "start once with --fresh (ends the connections it keeps) to join")
             return False
         try:
-            bus = Bus([url.strip() for url in args.cluster.split(",") if url.strip()], args.host_id)
+            bus = Bus([url.strip() for url in args.cluster.split(",") if url.strip()], args.host_id,
+                      host_lease=args.host_lease)
         except Error as exc:
             log.error("%s", exc.message)
             return False

@@ -481,6 +481,8 @@ class ChatServer:
             for connection in committed:
                 connection.inbox.committed = connection.inbox.handled
                 connection.outbox.commit()
+                if connection.forwards is not None:
+                    connection.forwards.commit()  # forwards to other hosts: now the cluster's to publish
                 if connection.outbox or connection.finishing:  # new output, or output a crash left
                     connection.progress_at = connection.progress_at or time.monotonic()
                     self._send(connection)

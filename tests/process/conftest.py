@@ -1,0 +1,71 @@
+"""NATS JetStream clusters on loopback for the process tests: real nats-server processes, always ended.
+
+``nats_cluster`` is one 3-node cluster shared by a module's tests (a cluster and
+its R3 stream and buckets take a couple of seconds to make); a test that kills
+nodes makes its own with ``nats_cluster_factory``. Where nats-server or nats-py
+is missing the tests skip, except under CI, where they must run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from ctl.natscluster import NATS_SERVER, NatsCluster
+
+
+def require_nats() -> None:
+    missing = []
+    if not os.access(NATS_SERVER, os.X_OK):
+        missing.append("nats-server (apt-get install nats-server)")
+    if importlib.util.find_spec("nats") is None:
+        missing.append("nats-py (pip install -e '.[cluster]')")
+    if missing:
+        reason = "needs " + " and ".join(missing)
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true, so the cluster tests must not be skipped")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def nats_cluster_factory(tmp_path, request):
+    """``make(nodes=3, start=True)``: a cluster of the test's own, ended after it (logs printed if it failed)."""
+    require_nats()
+    clusters: list[NatsCluster] = []
+
+    def make(nodes: int = 3, start: bool = True) -> NatsCluster:
+        cluster = NatsCluster(str(tmp_path / f"nats-{len(clusters)}"), nodes, start=False)
+        clusters.append(cluster)
+        if start:
+            cluster.start()
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.close()
+    if hasattr(request.node, "rep_call") and request.node.rep_call.failed:
+        for cluster in clusters:
+            print(cluster.logs()[-20000:])
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory):
+    """A 3-node cluster shared by the module's tests, each node running when a test starts."""
+    require_nats()
+    cluster = NatsCluster(str(tmp_path_factory.mktemp("nats")), 3, start=False)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def shared_cluster(nats_cluster):
+    """``nats_cluster``, with any node a test left down started again first."""
+    for node in nats_cluster.nodes:
+        if not node.running:
+            nats_cluster.restart(node.index)
+    return nats_cluster

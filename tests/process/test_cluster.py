@@ -1,0 +1,151 @@
+"""chatd hosts paired across hosts through a real 3-node NATS JetStream cluster on loopback.
+
+Each host is a chatd with its own holderd, journal and port (ctl.hosts.Hosts); the
+clients of a pair connect to different hosts. Crashes are real signals to chatd
+and to nats-server nodes; every process is ended after each test, failed or not.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+import pytest
+
+from conftest import require_nats
+from ctl import soak
+from ctl.hosts import Hosts
+from ctl.launch import wait_until
+from ctl.probe import LineClient
+
+LEASE = 2.0
+
+
+@pytest.fixture
+def hosts(tmp_path, request):
+    require_nats()
+    made: list[Hosts] = []
+
+    def make(count: int = 3, **kwargs) -> Hosts:
+        cluster = Hosts(count, 3, lease=LEASE, workdir=str(tmp_path / f"hosts{len(made)}"), **kwargs)
+        made.append(cluster)
+        return cluster.start()
+
+    yield make
+    for cluster in made:
+        if hasattr(request.node, "rep_call") and request.node.rep_call.failed:
+            print(cluster.logs()[-30000:])
+        cluster.close()
+
+
+def client(port: int, nick: str, pair: str | None = None) -> LineClient:
+    line = LineClient(port, timeout=15)
+    line.send(f"NICK {nick}")
+    assert line.line() == f"OK NICK {nick}"
+    if pair:
+        line.send(f"PAIR {pair}")
+        assert line.line() == f"OK PAIR {pair}"
+    return line
+
+
+def test_a_pair_across_two_hosts_chats_like_a_local_one(hosts):
+    cluster = hosts(2)
+    ann = client(cluster.ports[0], "ann", "bob")
+    bob = client(cluster.ports[1], "bob", "ann")
+    assert ann.line() == "PAIRED bob" and bob.line() == "PAIRED ann"
+    ann.send("MSG hello", "MSG across")
+    assert bob.lines(2) == ["FROM ann 1 hello", "FROM ann 2 across"]
+    bob.send("MSG back")
+    assert ann.line() == "FROM bob 1 back"
+    bob.send("WHO")
+    who = []
+    while (line := bob.line()) != "END":
+        who.append(line)
+    assert sorted(who) == ["USER ann bob", "USER bob ann"], "WHO lists members of every host"
+    status = cluster.status(0)["cluster"]
+    assert status["host"] == "h0" and "h1" in status["hosts_alive"] and status["bus"]["replicas"] == 3
+
+
+def test_a_nick_is_unique_across_hosts_under_a_race(hosts):
+    cluster = hosts(3)
+    rounds = 10
+    for round_number in range(rounds):
+        racers = [LineClient(port, timeout=15) for port in cluster.ports]
+        for racer in racers:
+            racer.send(f"NICK racer{round_number}")
+        answers = [racer.line() for racer in racers]
+        assert sorted(answers) == sorted([f"OK NICK racer{round_number}"] + ["ERR nick-taken"] * 2), answers
+        for racer in racers:
+            racer.close()
+
+
+def test_a_dead_hosts_nicks_come_free_after_its_lease(hosts):
+    cluster = hosts(2)
+    ann = client(cluster.ports[0], "ann", "bob")
+    bob = client(cluster.ports[1], "bob", "ann")
+    assert bob.line() == "PAIRED ann"
+    taker = LineClient(cluster.ports[1], timeout=15)
+    taker.send("NICK ann")
+    assert taker.line() == "ERR nick-taken"
+    # Host h0 is lost whole (chatd and holderd: its clients' connections end).
+    for proc in (cluster.hosts[0].chatd, cluster.hosts[0].holderd):
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    lost = time.monotonic()
+    wait_until(lambda: bob.line().startswith("UNPAIRED"), LEASE * 6, "bob to hear his peer's host is gone")
+    freed = time.monotonic() - lost
+
+    def taken() -> bool:
+        taker.send("NICK ann")
+        return taker.line() == "OK NICK ann"
+
+    wait_until(taken, LEASE * 6, "h0's nick to come free")
+    print(f"h0's members left the room {freed:.1f} s after it died (lease {LEASE} s)")
+    ann.close()
+
+
+def kill_some_host(cluster: Hosts):
+    def crash(rng: random.Random) -> None:
+        index = rng.randrange(len(cluster.hosts))
+        chatd = cluster.hosts[index].chatd
+        chatd.send_signal(rng.choice((signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT)))
+        chatd.wait(20)
+        cluster.restart_chatd(index)
+
+    return crash
+
+
+def cross_host_soak(cluster: Hosts, crashes: int) -> soak.Tally:
+    """20 cross-host pairs stream while ``crashes`` random chatd kills land on random hosts; a
+    third of the way in a NATS node is killed, two thirds in it is started again."""
+    kill_chatd = kill_some_host(cluster)
+    done = []
+    node = random.Random(crashes).randrange(len(cluster.nats.nodes))
+
+    def crash(rng: random.Random) -> None:
+        kill_chatd(rng)
+        done.append(1)
+        if len(done) == crashes // 3:
+            cluster.nats.kill(node)
+        elif len(done) == 2 * crashes // 3:
+            cluster.nats.restart(node, wait=False)
+
+    return soak.run(cluster.ports, pairs=20, crashes=crashes, crash=crash, interval=(0.05, 0.3), settle=120)
+
+
+def test_cross_host_pairs_stream_exactly_once_through_fifty_chatd_kills_and_a_nats_node_kill(hosts):
+    cluster = hosts(3)
+    tally = cross_host_soak(cluster, crashes=50)
+    print("cluster fault test:", tally.row())
+    assert tally.crashes == 50 and tally.sent > 1000
+    assert tally.problems() == 0, (tally.row(), tally.notes)
+    assert tally.received == tally.sent
+
+
+@pytest.mark.parametrize("switch", ["--no-outbox", "--no-cursor"])
+def test_the_cluster_fault_test_sees_loss_without_the_outbox_or_the_cursor(hosts, switch):
+    cluster = hosts(3, chatd_args=(switch,))
+    tally = cross_host_soak(cluster, crashes=30)
+    print(f"cluster fault test with {switch}:", tally.row())
+    assert tally.lost + tally.garbled + tally.n_gaps + tally.repeated > 0, "the fault test must be able to fail"
