@@ -812,6 +812,7 @@ class _Engine:
         subject = f"$KV.{bus.host_bucket}.{bus.host_id}"
         every = bus.host_lease / 4
         lapsed = False
+        began = time.monotonic()
         while True:
             try:
                 await self.js.publish(subject, value, timeout=every)
@@ -823,13 +824,15 @@ class _Engine:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                since = self.lease_renewed
-                if not lapsed and (since is None or time.monotonic() - since > bus.host_lease):
+                since = self.lease_renewed or began
+                if not lapsed and time.monotonic() - since > bus.host_lease:
                     lapsed = True
                     self.say("lease-lapsed", f"this host's lease ({bus.host_id}) was not renewed for "
                                              f"{bus.host_lease:g} s ({_describe(exc)}): other hosts may take "
                                              "its nicks. Fix: bring NATS back; the lease is renewed then")
-            await asyncio.sleep(every)
+            # Until it is first stored, no claim is answered: try again soon (a new bucket's
+            # stream may take a moment to elect its leader).
+            await asyncio.sleep(every if self._leased.is_set() else min(every, 0.1))
 
     async def _watch_hosts(self) -> None:
         await self._watch("hosts", self.bus.host_bucket, f"$KV.{self.bus.host_bucket}.", self._on_host,

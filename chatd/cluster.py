@@ -145,6 +145,7 @@ class Cluster:
         self._stash: dict[str, deque[Incoming]] = {}
         self._stash_bytes: dict[str, int] = {}
         self._held: list[Incoming] = []  # arrived before the directory was complete
+        self._held_back: set[int] = set()  # members whose commands wait for the directory
         self._handled_to = server.journal.cursor  # the highest stream sequence handled
         self.connected = False
 
@@ -178,6 +179,15 @@ class Cluster:
         connection.parked = True
         self._busy[name] = member.target
         self.bus.claim(member.id, name, self._entry(name, member.target))
+        return True
+
+    def holds_back(self, connection: "Connection") -> bool:
+        """Whether the client's commands wait (it is parked) until the directory is read: a
+        member restored paired across hosts, whose peer the directory has not shown again."""
+        if self.directory_complete or not self.room.awaiting(connection.member_id):
+            return False
+        connection.parked = True
+        self._held_back.add(connection.member_id)
         return True
 
     def _claiming(self, name: str) -> bool:
@@ -392,6 +402,12 @@ class Cluster:
         held, self._held = self._held, []
         for incoming in held:
             self._incoming(incoming)
+        for member_id in sorted(self._held_back):
+            connection = self.server.connections.get(member_id)
+            if connection is not None:
+                connection.parked = False
+                self.server.take_input(connection)
+        self._held_back.clear()
         log.info("cluster: directory read (%s on other hosts, %s alive)", plural(len(self.directory), "member"),
                  plural(len(self.alive_hosts), "other host"))
 

@@ -253,6 +253,12 @@ class Room:
         return [(m, m.peer) for m in self.members.values()
                 if m.peer is not None and (isinstance(m.peer, Remote) or m.id < m.peer.id)]
 
+    def awaiting(self, member_id: int) -> bool:
+        """Whether this restored member was paired across hosts and the directory has not
+        shown its peer yet: what it says must wait, or it would be refused as unpaired."""
+        member = self.members.get(member_id)
+        return member is not None and member.nick is not None and self._awaiting.get(member.nick) is member
+
     def nick_free(self, member_id: int, name) -> bool:
         """Whether ``member_id`` may try to take ``name``: valid, and neither a local member
         nor a remote one (as far as the directory shows) holds it. The cluster decides."""

@@ -287,6 +287,8 @@ class ChatServer:
             if not self._has_room(connection):
                 connection.blocked = True
                 break
+            if self.cluster and self.cluster.holds_back(connection):
+                break  # paired across hosts before a crash: its commands wait for the directory
             start = connection.codec.consumed
             command = connection.codec.next_command()
             if command is not None and self.cluster and self.cluster.parks(connection, connection.codec.consumed,

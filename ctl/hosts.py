@@ -18,12 +18,23 @@ directory if it made it), failed or not.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
 
 from .launch import Launcher
-from .natscluster import NatsCluster
+from .natscluster import NATS_SERVER, NatsCluster
+
+
+def missing_for_cluster() -> str | None:
+    """What this machine lacks to run a cluster, as the fix to apply; None if nothing."""
+    missing = []
+    if not os.access(NATS_SERVER, os.X_OK):
+        missing.append("nats-server (apt-get install nats-server)")
+    if importlib.util.find_spec("nats") is None:
+        missing.append("nats-py (pip install -e '.[cluster]')")
+    return " and ".join(missing) or None
 
 
 class Hosts:
@@ -63,9 +74,10 @@ class Hosts:
     def status(self, index: int) -> dict:
         return self.hosts[index].control("status")
 
-    def logs(self) -> str:
+    def logs(self, nats_tail: int = 4000) -> str:
+        """Every host's logs, then the end of the NATS nodes' (the most verbose)."""
         parts = [f"=== host h{index}\n{host.logs()}" for index, host in enumerate(self.hosts)]
-        return "\n".join(parts) + "\n=== nats\n" + self.nats.logs()
+        return "\n".join(parts) + "\n=== nats (the end)\n" + self.nats.logs()[-nats_tail:]
 
     def close(self) -> None:
         for host in self.hosts:

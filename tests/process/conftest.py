@@ -8,22 +8,18 @@ is missing the tests skip, except under CI, where they must run.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 
-from ctl.natscluster import NATS_SERVER, NatsCluster
+from ctl.hosts import missing_for_cluster
+from ctl.natscluster import NatsCluster
 
 
 def require_nats() -> None:
-    missing = []
-    if not os.access(NATS_SERVER, os.X_OK):
-        missing.append("nats-server (apt-get install nats-server)")
-    if importlib.util.find_spec("nats") is None:
-        missing.append("nats-py (pip install -e '.[cluster]')")
+    missing = missing_for_cluster()
     if missing:
-        reason = "needs " + " and ".join(missing)
+        reason = f"needs {missing}"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}; CI=true, so the cluster tests must not be skipped")
         pytest.skip(reason)

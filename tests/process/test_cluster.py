@@ -20,6 +20,9 @@ from ctl.launch import wait_until
 from ctl.probe import LineClient
 
 LEASE = 2.0
+#: The fault tests' lease: longer than a NATS leader election (4-9 s on 2.9) after a node
+#: is killed, so that no live host is taken for dead meanwhile.
+SOAK_LEASE = 20.0
 
 
 @pytest.fixture
@@ -27,8 +30,8 @@ def hosts(tmp_path, request):
     require_nats()
     made: list[Hosts] = []
 
-    def make(count: int = 3, **kwargs) -> Hosts:
-        cluster = Hosts(count, 3, lease=LEASE, workdir=str(tmp_path / f"hosts{len(made)}"), **kwargs)
+    def make(count: int = 3, lease: float = LEASE, **kwargs) -> Hosts:
+        cluster = Hosts(count, 3, lease=lease, workdir=str(tmp_path / f"hosts{len(made)}"), **kwargs)
         made.append(cluster)
         return cluster.start()
 
@@ -135,7 +138,7 @@ def cross_host_soak(cluster: Hosts, crashes: int) -> soak.Tally:
 
 
 def test_cross_host_pairs_stream_exactly_once_through_fifty_chatd_kills_and_a_nats_node_kill(hosts):
-    cluster = hosts(3)
+    cluster = hosts(3, lease=SOAK_LEASE)
     tally = cross_host_soak(cluster, crashes=50)
     print("cluster fault test:", tally.row())
     assert tally.crashes == 50 and tally.sent > 1000
@@ -145,7 +148,7 @@ def test_cross_host_pairs_stream_exactly_once_through_fifty_chatd_kills_and_a_na
 
 @pytest.mark.parametrize("switch", ["--no-outbox", "--no-cursor"])
 def test_the_cluster_fault_test_sees_loss_without_the_outbox_or_the_cursor(hosts, switch):
-    cluster = hosts(3, chatd_args=(switch,))
+    cluster = hosts(3, lease=SOAK_LEASE, chatd_args=(switch,))
     tally = cross_host_soak(cluster, crashes=30)
     print(f"cluster fault test with {switch}:", tally.row())
     assert tally.lost + tally.garbled + tally.n_gaps + tally.repeated > 0, "the fault test must be able to fail"
