@@ -146,11 +146,16 @@ class Cluster:
         self._stash_bytes: dict[str, int] = {}
         self._held: list[Incoming] = []  # arrived before the directory was complete
         self._held_back: set[int] = set()  # members whose commands wait for the directory
-        self._handled_to = server.journal.cursor  # the highest stream sequence handled
+        #: The highest stream sequence handled; None until started (the journal's is it then).
+        self._handled_to: int | None = None
         self.connected = False
 
     # -- starting ------------------------------------------------------------------------
     def start(self) -> None:
+        """Once serving (restored or fresh): connect, read the directory, publish what the
+        outboxes hold, read the stream from the journal's cursor. Made before, the cluster
+        already holds back what restored members say until the directory is read."""
+        self._handled_to = self.server.journal.cursor
         self.server.loop.add(self.bus.fileno(), IN, lambda mask: self._on_results())
         cursor = self.server.journal.cursor if self.use_cursor else None
         self.bus.start(cursor)
@@ -162,6 +167,8 @@ class Cluster:
     @property
     def cursor(self) -> int:
         """Every message up to here is handled: the lowest stashed one, less one."""
+        if self._handled_to is None:
+            return self.server.journal.cursor
         waiting = [queue[0].seq for queue in self._stash.values() if queue] + [m.seq for m in self._held[:1]]
         return min(waiting) - 1 if waiting else self._handled_to
 
@@ -250,6 +257,8 @@ class Cluster:
                 return
             start, end, payload = connection.forwards.entries()[0]
         incoming = decode_forward(0, payload)
+        log.debug("cluster: publishing %s>%s k=%d (outbox %d..%d)", incoming.sender, incoming.receiver, incoming.k,
+                  start, end)
         self._in_flight[member_id] = end
         self.bus.publish((member_id, end), json.loads(payload.partition(b"\n")[0])["host"], incoming.receiver,
                          message_id(incoming.sender, incoming.receiver, incoming.incarnation, incoming.k), payload)
@@ -258,6 +267,8 @@ class Cluster:
         if result.token[0] == "bare":
             return
         member_id, end = result.token
+        log.debug("cluster: published member %d to %d at seq %d%s (in flight: %s)", member_id, end, result.seq,
+                  " (duplicate)" if result.duplicate else "", self._in_flight.get(member_id))
         if self._in_flight.get(member_id) != end:
             return
         del self._in_flight[member_id]
@@ -269,6 +280,7 @@ class Cluster:
             if connection is not None and connection.forwards is not None:
                 connection.forwards.published_to(end)
                 self.server.changed(member_id)
+                self.server.wake(member_id)  # it may wait for room in its outbox
         self._publish_next(member_id)
 
     # -- the directory: our own entries --------------------------------------------------
@@ -433,6 +445,9 @@ class Cluster:
             return False
         outcome = self.room.receive(incoming.receiver, incoming.sender, incoming.incarnation, incoming.k,
                                     incoming.text)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("cluster: seq %d %s>%s k=%d: %s", incoming.seq, incoming.sender, incoming.receiver, incoming.k,
+                      "waits" if outcome is None else "delivered" if outcome.deliveries else "dropped")
         if outcome is None:
             return False
         self._apply(outcome)

@@ -215,28 +215,28 @@ def main(argv=None) -> int:
             log.error("cannot listen on %s port %d%s: %s; is another chatd running? (`chatctl status`; "
                       "or pass --port/--http-port)", args.host, args.port, web, exc.strerror or exc)
             return False
-        if args.cluster and not join_cluster():
-            return False
+        if server.cluster is not None:
+            if not server.journal.box_size:
+                log.error("the journal kept for chatd is a single host's (no outboxes): it cannot join a "
+                          "cluster; start once with --fresh (ends the connections it keeps) to join")
+                return False
+            server.cluster.start()
         server.announce_ready()
         return True
 
-    def join_cluster() -> bool:
+    if args.cluster:
+        # Made before restoring, started once serving: a member restored paired across hosts
+        # must not have its commands handled before the directory shows its peer again.
         from .bus import Bus
         from .cluster import Cluster
 
-        if not server.journal.box_size:
-            log.error("the journal kept for chatd is a single host's (no outboxes): it cannot join a cluster; "
-                      "start once with --fresh (ends the connections it keeps) to join")
-            return False
         try:
             bus = Bus([url.strip() for url in args.cluster.split(",") if url.strip()], args.host_id,
                       host_lease=args.host_lease)
         except Error as exc:
             log.error("%s", exc.message)
-            return False
+            return 2
         server.cluster = Cluster(server, bus, args.host_id, outbox=not args.no_outbox, cursor=not args.no_cursor)
-        server.cluster.start()
-        return True
 
     try:
         if args.wait:

@@ -347,6 +347,10 @@ class ChatServer:
         """These members' records are to be committed (the cluster changed them)."""
         self._dirty.update(member_id for member_id in member_ids if member_id in self.connections)
 
+    def wake(self, member_id: int) -> None:
+        """Room came for this member's commands (its outbox to other hosts emptied): take them."""
+        self._wake.add(member_id)
+
     @staticmethod
     def output_has_room(connection: Connection) -> bool:
         return connection.outbox.free >= RESERVE
@@ -458,8 +462,8 @@ class ChatServer:
             sent=member.sent,
             peer_incarnation=member.peer_incarnation,
             last_k=member.last_k,
-            box_start=forwards.published if forwards else 0,
-            box_end=forwards.end if forwards else 0,
+            box_start=forwards.published if forwards is not None else 0,  # not `if forwards`: an empty one is false
+            box_end=forwards.end if forwards is not None else 0,
         )
 
     def commit(self) -> None:
