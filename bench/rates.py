@@ -46,15 +46,16 @@ from ctl.launch import Launcher, wait_until  # noqa: E402
 
 
 class Load:
-    """``pairs`` pairs of clients, each keeping ``window`` messages in flight to its partner."""
+    """``pairs`` pairs of clients, each keeping ``window`` messages in flight to its partner
+    (the b side on ``port_b`` if given: another chatd host)."""
 
-    def __init__(self, port: int, pairs: int, size: int, window: int):
+    def __init__(self, port: int, pairs: int, size: int, window: int, port_b: int | None = None):
         self.selector = selectors.DefaultSelector()
         self.message = b"MSG " + b"x" * size + b"\n"
         self.window = window
         self.clients = []
         for index in range(pairs):
-            a, b = self._connect(port), self._connect(port)
+            a, b = self._connect(port), self._connect(port_b or port)
             a.sendall(f"NICK a{index}\nPAIR b{index}\n".encode())
             b.sendall(f"NICK b{index}\nPAIR a{index}\n".encode())
             self.clients += [(a, b), (b, a)]

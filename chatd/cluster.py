@@ -24,11 +24,14 @@ answer comes; a crash meanwhile handles it again, and finds the entry its own
 1. *the sender's host* numbers it ``k`` (per nick incarnation) and appends it
    to the sender's outbox in the journal (:class:`chatd.rings.Outbox`), in the
    same commit as the MSG's input and the sender's count. Only then is it
-   published, with the message id ``<sender>><receiver>:<incarnation>:<k>``,
-   one at a time per sender (so that a retry can never land behind a later
-   message), and given up when JetStream acknowledges it. After a crash every
-   entry still in the outbox is published again; JetStream's duplicate window
-   drops what it already has.
+   published: one publish in flight per sender (so that a retry can never
+   land behind a later message), carrying every forward of the outbox
+   waiting by then (up to :data:`MAX_BATCH`), with the message id
+   ``<sender>><receiver>:<incarnation>:<first k>-<last k>``; entries are given
+   up when JetStream acknowledges them. After a crash every entry still in the
+   outbox is published again: JetStream's duplicate window drops a batch it
+   already has, and a batch grouped otherwise is dropped k by k by the
+   receiving room.
 2. *the receiver's host* reads its subject from the journal's **cursor** on:
    the stream sequence up to which every message for this host is handled,
    committed with what handling them changed. Not the consumer's position:
@@ -45,8 +48,9 @@ answer comes; a crash meanwhile handles it again, and finds the entry its own
 The zero-loss work does the rest: the kernel's byte counts finish a line half
 written to the receiver when chatd died.
 
-Limits, honestly: one forward in flight per sender (a sender's cross-host rate
-is one JetStream round trip a message; many senders go in parallel); no
+Limits, honestly: one publish in flight per sender (a sender's forwards wait
+for the last batch's acknowledgment, a JetStream round trip, and then go
+together; many senders go in parallel); no
 backpressure across hosts (a receiver that takes nothing has its messages
 stashed in its host's memory, and is closed past :data:`STASH_LIMIT`); a
 member that leaves with forwards not yet acknowledged has them published from
@@ -82,6 +86,8 @@ log = logging.getLogger("chatd")
 HOST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
 #: The largest forward: a whole 64 KiB line and its header.
 MAX_FORWARD = 64 * 1024 + 512
+#: The most of a sender's forwards put in one stream message (NATS's max_payload is 1 MiB).
+MAX_BATCH = 256 * 1024
 #: Messages from other hosts waiting for one receiver, in bytes, before it is closed.
 STASH_LIMIT = 4 << 20
 
@@ -97,21 +103,38 @@ class Incoming:
 
 
 def encode_forward(forward: Forward) -> bytes:
-    """A forward's payload: a JSON header line, then the text as it is (no escaping to grow it)."""
+    """A forward as the stream carries it: a JSON header line (with the text's length), then
+    the text as it is (no escaping to grow it). A stream message holds one or more, one
+    after the other: a sender's forwards waiting together go in one publish."""
+    text = forward.text.encode()
     header = {"from": forward.sender_nick, "to": forward.receiver, "inc": forward.incarnation, "k": forward.k,
-              "host": forward.host}
-    return json.dumps(header, separators=(",", ":")).encode() + b"\n" + forward.text.encode()
+              "host": forward.host, "len": len(text)}
+    return json.dumps(header, separators=(",", ":")).encode() + b"\n" + text
 
 
-def decode_forward(seq: int, payload: bytes) -> Incoming:
-    head, _, text = payload.partition(b"\n")
-    header = json.loads(head)
-    return Incoming(seq, str(header["from"]), str(header["to"]), int(header["inc"]), int(header["k"]),
-                    text.decode())
+def decode_forwards(seq: int, payload: bytes) -> list[Incoming]:
+    """Every forward in one stream message (raises ValueError, KeyError... if it is not ours)."""
+    found, offset = [], 0
+    while offset < len(payload):
+        end = payload.index(b"\n", offset)
+        header = json.loads(payload[offset:end])
+        length = int(header["len"])
+        text = payload[end + 1:end + 1 + length]
+        if length < 0 or len(text) != length:
+            raise ValueError(f"a forward's text is cut short ({len(text)} of {length} bytes)")
+        found.append(Incoming(seq, str(header["from"]), str(header["to"]), int(header["inc"]), int(header["k"]),
+                              text.decode()))
+        offset = end + 1 + length
+    if not found:
+        raise ValueError("no forward in it")
+    return found
 
 
-def message_id(sender: str, receiver: str, incarnation: int, k: int) -> str:
-    return f"{sender}>{receiver}:{incarnation:x}:{k}"
+def message_id(first: Incoming, last: Incoming) -> str:
+    """The stream's dedupe key: a publish retried with the same forwards is stored once. After
+    a crash the forwards may be grouped otherwise, and stored again: the receiving room drops
+    each k it has seen."""
+    return f"{first.sender}>{first.receiver}:{first.incarnation:x}:{first.k}-{last.k}"
 
 
 class Cluster:
@@ -137,8 +160,8 @@ class Cluster:
         self.directory_complete = False
         #: Parked NICKs: member id -> (input offset after the command, the name).
         self._claims: dict[int, tuple[int, str]] = {}
-        #: Forwards: member id -> the end offset of the one in flight.
-        self._in_flight: dict[int, int] = {}
+        #: Forwards: member id -> the publish in flight (one a sender).
+        self._in_flight: dict[int, tuple[int, int]] = {}  # (its end offset, how many forwards)
         #: Forwards of members that left before the cluster had them all: published from here.
         self._orphans: dict[int, deque[tuple[int, int, bytes]]] = {}
         #: Messages from other hosts that wait, by receiver nick, in stream order.
@@ -207,8 +230,9 @@ class Cluster:
         connection = self.server.connections.get(forward.sender)
         payload = encode_forward(forward)
         if not self.use_outbox:
+            [incoming] = decode_forwards(0, payload)
             self.bus.publish(("bare", forward.sender), forward.host, forward.receiver,
-                             message_id(forward.sender_nick, forward.receiver, forward.incarnation, forward.k), payload)
+                             message_id(incoming, incoming), payload)
             return
         connection.forwards.append(payload)
 
@@ -230,10 +254,9 @@ class Cluster:
         self._claims.pop(connection.member_id, None)
         forwards = connection.forwards
         if forwards is not None and forwards:
-            in_flight = self._in_flight.get(connection.member_id)
-            rest = [entry for entry in forwards.entries() if in_flight is None or entry[0] >= in_flight]
-            self._orphans[connection.member_id] = deque(rest)
-            if in_flight is None:
+            # All not acknowledged, the batch in flight first: its ack takes it off.
+            self._orphans[connection.member_id] = deque(forwards.entries())
+            if connection.member_id not in self._in_flight:
                 self._publish_next(connection.member_id)
 
     def wake(self, nick: str | None) -> None:
@@ -250,18 +273,28 @@ class Cluster:
             if not orphans:
                 del self._orphans[member_id]
                 return
-            start, end, payload = orphans[0]
+            entries = list(orphans)
         else:
             connection = self.server.connections.get(member_id)
             if connection is None or connection.forwards is None or not connection.forwards:
                 return
-            start, end, payload = connection.forwards.entries()[0]
-        incoming = decode_forward(0, payload)
-        log.debug("cluster: publishing %s>%s k=%d (outbox %d..%d)", incoming.sender, incoming.receiver, incoming.k,
-                  start, end)
-        self._in_flight[member_id] = end
-        self.bus.publish((member_id, end), json.loads(payload.partition(b"\n")[0])["host"], incoming.receiver,
-                         message_id(incoming.sender, incoming.receiver, incoming.incarnation, incoming.k), payload)
+            entries = connection.forwards.entries()
+        # Everything waiting, up to MAX_BATCH, in one publish: one in flight per sender keeps
+        # them in order, and a batch makes that one round trip carry many.
+        batch, size = [], 0
+        for start, end, payload in entries:
+            if batch and size + len(payload) > MAX_BATCH:
+                break
+            batch.append((start, end, payload))
+            size += len(payload)
+        payload = b"".join(entry[2] for entry in batch)
+        forwards = decode_forwards(0, payload)
+        end = batch[-1][1]
+        log.debug("cluster: publishing %s>%s k=%d..%d (outbox %d..%d)", forwards[0].sender, forwards[0].receiver,
+                  forwards[0].k, forwards[-1].k, batch[0][0], end)
+        self._in_flight[member_id] = (end, len(batch))
+        self.bus.publish((member_id, end), json.loads(payload.partition(b"\n")[0])["host"], forwards[0].receiver,
+                         message_id(forwards[0], forwards[-1]), payload)
 
     def _published(self, result: Published) -> None:
         if result.token[0] == "bare":
@@ -269,12 +302,14 @@ class Cluster:
         member_id, end = result.token
         log.debug("cluster: published member %d to %d at seq %d%s (in flight: %s)", member_id, end, result.seq,
                   " (duplicate)" if result.duplicate else "", self._in_flight.get(member_id))
-        if self._in_flight.get(member_id) != end:
+        in_flight = self._in_flight.get(member_id)
+        if in_flight is None or in_flight[0] != end:
             return
         del self._in_flight[member_id]
         orphans = self._orphans.get(member_id)
         if orphans is not None:
-            orphans.popleft()
+            for _ in range(in_flight[1]):
+                orphans.popleft()
         else:
             connection = self.server.connections.get(member_id)
             if connection is not None and connection.forwards is not None:
@@ -496,12 +531,13 @@ class Cluster:
         for result in self.bus.results():
             if isinstance(result, Delivered):
                 try:
-                    incoming = decode_forward(result.seq, result.payload)
+                    forwards = decode_forwards(result.seq, result.payload)
                 except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-                    log.warning("cluster: stream message %d is not a chatd forward (%s): skipped", result.seq, exc)
+                    log.warning("cluster: stream message %d is not chatd's forwards (%s): skipped", result.seq, exc)
                     self._handled_to = max(self._handled_to, result.seq)
                     continue
-                self._incoming(incoming)
+                for incoming in forwards:
+                    self._incoming(incoming)
             elif isinstance(result, Published):
                 self._published(result)
             elif isinstance(result, NickChanged):

@@ -121,3 +121,17 @@ class OtherUser:
         if self.name is not None:
             subprocess.run(["userdel", self.name], capture_output=True, timeout=30)
             self.name = None
+
+
+def require_nats() -> None:
+    """Skip where nats-server or nats-py is missing; under CI, fail instead: they must run."""
+    import pytest
+
+    from ctl.hosts import missing_for_cluster
+
+    missing = missing_for_cluster()
+    if missing:
+        reason = f"needs {missing}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true, so the cluster tests must not be skipped")
+        pytest.skip(reason)

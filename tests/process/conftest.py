@@ -8,21 +8,11 @@ is missing the tests skip, except under CI, where they must run.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from ctl.hosts import missing_for_cluster
 from ctl.natscluster import NatsCluster
-
-
-def require_nats() -> None:
-    missing = missing_for_cluster()
-    if missing:
-        reason = f"needs {missing}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true, so the cluster tests must not be skipped")
-        pytest.skip(reason)
+from helpers import require_nats
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from conftest import require_nats
 from ctl import soak
 from ctl.hosts import Hosts
 from ctl.launch import wait_until
 from ctl.probe import LineClient
+from helpers import require_nats
 
 LEASE = 2.0
 #: The fault tests' lease: longer than a NATS leader election (4-9 s on 2.9) after a node

@@ -1,0 +1,132 @@
+"""Across hosts against one host: relay rate and latency of chatd hosts paired through NATS JetStream.
+
+    .venv/bin/python bench/cluster.py [--pairs 10] [--seconds 5] [--size 100] [--rounds 3]
+                                      [--samples 300] [--json PATH]
+
+Starts two chatd hosts (each its own holderd and journal) over a 3-node NATS
+JetStream cluster on loopback (ctl.hosts.Hosts, R3), then measures, in the
+same run and alternating rounds so that a noisy neighbour hurts both alike:
+
+- *rate*: ``--pairs`` pairs, each side keeping ``--window`` messages of
+  ``--size`` bytes on their way (bench/rates.py's Load); the FROM lines
+  received in ``--seconds`` after a second of warm-up. *same host*: both
+  clients of every pair on h0; *across hosts*: one on h0, one on h1;
+- *latency*: one pair, one message at a time, ``--samples`` times: from the
+  MSG written to its FROM line read (median and 99th percentile).
+
+It prints each figure and the across/same ratio. Needs nats-server and
+nats-py (``pip install -e '.[cluster]'``). On these 2-core machines the three
+NATS nodes and two chatds share the cores with the load: compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from ctl.hosts import Hosts, missing_for_cluster  # noqa: E402
+from rates import Load  # noqa: E402
+
+
+class Pair:
+    """One pair of blocking line clients for timing single messages."""
+
+    def __init__(self, port_a: int, port_b: int, tag: str):
+        self.a = socket.create_connection(("127.0.0.1", port_a), timeout=10)
+        self.b = socket.create_connection(("127.0.0.1", port_b), timeout=10)
+        self.a.sendall(f"NICK la{tag}\nPAIR lb{tag}\n".encode())
+        self.b.sendall(f"NICK lb{tag}\nPAIR la{tag}\n".encode())
+        self.buffer = b""
+        for sock in (self.a, self.b):
+            seen = b""
+            while b"PAIRED" not in seen:
+                seen += sock.recv(4096)
+
+    def one(self) -> float:
+        """Seconds from a message written by a to its line read by b."""
+        began = time.perf_counter()
+        self.a.sendall(b"MSG ping\n")
+        while b"\n" not in self.buffer:
+            self.buffer += self.b.recv(4096)
+        _, _, self.buffer = self.buffer.partition(b"\n")
+        return time.perf_counter() - began
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+
+def rate(port_a: int, port_b: int, args) -> float:
+    load = Load(port_a, args.pairs, args.size, args.window, port_b=port_b)
+    try:
+        load.run(1.0)  # warm-up
+        return load.run(args.seconds) / args.seconds
+    finally:
+        load.close()
+
+
+def latencies(pair: Pair, samples: int) -> list[float]:
+    for _ in range(20):
+        pair.one()  # warm-up
+    return sorted(pair.one() for _ in range(samples))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--window", type=int, default=64, help="messages each sender keeps on their way")
+    parser.add_argument("--size", type=int, default=100, help="bytes of text a message")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args()
+    missing = missing_for_cluster()
+    if missing:
+        print(f"bench/cluster.py: needs {missing}", file=sys.stderr)
+        return 2
+    figures = {"same host": {"rate": [], "latency": []}, "across hosts": {"rate": [], "latency": []}}
+    with Hosts(2, 3, lease=30.0) as hosts:
+        hosts.start("--log-level", "WARNING")
+        h0, h1 = hosts.ports
+        placements = {"same host": (h0, h0), "across hosts": (h0, h1)}
+        pairs = {name: Pair(a, b, name.split()[0]) for name, (a, b) in placements.items()}
+        for round_number in range(args.rounds):
+            for name, (a, b) in placements.items():
+                figures[name]["rate"].append(rate(a, b, args))
+                figures[name]["latency"] += latencies(pairs[name], args.samples // args.rounds)
+                print(f"round {round_number + 1}: {name}: {figures[name]['rate'][-1]:,.0f} msg/s", flush=True)
+        for pair in pairs.values():
+            pair.close()
+    summary = {}
+    for name, values in figures.items():
+        lat = sorted(values["latency"])
+        summary[name] = {"rate": statistics.median(values["rate"]),
+                         "latency_ms_median": statistics.median(lat) * 1000,
+                         "latency_ms_p99": lat[int(len(lat) * 0.99) - 1] * 1000}
+    same, across = summary["same host"], summary["across hosts"]
+    print(f"\n{'':14}{'relay msg/s':>14}{'latency median':>16}{'p99':>10}")
+    for name, row in summary.items():
+        print(f"{name:14}{row['rate']:>14,.0f}{row['latency_ms_median']:>13.2f} ms{row['latency_ms_p99']:>7.2f} ms")
+    ratios = {"rate": across["rate"] / same["rate"],
+              "latency_median": across["latency_ms_median"] / same["latency_ms_median"],
+              "latency_p99": across["latency_ms_p99"] / same["latency_ms_p99"]}
+    print(f"across/same: rate {ratios['rate']:.2f}x, latency median {ratios['latency_median']:.1f}x, "
+          f"p99 {ratios['latency_p99']:.1f}x  ({args.pairs} pairs, {args.size}-byte messages)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"summary": summary, "ratios": ratios, "args": vars(args)}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
