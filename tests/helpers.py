@@ -48,7 +48,7 @@ def offline_wheels(directory) -> None:
 
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--use-pep517", "--disable-pip-version-check",
-                    "-w", str(directory), str(root), "setuptools", "wheel"], check=True, timeout=900)
+                    "-w", str(directory), f"{root}[cluster]", "setuptools", "wheel"], check=True, timeout=900)
     for own in glob.glob(os.path.join(str(directory), "process_backup-*.whl")):
         os.remove(own)  # provision builds the checkout itself
 

@@ -385,3 +385,45 @@ def test_a_browser_chats_on_through_chatctl_crashes_without_noticing(machine):
             (1, "round 0"), (2, "round 1"), (3, "round 2")]
         assert [page.evaluate("window.chat.closes") for page in pages] == [0, 0]
         browser.close()
+
+
+def test_provision_nats_runs_jetstream_that_systemd_restarts_with_its_store(machine, wheels):
+    """`scripts/provision --nats`: Debian's nats-server with the drop-in, JetStream on, its store
+    in /var/lib/nats-server; killed, systemd starts it again and the stream still holds what it did."""
+    import asyncio
+
+    nats = pytest.importorskip("nats")
+    result = machine.run(
+        "bash", str(REPO / "scripts" / "provision"), "--source", str(REPO), "--wheels", str(wheels), "--nats",
+        "--no-selftest", "--chatd-options", f"--port {machine.port} --http-port {machine.http_port}",
+        check=False, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert machine.show("nats-server", "ActiveState") == "active", machine.journal("nats-server")[-3000:]
+    assert "/var/lib/nats-server" in machine.show("nats-server", "ExecStart")
+    machine.run(f"{PREFIX}/bin/python", "-c", "import nats")  # chatd --cluster's client is installed
+
+    async def publish_then_count(publish: bool) -> int:
+        client = await nats.connect("nats://127.0.0.1:4222", connect_timeout=5, max_reconnect_attempts=0)
+        try:
+            stream = client.jetstream(timeout=5)
+            if publish:
+                await stream.add_stream(name="PROVISIONED", subjects=["provisioned.>"], storage="file")
+                await stream.publish("provisioned.one", b"kept")
+            return (await stream.stream_info("PROVISIONED")).state.messages
+        finally:
+            await client.close()
+
+    assert asyncio.run(publish_then_count(True)) == 1
+    before, pid = restarts(machine, "nats-server"), main_pid(machine, "nats-server")
+    machine.run("systemctl", "kill", "--signal=SIGKILL", "nats-server")
+    wait_active(machine, "nats-server", pid)
+    assert restarts(machine, "nats-server") == before + 1
+
+    def counted():
+        try:
+            return asyncio.run(publish_then_count(False))
+        except Exception:
+            return None
+
+    assert wait_until(counted, 20, "nats-server to answer again") == 1, "the store outlived the crash"
+    assert chatctl(machine, "status")["chatd"]["ok"], "chatd serves on"
