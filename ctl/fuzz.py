@@ -56,6 +56,28 @@ CONTROL_FORBIDDEN = ("crash", "drain")
 REPLY_TIMEOUT = 3.0
 
 
+def _received(sock, wait: float) -> bytes:
+    """What comes within ``wait`` seconds of silence (at most 1 MiB), until EOF or an error."""
+    sock.settimeout(wait)
+    data = b""
+    try:
+        while len(data) < 1 << 20:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except (socket.timeout, OSError):
+        pass
+    return data
+
+
+def _close(sock, rng: random.Random) -> None:
+    """Close, now and then with a reset (SO_LINGER 0) rather than a FIN."""
+    if rng.random() < 0.3:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def _answers(labels: list[str]) -> list[str]:
     """What came back, less the events holderd may send at any time (a lease an earlier
     request of the session asked for, granted now)."""
@@ -194,7 +216,8 @@ def send_all(sock: socket.socket, data: bytes, fds=()) -> None:
 
 def ws_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes | None = b"\x00\x00\x00\x00",
              rsv: int = 0, long_form: int = 0) -> bytes:
-    """A WebSocket frame as a browser sends it (masked), or broken as asked."""
+    """A WebSocket frame as a browser sends it (masked), or broken as asked: ``long_form`` 1 or 2
+    writes the length with 2 or 8 bytes even where fewer would do (RFC 6455 forbids it)."""
     head = bytes([(0x80 if fin else 0) | (rsv << 4) | (opcode & 15)])
     n, bit = len(payload), 0x80 if mask else 0
     if n < 126 and not long_form:
@@ -717,22 +740,11 @@ class Fuzzer:
             answers = self._read_lines(sock, 0.05 if rng.random() < 0.7 else 0.3)
             self.tally.note("line", case, *(answers or ["(nothing yet)"]))
         finally:
-            if rng.random() < 0.3:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
+            _close(sock, rng)
 
     def _read_lines(self, sock, wait: float) -> list[str]:
         """The first words of what came within ``wait`` seconds ('ERR <code>' in full)."""
-        sock.settimeout(wait)
-        data = b""
-        try:
-            while len(data) < 1 << 20:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except (socket.timeout, OSError):
-            pass
+        data = _received(sock, wait)
         out = []
         for line in data.split(b"\n")[:-1]:
             words = line.decode("utf-8", "replace").split(" ")
@@ -830,22 +842,11 @@ class Fuzzer:
                 return
             self.tally.note("web", case, *self._web_answers(sock, 0.05 if rng.random() < 0.7 else 0.3))
         finally:
-            if rng.random() < 0.3:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
+            _close(sock, rng)
 
     def _web_answers(self, sock, wait: float) -> list[str]:
         """'HTTP <status>', then each WebSocket message's type or close code."""
-        sock.settimeout(wait)
-        data = b""
-        try:
-            while len(data) < 1 << 20:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except (socket.timeout, OSError):
-            pass
+        data = _received(sock, wait)
         if not data:
             return ["(nothing yet)"]
         head, _, rest = data.partition(b"\r\n\r\n")

@@ -7,6 +7,7 @@ import pytest
 
 from ctl.launch import Launcher
 from ctl.probe import LineClient
+from helpers import line_client
 
 
 class Processes(Launcher):
@@ -17,14 +18,8 @@ class Processes(Launcher):
         self.clients: list[LineClient] = []
 
     def client(self, nick: str | None = None, pair: str | None = None) -> LineClient:
-        client = LineClient(self.port)
+        client = line_client(self.port, nick, pair)
         self.clients.append(client)
-        if nick:
-            client.send(f"NICK {nick}")
-            assert client.line() == f"OK NICK {nick}"
-        if pair:
-            client.send(f"PAIR {pair}")
-            assert client.line() == f"OK PAIR {pair}"
         return client
 
     def pair(self, a: str = "A", b: str = "B") -> tuple[LineClient, LineClient]:

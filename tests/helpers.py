@@ -135,3 +135,17 @@ def require_nats() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}; CI=true, so the cluster tests must not be skipped")
         pytest.skip(reason)
+
+
+def line_client(port: int, nick: str | None = None, pair: str | None = None, timeout: float = 5.0):
+    """A line client of chatd on ``port``, named and paired if asked (each answer checked)."""
+    from ctl.probe import LineClient
+
+    client = LineClient(port, timeout=timeout)
+    if nick:
+        client.send(f"NICK {nick}")
+        assert client.line() == f"OK NICK {nick}"
+    if pair:
+        client.send(f"PAIR {pair}")
+        assert client.line() == f"OK PAIR {pair}"
+    return client

@@ -16,8 +16,8 @@ import pytest
 from ctl import soak
 from ctl.hosts import Hosts
 from ctl.launch import wait_until
-from ctl.probe import LineClient
-from helpers import require_nats
+from ctl.probe import LineClient, WebSocketClient
+from helpers import line_client, require_nats
 
 LEASE = 2.0
 #: The fault tests' lease: longer than a NATS leader election (4-9 s on 2.9) after a node
@@ -43,13 +43,7 @@ def hosts(tmp_path, request):
 
 
 def client(port: int, nick: str, pair: str | None = None) -> LineClient:
-    line = LineClient(port, timeout=15)
-    line.send(f"NICK {nick}")
-    assert line.line() == f"OK NICK {nick}"
-    if pair:
-        line.send(f"PAIR {pair}")
-        assert line.line() == f"OK PAIR {pair}"
-    return line
+    return line_client(port, nick, pair, timeout=15)
 
 
 def test_a_pair_across_two_hosts_chats_like_a_local_one(hosts):
@@ -68,6 +62,24 @@ def test_a_pair_across_two_hosts_chats_like_a_local_one(hosts):
     assert sorted(who) == ["USER ann bob", "USER bob ann"], "WHO lists members of every host"
     status = cluster.status(0)["cluster"]
     assert status["host"] == "h0" and "h1" in status["hosts_alive"] and status["bus"]["replicas"] == 3
+
+
+def test_a_web_client_and_a_line_client_on_two_hosts_chat_through_a_crash(hosts):
+    cluster = hosts(2)
+    page = WebSocketClient(cluster.hosts[0].http_port)
+    page.send({"type": "nick", "name": "wanda"}, {"type": "pair", "peer": "lee"})
+    assert [m["type"] for m in page.messages(2)] == ["ok", "ok"]
+    lee = client(cluster.ports[1], "lee", "wanda")
+    assert lee.line() == "PAIRED wanda" and page.messages(1)[0] == {"type": "paired", "peer": "lee"}
+    page.send({"type": "msg", "text": "from the page"})
+    assert lee.line() == "FROM wanda 1 from the page"
+    cluster.hosts[0].chatd.send_signal(signal.SIGSEGV)
+    cluster.hosts[0].chatd.wait(20)
+    cluster.restart_chatd(0, wait=True)
+    lee.send("MSG to the page")
+    assert page.messages(1) == [{"type": "from", "from": "lee", "n": 1, "text": "to the page"}]
+    page.send({"type": "msg", "text": "after the crash"})
+    assert lee.line() == "FROM wanda 2 after the crash", "n counts on across hosts and the crash"
 
 
 def test_a_nick_is_unique_across_hosts_under_a_race(hosts):

@@ -18,30 +18,13 @@ from hypothesis import strategies as st
 
 from chatd.protocols.web import HTTP, OPEN, WebCodec, parse_command
 from chatd.room import Command
+from ctl.fuzz import ws_frame
 from proptools import cuts, examples
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: chat\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
              b"Sec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
 TEXT, BINARY, CONTINUATION, CLOSE, PING, PONG = 1, 2, 0, 8, 9, 10
-
-
-def ws_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes | None = b"\x01\x02\x03\x04",
-             rsv: int = 0, long_form: int = 0) -> bytes:
-    """One frame; ``long_form`` 1 or 2 writes the length with 2 or 8 bytes even where fewer would do
-    (which RFC 6455 forbids: such a frame is a protocol error)."""
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    n, bit = len(payload), 0x80 if mask else 0
-    if n < 126 and not long_form:
-        head += bytes([bit | n])
-    elif n < 65536 and long_form != 2:
-        head += bytes([bit | 126]) + struct.pack(">H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack(">Q", n)
-    if mask:
-        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        head += mask
-    return head + payload
 
 
 def run(codec: WebCodec, data: bytes, limit: int) -> list[Command]:
