@@ -486,7 +486,7 @@ class Fuzzer:
                 return False
             labels = self._replies(sock, decoder, 1, target, case)
             self.tally.note(target, case, *labels)
-            if case == "valid" and target == "holderd" and labels != ["ok"] * len(labels):
+            if case == "valid" and target == "holderd" and set(_answers(labels)) != {"ok"}:
                 self.tally.anomaly(target, case, f"a valid {body.get('op')} got {labels}")
             return "eof" not in labels and "no-reply" not in labels
         if case == "pipelined":  # several frames back to back, each with its fds, before any reply
@@ -541,10 +541,10 @@ class Fuzzer:
             if target == "holderd":
                 lie = lie or (len(kinds) != len(body["items"]) if body["op"] == "STORE" else bool(kinds))
             want = ["fd-count-mismatch"] if lie else ["ok"]
-            if labels != want:
+            if _answers(labels) != want:
                 self.tally.anomaly(target, case, f"{body['op']} announcing {announced} fds with "
                                                  f"{len(kinds)} sent got {labels}, not {want}")
-            if case == "fd-kinds" and target == "holderd" and labels == ["ok"] and rng.random() < 0.5:
+            if case == "fd-kinds" and target == "holderd" and _answers(labels) == ["ok"] and rng.random() < 0.5:
                 return self._retrieve_kinds(target, sock, decoder, body)
             return "eof" not in labels and "no-reply" not in labels
         if case == "too-many-fds":
