@@ -427,3 +427,39 @@ def test_provision_nats_runs_jetstream_that_systemd_restarts_with_its_store(mach
 
     assert wait_until(counted, 20, "nats-server to answer again") == 1, "the store outlived the crash"
     assert chatctl(machine, "status")["chatd"]["ok"], "chatd serves on"
+
+
+def test_a_cluster_host_under_systemd_pairs_with_another_host_through_its_crashes(machine):
+    """chatd@ with --cluster under the real systemd (host "box", the JetStream the last test
+    provisioned), paired with a host outside the container ("out", its own holderd and
+    journal): `chatctl crash` of the serving chatd, the standby takes over, n counts on."""
+    pytest.importorskip("nats")
+    from ctl.launch import Launcher
+
+    machine.run("systemctl", "stop", "chatd", "holderd")  # the fd stores go: a fresh start, with outboxes
+    options = (f"--port {machine.port} --http-port {machine.http_port} --cluster nats://127.0.0.1:4222 "
+               "--host-id box --host-lease 30")
+    machine.run("sh", "-c", f"echo 'CHATD_OPTIONS={options}' > /etc/default/chatd")
+    machine.run("systemctl", "start", "chatd")
+    wait_until(lambda: (chatctl(machine, "status")["chatd"].get("cluster") or {}).get("connected"), 30,
+               "the box host to join the cluster")
+    with Launcher() as out:
+        out.start_holderd()
+        out.start_chatd("--cluster", "nats://127.0.0.1:4222", "--host-id", "out", "--host-lease", "30")
+        ann = LineClient(machine.port, timeout=15)
+        bob = LineClient(out.port, timeout=15)
+        ann.send("NICK ann2", "PAIR bob2")
+        bob.send("NICK bob2", "PAIR ann2")
+        assert ann.lines(3) == ["OK NICK ann2", "OK PAIR bob2", "PAIRED bob2"]
+        assert bob.lines(3) == ["OK NICK bob2", "OK PAIR ann2", "PAIRED ann2"]
+        for n in (1, 2, 3):
+            if n > 1:
+                crash_chatd(machine)
+            ann.send(f"MSG across {n}")
+            assert bob.line() == f"FROM ann2 {n} across {n}"
+            bob.send(f"MSG back {n}")
+            assert ann.line() == f"FROM bob2 {n} back {n}"
+        status = chatctl(machine, "status")["chatd"]["cluster"]
+        assert status["host"] == "box" and "out" in status["hosts_alive"], status
+        ann.close()
+        bob.close()
