@@ -79,3 +79,20 @@ def cuts(draw, data: bytes, max_cuts: int = 12, focus: int = 0) -> list[bytes]:
                            max_size=max_cuts))
     bounds = [0, *sorted(points), len(data)]
     return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def drain(codec, limit: int) -> list:
+    """Every command a codec (chatd.protocols) has ready, failing if it gives more than ``limit``:
+    a parser that never stops is a bug too."""
+    import pytest
+
+    from chatd.room import Command
+
+    out = []
+    for _ in range(limit):
+        command = codec.next_command()
+        if command is None:
+            return out
+        assert isinstance(command, Command)
+        out.append(command)
+    pytest.fail(f"next_command gave more than {limit} commands: it does not stop")

@@ -21,7 +21,7 @@ import os
 import string
 
 import pytest
-from hypothesis import given, reject
+from hypothesis import given
 from hypothesis import strategies as st
 
 from chatd.journal import (HEADER, HEADER_SIZE, MARKER_OFFSET, OWNER_OFFSET, PAGE, PROTOCOLS, RECORD, ROOT_OFFSETS,

@@ -9,13 +9,12 @@ room for a ``\\r``) is reported too long at once.
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from chatd.protocols.line import LineCodec, parse_line
 from chatd.room import Command, Invalid
-from proptools import cuts, examples
+from proptools import cuts, drain, examples
 
 MAX = 12
 
@@ -40,15 +39,6 @@ def reference(stream: bytes, max_line: int) -> list[Command]:
     return commands
 
 
-def drain(codec: LineCodec, limit: int) -> list[Command]:
-    out = []
-    for _ in range(limit):
-        command = codec.next_command()
-        if command is None:
-            return out
-        assert isinstance(command, Command)
-        out.append(command)
-    pytest.fail(f"next_command gave more than {limit} commands: it does not stop")
 
 
 def fed(codec: LineCodec, chunks) -> list[Command]:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import struct
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from chatd.protocols.web import HTTP, OPEN, WebCodec, parse_command
 from chatd.room import Command
 from ctl.fuzz import ws_frame
-from proptools import cuts, examples
+from proptools import cuts, drain, examples
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: chat\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -29,14 +28,7 @@ TEXT, BINARY, CONTINUATION, CLOSE, PING, PONG = 1, 2, 0, 8, 9, 10
 
 def run(codec: WebCodec, data: bytes, limit: int) -> list[Command]:
     codec.feed(data)
-    out = []
-    for _ in range(limit):
-        command = codec.next_command()
-        if command is None:
-            return out
-        assert isinstance(command, Command)
-        out.append(command)
-    pytest.fail(f"next_command gave more than {limit} commands: it does not stop")
+    return drain(codec, limit)
 
 
 def run_pieces(codec: WebCodec, chunks) -> tuple[list[Command], bytes]:

@@ -11,6 +11,7 @@ from chatd.holders import Holders
 from chatd.restore import restore
 from chatd.server import ChatServer
 from ctl.probe import LineClient
+from helpers import line_client
 from holderd.client import Retrieved
 
 
@@ -77,13 +78,7 @@ def die(server: ChatServer) -> None:
 
 
 def connect(port: int, nick: str, pair: str | None = None) -> LineClient:
-    client = LineClient(port)
-    client.send(f"NICK {nick}")
-    assert client.line() == f"OK NICK {nick}"
-    if pair:
-        client.send(f"PAIR {pair}")
-        assert client.line() == f"OK PAIR {pair}"
-    return client
+    return line_client(port, nick, pair)
 
 
 def chatting_pair(server: ChatServer) -> tuple[LineClient, LineClient]:
