@@ -172,6 +172,9 @@ def cmd_demo(args) -> int:
 def cmd_cluster(args) -> int:
     from .hosts import Hosts, missing_for_cluster
 
+    if args.hosts < 1 or args.nats_nodes < 1 or args.lease <= 0:
+        print("chatctl cluster: --hosts and --nats-nodes must be 1 or more, --lease more than 0", file=sys.stderr)
+        return 2
     missing = missing_for_cluster()
     if missing:
         print(f"chatctl cluster: needs {missing}", file=sys.stderr)
