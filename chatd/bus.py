@@ -83,7 +83,7 @@ in chatd's thread; everything that goes wrong on the network comes back as a
 
 from __future__ import annotations
 
-import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -95,13 +95,18 @@ from typing import Any, Awaitable, Callable, Hashable
 
 from fdkeep.errors import Error
 
-try:
+# asyncio and nats-py take ~100 ms to import: the bus thread imports them (_load_client),
+# so that a chatd restarting after a crash restores its clients without waiting for them.
+asyncio = nats = js_api = None
+
+
+def _load_client() -> None:
+    global asyncio, nats, js_api
+    import asyncio
     import nats
     import nats.errors
     import nats.js.errors
     from nats.js import api as js_api
-except ImportError:  # chatd without --cluster needs none of it
-    nats = None
 
 #: Seconds one publish attempt waits for JetStream's ack before it is sent again.
 ACK_TIMEOUT = 2.0
@@ -223,7 +228,7 @@ class Bus:
     def __init__(self, servers: list[str], host_id: str, *, stream: str = "CHATD",
                  nick_bucket: str = "chatd_nicks", host_bucket: str = "chatd_hosts",
                  host_lease: float = 10.0, replicas: int | None = None):
-        if nats is None:
+        if importlib.util.find_spec("nats") is None:
             raise Error("unavailable", "nats-py is not installed: pip install 'process-backup[cluster]'")
         if not servers:
             raise Error("bad-config", "no NATS server given: pass at least one nats://host:port")
@@ -240,13 +245,14 @@ class Bus:
         self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._results: deque = deque()
         self._commands: deque = deque()
-        #: True while a wake-up of the bus thread is on its way (set here, cleared there).
-        self._wake_pending = False
+        #: True while a wake-up of the bus thread is on its way (set here, cleared there); True
+        #: until the thread runs, which takes every command chatd gave before.
+        self._wake_pending = True
         #: True while the eventfd is (or is about to be) readable (set there, cleared here).
         self._eventfd_armed = False
         self._publishes_requested = 0  # written by chatd's thread only
         self._delivered_taken = 0  # written by chatd's thread only
-        self._loop = asyncio.new_event_loop()
+        self._loop = None  # the bus thread's, made there
         self._engine = _Engine(self)
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -347,13 +353,13 @@ class Bus:
             return
         self._closed = True
         if self._thread is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._engine.stop)
-            except RuntimeError:
-                pass  # its loop already ended
+            # Without a loop yet, the thread sees _closed once it has made one, and ends.
+            if self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._engine.stop)
+                except RuntimeError:
+                    pass  # its loop already ended
             self._thread.join(10)
-        else:
-            self._loop.close()
         os.close(self._eventfd)
 
     def __enter__(self):
@@ -417,7 +423,7 @@ class _Engine:
 
     def __init__(self, bus: Bus):
         self.bus = bus
-        self.loop = bus._loop
+        self.loop = None  # made by run(), in the bus thread
         self.nc = None
         self.js = None
         self.server: str | None = None
@@ -437,12 +443,6 @@ class _Engine:
         self._catching_up = {"nicks", "hosts"}
         self._said: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
-        # Events bind to a loop only when first awaited (3.10+): made here, before the thread runs.
-        self._ready = asyncio.Event()
-        #: Set once this host's lease is first stored: no claim is made before, since until then
-        #: another host would take this host for a dead one and its nicks for free.
-        self._leased = asyncio.Event()
-        self._stopping = asyncio.Event()
         self._publishes = _Lanes(self, self._publish)
         self._nick_work = _Lanes(self, self._nick_job)
         self.nicks = None
@@ -450,7 +450,18 @@ class _Engine:
 
     # -- the thread --------------------------------------------------------------------
     def run(self) -> None:
+        _load_client()
+        self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
+        self._ready = asyncio.Event()
+        #: Set once this host's lease is first stored: no claim is made before, since until then
+        #: another host would take this host for a dead one and its nicks for free.
+        self._leased = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.bus._loop = self.loop  # from here on chatd's thread may wake this one
+        if self.bus._closed:
+            self.loop.close()
+            return
         try:
             self.loop.run_until_complete(self._main())
         finally:
