@@ -374,24 +374,14 @@ class Fuzzer:
         deadline = time.monotonic() + REPLY_TIMEOUT
         while finals > 0:
             try:
-                frame = decoder.next_frame()
+                frame = self._read_frame(sock, decoder, deadline)
             except Error as exc:
                 self.tally.anomaly(target, case, f"a reply the client cannot decode: {exc}")
                 return labels + ["undecodable"]
-            if frame is None:
-                sock.settimeout(max(deadline - time.monotonic(), 0.01))
-                try:
-                    data, fds = recv_with_fds(sock)
-                except (socket.timeout, BlockingIOError):
-                    self.tally.anomaly(target, case, f"no reply within {REPLY_TIMEOUT} s")
-                    return labels + ["no-reply"]
-                except (ConnectionError, OSError):
-                    return labels + ["eof"]
-                if not data:
-                    close_fds(fds)
-                    return labels + ["eof"]
-                decoder.feed(data, fds)
-                continue
+            if frame == "no-reply":
+                self.tally.anomaly(target, case, f"no reply within {REPLY_TIMEOUT} s")
+            if isinstance(frame, str):
+                return labels + [frame]
             close_fds(frame.fds)
             body = frame.body
             if body.get("ok") is True:
@@ -600,23 +590,38 @@ class Fuzzer:
             self.tally.anomaly(target, "fd-kinds-back", f"inodes differ for {wrong}")
         return True
 
-    def _frame(self, sock, decoder):
-        deadline = time.monotonic() + REPLY_TIMEOUT
+    @staticmethod
+    def _read_frame(sock, decoder: FrameDecoder, deadline: float):
+        """The next frame; "eof" or "no-reply" (by ``deadline``) if none. Raises Error if undecodable."""
         while True:
             frame = decoder.next_frame()
-            if frame is not None and frame.body.get("event"):
-                close_fds(frame.fds)  # a lease granted meanwhile, not the reply
-                continue
             if frame is not None:
                 return frame
             sock.settimeout(max(deadline - time.monotonic(), 0.01))
             try:
                 data, fds = recv_with_fds(sock)
-            except OSError:
-                return None
+            except (socket.timeout, BlockingIOError):
+                return "no-reply"
+            except (ConnectionError, OSError):
+                return "eof"
             if not data:
-                return None
+                close_fds(fds)
+                return "eof"
             decoder.feed(data, fds)
+
+    def _frame(self, sock, decoder):
+        """The next reply, past any event; None if none came."""
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while True:
+            try:
+                frame = self._read_frame(sock, decoder, deadline)
+            except Error:
+                return None
+            if isinstance(frame, str):
+                return None
+            if not frame.body.get("event"):
+                return frame
+            close_fds(frame.fds)  # a lease granted meanwhile, not the reply
 
     def _frame_end(self, target: str, end: str, sock, decoder) -> None:
         rng = self.rng

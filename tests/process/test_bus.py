@@ -18,6 +18,7 @@ import pytest
 
 from chatd.bus import (Bus, BusError, Claimed, Connected, Delivered, HostChanged, NickChanged, Published,
                        Released, Updated)
+from ctl.launch import wait_until
 from fdkeep.errors import Error
 
 LEASE = 2.0  # seconds; every Bus on the shared cluster must use the same (it is the hosts bucket's TTL)
@@ -48,16 +49,20 @@ class Driver:
         return max(later - earlier for earlier, later in zip(times, times[1:]))
 
     def wait_for(self, predicate, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        while True:
+        """``predicate()``'s first true value, taking the bus's results meanwhile."""
+
+        def step():
             value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                errors = [r for r in self.seen if isinstance(r, BusError)]
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}; bus status "
-                                     f"{self.bus.status()}; its errors: {errors[-5:]}")
-            self.pump(min(0.1, max(deadline - time.monotonic(), 0.001)))
+            if not value:
+                self.pump(0.05)
+            return value
+
+        try:
+            return wait_until(step, timeout, what, interval=0)
+        except Error:
+            errors = [r for r in self.seen if isinstance(r, BusError)]
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; bus status "
+                                 f"{self.bus.status()}; its errors: {errors[-5:]}") from None
 
     def of(self, kind) -> list:
         return [result for result in self.seen if isinstance(result, kind)]
