@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 import time
 
@@ -16,6 +18,7 @@ from fdkeep.text import plural
 from holderd.client import HolderClient, default_socket as holderd_socket
 
 from . import control, install, lineclient, selftest
+from .launch import SOURCE_ROOT
 from .story import Story, play_demo
 
 SHELL_HELP = """\
@@ -170,7 +173,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    from .hosts import Hosts, missing_for_cluster
+    from .hosts import CrashLoop, Hosts, missing_for_cluster
 
     if args.hosts < 1 or args.nats_nodes < 1 or args.lease <= 0:
         print("chatctl cluster: --hosts and --nats-nodes must be 1 or more, --lease more than 0", file=sys.stderr)
@@ -179,29 +182,46 @@ def cmd_cluster(args) -> int:
     if missing:
         print(f"chatctl cluster: needs {missing}", file=sys.stderr)
         return 2
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it happens, also into a pipe or `tee`
     with Hosts(args.hosts, args.nats_nodes, lease=args.lease) as hosts:
         try:
             hosts.start()
         except Error as exc:
             print(f"chatctl cluster: could not start: {exc.message}\n{hosts.logs()[-4000:]}", file=sys.stderr)
             return 1
+        chatctl = chatctl_command()
         for index, host in enumerate(hosts.hosts):
-            print(f"h{index}: line port {host.port}, web port {host.http_port or '-'}, "
-                  f"control {host.control_socket}")
+            print(f"h{index}: line port {host.port}, web port {host.http_port or '-'}; chatctl for it: "
+                  f"{chatctl} --control {host.control_socket} --holder {host.holder_socket}")
         print(f"NATS JetStream: {', '.join(hosts.nats.urls)}; everything in {hosts.workdir}")
         if args.demo:
             return _cluster_demo(hosts)
-        print(f"chat across hosts: chatctl client --port {hosts.ports[0]} --nick ann --pair bob  and  "
-              f"chatctl client --port {hosts.ports[-1]} --nick bob --pair ann\n"
-              f"see one host: chatctl --control {hosts.hosts[0].control_socket} status\n"
-              "Ctrl-C stops everything.")
+        first, last = hosts.hosts[0], hosts.hosts[-1]
+        print(f"chat across hosts: {chatctl} client --port {first.port} --nick ann --pair bob  and  "
+              f"{chatctl} client --port {last.port} --nick bob --pair ann\n"
+              f"see one host: {chatctl} --control {first.control_socket} --holder {first.holder_socket} status\n"
+              "A chatd or NATS node that dies is restarted (a chatd takes its clients back from its holderd "
+              "and journal); Ctrl-C stops everything.")
         try:
-            while all(host.chatd.poll() is None for host in hosts.hosts):
-                time.sleep(0.5)
+            while True:
+                for line in hosts.revive():
+                    print(line)
+                time.sleep(0.2)
+        except CrashLoop as exc:
+            print(f"chatctl cluster: {exc}\nstopping every host and NATS", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
+            print("Ctrl-C: stopping every host and NATS")
             return 0
-        print("a chatd exited:\n" + hosts.logs()[-4000:], file=sys.stderr)
-        return 1
+
+
+def chatctl_command() -> str:
+    """How to run this chatctl from any shell: the ``chatctl`` script beside this Python where the
+    package is installed (a venv's bin/ need not be on PATH), else this Python on this checkout."""
+    script = os.path.join(os.path.dirname(sys.executable), "chatctl")
+    if os.access(script, os.X_OK):
+        return script
+    return f"PYTHONPATH={shlex.quote(SOURCE_ROOT)} {shlex.quote(sys.executable)} -m ctl"
 
 
 def _cluster_demo(hosts) -> int:

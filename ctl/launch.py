@@ -82,6 +82,7 @@ class Launcher:
             "PYTHONPATH": python_path,
         }
         self.started: list[subprocess.Popen] = []
+        self._log_paths: dict[subprocess.Popen, str] = {}
         self.holderd: subprocess.Popen | None = None
         self.chatd: subprocess.Popen | None = None
         self.port: int | None = None
@@ -90,7 +91,8 @@ class Launcher:
     def spawn(self, name: str, *argv: str, env: dict | None = None, fd_limit: int | None = None) -> subprocess.Popen:
         """``python -m ARGV…`` with its output in ``NAME-<n>.log``; ``env`` adds to the environment;
         ``fd_limit`` sets its RLIMIT_NOFILE, soft and hard (tests of running out of fds)."""
-        log = open(os.path.join(self.workdir, f"{name}-{len(self.started)}.log"), "w")
+        log_path = os.path.join(self.workdir, f"{name}-{len(self.started)}.log")
+        log = open(log_path, "w")
 
         def limit_fds():
             resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
@@ -100,7 +102,12 @@ class Launcher:
                                     env={**self.env, **(env or {})}, cwd=self.workdir,
                                     preexec_fn=limit_fds if fd_limit else None)
         self.started.append(proc)
+        self._log_paths[proc] = log_path
         return proc
+
+    def log_path(self, proc: subprocess.Popen) -> str:
+        """The log file of ``proc``, one of the processes started here."""
+        return self._log_paths[proc]
 
     def start_holderd(self, *extra: str, wait: bool = True, fd_limit: int | None = None) -> subprocess.Popen:
         self.holderd = self.spawn("holderd", "holderd.daemon", "--socket", self.holder_socket, *extra,
