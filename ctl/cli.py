@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 
@@ -183,6 +184,10 @@ def cmd_cluster(args) -> int:
         print(f"chatctl cluster: needs {missing}", file=sys.stderr)
         return 2
     sys.stdout.reconfigure(line_buffering=True)  # each line as it happens, also into a pipe or `tee`
+    # `kill PID` and a closed terminal stop everything as Ctrl-C does (rather than leave the hosts
+    # running), and so does SIGINT where the shell started us with it ignored (`chatctl cluster &`).
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, _interrupt)
     with Hosts(args.hosts, args.nats_nodes, lease=args.lease) as hosts:
         try:
             hosts.start()
@@ -210,9 +215,13 @@ def cmd_cluster(args) -> int:
         except CrashLoop as exc:
             print(f"chatctl cluster: {exc}\nstopping every host and NATS", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            print("Ctrl-C: stopping every host and NATS")
+        except KeyboardInterrupt as exc:
+            print(f"{exc.args[0] if exc.args else 'SIGINT'}: stopping every host and NATS")
             return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def chatctl_command() -> str:
@@ -227,8 +236,6 @@ def chatctl_command() -> str:
 def _cluster_demo(hosts) -> int:
     """ann on the first host and bob on the last chat; the first host's chatd is killed and
     restarted; they chat on, n counting on. Exits 0 only if every line came as it should."""
-    import signal
-
     from .probe import LineClient
 
     ann, bob = LineClient(hosts.ports[0], timeout=15), LineClient(hosts.ports[-1], timeout=15)
