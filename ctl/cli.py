@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
         "two clients chat, backup, crash, restart, restore, chat on. Exits 0 only if it all worked.", json_flag=False)
     cluster = add("cluster", cmd_cluster, "Run chatd hosts paired across hosts on this machine, each with its "
                   "own holderd, journal and port, over a NATS JetStream cluster on loopback (needs nats-server "
-                  "and nats-py), in a scratch directory, until Ctrl-C. --demo plays a chat across two hosts "
+                  "and nats-py), in a scratch directory, until Ctrl-C. A chatd or NATS node that dies is restarted "
+                  "(5 deaths within 10 s stop everything). --demo plays a chat across two hosts "
                   "through a crash of one and exits.", json_flag=False)
     cluster.add_argument("--hosts", type=int, default=3, help="chatd hosts (default %(default)s)")
     cluster.add_argument("--nats-nodes", type=int, default=3, help="NATS servers (default %(default)s: R3)")
