@@ -341,14 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     test = add("selftest", cmd_selftest, "Check a running installation end to end: two probe clients pair and "
                "chat, chatd is crashed (SIGSEGV), a new chatd must take over by itself and the same "
                "connections must chat on. Exits 0 on success.")
-    test.add_argument("--host", default="127.0.0.1")
-    test.add_argument("--port", type=int, default=5001)
+    test.add_argument("--host", default="127.0.0.1",
+                      help="chatd's address, where the probes connect (default %(default)s)")
+    test.add_argument("--port", type=int, default=5001, help="chatd's line port (default %(default)s)")
     test.add_argument("--no-crash", action="store_true", help="only chat, do not crash chatd")
     test.add_argument("--timeout", type=float, default=30, help="seconds to wait for the new chatd (default %(default)s)")
-    client = add("client", cmd_client, "A line-protocol client: type messages, /who, /quit; it prints what "
-                 "arrives, numbering messages #1, #2, …", json_flag=False)
-    client.add_argument("--host", default="127.0.0.1")
-    client.add_argument("--port", type=int, default=5001)
+    client = add("client", cmd_client, "A line-protocol client: each line typed is a message, a line "
+                 "starting with / a command (/who, /pair NAME, /quit, /port: the local port); it prints "
+                 "what arrives, numbering messages #1, #2, … The end of input sends QUIT. It exits as soon "
+                 "as chatd ends the connection (BYE or EOF), never reconnects.", json_flag=False)
+    client.epilog = f"exit status: {lineclient.EXIT_STATUS}"
+    client.add_argument("--host", default="127.0.0.1", help="chatd's address (default %(default)s)")
+    client.add_argument("--port", type=int, default=5001, help="chatd's line port (default %(default)s)")
     client.add_argument("--nick", help="send NICK with this name on connecting")
     client.add_argument("--pair", help="send PAIR with this name on connecting")
     return parser
