@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "Is chatd serving, how many clients and pairs; does holderd answer.")
     add("clients", cmd_clients, "Who is connected, whom they pair with, and whether holderd holds their socket.")
     add("backup", cmd_backup, "Make chatd store every current socket (and its state) in the holders again, in bulk.")
-    add("crash", cmd_crash, "Make chatd die of a real SIGSEGV (under systemd it is restarted and restores itself).")
+    add("crash", cmd_crash, "Make chatd die of a real SIGSEGV. Under systemd the standby chatd takes over and "
+        "the dead one is restarted as the next standby; by hand, start chatd again: it restores by itself.")
     add("restore", cmd_restore, "Tell a chatd started with --restore --wait to take its sockets back now.")
     add("demo", cmd_demo, "Play the whole story in a scratch directory (no root, no systemd): holderd, chatd, "
         "two clients chat, backup, crash, restart, restore, chat on. Exits 0 only if it all worked.", json_flag=False)
@@ -330,11 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("drain", cmd_drain, "End every client connection on purpose: each gets BYE, and chatd, holderd and "
         "systemd's fd store forget it. chatd keeps serving new clients. Stopping chatd does not "
         "end connections (holderd keeps them); this does.")
-    units = add("install-units", cmd_install_units, "Install holderd.service and chatd.service (as root): "
-                "create the holderd and chatd users, write the units, daemon-reload.")
+    units = add("install-units", cmd_install_units, "Install chatd and holderd under systemd (as root): "
+                "create the holderd and chatd users; write holderd.service, chatd@.service (chatd's two "
+                "processes, chatd@1 and chatd@2, taking turns) and chatd.service (starts and stops both); "
+                "daemon-reload. Start them with: systemctl enable --now chatd.")
     units.add_argument("--prefix", default=sys.prefix,
                        help="where the package is installed, holding bin/chatd (default: this one, %(default)s)")
-    units.add_argument("--unit-dir", default="/etc/systemd/system", help="default %(default)s")
+    units.add_argument("--unit-dir", default="/etc/systemd/system",
+                       help="where the unit files go (default %(default)s)")
     units.add_argument("--chatd-options", metavar="OPTIONS",
                        help="write /etc/default/chatd with CHATD_OPTIONS=OPTIONS, e.g. '--host 0.0.0.0'")
     units.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
