@@ -29,7 +29,8 @@ class ClientProcess:
                 stdin=child_stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=procs.env)
         finally:
             os.close(child_stdin)
-        threading.Thread(target=self._collect, daemon=True).start()
+        self._collector = threading.Thread(target=self._collect, daemon=True)
+        self._collector.start()
         self.wait_for(f"[{nick}] < OK NICK {nick}")
 
     def _collect(self) -> None:
@@ -58,11 +59,14 @@ class ClientProcess:
         self._typing_fd = None
 
     def exit_status(self) -> int:
-        """Its exit status: it must exit by itself, stdin still open and nothing more typed."""
+        """Its exit status: it must exit by itself, stdin still open and nothing more typed.
+        Then all it printed is in :meth:`output`."""
         try:
-            return self.proc.wait(10)
+            status = self.proc.wait(10)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the client did not exit with its stdin open: {self.output()}")
+        self._collector.join(10)
+        return status
 
     def close(self) -> None:
         if self.proc.poll() is None:
