@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from ctl.launch import wait_until
-from ctl.lineclient import BYE, LOST
+from ctl.lineclient import BYE, LOST, QUIT_WAIT
 
 
 class ClientProcess:
@@ -135,3 +135,15 @@ def test_client_sends_quit_at_the_end_of_input_and_exits_0_on_bye(procs, clients
     ann.end_input()
     assert ann.exit_status() == BYE
     assert ann.output()[-3:] == ["[ann] < USER ann -", "[ann] < END", "[ann] < BYE"]
+
+
+def test_client_gives_up_with_3_when_no_bye_follows_quit(procs, clients):
+    """chatd dead (its sockets kept in holderd): the QUIT at the end of input is not answered,
+    and the client closes after QUIT_WAIT seconds instead of hanging."""
+    procs.start_holderd()
+    procs.start_chatd()
+    ann = clients("pipe", "ann")
+    procs.kill_chatd(signal.SIGKILL)
+    ann.end_input()
+    assert ann.exit_status() == LOST
+    assert ann.output()[-1] == f"[ann] no BYE from chatd within {QUIT_WAIT:.0f} s of QUIT: closing"
