@@ -31,9 +31,13 @@ COLUMNS = ("sent", "received", "crashes", "lost", "repeated", "garbled", "n_gaps
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--crashes", type=int, default=1000)
-    parser.add_argument("--pairs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--crashes", type=int, default=1000,
+                        help="how many times chatd is killed, 0.05-0.5 s apart (default %(default)s)")
+    parser.add_argument("--pairs", type=int, default=20,
+                        help="pairs of clients streaming messages both ways (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seeds the random choices: when to crash and with which signal, which readers "
+                        "are slow, which lines are written in pieces (default %(default)s)")
     parser.add_argument("--no-replay", action="store_true", help="run chatd with --no-replay (to see loss)")
     parser.add_argument("--json", metavar="PATH", help="write the totals as JSON here")
     args = parser.parse_args()

@@ -33,13 +33,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="chatd",
         description=(
-            "A line-protocol chat server whose client connections survive its crash: every "
-            "socket is kept in holderd too, and a new chatd takes them back. See README.md."
+            "A chat server, the line protocol on TCP and the web chat (a page and its WebSocket), "
+            "whose client connections survive its crash: every socket is kept in holderd and in "
+            "systemd's fd store, and a new chatd takes them back. See README.md."
         ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=5001,
-                        help="the line protocol's TCP port; 0 picks a free one (default %(default)s)")
+                        help="the line protocol's TCP port; 0 picks a free one (default %(default)s). A chatd "
+                        "that restores keeps the listening sockets it takes back, whatever --port says")
     parser.add_argument("--http-port", type=int, default=None,
                         help="the web port: the chat page at /, its WebSocket at /ws, /healthz; 0 picks a free "
                         f"one, -1 serves no web (default {DEFAULT_HTTP_PORT}, or none, with a warning, if h11 "
@@ -47,14 +49,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--control",
         default=control_socket(own_service=True),
-        help="control socket for chatctl (default %(default)s)",
+        help="control socket for chatctl (default: $CHATD_CONTROL or %(default)s; with --lease, "
+        "<path>.standby while standing by)",
     )
     parser.add_argument(
         "--holder",
         default=holderd_socket(),
         help="holderd's socket (default: $HOLDERD_SOCKET or %(default)s)",
     )
-    parser.add_argument("--no-holderd", action="store_true", help="keep no copies in holderd")
+    parser.add_argument("--no-holderd", action="store_true",
+                        help="keep no copies in holderd: only systemd's fd store keeps chatd's sockets (outside "
+                        "systemd nothing does, and a crash ends every connection)")
     parser.add_argument(
         "--lease", action="store_true",
         help="take turns with another chatd started the same way (the warm standby): serve only "
@@ -79,8 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--max-clients", type=int, default=0,
-        help="connection limit (default: as many as RLIMIT_NOFILE allows, about that limit less 1%%; "
-        "past the limit a client gets ERR server-full)",
+        help="connection limit (default: as many as the hard RLIMIT_NOFILE allows: that limit less 128 fds "
+        "for chatd itself and about 1%% for the bundles, e.g. 19,715 of 20,000; past the limit a client "
+        "gets ERR server-full)",
     )
     parser.add_argument(
         "--max-per-address", type=int, default=256, metavar="N",
@@ -124,7 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-cursor", action="store_true",
                         help="with --cluster: read the stream from new messages on after a restart instead of "
                         "from the journal's cursor (loses messages: for tests that must show loss)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="the least important messages logged, to stderr (default %(default)s)")
     args = parser.parse_args(argv)
     if args.cluster:
         from .cluster import HOST_ID_RE

@@ -36,12 +36,18 @@ its bytes, so a line client and a browser chat in the same room.
 The rules:
 
 - ``Nick(name)`` → ``Ok("NICK", name)``; ``Failed("nick-taken")``, ``Failed("bad-name")``
+  (no name, or not :data:`NAME_RE`)
 - ``Pair(name)`` → ``Ok("PAIR", name)``, then ``Paired`` to both once mutual;
-  the peer of a pairing this replaces gets ``Unpaired``
+  the peer of a pairing this replaces gets ``Unpaired``; ``Failed("bad-name")``;
+  ``Failed("self-pair")`` for one's own nick (a pairing with oneself could never
+  be mutual, and the PAIR would silently end the pairing one has): nothing changes
 - ``Msg(text)`` → the peer gets ``From(sender, n, text)``, ``n`` counting from 1
   what this receiver got on this pairing; ``Failed("not-paired")``;
   ``Failed("bad-text")`` for text with control characters (tab aside): they
-  could garble a peer's terminal, and no protocol here needs them
+  could garble a peer's terminal, and no protocol here needs them;
+  ``Failed("empty-message")`` for no text at all (a slip, such as an Enter on an
+  empty line, not something to number and show the peer); text of white space
+  alone is text, and goes as sent
 - ``Who()`` → ``Users``: every named member and its peer (the first :data:`MAX_USERS`)
 - ``Quit()`` → ``Bye``, then the member is closed; its peer gets ``Unpaired``
 - ``Invalid(code)`` → ``Failed(code)``
@@ -58,6 +64,17 @@ NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
 MAX_USERS = 1000
 #: What message text may not contain: C0 controls but tab, DEL, C1 controls.
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+#: Every error code chatd sends a client: the line protocol's ``ERR <code>``, the web
+#: chat's ``{"type": "error", "code": <code>}``, and the refusal of a connection (``ERR``,
+#: or an HTTP 503 naming it). The room, the codecs and the server send these and no
+#: others, and README.md's protocol section explains each (tests/unit/test_error_codes.py).
+ERROR_CODES = (
+    "bad-name", "nick-taken", "self-pair",  # NICK, PAIR
+    "not-paired", "empty-message", "bad-text",  # MSG
+    "unknown-command", "line-too-long", "bad-encoding",  # what a codec cannot parse
+    "crashed-server", "internal-error",  # chatd itself, not what the command said
+    "server-full", "too-many-connections",  # a connection refused
+)
 
 
 # -- commands: what a member asks ---------------------------------------------------------
@@ -396,6 +413,9 @@ class Room:
         if name is None or not NAME_RE.match(name):
             outcome.tell(member.id, Failed("bad-name"))
             return
+        if name == member.nick:
+            outcome.tell(member.id, Failed("self-pair"))
+            return
         if member.peer is not None and member.peer.nick == name:
             outcome.tell(member.id, Ok("PAIR", name))
             return
@@ -407,6 +427,9 @@ class Room:
         self._pair_if_mutual(member, outcome)
 
     def _msg(self, member: Member, text: str, outcome: Outcome) -> None:
+        if not text:
+            outcome.tell(member.id, Failed("empty-message"))
+            return
         if CONTROL.search(text):
             outcome.tell(member.id, Failed("bad-text"))
             return

@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "Is chatd serving, how many clients and pairs; does holderd answer.")
     add("clients", cmd_clients, "Who is connected, whom they pair with, and whether holderd holds their socket.")
     add("backup", cmd_backup, "Make chatd store every current socket (and its state) in the holders again, in bulk.")
-    add("crash", cmd_crash, "Make chatd die of a real SIGSEGV (under systemd it is restarted and restores itself).")
+    add("crash", cmd_crash, "Make chatd die of a real SIGSEGV. Under systemd the standby chatd takes over and "
+        "the dead one is restarted as the next standby; by hand, start chatd again: it restores by itself.")
     add("restore", cmd_restore, "Tell a chatd started with --restore --wait to take its sockets back now.")
     add("demo", cmd_demo, "Play the whole story in a scratch directory (no root, no systemd): holderd, chatd, "
         "two clients chat, backup, crash, restart, restore, chat on. Exits 0 only if it all worked.", json_flag=False)
@@ -358,25 +359,32 @@ def build_parser() -> argparse.ArgumentParser:
     add("drain", cmd_drain, "End every client connection on purpose: each gets BYE, and chatd, holderd and "
         "systemd's fd store forget it. chatd keeps serving new clients. Stopping chatd does not "
         "end connections (holderd keeps them); this does.")
-    units = add("install-units", cmd_install_units, "Install holderd.service and chatd.service (as root): "
-                "create the holderd and chatd users, write the units, daemon-reload.")
+    units = add("install-units", cmd_install_units, "Install chatd and holderd under systemd (as root): "
+                "create the holderd and chatd users; write holderd.service, chatd@.service (chatd's two "
+                "processes, chatd@1 and chatd@2, taking turns) and chatd.service (starts and stops both); "
+                "daemon-reload. Start them with: systemctl enable --now chatd.")
     units.add_argument("--prefix", default=sys.prefix,
                        help="where the package is installed, holding bin/chatd (default: this one, %(default)s)")
-    units.add_argument("--unit-dir", default="/etc/systemd/system", help="default %(default)s")
+    units.add_argument("--unit-dir", default="/etc/systemd/system",
+                       help="where the unit files go (default %(default)s)")
     units.add_argument("--chatd-options", metavar="OPTIONS",
                        help="write /etc/default/chatd with CHATD_OPTIONS=OPTIONS, e.g. '--host 0.0.0.0'")
     units.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
     test = add("selftest", cmd_selftest, "Check a running installation end to end: two probe clients pair and "
                "chat, chatd is crashed (SIGSEGV), a new chatd must take over by itself and the same "
                "connections must chat on. Exits 0 on success.")
-    test.add_argument("--host", default="127.0.0.1")
-    test.add_argument("--port", type=int, default=5001)
+    test.add_argument("--host", default="127.0.0.1",
+                      help="chatd's address, where the probes connect (default %(default)s)")
+    test.add_argument("--port", type=int, default=5001, help="chatd's line port (default %(default)s)")
     test.add_argument("--no-crash", action="store_true", help="only chat, do not crash chatd")
     test.add_argument("--timeout", type=float, default=30, help="seconds to wait for the new chatd (default %(default)s)")
-    client = add("client", cmd_client, "A line-protocol client: type messages, /who, /quit; it prints what "
-                 "arrives, numbering messages #1, #2, …", json_flag=False)
-    client.add_argument("--host", default="127.0.0.1")
-    client.add_argument("--port", type=int, default=5001)
+    client = add("client", cmd_client, "A line-protocol client: each line typed is a message, a line "
+                 "starting with / a command (/who, /pair NAME, /quit, /port: the local port); it prints "
+                 "what arrives, numbering messages #1, #2, … The end of input sends QUIT. It exits as soon "
+                 "as chatd ends the connection (BYE or EOF), never reconnects.", json_flag=False)
+    client.epilog = f"exit status: {lineclient.EXIT_STATUS}"
+    client.add_argument("--host", default="127.0.0.1", help="chatd's address (default %(default)s)")
+    client.add_argument("--port", type=int, default=5001, help="chatd's line port (default %(default)s)")
     client.add_argument("--nick", help="send NICK with this name on connecting")
     client.add_argument("--pair", help="send PAIR with this name on connecting")
     return parser

@@ -74,7 +74,7 @@ def install_units(
     reload: bool = True,
 ) -> dict:
     if os.geteuid() != 0:
-        raise InstallError("installing units needs root: run it with sudo")
+        raise InstallError("installing units needs root: run it as root")
     for program in ("chatd", "holderd"):
         if not os.access(os.path.join(prefix, "bin", program), os.X_OK):
             raise InstallError(

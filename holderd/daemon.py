@@ -345,8 +345,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--socket",
         default=default_socket(own_service=True),
         help="socket path (default: $HOLDERD_SOCKET, $RUNTIME_DIRECTORY/holderd.sock under "
-        "systemd, /run/holderd/holderd.sock for root, else $XDG_RUNTIME_DIR/holderd/holderd.sock; "
-        "now %(default)s)",
+        "systemd, /run/holderd/holderd.sock for root, else $XDG_RUNTIME_DIR/holderd/holderd.sock, "
+        "else /tmp/holderd-<uid>/holderd.sock; now %(default)s)",
     )
     parser.add_argument(
         "--allow-uid",
@@ -397,7 +397,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--frame-timeout", type=positive_float, default=Limits.frame_timeout, metavar="SECONDS",
         help="how long a frame begun may take to arrive whole; past it the connection gets timeout and "
         "is closed (default: %(default)s)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="the least important messages logged, to stderr (default %(default)s)")
     return parser.parse_args(argv)
 
 

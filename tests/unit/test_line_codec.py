@@ -1,7 +1,7 @@
 """The line codec, pure: bytes in, commands out; events in, lines out."""
 
 from chatd.protocols.line import LineCodec, encode_event, parse_line
-from chatd.room import Bye, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Quit, Unpaired, Users, Who
+from chatd.room import Bye, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Quit, Room, Unpaired, Users, Who
 
 
 def commands(codec, data: bytes) -> list:
@@ -91,3 +91,14 @@ def test_a_codec_made_from_where_another_stood_goes_on_exactly_as_it_would():
             resumed.feed(stream[start:start + 17])
         assert commands(resumed, b"") == expected[done:]
         assert resumed.consumed == whole.consumed
+
+
+def test_on_the_wire_an_empty_msg_and_a_self_pair_are_refused():
+    """The decided answers, bytes in and bytes out: the codec, the room, the codec."""
+    room = Room()
+    room.join(1)
+    room.join(2)
+    out = b""
+    for command in commands(LineCodec(), b"NICK ann\nPAIR ann\nPAIR bob\nMSG\nMSG \r\n"):
+        out += b"".join(encode_event(event) for _, event in room.handle(1, command).deliveries)
+    assert out == b"OK NICK ann\nERR self-pair\nOK PAIR bob\nERR empty-message\nERR empty-message\n"

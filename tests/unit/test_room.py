@@ -59,6 +59,23 @@ def test_nick_rules():
     assert texts(say(room, 2, "NICK bad name")) == [(2, "ERR bad-name")]
     assert texts(say(room, 2, "NICK " + "x" * 33)) == [(2, "ERR bad-name")]
     assert texts(say(room, 2, "NICK")) == [(2, "ERR bad-name")]
+    assert texts(say(room, 2, "NICK \u00e9")) == [(2, "ERR bad-name")]
+    assert texts(say(room, 2, "PAIR bad name")) == [(2, "ERR bad-name")]
+    assert texts(say(room, 2, "PAIR")) == [(2, "ERR bad-name")]
+
+
+def test_pairing_with_ones_own_nick_is_refused_and_changes_nothing():
+    """It could never be mutual, and as a new target it would end the pairing one has."""
+    room, _ = paired_room()
+    say(room, 1, "MSG one")
+    outcome = say(room, 1, "PAIR A")
+    assert texts(outcome) == [(1, "ERR self-pair")] and outcome.changed == set()
+    assert texts(say(room, 1, "MSG two")) == [(2, "FROM A 2 two")], "still paired, n goes on"
+    room.join(3)
+    assert texts(say(room, 3, "PAIR A")) == [(3, "OK PAIR A")], "a member without a nick names anyone"
+    assert texts(say(room, 3, "NICK C")) == [(3, "OK NICK C")]
+    assert texts(say(room, 3, "PAIR C")) == [(3, "ERR self-pair")]
+    assert room.members[3].target == "A"
 
 
 def test_a_new_pair_replaces_the_old_and_the_old_peer_is_told():
@@ -114,6 +131,18 @@ def test_message_text_with_control_characters_is_refused_and_the_peer_gets_nothi
     for text in ("a\x00b", "a\rb", "\x1b[2Jwiped", "a\x7fb", "a\x85b", "a\x08b"):
         assert texts(say(room, 1, "MSG " + text)) == [(1, "ERR bad-text")], repr(text)
     assert texts(say(room, 1, "MSG tab\there, caf\u00e9, \u212a")) == [(2, "FROM A 1 tab\there, caf\u00e9, \u212a")]
+
+
+def test_a_message_with_no_text_is_refused_and_the_peer_gets_nothing():
+    room, _ = paired_room()
+    for line in ("MSG", "MSG ", "msg"):
+        outcome = say(room, 1, line)
+        assert texts(outcome) == [(1, "ERR empty-message")] and outcome.changed == set(), repr(line)
+    assert texts(say(room, 1, "MSG  ")) == [(2, "FROM A 1  ")], "white space alone is text: it goes as sent"
+    assert texts(say(room, 1, "MSG x")) == [(2, "FROM A 2 x")]
+    lone = Room()
+    lone.join(1)
+    assert texts(say(lone, 1, "MSG")) == [(1, "ERR empty-message")], "what is wrong with the line itself first"
 
 
 def test_restore_rederives_pairs_and_keeps_counters_silently():

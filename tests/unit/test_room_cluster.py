@@ -94,3 +94,16 @@ def test_a_restore_whose_remote_peer_is_gone_says_so_once_the_directory_is_compl
     assert outcome.deliveries == [(4, Unpaired("bob"))] and outcome.changed == {4}
     assert room.members[4].received == 0
     assert room.remote_changed("bob", "h2", "ann").deliveries == [(4, Paired("bob"))], "a new pairing"
+
+
+def test_self_pair_and_an_empty_message_change_nothing_across_hosts():
+    """Refused as on one host: the remote pairing stays (the directory is not touched) and
+    no k is spent on a message that is not sent."""
+    room = room_with_ann_targeting()
+    room.remote_changed("bob", "h2", "ann")
+    refused = room.handle(1, Pair("ann"))
+    assert refused.deliveries[0][1].code == "self-pair" and refused.changed == set()
+    empty = room.handle(1, Msg(""))
+    assert empty.deliveries[0][1].code == "empty-message" and empty.forwards == [] and empty.changed == set()
+    assert room.members[1].target == "bob" and room.remote["bob"].peer is room.members[1]
+    assert room.handle(1, Msg("hi")).forwards == [Forward(1, "h2", "bob", "ann", 111, 1, "hi")]

@@ -8,7 +8,7 @@ from wsproto.connection import Connection
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage
 
 from chatd.protocols.web import CLOSING, MAX_MESSAGE, OPEN, WebCodec
-from chatd.room import Bye, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Quit, Unpaired, Users, Who
+from chatd.room import Bye, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Quit, Room, Unpaired, Users, Who
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: chat\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -50,6 +50,21 @@ def test_a_browser_handshake_opens_a_websocket_built_by_wsproto():
     run(codec, client.send(Request(host="chat", target="/ws")))
     client.receive_data(codec.take_output())
     assert [type(event).__name__ for event in client.events()] == ["AcceptConnection"]
+
+
+def test_on_the_websocket_an_empty_msg_and_a_self_pair_are_refused():
+    """The decided answers, frames in and JSON out: the codec, the room, the codec."""
+    codec, client = opened()
+    room = Room()
+    room.join(1, "websocket")
+    sent = ({"type": "nick", "name": "ann"}, {"type": "pair", "peer": "ann"}, {"type": "pair", "peer": "bob"},
+            {"type": "msg"}, {"type": "msg", "text": ""}, {"type": "msg", "text": 5})
+    out = b""
+    for command in run(codec, b"".join(text(client, message) for message in sent)):
+        out += b"".join(codec.encode(event) for _, event in room.handle(1, command).deliveries)
+    assert [json.loads(event.data) for event in server_events(out)] == [
+        {"type": "ok", "command": "nick", "name": "ann"}, {"type": "error", "code": "self-pair"},
+        {"type": "ok", "command": "pair", "name": "bob"}] + [{"type": "error", "code": "empty-message"}] * 3
 
 
 @pytest.mark.parametrize("request_bytes, status", [
