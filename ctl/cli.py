@@ -103,9 +103,9 @@ def cmd_clients(args) -> int:
 
 def cmd_backup(args) -> int:
     reply = control.call("backup", args.control)
-    _print(args, reply, f"kept {plural(reply['sockets'], 'client socket')} in freshly packed bundles; the "
-                        f"holders keep {plural(reply['stored'], 'fd')} for chatd (listener, journal, bundle ends)")
-    return 0
+    lines, backed_up = control.backup_report(reply)
+    _print(args, reply, "\n".join(lines))
+    return 0 if backed_up else 1
 
 
 def cmd_crash(args) -> int:
@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("status", cmd_status, "Is chatd serving, how many clients and pairs; does holderd answer.")
     add("clients", cmd_clients, "Who is connected, whom they pair with, and whether holderd holds their socket.")
-    add("backup", cmd_backup, "Make chatd store every current socket (and its state) in the holders again, in bulk.")
+    add("backup", cmd_backup, "Make chatd store every current socket (and its state) in the holders again, in "
+        "bulk, and report what each holder then says it keeps. Exits 1 if no holder keeps all of it.")
     add("crash", cmd_crash, "Make chatd die of a real SIGSEGV (under systemd it is restarted and restores itself).")
     add("restore", cmd_restore, "Tell a chatd started with --restore --wait to take its sockets back now.")
     add("demo", cmd_demo, "Play the whole story in a scratch directory (no root, no systemd): holderd, chatd, "
