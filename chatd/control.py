@@ -9,7 +9,8 @@ a code. Only root and chatd's own uid are served. The operations:
 ==========  ===========================================================
 ``status``  pid, port, clients, pairs, holders and what each holds
 ``clients`` one row per client: nick, target, peer, count, remote, held
-``backup``  repack every bundle of sockets, store it and the journal again
+``backup``  repack every bundle of sockets, store it and the journal again;
+            what each holder then says it keeps, and what it lacks
 ``restore`` a chatd started with ``--restore --wait`` takes its sockets now
 ``drain``   end every client connection on purpose (each gets BYE)
 ``crash``   die of a real SIGSEGV, after the reply

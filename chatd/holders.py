@@ -50,6 +50,14 @@ class Holder(Protocol):
     label: str
     #: True after the last call worked, False after it failed, None before any.
     working: bool | None
+    #: Why the last call failed, until a store works again (a backup's report says it).
+    last_error: str | None
+    #: Whether :meth:`held` is the holder's own answer (holderd's LIST), or only what
+    #: chatd handed it and it took (systemd's store answers with no list).
+    lists_what_it_holds: bool
+
+    def retry_now(self) -> None:
+        """Let the next call ask this holder even if it failed a moment ago (an operator's backup)."""
 
     def store(self, items: list[Item]) -> bool:
         """Keep these fds (a name stored again is replaced); False if the holder failed."""
@@ -75,9 +83,14 @@ class HolderdHolder:
     audit). A holderd that does not answer within :data:`TIMEOUT` is left alone
     for :data:`RETRY_AFTER` seconds (calls meanwhile are skipped and logged as
     failed), so a hung holderd costs chatd's loop at most one timeout each time.
+    A holderd that is not there at all (nothing listens: the call fails at
+    once) costs nothing to ask: once chatd's loop runs, it is probed every
+    :data:`PROBE_INTERVAL`, whether it went away or was never found, and
+    everything is stored in it the moment it answers.
     """
 
     label = "holderd"
+    lists_what_it_holds = True
     TIMEOUT = 1.0
     RETRY_AFTER = 5.0
     #: How often a holderd that went away is asked whether it is back.
@@ -92,6 +105,10 @@ class HolderdHolder:
         self._watched: FrameSocket | None = None
         self._watched_fd = -1
         self._probe: Timer | None = None
+        #: Why the last call failed (for reports), until a store works.
+        self.last_error: str | None = None
+        #: The last call failed at once (nothing listens), not by a timeout: cheap to probe.
+        self._refused = False
 
     # -- hearing at once that holderd went away ------------------------------------------
     def watch(self, loop: Loop, refill) -> None:
@@ -106,6 +123,8 @@ class HolderdHolder:
         """
         self._loop, self._refill = loop, refill
         self._follow_connection()
+        if self.working is False and self._refused:  # not found at start: found the moment it starts
+            self._start_probing()
 
     def _follow_connection(self) -> None:
         """Watch the connection the client has now (a new one after a failure, perhaps
@@ -131,45 +150,71 @@ class HolderdHolder:
             log.warning("holderd at %s went away: asking every %.1f s until it is back, then storing "
                         "everything again", self.client.path, self.PROBE_INTERVAL)
             self.working = False
+            self.last_error = "holderd went away"
+            self._start_probing()
+
+    def _start_probing(self) -> None:
+        if self._loop is not None and self._probe is None:
             self._probe = self._loop.call_every(self.PROBE_INTERVAL, self._probe_back)
 
     def _probe_back(self) -> None:
+        began = time.monotonic()
         try:
             self.client.ping()
-        except Error:
+        except Error as exc:
             self.client.close()
+            self.last_error = exc.message
+            if time.monotonic() - began >= self.TIMEOUT / 2:
+                # Something listens but does not answer: asking every PROBE_INTERVAL would
+                # block the loop most of the time. Left to the calls, RETRY_AFTER apart.
+                self._stop_probing()
+                self._retry_at = time.monotonic() + self.RETRY_AFTER
             return
-        self._probe.cancel()
-        self._probe = None
+        self._stop_probing()
         self._retry_at = 0.0
         self._outcome(None, "probing")
         self._follow_connection()
         self._refill()
 
-    def _outcome(self, error: Error | None, what: str) -> bool:
+    def _stop_probing(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+
+    def _outcome(self, error: Error | None, what: str, seconds: float = 0.0) -> bool:
+        """Note how a call ended (it took ``seconds``); True if it worked."""
         if error is None:
             if self.working is False:
                 log.info("holderd at %s works again", self.client.path)
             self.working = True
             return True
+        self.last_error = error.message
         if error.code == "unavailable":
+            self._refused = seconds < self.TIMEOUT / 2
             if self.working is not False:
-                log.warning("holderd unavailable, %s skipped (retried in %.0f s): %s", what, self.RETRY_AFTER,
-                            error.message)
+                retried = (f"asked every {self.PROBE_INTERVAL:.1f} s until it answers" if self._refused
+                           else f"retried in {self.RETRY_AFTER:.0f} s")
+                log.warning("holderd unavailable, %s skipped (%s): %s", what, retried, error.message)
             self.working = False
             self._retry_at = time.monotonic() + self.RETRY_AFTER
+            if self._refused:
+                self._start_probing()
         else:
             log.warning("holderd refused %s: %s", what, error)
         return False
+
+    def retry_now(self) -> None:
+        self._retry_at = 0.0
 
     def _attempt(self, what: str, call):
         """``call()``'s result, or None if holderd failed (logged as its state changes)."""
         if self.working is False and time.monotonic() < self._retry_at:
             return None
+        began = time.monotonic()
         try:
             result = call()
         except Error as exc:
-            self._outcome(exc, what)
+            self._outcome(exc, what, time.monotonic() - began)
             return None
         finally:
             self._follow_connection()
@@ -177,7 +222,10 @@ class HolderdHolder:
         return result
 
     def store(self, items: list[Item]) -> bool:
-        return self._attempt(f"storing {plural(len(items), 'fd')}", lambda: self.client.store(items)) is not None
+        stored = self._attempt(f"storing {plural(len(items), 'fd')}", lambda: self.client.store(items)) is not None
+        if stored:
+            self.last_error = None
+        return stored
 
     def remove(self, names: list[str]) -> bool:
         return self._attempt(f"removing {plural(len(names), 'name')}", lambda: self.client.remove(names=names)) is not None
@@ -208,11 +256,16 @@ class SystemdHolder:
     """
 
     label = "systemd"
+    lists_what_it_holds = False
 
     def __init__(self, manager: ServiceManager):
         self.manager = manager
         self.working: bool | None = True
-        self._stored: dict[str, int] = {}  # name -> inode of the socket stored under it
+        self.last_error: str | None = None
+        self._stored: dict[str, int] = {}  # name -> inode of the socket systemd took under it
+
+    def retry_now(self) -> None:
+        pass  # every call asks systemd
 
     def store(self, items: list[Item]) -> bool:
         for name, _meta, fd in items:
@@ -222,8 +275,13 @@ class SystemdHolder:
                 continue
             if previous is not None:
                 self.manager.remove(name)
+                del self._stored[name]
             self.working = self.manager.store(name, fd)
-            self._stored[name] = inode
+            if self.working:
+                self._stored[name] = inode
+                self.last_error = None
+            else:
+                self.last_error = f"systemd's notify socket did not take {name}"
         return bool(self.working)
 
     def remove(self, names: list[str]) -> bool:
@@ -316,6 +374,25 @@ class Holders:
                 log.warning("%s keeps %d of chatd's %d fds as they are: storing the other %d again",
                             holder.label, len(expected) - len(lacking), len(expected), len(lacking))
                 holder.store(lacking)
+
+    def confirm(self, items: list[Item]) -> list[dict]:
+        """What each holder keeps of ``items``, as it answers (holderd: its LIST, names with
+        inodes), or as far as chatd can know (systemd's store answers with no list: what it
+        took). One report a holder: ``keeps`` and ``missing`` (names), ``error`` if it failed."""
+        expected = {name: os.fstat(fd).st_ino for name, _meta, fd in items}
+        reports = []
+        for holder in self.holders:
+            held = holder.held()
+            missing = sorted(expected) if held is None else sorted(n for n, ino in expected.items() if held.get(n) != ino)
+            reports.append({
+                "holder": holder.label,
+                "answered": held is not None,
+                "listed": holder.lists_what_it_holds,
+                "keeps": len(expected) - len(missing),
+                "missing": missing,
+                "error": holder.last_error if held is None or missing else None,
+            })
+        return reports
 
     def report(self) -> tuple[dict, dict]:
         """({label: working}, {label: how many of chatd's fds it holds, or None})."""

@@ -527,10 +527,17 @@ class ChatServer:
         return self.server_items() + self.bundles.items()
 
     def backup_all(self) -> dict:
-        """Repack every bundle and store it, with the listener and the journal."""
+        """Repack every bundle and store it, with the listeners and the journal, in every holder
+        (asked now, even one that failed a moment ago: an operator is waiting); then report
+        what each holder says it keeps, and which holders keep every one of ``fds``."""
+        for holder in self.holders:
+            holder.retry_now()
         sockets = self.bundles.rebuild_all()
-        self.holders.store(self.server_items())
-        return {"sockets": sockets, "stored": len(self.all_items())}
+        items = self.all_items()
+        self.holders.store(items)  # all at once, again: a holder's answer (or refusal) covers everything
+        reports = self.holders.confirm(items)
+        return {"sockets": sockets, "fds": len(items), "holders": reports,
+                "kept_whole_by": [report["holder"] for report in reports if not report["missing"]]}
 
     def audit_holders(self) -> None:
         if self.listener is not None:

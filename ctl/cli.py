@@ -23,17 +23,21 @@ from .launch import SOURCE_ROOT
 from .story import Story, play_demo
 
 SHELL_HELP = """\
-Master console: the seed's crash-and-restore story with real processes.
-chatd and two clients, C1 and C2, are running and paired. Instructions
+chatctl shell: crash and restore a chatd by hand, and watch two clients' TCP
+connections live through it. It starts its own chatd and two clients, C1 and
+C2, paired, in a scratch directory (not the chatd you may run elsewhere; no
+root, no systemd); holderd only when you type create. Instructions
 (case-insensitive):
   1to2      C1 sends a message to C2        2to1      C2 sends a message to C1
-  create    start holderd (the backup process)
-  backup    chatd stores all its sockets in holderd
-  crash     chatd dies of SIGSEGV
+  create    start holderd, which keeps copies of chatd's sockets (chatd finds it at once)
+  backup    chatd stores all its sockets in holderd again; says what holderd keeps
+  crash     chatd dies of SIGSEGV (without holderd, the clients' connections die too)
   restart   start a new chatd in restore mode (it waits for `restore`)
   restore   the new chatd takes its sockets back; C1 and C2 chat on
-  status    what chatd reports             help      this text
+  status    what chatd and holderd report  help      this text
   exit      stop everything and leave
+The story: 1to2, 2to1, create, backup, 1to2, crash, 1to2 (it waits in the
+kernel), restart, restore, 1to2, 2to1, status, exit.
 Each client numbers the messages it receives: #1, #2, …"""
 
 
@@ -107,9 +111,9 @@ def cmd_clients(args) -> int:
 
 def cmd_backup(args) -> int:
     reply = control.call("backup", args.control)
-    _print(args, reply, f"kept {plural(reply['sockets'], 'client socket')} in freshly packed bundles; the "
-                        f"holders keep {plural(reply['stored'], 'fd')} for chatd (listener, journal, bundle ends)")
-    return 0
+    lines, backed_up = control.backup_report(reply)
+    _print(args, reply, "\n".join(lines))
+    return 0 if backed_up else 1
 
 
 def cmd_crash(args) -> int:
@@ -273,14 +277,15 @@ def cmd_shell(args) -> int:
         story.start_chatd()
         story.start_clients()
         actions = {
-            "1to2": lambda: story.send("C1", "C2", wait=_chatd_up(story)),
-            "2to1": lambda: story.send("C2", "C1", wait=_chatd_up(story)),
+            "1to2": lambda: story.send("C1", "C2"),
+            "2to1": lambda: story.send("C2", "C1"),
             "create": story.create,
             "backup": story.backup,
             "crash": story.crash,
             "restart": lambda: story.start_chatd(restore=True),
             "restore": story.restore,
-            "status": lambda: print(json.dumps(control.call("status", story.control_socket), indent=2)),
+            "status": lambda: cmd_status(argparse.Namespace(
+                control=story.launcher.control_socket, holder=story.launcher.holder_socket, json=False)),
             "help": lambda: print(SHELL_HELP),
         }
         while True:
@@ -300,6 +305,8 @@ def cmd_shell(args) -> int:
                 action()
             except Error as exc:
                 print(f"error: {exc}")
+            except Exception as exc:  # noqa: BLE001 - no instruction may end the console
+                print(f"error: {command} failed: {type(exc).__name__}: {exc}")
             time.sleep(0.1)  # let the clients' output land before the next prompt
     except Error as exc:
         print(f"error: {exc}\n{story.logs()}")
@@ -307,10 +314,6 @@ def cmd_shell(args) -> int:
     finally:
         story.close()
     return 0
-
-
-def _chatd_up(story: Story) -> bool:
-    return story.chatd is not None and story.chatd.poll() is None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("status", cmd_status, "Is chatd serving, how many clients and pairs; does holderd answer.")
     add("clients", cmd_clients, "Who is connected, whom they pair with, and whether holderd holds their socket.")
-    add("backup", cmd_backup, "Make chatd store every current socket (and its state) in the holders again, in bulk.")
+    add("backup", cmd_backup, "Make chatd store every current socket (and its state) in the holders again, in "
+        "bulk, and report what each holder then says it keeps. Exits 1 if no holder keeps all of it.")
     add("crash", cmd_crash, "Make chatd die of a real SIGSEGV. Under systemd the standby chatd takes over and "
         "the dead one is restarted as the next standby; by hand, start chatd again: it restores by itself.")
     add("restore", cmd_restore, "Tell a chatd started with --restore --wait to take its sockets back now.")
@@ -354,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--lease", type=float, default=10.0,
                          help="seconds a lost host keeps its nicks (default %(default)s)")
     cluster.add_argument("--demo", action="store_true", help="play the crash story across hosts and exit")
-    add("shell", cmd_shell, "The interactive master console (1to2, 2to1, create, backup, crash, restart, "
-        "restore, exit) over real processes in a scratch directory.", json_flag=False)
+    add("shell", cmd_shell, "The master console: crash and restore a chatd by hand. It starts its own chatd "
+        "and two paired clients in a scratch directory (not a chatd you run), and holderd on `create`; type "
+        "1to2, 2to1, create, backup, crash, restart, restore, status, help, exit.", json_flag=False)
     add("drain", cmd_drain, "End every client connection on purpose: each gets BYE, and chatd, holderd and "
         "systemd's fd store forget it. chatd keeps serving new clients. Stopping chatd does not "
         "end connections (holderd keeps them); this does.")

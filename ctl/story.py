@@ -6,6 +6,12 @@ C1 and C2 that pair with each other. The sockets live in a scratch directory,
 so no root and no systemd are needed. :class:`Story` has one method per
 instruction of the master console; each checks what it can see and raises
 :class:`~fdkeep.errors.Error` (code ``story-failed``) when the story goes wrong.
+
+What it says is what it saw: a backup reports what holderd answered it keeps,
+a crash asks holderd whether it keeps chatd's sockets (if not, the clients'
+connections end, and the story waits for their EOF and says so), and a message
+is said to wait in the kernel only while chatd is down or not yet restored and
+both clients' connections are open.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import time
 
 from fdkeep.errors import Error
 from fdkeep.text import plural
+from holderd.client import HolderClient
 
+from .control import backup_report
 from .launch import Launcher, wait_until
 
 PAIRED = re.compile(r"< PAIRED (\S+)")
@@ -69,8 +77,19 @@ class ClientProcess:
             return list(self.lines)
 
     def type(self, text: str) -> None:
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(text + "\n")
+            self.proc.stdin.flush()
+        except OSError as exc:  # BrokenPipeError: the client exited
+            raise story_failed(f"{self.nick} cannot take input: it has exited ({exc.strerror or exc})") from None
+
+    def connection_gone(self) -> str | None:
+        """Why this client's connection is over, or None while it is open."""
+        if self.saw_eof():
+            return f"{self.nick}'s connection was closed (it got EOF)"
+        if self.proc.poll() is not None:
+            return f"{self.nick} has exited"
+        return None
 
     def messages(self) -> list[str]:
         return [line for line in self.snapshot() if re.match(rf"\[{self.nick}\] #\d+ FROM ", line)]
@@ -103,6 +122,8 @@ class Story:
         self.chatd_runs = 0
         self.clients: dict[str, ClientProcess] = {}
         self.sent = 0
+        #: chatd runs with --restore --wait and has not taken its sockets back yet.
+        self.awaiting_restore = False
         self.crashed_at: float | None = None
         self.gap_ms: float | None = None
 
@@ -140,6 +161,7 @@ class Story:
             raise story_failed(f"chatd runs already (pid {self.chatd.pid})")
         self.launcher.start_chatd(*(["--restore", "--wait"] if restore else []), wait=False)
         status = self.launcher.wait_chatd()
+        self.awaiting_restore = restore
         mode = "in restore mode, waiting for `restore`" if restore else f"on port {self.port}"
         self.say(f"chatd started (pid {status['pid']}) {mode}")
 
@@ -154,14 +176,23 @@ class Story:
             f"{self.clients['C1'].local_port} and {self.clients['C2'].local_port})"
         )
 
-    def send(self, sender: str, receiver: str, wait: bool = True) -> str | None:
-        """``1to2``: the sender types a message; with wait, until the receiver shows it."""
+    def serving(self) -> bool:
+        return self.chatd is not None and self.chatd.poll() is None and not self.awaiting_restore
+
+    def send(self, sender: str, receiver: str) -> str | None:
+        """``1to2``: the sender types a message; while chatd serves, until the receiver shows it."""
+        for nick in (sender, receiver):
+            gone = self.clients[nick].connection_gone()
+            if gone:
+                raise story_failed(f"nothing sent: {gone}; chatd died with nothing keeping its sockets. "
+                                   "Type exit, and start `chatctl shell` again to begin anew")
         self.sent += 1
         text = f"message {self.sent} from {sender}"
         before = len(self.clients[receiver].messages())
         self.clients[sender].type(text)
-        if not wait:
-            self.say(f"{sender} sent {text!r} (chatd is down: it waits in the kernel)")
+        if not self.serving():
+            why = "chatd is down" if self.chatd is None or self.chatd.poll() is not None else "chatd awaits `restore`"
+            self.say(f"{sender} sent {text!r} ({why}: it waits in the kernel, on the connection holderd keeps)")
             return None
         return self.expect(receiver, text, before)
 
@@ -175,22 +206,54 @@ class Story:
         self.say(f"{receiver} received: {arrived.split('] ', 1)[1]}")
         return arrived
 
-    def backup(self) -> None:
-        reply = self._control("backup")
-        self.say(f"backup: chatd keeps its {plural(reply['sockets'], 'client socket')} in holderd "
-                 f"({plural(reply['stored'], 'fd')}: listener, state, bundle)")
+    def backup(self) -> bool:
+        """``backup``: says what each holder answered it keeps; True if one keeps everything."""
+        lines, backed_up = backup_report(self._control("backup"))
+        if not self._holderd_runs():
+            lines.append("(no holderd runs here: type create, then backup)")
+        self.say("backup: " + lines[0])
+        for line in lines[1:]:
+            self.echo(line)
+        return backed_up
+
+    def _holderd_runs(self) -> bool:
+        return self.launcher.holderd is not None and self.launcher.holderd.poll() is None
+
+    def held_by_holderd(self) -> list[str]:
+        """The names holderd answers it keeps for chatd (none if no holderd runs)."""
+        if not self._holderd_runs():
+            return []
+        with HolderClient(self.launcher.holder_socket, timeout=5) as holder:
+            return sorted(item["name"] for item in holder.list("chatd/"))
 
     def crash(self) -> None:
+        """chatd dies of SIGSEGV; then whether its sockets live on in holderd, or the clients got EOF."""
         pid = self.chatd.pid
         self.crashed_at = time.monotonic()
         self._control("crash")
         code = self.chatd.wait(10)
         if code != -signal.SIGSEGV:
             raise story_failed(f"chatd (pid {pid}) ended with {code}, not SIGSEGV")
-        self.say(f"chatd (pid {pid}) died of SIGSEGV")
+        held = self.held_by_holderd()
+        if any(name.startswith("chatd/bundle/") for name in held) and "chatd/listen" in held:
+            self.say(f"chatd (pid {pid}) died of SIGSEGV; holderd keeps its {plural(len(held), 'fd')}: "
+                     "the clients' connections stay open")
+            return
+        self.say(f"chatd (pid {pid}) died of SIGSEGV, and nothing kept its client sockets "
+                 f"({'no holderd runs' if not self._holderd_runs() else 'holderd keeps ' + plural(len(held), 'fd')})")
+        for client in self.clients.values():
+            wait_until(client.connection_gone, 10, f"{client.nick} to see its connection end")
+        self.say("C1's and C2's connections are gone (both got EOF): nothing can be restored for them")
 
     def restore(self) -> None:
-        reply = self._control("restore")
+        try:
+            reply = self._control("restore")
+        except Error as exc:
+            if exc.code != "nothing-held":
+                raise
+            raise story_failed("nothing to restore: no holder kept chatd's sockets when it died. "
+                               "Type exit, and start `chatctl shell` again to begin anew") from None
+        self.awaiting_restore = False
         if self.crashed_at is not None:
             self.gap_ms = (time.monotonic() - self.crashed_at) * 1000
         self.say(
@@ -239,9 +302,10 @@ def play_demo(echo=print) -> int:
         story.start_clients()
         story.send("C1", "C2")
         story.send("C2", "C1")
-        story.backup()
+        if not story.backup():
+            raise story_failed("the backup was not kept whole")
         story.crash()
-        story.send("C1", "C2", wait=False)
+        story.send("C1", "C2")  # chatd is down: it waits in the kernel
         story.start_chatd(restore=True)
         story.restore()
         story.expect("C2", f"message {story.sent} from C1", 1)

@@ -1,5 +1,6 @@
 """Real holderd, chatd and clients on loopback: crashes by real signals, restores by a new chatd."""
 
+import json
 import os
 import signal
 import socket
@@ -38,7 +39,7 @@ def test_crash_after_backup_and_restore_keeps_connections_pairs_and_counters(run
     exchange(a, b, 2, 2, "before")
     backup = running.control("backup")
     # three clients; the two listeners (line, web), the journal, a bundle's two ends
-    assert (backup["sockets"], backup["stored"]) == (3, 5)
+    assert (backup["sockets"], backup["fds"], backup["kept_whole_by"]) == (3, 5, ["holderd"])
     running.kill_chatd(sig)
     a.send("MSG while down")  # waits in the kernel until a chatd reads it
     running.start_chatd("--restore")
@@ -283,3 +284,66 @@ def test_a_web_client_that_never_finishes_its_request_is_closed(procs):
     assert 9 < time.monotonic() - started < 25
     assert "sent no complete request in 10 s" in procs.logs()
     slow.close()
+
+
+def chatctl(procs, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ctl.cli", "--control", procs.control_socket, *argv],
+                          capture_output=True, text=True, timeout=30, env=procs.env)
+
+
+def held_names(procs) -> set[str]:
+    """What holderd itself answers it keeps for chatd (its LIST)."""
+    with HolderClient(procs.holder_socket) as holder:
+        return {item["name"] for item in holder.list("chatd/")}
+
+
+def test_backup_with_no_holderd_says_so_and_a_holderd_started_later_gets_everything_at_once(procs):
+    procs.start_chatd()  # --holder names a socket nothing listens on, and there is no systemd
+    a, b = procs.pair()
+    out = chatctl(procs, "backup")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "holderd: keeps NOTHING, it did not answer: cannot reach holderd" in out.stdout
+    assert "NOT backed up" in out.stdout
+    out = chatctl(procs, "backup", "--json")
+    assert out.returncode == 1
+    reply = json.loads(out.stdout)
+    assert (reply["sockets"], reply["fds"], reply["kept_whole_by"]) == (2, 5, [])
+    [holderd] = reply["holders"]
+    assert (holderd["holder"], holderd["answered"], holderd["keeps"], len(holderd["missing"])) == ("holderd", False, 0, 5)
+    assert "holderd unavailable, retrieving skipped (asked every 0.1 s until it answers)" in procs.logs()
+
+    procs.start_holderd()
+    started = time.monotonic()
+    wait_until(lambda: len(held_names(procs)) == 5, 3, "chatd to store everything in the new holderd")
+    print(f"holderd started -> chatd's 5 fds stored in it: {(time.monotonic() - started) * 1000:.0f} ms")
+
+    out = chatctl(procs, "backup", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    reply = json.loads(out.stdout)
+    names = held_names(procs)
+    assert reply["holders"] == [{"holder": "holderd", "answered": True, "listed": True, "keeps": len(names),
+                                 "missing": [], "error": None}]
+    assert len(names) == reply["fds"] == 5 and reply["kept_whole_by"] == ["holderd"]
+    assert "holderd: keeps all 5 (by its own list)" in chatctl(procs, "backup").stdout
+    procs.kill_chatd(signal.SIGSEGV)  # what holderd keeps is real: the pair lives on
+    a.send("MSG after")
+    procs.start_chatd("--restore")
+    assert b.line() == "FROM A 1 after"
+
+
+def test_backup_names_the_copies_a_holder_refused(procs):
+    procs.start_holderd("--max-fds-per-uid", "3")  # the listeners and the journal fit, a bundle does not
+    procs.start_chatd()
+    procs.pair()
+    out = chatctl(procs, "backup", "--json")
+    assert out.returncode == 1, out.stdout + out.stderr
+    reply = json.loads(out.stdout)
+    [holderd] = reply["holders"]
+    names = held_names(procs)
+    assert names == {"chatd/listen", "chatd/listen-web", "chatd/state"}
+    assert holderd["answered"] and holderd["keeps"] == len(names) == 3 and reply["kept_whole_by"] == []
+    assert len(holderd["missing"]) == 2 and not set(holderd["missing"]) & names
+    assert all(name.startswith("chatd/bundle/0/") for name in holderd["missing"])
+    assert "may hold at most 3 fds" in holderd["error"]
+    text = chatctl(procs, "backup").stdout
+    assert "holderd: keeps 3 of 5 (by its own list); no copy of chatd/bundle/0/" in text and "NOT backed up" in text
