@@ -87,6 +87,7 @@ function showPairing() {
 function ping(items) {
   lastPing = Date.now();
   pings.push({ at: lastPing, items: items });
+  countPending();
   send({ type: "ping" });
 }
 
@@ -176,7 +177,8 @@ function connect() {
   if (window.chat.attempts === 0) {
     setState("connecting");
   } else {
-    setState("lost", "No connection to the server. Connecting (try " + window.chat.attempts + " of " + RETRIES + ")…");
+    setState("lost", "No connection to the server. Connecting (try " + window.chat.attempts + " of " +
+             RETRIES + ")…");
   }
   current.onopen = () => {
     opened = true;
@@ -248,6 +250,5 @@ $("msg-form").addEventListener("submit", (event) => {
   item.scrollIntoView({ block: "end" });
   $("text").value = "";
   ping([item]);
-  countPending();
 });
 connect();
