@@ -8,11 +8,11 @@ each one's target is the other's nick; pairing is never stored, only derived,
 so a crash can never leave one side paired and the other not.
 
 The room takes one *command* at a time (:meth:`Room.handle`: :class:`Nick`,
-:class:`Pair`, :class:`Msg`, :class:`Who`, :class:`Quit`, or :class:`Invalid`
+:class:`Pair`, :class:`Msg`, :class:`Who`, :class:`Ping`, :class:`Quit`, or :class:`Invalid`
 for what a codec could not make sense of) and answers with an :class:`Outcome`:
 the *events* to deliver, each addressed to a member id (:class:`Ok`,
 :class:`Paired`, :class:`Unpaired`, :class:`From`, :class:`Users`,
-:class:`Bye`, :class:`Failed`), the members to close, and the members whose
+:class:`Pong`, :class:`Bye`, :class:`Failed`), the members to close, and the members whose
 crash-surviving fields (nick, target, ``received``) ``changed``. The room keeps
 no record of what changed between calls: each outcome says it, and the caller
 commits it.
@@ -49,6 +49,8 @@ The rules:
   empty line, not something to number and show the peer); text of white space
   alone is text, and goes as sent
 - ``Who()`` → ``Users``: every named member and its peer (the first :data:`MAX_USERS`)
+- ``Ping()`` → ``Pong``: nothing else; a client learns that chatd is handling its
+  commands again (the web page tells its user when chatd does not answer)
 - ``Quit()`` → ``Bye``, then the member is closed; its peer gets ``Unpaired``
 - ``Invalid(code)`` → ``Failed(code)``
 """
@@ -99,6 +101,11 @@ class Who:
 
 
 @dataclass(frozen=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True)
 class Quit:
     pass
 
@@ -110,7 +117,7 @@ class Invalid:
     code: str
 
 
-Command = Nick | Pair | Msg | Who | Quit | Invalid
+Command = Nick | Pair | Msg | Who | Ping | Quit | Invalid
 
 
 # -- events: what a member is told --------------------------------------------------------
@@ -144,6 +151,11 @@ class Users:
 
 
 @dataclass(frozen=True)
+class Pong:
+    pass
+
+
+@dataclass(frozen=True)
 class Bye:
     pass
 
@@ -153,7 +165,7 @@ class Failed:
     code: str
 
 
-Event = Ok | Paired | Unpaired | From | Users | Bye | Failed
+Event = Ok | Paired | Unpaired | From | Users | Pong | Bye | Failed
 
 
 @dataclass
@@ -369,6 +381,8 @@ class Room:
             self._msg(member, command.text, outcome)
         elif isinstance(command, Who):
             outcome.tell(member.id, self.users())
+        elif isinstance(command, Ping):
+            outcome.tell(member.id, Pong())
         elif isinstance(command, Quit):
             outcome.tell(member.id, Bye()).closes.append(member.id)
         elif isinstance(command, Invalid):

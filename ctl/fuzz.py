@@ -698,7 +698,7 @@ class Fuzzer:
             return b"MSG " + rng.randbytes(rng.randint(0, 20)).replace(b"\n", b"")  # not UTF-8, mostly
         if kind == 2:
             return rng.choice([b"", b"MSG "]) + b"x" * rng.choice([1, 65530, 65537, 100_000])
-        verb = rng.choice(["NICK", "PAIR", "MSG", "WHO", "QUIT", "nick", "Msg", "DANCE", ""])
+        verb = rng.choice(["NICK", "PAIR", "MSG", "WHO", "PING", "QUIT", "nick", "Msg", "DANCE", ""])
         argument = rng.choice(["", " ", " " + self.text(8), f" fz{rng.randrange(50)}", " " + "n" * 40])
         return (verb + argument).encode("utf-8", "surrogatepass") + rng.choice([b"", b"\r"])
 
@@ -794,7 +794,7 @@ class Fuzzer:
         kind = rng.randrange(8)
         mask = rng.randbytes(4)
         if kind <= 2:
-            message = rng.choice([{"type": "who"}, {"type": "nick", "name": f"fzw{rng.randrange(99)}"},
+            message = rng.choice([{"type": "who"}, {"type": "ping"}, {"type": "nick", "name": f"fzw{rng.randrange(99)}"},
                                   {"type": "msg", "text": self.text()}, {"type": "pair", "peer": self.text(5)},
                                   {"type": self.text(4)}, self.junk()])
             payload = json.dumps(message).encode("utf-8", "surrogatepass")

@@ -6,7 +6,7 @@ A client sends UTF-8 lines ending in ``\\n`` (a ``\\r`` before it is dropped),
 at most :data:`MAX_LINE` bytes each, not counting the ending. :class:`LineCodec`
 cuts the byte stream into lines and each line into a command: the first word,
 ASCII, matched without regard to ASCII case, names it (``NICK``, ``PAIR``, ``MSG``,
-``WHO``, ``QUIT``), the rest after one space is its argument. A line that grows
+``WHO``, ``PING``, ``QUIT``), the rest after one space is its argument. A line that grows
 past the limit is reported once, as ``Invalid("line-too-long")``, and its bytes
 are thrown away up to and including the next ``\\n``, so a huge line costs no
 memory and the client's next line is read normally. A line that is not UTF-8
@@ -23,6 +23,7 @@ event                    line(s)
 ``Unpaired(peer)``       ``UNPAIRED <peer>``
 ``From(sender, n, t)``   ``FROM <sender> <n> <t>``
 ``Users(entries)``       ``USER <nick> <peer-or-->`` …, then ``END``
+``Pong()``               ``PONG``
 ``Bye()``                ``BYE``
 ``Failed(code)``         ``ERR <code>``
 =======================  ===================================================
@@ -31,7 +32,8 @@ event                    line(s)
 from __future__ import annotations
 
 
-from ..room import Bye, Command, Event, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Quit, Unpaired, Users, Who
+from ..room import (Bye, Command, Event, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Ping, Pong, Quit, Unpaired,
+                    Users, Who)
 
 MAX_LINE = 64 * 1024
 DISCARDING = b"\x01"
@@ -57,6 +59,8 @@ def parse_line(line: bytes) -> Command:
         return Pair(argument)
     if verb == "WHO":
         return Who()
+    if verb == "PING":
+        return Ping()
     if verb == "QUIT":
         return Quit()
     return Invalid("unknown-command")
@@ -73,6 +77,8 @@ def encode_event(event: Event) -> bytes:
         text = f"UNPAIRED {event.peer}"
     elif isinstance(event, Users):
         text = "".join(f"USER {nick} {peer or '-'}\n" for nick, peer in event.entries) + "END"
+    elif isinstance(event, Pong):
+        text = "PONG"
     elif isinstance(event, Bye):
         text = "BYE"
     elif isinstance(event, Failed):

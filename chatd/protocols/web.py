@@ -14,12 +14,16 @@ On the WebSocket each complete *message* (a text message, possibly in
 fragments) is one JSON command::
 
     {"type": "nick", "name": N}   {"type": "pair", "peer": N}   {"type": "msg", "text": T}
-    {"type": "who"}               {"type": "quit"}
+    {"type": "who"}               {"type": "ping"}              {"type": "quit"}
 
 and each room event is one JSON text message: ``ok`` (``command``, ``name``),
 ``paired`` / ``unpaired`` (``peer``), ``from`` (``from``, ``n``, ``text``),
-``users`` (``users``: ``[{"nick", "peer"}]``), ``bye``, and ``error``
-(``code``, the same codes as the line protocol's ``ERR``). Pings are answered;
+``users`` (``users``: ``[{"nick", "peer"}]``), ``pong``, ``bye``, and ``error``
+(``code``, the same codes as the line protocol's ``ERR``). The ``ping`` →
+``pong`` pair is the room's, not the WebSocket's: its answer goes through the
+room and the journal like any other, so it tells the page that chatd is
+handling its commands (a page's JavaScript cannot send WebSocket pings).
+WebSocket pings are answered;
 a close frame is answered and ends the connection; a binary message is closed
 with 1003, a message over :data:`MAX_MESSAGE` bytes with 1009 (before its
 payload is read), invalid UTF-8 with 1007 (wsproto). No extension is
@@ -49,12 +53,14 @@ from importlib import resources
 import h11
 from wsproto import ConnectionType
 from wsproto.connection import Connection, ConnectionState
-from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Request, TextMessage
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
+from wsproto.events import Ping as PingFrame
 from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
-from ..room import Bye, Command, Event, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Quit, Unpaired, Users, Who
+from ..room import (Bye, Command, Event, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Ping, Pong, Quit, Unpaired,
+                    Users, Who)
 
 MAX_HEAD = 16 * 1024
 MAX_MESSAGE = 64 * 1024
@@ -123,6 +129,8 @@ def parse_command(text: str) -> Command:
         return Pair(text_field("peer"))
     if kind == "who":
         return Who()
+    if kind == "ping":
+        return Ping()
     if kind == "quit":
         return Quit()
     return Invalid("unknown-command")
@@ -139,6 +147,8 @@ def event_json(event: Event) -> dict:
         return {"type": "unpaired", "peer": event.peer}
     if isinstance(event, Users):
         return {"type": "users", "users": [{"nick": nick, "peer": peer} for nick, peer in event.entries]}
+    if isinstance(event, Pong):
+        return {"type": "pong"}
     if isinstance(event, Bye):
         return {"type": "bye"}
     if isinstance(event, Failed):
@@ -281,7 +291,7 @@ class WebCodec:
                     self._message, self._message_size = [], 0
             elif isinstance(event, BytesMessage):
                 self._close(CloseReason.UNSUPPORTED_DATA, "text messages only")
-            elif isinstance(event, Ping):
+            elif isinstance(event, PingFrame):
                 self._output += self._ws.send(event.response())
             elif isinstance(event, CloseConnection):
                 if self._ws.state == ConnectionState.REMOTE_CLOSING:  # the browser closes: answer it

@@ -1,8 +1,11 @@
-"""A real browser never notices chatd's crash: headless Chromium on the chat page.
+"""A real browser never notices chatd's crash, and is told the truth when it should notice:
+headless Chromium on the chat page.
 
 Debian's chromium, driven by Playwright (executable_path, --no-sandbox: no browser
 download). Each page records what it saw in window.chat (see chatd/web/app.js),
-including how many times its WebSocket's close event fired: never, is the point.
+including how many times its WebSocket's close event fired: across crashes, never,
+is the point. When chatd does not answer, when the server says goodbye, and when the
+connection is really gone, the page says which (the last tests).
 Screenshots go to $ARTIFACTS_DIR (default: test-artifacts/ in the checkout).
 """
 
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from ctl.launch import wait_until
 from ctl.probe import LineClient
 
 CHROMIUM = "/usr/bin/chromium"
@@ -48,9 +52,9 @@ def web(procs):
     return procs
 
 
-def open_page(browser, web, nick: str, peer: str):
+def open_page(browser, web, nick: str, peer: str, query: str = ""):
     page = browser.new_page(viewport={"width": 720, "height": 800})
-    page.goto(f"http://127.0.0.1:{web.http_port}/")
+    page.goto(f"http://127.0.0.1:{web.http_port}/{query}")
     page.wait_for_function("window.chat.opens === 1")
     page.fill("#nick", nick)
     page.click("#nick-form button")
@@ -154,3 +158,136 @@ def test_a_browser_pair_streaming_through_random_kills_loses_and_repeats_nothing
         assert page.evaluate("window.chat.closes") == 0 and page.evaluate("window.chat.errors") == []
     print(f"streamed through 10 kills: {ann.evaluate('window.streamed')} and {bob.evaluate('window.streamed')} "
           "messages, each received once")
+
+
+def pair_pages(browser, web, query: str = ""):
+    ann, bob = open_page(browser, web, "ann", "bob", query), open_page(browser, web, "bob", "ann", query)
+    for page, peer in ((ann, "bob"), (bob, "ann")):
+        page.wait_for_function(f"window.chat.paired === {peer!r}")
+    return ann, bob
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name))
+    print(f"screenshot: {ARTIFACTS / name}")
+
+
+def test_while_chatd_does_not_answer_the_page_says_it_waits_and_what_was_typed_arrives_once(browser, web):
+    ann, bob = pair_pages(browser, web)
+    say(ann, "before")
+    wait_for_messages(bob, 1)
+    ann.wait_for_function("window.chat.pending === 0 && window.chat.state === 'open'")
+    # Stopped, then dead: the socket stays open both times (holderd keeps it), chatd answers nothing.
+    for stop, back in (("SIGSTOP", "SIGCONT"), ("SIGKILL", "restore")):
+        if stop == "SIGSTOP":
+            web.chatd.send_signal(signal.SIGSTOP)
+        else:
+            web.kill_chatd(signal.SIGKILL)
+        say(ann, f"while chatd got {stop}")
+        ann.wait_for_function("window.chat.state === 'waiting'", timeout=10000)
+        assert ann.inner_text("#state") == "waiting for the server"
+        status = ann.inner_text("#status")
+        assert "not answering" in status and "kept and delivered when it is back" in status, status
+        assert ann.evaluate("window.chat.pending") == 1
+        assert ann.locator("#log li.out.pending").count() == 1
+        assert "nothing lost" in ann.inner_text("footer"), "true: the socket is open, what is typed waits"
+        assert not ann.is_disabled("#text"), "typing goes on: it is kept"
+        if stop == "SIGKILL":
+            screenshot(ann, "ann-waiting-for-chatd.png")
+        if back == "SIGCONT":
+            web.chatd.send_signal(signal.SIGCONT)
+        else:
+            web.start_chatd("--restore")
+        ann.wait_for_function("window.chat.state === 'open' && window.chat.pending === 0", timeout=15000)
+        assert ann.inner_text("#state") == "open" and not ann.is_visible("#status")
+        assert ann.locator("#log li.out.pending").count() == 0
+    say(ann, "after")
+    wait_for_messages(bob, 4)
+    assert [(m["n"], m["text"]) for m in received(bob)] == [
+        (1, "before"), (2, "while chatd got SIGSTOP"), (3, "while chatd got SIGKILL"), (4, "after")], "each once"
+    for page in (ann, bob):
+        assert page.evaluate("window.chat.closes") == 0 and page.evaluate("window.chat.opens") == 1
+
+
+def test_after_a_drain_the_page_says_the_chat_ended_and_does_not_come_back_by_itself(browser, web):
+    ann, bob = pair_pages(browser, web)
+    assert len(web.control("clients")["clients"]) == 2
+    assert web.control("drain")["drained"] == 2
+    for page in (ann, bob):
+        page.wait_for_function("window.chat.state === 'ended'")
+    # The old page reconnected within half a second; give it several.
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert web.control("clients")["clients"] == [], "no page came back by itself"
+        time.sleep(0.2)
+    for page in (ann, bob):
+        assert page.evaluate("window.chat.opens") == 1
+        assert page.inner_text("#state") == "ended"
+        assert "ended this chat" in page.inner_text("#status")
+        assert page.inner_text("#status-action") == "Start again"
+        assert "nothing lost" not in page.inner_text("footer")
+        assert page.is_disabled("#text")
+    screenshot(ann, "ann-after-drain.png")
+    for page in (ann, bob):
+        page.click("#status-action")  # the user's choice: a new connection, the same name and pairing
+    for page, peer in ((ann, "bob"), (bob, "ann")):
+        page.wait_for_function(f"window.chat.state === 'open' && window.chat.paired === {peer!r}")
+    assert len(web.control("clients")["clients"]) == 2
+    say(ann, "a new chat")
+    wait_for_messages(bob, 1)
+    assert received(bob) == [{"from": "ann", "n": 1, "text": "a new chat"}]
+
+
+def test_with_chatd_and_holderd_gone_the_page_retries_in_one_line_then_gives_up_and_offers_to_reconnect(browser, web):
+    retries = 4
+    ann = open_page(browser, web, "ann", "bob", f"?retries={retries}&backoff_ms=200&backoff_cap_ms=600")
+    bob = LineClient(web.port)
+    web.clients.append(bob)
+    bob.send("NICK bob", "PAIR ann")
+    ann.wait_for_function("window.chat.paired === 'bob'")
+    assert "nothing lost" in ann.inner_text("footer")
+    web.kill_chatd(signal.SIGKILL)
+    say(ann, "into the void")  # waits in the kernel: lost with the socket when holderd dies too
+    ann.wait_for_function("window.chat.state === 'waiting'", timeout=10000)
+    # Everything the status line and the log ever show, seen from inside the page: a try
+    # may last a few milliseconds (the jitter may pick 0), too short for polling to catch.
+    ann.evaluate("""() => {
+        window.seen = {statuses: [], logLengths: []};
+        const status = document.getElementById("status-text"), log = document.getElementById("log");
+        new MutationObserver(() => seen.statuses.push(status.textContent))
+            .observe(status, {childList: true, characterData: true, subtree: true});
+        new MutationObserver(() => seen.logLengths.push(log.children.length)).observe(log, {childList: true});
+    }""")
+    notes_before = ann.locator("#log li").count()
+    web.holderd.send_signal(signal.SIGKILL)
+    assert web.holderd.wait(10) == -signal.SIGKILL
+    lost_at = time.monotonic()
+    ann.wait_for_function("window.chat.state === 'offline'", timeout=20000)
+    print(f"gave up {time.monotonic() - lost_at:.2f} s after holderd died ({retries} tries)")
+    seen = ann.evaluate("window.seen")
+    assert seen["logLengths"] == [notes_before + 1], "one 'connection lost' line, not one per try"
+    assert ann.locator("#log li").last.inner_text() == (
+        "connection lost: 1 message(s) you sent were not confirmed and may not have arrived")
+    assert ann.locator("#log li.out.lost").all_inner_texts() == ["into the void"]
+    assert ann.locator("#status").count() == 1, "one status line, its text updated in place"
+    for attempt in range(1, retries + 1):
+        assert any(f"(try {attempt} of {retries})" in text for text in seen["statuses"]), seen["statuses"]
+    assert ann.evaluate("window.chat.attempts") == retries
+    assert ann.inner_text("#state") == "offline"
+    assert ann.inner_text("#status-text") == (f"Could not reach the server ({retries} tries). "
+                                              "Messages in flight are lost.")
+    assert ann.inner_text("#status-action") == "Reconnect"
+    footer = ann.inner_text("footer")
+    assert "nothing lost" not in footer and "lost" in footer, footer
+    screenshot(ann, "ann-gave-up.png")
+    time.sleep(1.0)  # given up: no more tries
+    assert ann.evaluate("window.chat.attempts") == retries and ann.evaluate("window.chat.state") == "offline"
+    web.start_holderd()
+    web.start_chatd()
+    ann.click("#status-action")
+    ann.wait_for_function("window.chat.state === 'open' && window.chat.opens === 2 && window.chat.nick === 'ann'")
+    assert "connected again, as a new client" in ann.inner_text("#log")
+    assert "nothing lost" in ann.inner_text("footer")
+    wait_until(lambda: [c["nick"] for c in web.control("clients")["clients"]] == ["ann"], 10, "ann back in chatd")
+    assert ann.evaluate("window.chat.paired") is None, "bob's connection ended with holderd: no one to pair with"

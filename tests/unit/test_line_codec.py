@@ -1,7 +1,7 @@
 """The line codec, pure: bytes in, commands out; events in, lines out."""
 
 from chatd.protocols.line import LineCodec, encode_event, parse_line
-from chatd.room import Bye, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Quit, Room, Unpaired, Users, Who
+from chatd.room import Bye, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Ping, Pong, Quit, Room, Unpaired, Users, Who
 
 
 def commands(codec, data: bytes) -> list:
@@ -50,6 +50,7 @@ def test_parse():
     assert parse_line(b"MSG  two  spaces ") == Msg(" two  spaces ")
     assert parse_line(b"MSG") == Msg("")
     assert parse_line(b"WHO") == Who()
+    assert parse_line(b"ping") == Ping()
     assert parse_line(b"PAIR") == Pair(None)
     assert parse_line(b"quit now") == Quit()
     assert parse_line(b"DANCE") == Invalid("unknown-command")
@@ -64,6 +65,7 @@ def test_every_event_is_one_line_but_users():
     assert encode_event(Unpaired("b")) == b"UNPAIRED b\n"
     assert encode_event(From("a", 7, "hé llo")) == "FROM a 7 hé llo\n".encode()
     assert encode_event(Bye()) == b"BYE\n"
+    assert encode_event(Pong()) == b"PONG\n"
     assert encode_event(Failed("not-paired")) == b"ERR not-paired\n"
     assert encode_event(Users((("a", "b"), ("c", None)))) == b"USER a b\nUSER c -\nEND\n"
     assert encode_event(Users(())) == b"END\n"

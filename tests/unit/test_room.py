@@ -104,6 +104,13 @@ def test_who_lists_named_members_and_their_peers():
     assert texts(say(room, 3, "WHO")) == [(3, "USER A B"), (3, "USER B A"), (3, "USER C -"), (3, "END")]
 
 
+def test_ping_is_answered_pong_to_the_sender_alone_and_changes_nothing():
+    room, _ = paired_room()
+    outcome = say(room, 1, "PING")
+    assert texts(outcome) == [(1, "PONG")]
+    assert outcome.changed == set() and outcome.closes == [] and outcome.forwards == []
+
+
 def test_errors():
     room = Room()
     room.join(1)

@@ -8,6 +8,7 @@ from wsproto.connection import Connection
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage
 
 from chatd.protocols.web import CLOSING, MAX_MESSAGE, OPEN, WebCodec
+from chatd import room
 from chatd.room import Bye, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Quit, Room, Unpaired, Users, Who
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -101,18 +102,19 @@ def test_messages_become_commands_and_events_become_messages():
     codec, client = opened()
     frames = b"".join(text(client, m) for m in ({"type": "nick", "name": "ann"}, {"type": "pair", "peer": "bob"},
                                                 {"type": "msg", "text": "hé \"there\""}, {"type": "who"},
-                                                {"type": "quit"}, {"type": "dance"}, "not json", [1, 2]))
-    assert run(codec, frames) == [Nick("ann"), Pair("bob"), Msg('hé "there"'), Who(), Quit(),
+                                                {"type": "ping"}, {"type": "quit"}, {"type": "dance"}, "not json",
+                                                [1, 2]))
+    assert run(codec, frames) == [Nick("ann"), Pair("bob"), Msg('hé "there"'), Who(), room.Ping(), Quit(),
                                   Invalid("unknown-command"), Invalid("unknown-command"), Invalid("unknown-command")]
     assert codec.consumed == len(HANDSHAKE) + len(frames)
     out = b"".join(codec.encode(event) for event in (
         Ok("NICK", "ann"), Paired("bob"), From("bob", 3, "hi"), Unpaired("bob"),
-        Users((("ann", "bob"), ("cid", None))), Failed("not-paired")))
+        Users((("ann", "bob"), ("cid", None))), room.Pong(), Failed("not-paired")))
     assert [json.loads(event.data) for event in server_events(out)] == [
         {"type": "ok", "command": "nick", "name": "ann"}, {"type": "paired", "peer": "bob"},
         {"type": "from", "from": "bob", "n": 3, "text": "hi"}, {"type": "unpaired", "peer": "bob"},
         {"type": "users", "users": [{"nick": "ann", "peer": "bob"}, {"nick": "cid", "peer": None}]},
-        {"type": "error", "code": "not-paired"}]
+        {"type": "pong"}, {"type": "error", "code": "not-paired"}]
 
 
 def test_bye_is_a_message_then_a_close():
