@@ -206,12 +206,12 @@ def cmd_cluster(args) -> int:
         if args.demo:
             return _cluster_demo(hosts)
         first, last = hosts.hosts[0], hosts.hosts[-1]
-        print(f"chat across hosts: {chatctl} client --port {first.port} --nick ann --pair bob  and  "
-              f"{chatctl} client --port {last.port} --nick bob --pair ann\n"
-              f"see one host: {chatctl} --control {first.control_socket} --holder {first.holder_socket} status\n"
-              "A chatd or NATS node that dies is restarted (a chatd takes its clients back from its holderd "
-              "and journal); Ctrl-C stops everything.")
-        try:
+        try:  # before the last line: whoever reads it may stop us at once
+            print(f"chat across hosts: {chatctl} client --port {first.port} --nick ann --pair bob  and  "
+                  f"{chatctl} client --port {last.port} --nick bob --pair ann\n"
+                  f"see one host: {chatctl} --control {first.control_socket} --holder {first.holder_socket} "
+                  "status\nA chatd or NATS node that dies is restarted (a chatd takes its clients back from its "
+                  "holderd and journal); Ctrl-C stops everything.")
             while True:
                 for line in hosts.revive():
                     print(line)
