@@ -4,7 +4,11 @@ Theory of operation
 -------------------
 chatctl speaks :mod:`fdkeep.frames` to a UNIX socket (:func:`default_socket`):
 one request ``{"op": NAME}``, one reply, ``{"ok": true, ...}`` or an error with
-a code. Only root and chatd's own uid are served. The operations:
+a code. Only root and chatd's own uid are served. The chatd that take turns
+(``--lease``, :mod:`chatd.standby`) each answer at a socket of their own
+(:func:`instance_socket`, e.g. ``control@1.sock``), and the one serving at the
+default socket too, so that chatctl reaches the server by default and each
+instance by its name. The operations:
 
 ==========  ===========================================================
 ``status``  pid, port, clients, pairs, holders and what each holds
@@ -49,16 +53,46 @@ def default_socket(*, own_service: bool = False) -> str:
     return os.environ.get("CHATD_CONTROL") or os.path.join(runtime_dir("chatd", own_service=own_service), "control.sock")
 
 
+def instance_socket(path: str, instance: str) -> str:
+    """The control socket of one of the chatd taking turns (``chatd --lease --instance``):
+    ``/run/chatd/control.sock`` and instance ``1`` give ``/run/chatd/control@1.sock``."""
+    root, extension = os.path.splitext(path)
+    return f"{root}@{instance}{extension}"
+
+
+def instance_sockets(path: str) -> dict[str, str]:
+    """{instance: socket path} of every instance socket beside ``path`` (live or stale)."""
+    root, extension = os.path.splitext(path)
+    prefix, found = os.path.basename(root) + "@", {}
+    try:
+        names = os.listdir(os.path.dirname(path) or ".")
+    except OSError:
+        return found
+    for name in names:
+        if name.startswith(prefix) and name.endswith(extension) and len(name) > len(prefix) + len(extension):
+            found[name[len(prefix):len(name) - len(extension)]] = os.path.join(os.path.dirname(path), name)
+    return found
+
+
 class ControlServer:
+    """Answers at ``path``, and at more paths given to :meth:`answer_also_at` (the
+    well-known one, for the chatd of a pair that serves)."""
+
     def __init__(self, server: "ChatServer", path: str, restore_on_request: bool):
         self.server = server
         self.path = path
         self.awaiting_restore = restore_on_request
         self.peers: set[FramePeer] = set()
-        self.sock = listen_unix(path, backlog=16)
         self.accepting = AcceptPause(server.loop, log, "control socket")
-        self.accepting.add(self.sock.fileno(), self._accept)
+        #: path -> (listening socket, inode of the file it made): only our own file is unlinked.
+        self.listeners: dict[str, tuple] = {}
+        self._listen(path)
         server.loop.call_every(1.0, self._sweep)
+
+    def _listen(self, path: str) -> None:
+        sock = listen_unix(path, backlog=16)
+        self.listeners[path] = (sock, os.stat(path).st_ino)
+        self.accepting.add(sock.fileno(), lambda mask: self._accept(sock))
 
     def _sweep(self) -> None:
         for peer in list(self.peers):
@@ -67,9 +101,9 @@ class ControlServer:
                 log.warning("control: %r dropped: %s", peer, error.message)
                 peer.refuse(error)
 
-    def _accept(self, mask: int) -> None:
+    def _accept(self, listener) -> None:
         try:
-            sock, _ = self.sock.accept()
+            sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # out of fds: chatd goes on, chatctl waits or times out
@@ -144,22 +178,21 @@ class ControlServer:
         peer.close_after_flush()
         crash()
 
-    def rebind(self, path: str) -> None:
-        """Listen at ``path`` instead (a standby's path, or the server's once it serves)."""
-        if path == self.path:
-            return
-        fresh = listen_unix(path, backlog=16)
-        self.close()
-        self.path, self.sock = path, fresh
-        self.accepting.add(self.sock.fileno(), self._accept)
+    def answer_also_at(self, path: str) -> None:
+        """Listen at ``path`` too (the well-known socket, once this chatd serves)."""
+        if path not in self.listeners:
+            self._listen(path)
 
     def close(self) -> None:
-        self.server.loop.remove(self.sock.fileno())
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        for path, (sock, inode) in self.listeners.items():
+            self.accepting.remove(sock.fileno())
+            sock.close()
+            try:
+                if os.stat(path).st_ino == inode:  # not a successor's socket
+                    os.unlink(path)
+            except OSError:
+                pass
+        self.listeners.clear()
 
 
 def crash() -> None:

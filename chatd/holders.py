@@ -68,8 +68,9 @@ class Holder(Protocol):
     def retrieve(self) -> list[Retrieved]:
         """Duplicates of all chatd's fds this holder keeps; the caller owns them."""
 
-    def forget_all(self) -> bool:
-        """Forget everything chatd stored (``chatd --fresh``)."""
+    def forget_all(self, why: str) -> bool:
+        """Forget everything chatd stored; ``why`` ends the log line that says so
+        (``--fresh``, or a standby's reason)."""
 
     def held(self) -> dict[str, int] | None:
         """What this holder keeps for chatd: name -> inode; None if it cannot be asked."""
@@ -233,10 +234,10 @@ class HolderdHolder:
     def retrieve(self) -> list[Retrieved]:
         return self._attempt("retrieving", lambda: self.client.retrieve(PREFIX)) or []
 
-    def forget_all(self) -> bool:
+    def forget_all(self, why: str) -> bool:
         removed = self._attempt("forgetting everything", lambda: self.client.remove(prefix=PREFIX))
-        if removed is not None:
-            log.info("holderd forgot the %d fds it kept for chatd (--fresh)", removed)
+        if removed:
+            log.info("holderd forgot the %s it kept for chatd (%s)", plural(removed, "fd"), why)
         return removed is not None
 
     def held(self) -> dict[str, int] | None:
@@ -303,7 +304,7 @@ class SystemdHolder:
             items.append(Retrieved(name, b"", fd, inode))
         return items
 
-    def forget_all(self) -> bool:
+    def forget_all(self, why: str) -> bool:
         passed = self.manager.take_passed_fds()
         for fd in passed:
             os.close(fd)
@@ -311,7 +312,8 @@ class SystemdHolder:
         for name in names:
             self.manager.remove(name)
         self._stored.clear()
-        log.info("systemd's fd store forgot the %d fds it kept for chatd (--fresh)", len(names))
+        if names:
+            log.info("systemd's fd store forgot the %s it kept for chatd (%s)", plural(len(names), "fd"), why)
         return True
 
     def held(self) -> dict[str, int]:
@@ -341,9 +343,9 @@ class Holders:
         for holder in self.holders:
             holder.remove(names)
 
-    def forget_all(self) -> None:
+    def forget_all(self, why: str) -> None:
         for holder in self.holders:
-            holder.forget_all()
+            holder.forget_all(why)
 
     def retrieve(self) -> list[tuple[Holder, list[Retrieved]]]:
         """What each holder kept: duplicates, which the caller owns."""

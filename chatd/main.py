@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
 import re
 import socket
 import sys
@@ -15,7 +16,7 @@ from fdkeep.systemd import ServiceManager
 from holderd.client import default_socket as holderd_socket
 
 from . import faults
-from .control import ControlServer, default_socket as control_socket
+from .control import ControlServer, default_socket as control_socket, instance_socket
 from .bundles import clients_the_fd_limit_allows
 from .holders import LISTEN_NAME, Holders, HolderdHolder, SystemdHolder
 from .journal import BOX_RING, Journal
@@ -65,6 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="take turns with another chatd started the same way (the warm standby): serve only "
         "while holding holderd's lease 'chatd', else wait, started and ready, and take over the "
         "moment the one serving dies (see chatd/standby.py)",
+    )
+    parser.add_argument(
+        "--instance", metavar="NAME",
+        help="with --lease: this process's name among the ones taking turns (chatd@.service passes %%i); "
+        "it answers chatctl at its own control socket, --control's path with @NAME before the extension "
+        "(e.g. control@1.sock), and at --control's path too while it serves (default: its pid)",
     )
     parser.add_argument(
         "--restore",
@@ -149,6 +156,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--fresh and --restore contradict each other")
     if args.lease and (args.no_holderd or args.wait):
         parser.error("--lease needs holderd (it keeps the lease) and cannot go with --wait")
+    if args.instance is not None and not args.lease:
+        parser.error("--instance goes with --lease")
+    if args.instance is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.instance):
+        parser.error(f"--instance {args.instance!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+    if args.lease and args.instance is None:
+        args.instance = str(os.getpid())
     if args.max_per_address < 0:
         parser.error("--max-per-address must be 0 (no limit) or more")
     if args.max_clients < 0:
@@ -195,14 +208,15 @@ def main(argv=None) -> int:
                         max_per_address=args.max_per_address)
     if args.cluster:
         server.box_size = BOX_RING
+    server.instance = args.instance
     if args.fresh:
-        server.holders.forget_all()
+        server.holders.forget_all("--fresh")
+    # With --lease each process answers at its own socket, and at args.control once it serves.
+    own_control = instance_socket(args.control, args.instance) if args.lease else args.control
     try:
-        # With --lease the control socket moves to args.control only once this chatd serves.
-        control = ControlServer(server, args.control + (".standby" if args.lease else ""),
-                                restore_on_request=args.wait)
+        control = ControlServer(server, own_control, restore_on_request=args.wait)
     except OSError as exc:
-        log.error("cannot open the control socket %s: %s", args.control, exc)
+        log.error("cannot open the control socket %s: %s", own_control, exc.strerror or exc)
         return 1
     stop_on_signals(log)
 
@@ -215,8 +229,8 @@ def main(argv=None) -> int:
                     log.error("the holders keep no listening socket for chatd: nothing to restore")
                     return False
                 server.bind(args.host, args.port, http_port)
-            elif http_port is not None and server.http_port is None:
-                server.bind_web(args.host, http_port)
+            else:
+                server.listen_where_told(args.host, args.port, http_port)
         except OSError as exc:
             web = f" or web port {http_port}" if http_port is not None else ""
             log.error("cannot listen on %s port %d%s: %s; is another chatd running? (`chatctl status`; "

@@ -84,7 +84,7 @@ def restore(server: "ChatServer") -> dict | None:
         close_fds(item.fd for item in retrieved)
         if retrieved:
             log.warning("the holders keep %d fds for chatd but no listening socket: dropping them", len(retrieved))
-            server.holders.forget_all()
+            server.holders.forget_all("useless without the listening socket")
         return None
     journal, journal_fd = _attach_journal(by_name.get(STATE_NAME, []), server.max_clients)
     if server.may_take_over is not None and not server.may_take_over(journal):

@@ -46,6 +46,8 @@ Timers send systemd the status line, ping its watchdog, and audit the holders.
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -92,6 +94,11 @@ ROUTINE_ENDS = {"said its last word", "client closed the connection", "said QUIT
 ACCEPT_BATCH = 16
 #: How long accepting stops when accept() fails (out of fds).
 ACCEPT_PAUSE = 0.5
+#: The name each listening socket is kept under in the holders, by the protocol it serves.
+LISTEN_NAMES = {"line": LISTEN_NAME, "websocket": LISTEN_WEB_NAME}
+#: How long a restored chatd told to listen on another address of the same port waits for the
+#: copies of the old listener to close (see ChatServer.listen_where_told).
+RELISTEN_TIMEOUT = 3.0
 #: How long a web client may take to send its whole HTTP request (the opening of the WebSocket).
 HANDSHAKE_TIMEOUT = 10.0
 #: How long after a restore chatd counts the restored clients' addresses.
@@ -141,6 +148,8 @@ class ChatServer:
         self.standby = False
         #: A check a restore makes of the journal it found before taking anything (chatd.standby).
         self.may_take_over = None
+        #: This process's name among the chatd taking turns (``--instance``); None alone.
+        self.instance: str | None = None
         #: Members whose record must be committed; slots to free; connections to wake.
         self._dirty: set[int] = set()
         self._freed: set[int] = set()
@@ -180,11 +189,83 @@ class ChatServer:
         web = f", web on port {self.http_port}" if self.http_port else ""
         log.info("listening on %s:%d%s (fresh start)", host, self.port, web)
 
-    def bind_web(self, host: str, http_port: int) -> None:
-        """A web port for a chatd restored without one (it ran without --http-port before)."""
-        self.listen_on(listen_tcp(host, http_port), "websocket")
-        self.holders.store(self.server_items())
-        log.info("web on %s:%d", host, self.http_port)
+    def listen_where_told(self, host: str, port: int, http_port: int | None) -> None:
+        """After a restore: listen where the options say, not only where the kept listeners are.
+
+        A kept listening socket is used as it is if its address is the one asked for
+        (port 0, "any free port", asks for the kept one). Otherwise chatd listens on the
+        new address, keeps that socket in every holder under the listener's name (which
+        replaces the old one there), and closes the old one: clients connected through it
+        keep their connections, each a socket of its own; only clients in the old one's
+        backlog at that moment are accepted first. ``http_port`` None: no web port.
+        If the new address cannot be had, chatd goes on with the old one, and says so.
+        """
+        self._move_listener("line", host, port, "--host/--port")
+        if http_port is not None:
+            self._move_listener("websocket", host, http_port, "--host/--http-port")
+        elif "websocket" in self.listeners:
+            listener = self._stop_listening("websocket")
+            self.holders.remove([LISTEN_WEB_NAME])
+            log.info("no longer listening for the web on %s (--http-port -1); the %s connected keep their "
+                     "connections", _address(listener.getsockname()), plural(len(self.connections), "client"))
+            listener.close()
+
+    def _move_listener(self, protocol: str, host: str, port: int, options: str) -> None:
+        kept = self.listeners.get(protocol)
+        if kept is not None and _is_address(kept, host, port):
+            return
+        try:
+            fresh = listen_tcp(host, port)
+        except OSError as exc:
+            if kept is None:
+                raise
+            if exc.errno != errno.EADDRINUSE or port != kept.getsockname()[1]:
+                log.error("cannot listen on %s (%s changed): %s; still listening on %s",
+                          _address((host, port)), options, exc.strerror or exc, _address(kept.getsockname()))
+                return
+            fresh = None  # the kept listener holds the port on another address: it must go first
+        old = None
+        if kept is not None:
+            old = kept.getsockname()
+            self._stop_listening(protocol)
+        if fresh is None:
+            self.holders.remove([LISTEN_NAMES[protocol]])
+            kept.close()
+            fresh = self._listen_once_released(host, port, old)
+        self.listen_on(fresh, protocol)
+        self.holders.store(self.server_items())  # under the listener's name: the old one goes
+        if kept is not None:
+            kept.close()
+        what = "listening" if protocol == "line" else "web"
+        if old is None:
+            log.info("%s on %s", what, _address(fresh.getsockname()))
+        else:
+            log.info("%s on %s instead of %s (%s changed); the %s connected keep their connections", what,
+                     _address(fresh.getsockname()), _address(old), options,
+                     plural(len(self.connections), "client"))
+
+    def _stop_listening(self, protocol: str) -> socket.socket:
+        """Take in what waits in the backlog of ``protocol``'s listener, and stop watching it."""
+        self._accept(protocol, until_empty=True)
+        listener = self.listeners.pop(protocol)
+        self.accepting.remove(listener.fileno())
+        return listener
+
+    def _listen_once_released(self, host: str, port: int, old: tuple) -> socket.socket:
+        """The port on a new address, once the copies of the old listener are closed: the
+        holders' (systemd closes its own a moment after it is told), and the store of the
+        other chatd taking turns, which it empties as it stands by. Failing that, the old address."""
+        deadline = time.monotonic() + RELISTEN_TIMEOUT
+        while True:
+            try:
+                return listen_tcp(host, port)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    log.error("cannot listen on %s: %s; back on %s", _address((host, port)),
+                              exc.strerror or exc, _address(old))
+                    return listen_tcp(old[0], old[1])
+            self.manager.watchdog()
+            time.sleep(0.02)
 
     def listen_on(self, listener: socket.socket, protocol: str = "line") -> None:
         listener.setblocking(False)
@@ -217,10 +298,10 @@ class ChatServer:
         return connection
 
     # -- clients ----------------------------------------------------------------------
-    def _accept(self, protocol: str) -> None:
+    def _accept(self, protocol: str, until_empty: bool = False) -> None:
         # At most ACCEPT_BATCH a turn: the listener stays readable, and the clients already
         # served get their turn in between, however many connect at once.
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(self.max_clients if until_empty else ACCEPT_BATCH):
             try:
                 sock, peer = self.listeners[protocol].accept()
             except (BlockingIOError, InterruptedError):
@@ -519,8 +600,8 @@ class ChatServer:
 
     # -- what the holders keep --------------------------------------------------------
     def server_items(self) -> list[Item]:
-        names = {"line": LISTEN_NAME, "websocket": LISTEN_WEB_NAME}
-        return [(names[protocol], b"{}", listener.fileno()) for protocol, listener in self.listeners.items()] + [
+        return [(LISTEN_NAMES[protocol], b"{}", listener.fileno())
+                for protocol, listener in self.listeners.items()] + [
             (STATE_NAME, b"{}", self.journal.fd)]
 
     def all_items(self) -> list[Item]:
@@ -548,6 +629,8 @@ class ChatServer:
         working, held = self.holders.report()
         return {
             "pid": os.getpid(),
+            "uid": os.geteuid(),
+            "instance": self.instance,
             "port": self.port,
             "http_port": self.http_port,
             "serving": self.listener is not None,
@@ -621,6 +704,26 @@ class ChatServer:
         if self.manager.watchdog_interval:
             self.loop.call_every(self.manager.watchdog_interval, self.manager.watchdog, first=0)
         self.loop.run_forever()
+
+
+def _address(sockname: tuple) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_address(listener: socket.socket, host: str, port: int) -> bool:
+    """Whether ``listener`` is bound where ``listen_tcp(host, port)`` would bind (port 0: any)."""
+    bound_host, bound_port = listener.getsockname()[:2]
+    if port and port != bound_port:
+        return False
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if listener.family != family:
+        return False
+    try:
+        wanted = socket.getaddrinfo(host or None, None, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0][4][0]
+        return ipaddress.ip_address(wanted) == ipaddress.ip_address(bound_host)
+    except (OSError, ValueError):
+        return False  # an unresolvable name: binding it says why
 
 
 def listen_tcp(host: str, port: int) -> socket.socket:

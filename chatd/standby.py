@@ -18,22 +18,25 @@ for chatd (the listening socket, the journal, the bundles) and serves
 process asks for the lease, finds it taken, and becomes the next standby: the
 roles swap, and every crash is covered by whichever process is alive.
 
-**Two units, not one.** A standby inside chatd.service's cgroup would be killed
+**Two units, not one.** A standby inside the server's cgroup would be killed
 with its failed main process, and only a unit's own processes may use its fd
-store. So the same program runs as ``chatd.service`` and as
-``chatd-standby.service`` (``PartOf=chatd.service``: stopped and restarted
-with it). Each process keeps *its own unit's* fd store current while it serves;
+store. So the same program runs as ``chatd@1.service`` and ``chatd@2.service``
+(``PartOf=chatd.service``: stopped and restarted with it), each answering
+chatctl at a control socket of its own (``--instance``), the one serving at the
+well-known one too. Each process keeps *its own unit's* fd store current while it serves;
 a process that becomes the standby clears its unit's store (what systemd
 passed it is stale: the server is elsewhere now). So whichever unit serves, its
 store and holderd both keep everything, and a crash of holderd together with
 the server still restores, from that unit's store.
 
 **Never two servers.** A restarted holderd remembers no lease, and both
-processes ask again; the standby might ask first. So before it takes over, a
-standby reads the journal's *owner* (the pid and start time of the process
-serving from it, written when it begins to serve): if that process is alive,
-the standby gives the lease back at once and asks again later, and the server,
-which never stops serving over a lease, gets it. A server that finds holderd
+processes ask again; the standby might ask first. So before it takes anything,
+a standby given the lease reads the journal's *owner* (the pid and start time of
+the process serving from it, written when it begins to serve) from the journal
+holderd keeps: if that process is alive, the standby gives the lease back at
+once (one info line) and asks again later, and the server, which never stops
+serving over a lease, gets it. The restore checks the owner once more, of the
+journal it really uses. A server that finds holderd
 unreachable at start serves only if systemd passed it a listening socket (it
 was serving); a standby without a lease never serves.
 
@@ -50,10 +53,12 @@ import time
 from typing import TYPE_CHECKING
 
 from fdkeep.errors import Error
+from fdkeep.fdpass import close_fds
 from fdkeep.loop import IN
-from holderd.client import Lease
+from holderd.client import HolderClient, Lease
 
 from . import faults
+from .holders import STATE_NAME
 from .journal import Journal
 
 if TYPE_CHECKING:
@@ -89,11 +94,13 @@ class Turns:
                  start_serving):
         self.server = server
         self.control = control
-        self.control_path = control_path  # the server's; the standby listens at control_path + ".standby"
+        self.control_path = control_path  # the well-known one, answered at too while this chatd serves
+        self.holder_path = holder_path
         self.lease = Lease(LEASE_NAME, holder_path)
         self.start_serving = start_serving  # () -> bool: restore or bind; False if it could not
         self.role = "starting"
         self._watching = False
+        self._yielding = False  # gave the lease back to a live server, and said so
 
     # -- at start -------------------------------------------------------------------
     def start(self, systemd_passed_a_listener: bool) -> bool:
@@ -114,7 +121,11 @@ class Turns:
     def _serve(self, fresh_allowed: bool = True) -> bool:
         if not self.start_serving(fresh_allowed):
             return False
-        self.control.rebind(self.control_path)
+        try:
+            self.control.answer_also_at(self.control_path)
+        except OSError as exc:  # serve anyway: chatctl still reaches this chatd at its own socket
+            log.error("cannot answer chatctl at %s as well (%s): `chatctl --control %s` reaches this chatd",
+                      self.control_path, exc.strerror or exc, self.control.path)
         self.role = "serving"
         self.server.journal.set_owner(*process_identity(os.getpid()))
         self._watch_lease()
@@ -124,8 +135,8 @@ class Turns:
     def _wait(self) -> bool:
         self.role = "standby"
         for holder in self.server.holders:
-            if holder.label == "systemd":
-                holder.forget_all()  # stale: whoever serves keeps its own unit's store
+            if holder.label == "systemd":  # stale: whoever serves keeps its own unit's store
+                holder.forget_all("this chatd stands by; the one serving keeps its own unit's store")
         self.server.standby = True
         self.server.announce_ready()
         log.info("standby: waiting for the lease %r in holderd to serve", LEASE_NAME)
@@ -170,6 +181,14 @@ class Turns:
 
     # -- taking over ------------------------------------------------------------------
     def _take_over(self) -> None:
+        serving = self._who_serves()
+        if serving is not None:
+            if not self._yielding:  # said once, however often the lease comes and goes meanwhile
+                log.info("granted the lease while %s (holderd restarted?): giving it back", serving)
+            self._yielding = True
+            self._give_back()
+            return
+        self._yielding = False
         log.info("granted the lease: taking over")
         self.server.standby = False
         self.server.may_take_over = self._nobody_else_serves
@@ -182,11 +201,39 @@ class Turns:
         if not served:
             log.warning("giving the lease back, and waiting")
             self.server.standby = True
-            self._unwatch()
-            self.lease.close()
-            self.server.loop.call_later(RETRY, self._ask_again)
+            self._give_back()
 
-    def _nobody_else_serves(self, journal: Journal) -> bool:
+    def _give_back(self) -> None:
+        self._unwatch()
+        self.lease.close()
+        self.server.loop.call_later(RETRY, self._ask_again)
+
+    def _who_serves(self) -> str | None:
+        """Who serves already, in words, before a standby given the lease takes anything; None if nobody.
+
+        A lease can come while another chatd serves: holderd restarted (it remembers no
+        lease) and the standby asked first. The journal holderd keeps names the process
+        serving from it; holderd keeping no journal means it restarted empty, and then
+        the standby has nothing to serve from either (its own store is empty)."""
+        try:
+            kept = HolderClient(self.holder_path, timeout=1.0).retrieve(STATE_NAME)
+        except Error:
+            return None  # let the restore find out, and say what it finds
+        journals = [item.fd for item in kept if item.name == STATE_NAME]
+        close_fds(item.fd for item in kept if item.name != STATE_NAME)
+        if not journals:
+            return "holderd keeps nothing for chatd"
+        try:
+            journal = Journal.attach(journals[0])
+        except (Error, OSError, ValueError):
+            close_fds(journals)
+            return None  # the restore makes a new one, and says why
+        try:
+            return None if self._nobody_else_serves(journal, quiet=True) else f"chatd pid {journal.owner()[0]} serves"
+        finally:
+            journal.close()
+
+    def _nobody_else_serves(self, journal: Journal, quiet: bool = False) -> bool:
         """The journal says who serves from it; a live process other than us means: not us.
 
         A process closes its sockets (which passed us the lease) a moment before it
@@ -197,7 +244,8 @@ class Turns:
         deadline = time.monotonic() + OWNER_GRACE
         while process_identity(owner[0]) == owner:
             if time.monotonic() > deadline:
-                log.warning("chatd pid %d still serves from the journal holderd keeps", owner[0])
+                if not quiet:
+                    log.warning("chatd pid %d still serves from the journal holderd keeps", owner[0])
                 return False
             time.sleep(0.002)
         return True

@@ -13,8 +13,9 @@ import signal
 import sys
 import time
 
-from chatd.control import default_socket as control_socket
+from chatd.control import default_socket as control_socket, instance_sockets
 from fdkeep.errors import Error
+from fdkeep.peer import someone_listens
 from fdkeep.text import plural
 from holderd.client import HolderClient, default_socket as holderd_socket
 
@@ -54,32 +55,69 @@ def cmd_status(args) -> int:
         report["chatd"] = control.call("status", args.control)
     except Error as exc:
         report["chatd"] = {"ok": False, "error": exc.code, "message": exc.message}
+    report["instances"] = instances_status(args.control)
     try:
         report["holderd"] = {"ok": True, **HolderClient(args.holder, timeout=3).ping()}
     except Error as exc:
         report["holderd"] = {"ok": False, "error": exc.code, "message": exc.message}
     chat, holder = report["chatd"], report["holderd"]
     lines = []
-    if chat["ok"]:
-        state = "waiting for `chatctl restore`" if chat.get("awaiting_restore") else f"serving port {chat['port']}"
-        held = chat.get("held", {})
-        holders = ", ".join(
-            f"{name} {'ok' if ok else 'down' if ok is False else 'unused yet'}"
-            + (f" ({plural(held[name], 'fd')})" if held.get(name) is not None else "")
-            for name, ok in chat["holders"].items()
-        ) or "none"
-        lines.append(f"chatd: pid {chat['pid']}, {state}, {plural(chat['clients'], 'client')}, "
-                     f"{plural(chat['pairs'], 'pair')}; holders: {holders}")
-        if chat.get("cluster"):
-            lines.append(cluster_line(chat["cluster"]))
-    else:
+    if not chat["ok"]:
         lines.append(f"chatd: {chat['message']}")
+    elif not report["instances"]:  # a chatd alone, not taking turns
+        lines.append(f"chatd: {chatd_line(chat)}")
+    for instance in report["instances"]:
+        lines.append(f"chatd@{instance['instance']}: {chatd_line(instance) if instance['ok'] else instance['message']}")
+    if chat["ok"] and chat.get("cluster"):
+        lines.append(cluster_line(chat["cluster"]))
     if holder["ok"]:
-        lines.append(f"holderd: protocol {holder['version']}, holds {plural(holder['held'], 'fd')} for uid {holder['uid']}")
+        lines.append(f"holderd: protocol {holder['version']}, {holderd_holds(holder, chat)}")
     else:
         lines.append(f"holderd: {holder['message']}")
     _print(args, report, "\n".join(lines))
     return 0 if chat["ok"] else 1
+
+
+def instances_status(control_path: str) -> list[dict]:
+    """The status of each chatd taking turns (``chatd --lease``), by its own control socket;
+    a socket file nobody listens on (its process died) is left out."""
+    found = []
+    for name, path in sorted(instance_sockets(control_path).items()):
+        try:
+            found.append({**control.call("status", path, timeout=3), "instance": name})
+        except Error as exc:
+            if someone_listens(path):
+                found.append({"ok": False, "instance": name, "message": f"does not answer: {exc.message}"})
+    return found
+
+
+def chatd_line(chat: dict) -> str:
+    if chat.get("role") == "standby":
+        return f"pid {chat['pid']}, standby: takes over the moment the one serving dies"
+    if chat.get("awaiting_restore"):
+        return f"pid {chat['pid']}, waiting for `chatctl restore`"
+    held = chat.get("held", {})
+    holders = ", ".join(
+        f"{name} {'ok' if ok else 'down' if ok is False else 'unused yet'}"
+        + (f" ({plural(held[name], 'fd')})" if held.get(name) is not None else "")
+        for name, ok in chat["holders"].items()
+    ) or "none"
+    web = f" (web {chat['http_port']})" if chat.get("http_port") else ""
+    return (f"pid {chat['pid']}, serving port {chat['port']}{web}, {plural(chat['clients'], 'client')}, "
+            f"{plural(chat['pairs'], 'pair')}; holders: {holders}")
+
+
+def holderd_holds(holder: dict, chat: dict) -> str:
+    """What holderd holds, in words that agree with chatd's line: chatd's fds are held for
+    chatd's uid, which is not the asking one when chatctl runs as root."""
+    chatd_uid = chat.get("uid") if chat["ok"] else None
+    chatd_held = chat.get("held", {}).get("holderd") if chat["ok"] else None
+    if chatd_uid is None or chatd_held is None:
+        return f"holds {plural(holder['held'], 'fd')} for uid {holder['uid']} (this user)"
+    words = f"holds {plural(chatd_held, 'fd')} for chatd (uid {chatd_uid})"
+    if holder["uid"] != chatd_uid and holder["held"]:
+        words += f" and {plural(holder['held'], 'fd')} for uid {holder['uid']} (this user)"
+    return words
 
 
 def cluster_line(cluster: dict) -> str:
@@ -339,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
-    add("status", cmd_status, "Is chatd serving, how many clients and pairs; does holderd answer.")
+    add("status", cmd_status, "Is chatd serving, how many clients and pairs; with two chatd taking turns "
+        "(under systemd: chatd@1, chatd@2), which one serves and which stands by; does holderd answer.")
     add("clients", cmd_clients, "Who is connected, whom they pair with, and whether holderd holds their socket.")
     add("backup", cmd_backup, "Make chatd store every current socket (and its state) in the holders again, in "
         "bulk, and report what each holder then says it keeps. Exits 1 if no holder keeps all of it.")
@@ -380,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                "connections must chat on. Exits 0 on success.")
     test.add_argument("--host", default="127.0.0.1",
                       help="chatd's address, where the probes connect (default %(default)s)")
-    test.add_argument("--port", type=int, default=5001, help="chatd's line port (default %(default)s)")
+    test.add_argument("--port", type=int, default=None,
+                      help="chatd's line port (default: the one chatd reports it serves)")
     test.add_argument("--no-crash", action="store_true", help="only chat, do not crash chatd")
     test.add_argument("--timeout", type=float, default=30, help="seconds to wait for the new chatd (default %(default)s)")
     client = add("client", cmd_client, "A line-protocol client: each line typed is a message, a line "

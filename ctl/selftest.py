@@ -37,32 +37,39 @@ def _expect(client: LineClient, wanted: str, what: str) -> None:
         raise SelftestFailed(f"{what}: {wanted!r} never arrived") from None
 
 
-def _wait_for_new_chatd(control_path: str, old_pid: int, timeout: float) -> dict:
+def _wait_for_serving(control_path: str, timeout: float, other_than: int | None = None) -> dict:
+    """chatd's status once a chatd serves (one other than pid ``other_than``, after a crash)."""
     deadline = time.monotonic() + timeout
     last_error = "no answer yet"
     while time.monotonic() < deadline:
         try:
             status = control.call("status", control_path)
-            if status["pid"] != old_pid and status["serving"]:
+            if status["pid"] != other_than and status["serving"]:
                 return status
-            last_error = f"still pid {status['pid']}"
+            if status.get("awaiting_restore"):
+                raise SelftestFailed("chatd is not serving: it waits for `chatctl restore`")
+            last_error = f"still pid {status['pid']}" if status["serving"] else "not serving yet"
         except Error as exc:
             last_error = exc.message
         time.sleep(0.01)
+    if other_than is None:
+        raise SelftestFailed(f"no chatd served within {timeout} s ({last_error})")
     raise SelftestFailed(f"no new chatd served within {timeout} s after the crash ({last_error}); "
                          "is it running under systemd with Restart=on-failure?")
 
 
-def run(host: str, port: int, control_path: str, crash: bool = True, timeout: float = 30, echo=print) -> dict:
+def run(host: str, port: int | None, control_path: str, crash: bool = True, timeout: float = 30,
+        echo=print) -> dict:
+    """The self-test, on ``port``, or (None) on the port chatd reports serving."""
     began = time.monotonic()
 
     def step(text: str) -> None:
         echo(f"[{time.monotonic() - began:7.3f}s] {text}")
 
-    status = control.call("status", control_path)
-    if not status["serving"]:
-        raise SelftestFailed("chatd is not serving (it waits for `chatctl restore`?)")
-    step(f"chatd pid {status['pid']} serves port {status['port']} with {plural(status['clients'], 'client')}")
+    status = _wait_for_serving(control_path, timeout)  # `systemctl start chatd` may have just returned
+    port = port or status["port"]
+    step(f"chatd pid {status['pid']} serves port {status['port']} with {plural(status['clients'], 'client')}"
+         + (f"; probing port {port}" if port != status["port"] else ""))
     tag = secrets.token_hex(3)
     nicks = (f"selftest-{tag}-a", f"selftest-{tag}-b")
     clients = [LineClient(port, timeout=10, host=host) for _ in nicks]
@@ -86,7 +93,7 @@ def run(host: str, port: int, control_path: str, crash: bool = True, timeout: fl
             reply = control.call("crash", control_path)
             crashed_at = time.monotonic()
             step(f"chatd pid {reply['pid']} crashed with SIGSEGV")
-            new = _wait_for_new_chatd(control_path, status["pid"], timeout)
+            new = _wait_for_serving(control_path, timeout, other_than=status["pid"])
             gap_ms = round((time.monotonic() - crashed_at) * 1000, 1)
             step(f"new chatd pid {new['pid']} serves {plural(new['clients'], 'client')} after {gap_ms} ms")
             report.update(new_pid=new["pid"], gap_ms=gap_ms)

@@ -170,6 +170,12 @@ class AcceptPause:
         self._listeners.append(fd)
         self.loop.add(fd, 0 if self.paused else IN, callback)
 
+    def remove(self, fd: int) -> None:
+        """Stop watching listener ``fd`` (before it is closed: its number may come back)."""
+        if fd in self._listeners:
+            self._listeners.remove(fd)
+        self.loop.remove(fd)
+
     def failed(self, exc: OSError, detail: str = "") -> None:
         """``accept()`` raised ``exc`` (not EAGAIN): pause every listener."""
         if self.paused:

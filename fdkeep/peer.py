@@ -83,8 +83,12 @@ def listen_unix(path: str, backlog: int = 128) -> socket.socket:
     """A non-blocking UNIX stream listener at ``path``, open to every local user.
 
     File modes do not decide who is served: the daemon checks each peer's uid
-    (:func:`peer_credentials`) itself, so the socket is 0666.
+    (:func:`peer_credentials`) itself, so the socket is 0666. A socket file left
+    by a process that died is replaced; one a live process listens on is not
+    taken from it: that fails with ``EADDRINUSE``, naming the path.
     """
+    if someone_listens(path):
+        raise OSError(errno.EADDRINUSE, f"another process listens on {path}")
     prepare_socket_path(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -96,6 +100,21 @@ def listen_unix(path: str, backlog: int = 128) -> socket.socket:
         raise
     listener.setblocking(False)
     return listener
+
+
+def someone_listens(path: str) -> bool:
+    """Whether a live process accepts connections at ``path`` (False for a stale file or none)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except BlockingIOError:
+        return True  # its backlog is full: alive, and busy
+    except OSError:
+        return False  # ECONNREFUSED: the file outlived its process; ENOENT, ENOTSOCK...
+    finally:
+        probe.close()
+    return True
 
 
 class OutputQueue:

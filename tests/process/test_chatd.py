@@ -1,5 +1,6 @@
 """Real holderd, chatd and clients on loopback: crashes by real signals, restores by a new chatd."""
 
+import errno
 import json
 import os
 import signal
@@ -347,3 +348,53 @@ def test_backup_names_the_copies_a_holder_refused(procs):
     assert "may hold at most 3 fds" in holderd["error"]
     text = chatctl(procs, "backup").stdout
     assert "holderd: keeps 3 of 5 (by its own list); no copy of chatd/bundle/0/" in text and "NOT backed up" in text
+
+
+def refuses(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` any more (every copy of the listener is closed)."""
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED
+
+
+def test_a_restore_with_another_port_listens_there_and_the_clients_connected_stay(running):
+    from helpers import free_port
+
+    a, b = running.pair()
+    exchange(a, b, 1, 1, "before")
+    old_port, new_port = running.port, free_port()
+    running.kill_chatd(signal.SIGKILL)
+    running.port = new_port
+    status = running.start_chatd("--restore") and running.wait_chatd()
+    assert status["port"] == new_port and status["clients"] == 2
+    assert (f"listening on 127.0.0.1:{new_port} instead of 127.0.0.1:{old_port} (--host/--port changed); "
+            "the 2 clients connected keep their connections") in running.logs()
+    exchange(a, b, 2, 2, "on the old port's connections")
+    c = LineClient(new_port)
+    c.send("NICK C")
+    assert c.line() == "OK NICK C"
+    # holderd let go of the old listener when it was given the new one under its name.
+    wait_until(lambda: refuses(old_port), 5, f"port {old_port} to be closed")
+    # Port 0 ("any") keeps the listener kept, which is the new one now.
+    running.kill_chatd(signal.SIGKILL)
+    running.port = None
+    assert running.start_chatd("--restore") and running.wait_chatd()["port"] == new_port
+    exchange(a, b, 3, 3, "after a second crash")
+    c.close()
+
+
+def test_a_restore_with_another_address_of_the_same_port_takes_it(running):
+    """127.0.0.1:P to 0.0.0.0:P: the kept listener holds the port, so it goes first."""
+    a, b = running.pair()
+    port = running.port
+    running.kill_chatd(signal.SIGKILL)
+    running.start_chatd("--restore", "--host", "0.0.0.0")
+    assert (f"listening on 0.0.0.0:{port} instead of 127.0.0.1:{port} (--host/--port changed)"
+            in running.logs())
+    exchange(a, b, 1, 1, "after")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
+        assert probe.getpeername()[1] == port
+    # A restart with the same options keeps the listener it kept, and says nothing of it.
+    running.kill_chatd(signal.SIGKILL)
+    running.start_chatd("--restore", "--host", "0.0.0.0")
+    assert running.logs().count("instead of") == 2  # the line port's and the web port's, once
+    exchange(a, b, 2, 2, "again")

@@ -6,30 +6,35 @@ from __future__ import annotations
 import signal
 import time
 
+from chatd.control import instance_socket
 from ctl import control
 from ctl.launch import wait_for_answer
 
 
-def start_lease_chatd(procs, standby: bool):
-    """A chatd with --lease; wait until it answers on the socket of the role it should take."""
+def start_lease_chatd(procs, standby: bool, instance: str):
+    """A chatd with --lease; wait until it answers on its own socket in the role it should take
+    (and, serving, on the well-known one too)."""
     proc = procs.spawn("chatd", "chatd", "--port", str(procs.port or 0), "--http-port", str(procs.http_port or 0),
                        "--control", procs.control_socket,
-                       "--holder", procs.holder_socket, "--lease")
-    path = procs.control_socket + (".standby" if standby else "")
+                       "--holder", procs.holder_socket, "--lease", "--instance", instance)
+    path = instance_socket(procs.control_socket, instance)
     status = wait_for_answer(proc, lambda: control.call("status", path), 15, "chatd")
     assert status["role"] == ("standby" if standby else "serving"), status
+    assert status["instance"] == instance
     if not standby:
+        assert control.call("status", procs.control_socket)["pid"] == proc.pid
         procs.port, procs.http_port = status["port"], status["http_port"]
     return proc
 
 
 def test_the_standby_serves_the_moment_the_server_dies_and_the_roles_swap(procs):
     procs.start_holderd()
-    serving = start_lease_chatd(procs, standby=False)
+    serving = start_lease_chatd(procs, standby=False, instance="1")
     a, b = procs.pair()
     a.send("MSG one")
     assert b.line() == "FROM A 1 one"
-    standby = start_lease_chatd(procs, standby=True)
+    standby = start_lease_chatd(procs, standby=True, instance="2")
+    names = {serving.pid: "1", standby.pid: "2"}
     gaps = []
     for round_number in range(3):
         killed_at = time.monotonic()
@@ -40,22 +45,26 @@ def test_the_standby_serves_the_moment_the_server_dies_and_the_roles_swap(procs)
         assert serving.wait(10) == -signal.SIGKILL
         status = control.call("status", procs.control_socket)
         assert status["pid"] == standby.pid and status["role"] == "serving" and status["clients"] == 2
-        serving, standby = standby, start_lease_chatd(procs, standby=True)  # what systemd's restart does
+        # What systemd's restart does: the same instance again, whose socket file the killed one left.
+        killed = names.pop(serving.pid)
+        serving, standby = standby, start_lease_chatd(procs, standby=True, instance=killed)
+        names[standby.pid] = killed
     print("kill -> relayed with the standby:", ", ".join(f"{gap:.0f} ms" for gap in gaps))
     assert "granted the lease: taking over" in procs.logs()
 
 
 def test_a_standby_never_serves_beside_a_live_server_when_holderd_restarts(procs):
     procs.start_holderd()
-    serving = start_lease_chatd(procs, standby=False)
+    serving = start_lease_chatd(procs, standby=False, instance="1")
     a, b = procs.pair()
-    standby = start_lease_chatd(procs, standby=True)
+    standby = start_lease_chatd(procs, standby=True, instance="2")
     procs.holderd.send_signal(signal.SIGKILL)  # no systemd here: holderd comes back empty,
     procs.holderd.wait(10)                      # and remembers no lease
     procs.start_holderd()
     time.sleep(1.5)
     assert control.call("status", procs.control_socket)["pid"] == serving.pid
-    assert control.call("status", procs.control_socket + ".standby")["role"] == "standby"
+    assert control.call("status", instance_socket(procs.control_socket, "2"))["role"] == "standby"
     a.send("MSG still one server")
     assert b.line() == "FROM A 1 still one server"
     assert standby.poll() is None and serving.poll() is None
+    assert "ERROR" not in procs.logs(), procs.logs()

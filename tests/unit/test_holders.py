@@ -66,7 +66,7 @@ def test_holderd_holder_keeps_gives_back_and_forgets(tmp_path, sockets):
         for item in back.values():
             os.close(item.fd)
         assert holder.remove(["chatd/client/3"]) and holder.held().keys() == {"chatd/listen"}
-        assert holder.forget_all() and holder.held().keys() == set()
+        assert holder.forget_all("a test") and holder.held().keys() == set()
     finally:
         running.stop()
 
@@ -142,7 +142,7 @@ class Recorder:
     def retrieve(self):
         return []
 
-    def forget_all(self):
+    def forget_all(self, why=""):
         self.names.clear()
         return True
 

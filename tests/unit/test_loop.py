@@ -1,8 +1,13 @@
 """The event loop's timers and descriptors, with a clock the test moves."""
 
+import errno
 import os
+import socket
+
+import pytest
 
 from fdkeep.loop import IN, Loop
+from fdkeep.peer import listen_unix
 
 
 class Clock:
@@ -68,3 +73,21 @@ def test_descriptor_callbacks_get_their_mask():
     assert not loop.watching(r)
     os.close(r), os.close(w)
     loop.close()
+
+
+def test_listen_unix_replaces_a_dead_process_socket_but_never_a_live_one(tmp_path):
+    path = str(tmp_path / "control.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.listen(1)
+    dead.close()  # as a killed process leaves it: the file stays, nobody listens
+    live = listen_unix(path)
+    try:
+        with pytest.raises(OSError) as refused:
+            listen_unix(path)
+        assert refused.value.errno == errno.EADDRINUSE and path in str(refused.value)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)  # still the first one's
+        assert live.accept()
+    finally:
+        live.close()

@@ -42,7 +42,7 @@ class MemoryHolder:
     def retrieve(self):
         return [Retrieved(name, meta, os.dup(fd), os.fstat(fd).st_ino) for name, (meta, fd) in self.items.items()]
 
-    def forget_all(self):
+    def forget_all(self, why=""):
         self.remove(list(self.items))
         return True
 
