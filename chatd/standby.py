@@ -181,15 +181,17 @@ class Turns:
 
     # -- taking over ------------------------------------------------------------------
     def _take_over(self) -> None:
-        serving = self._who_serves()
-        if serving is not None:
+        reason = self._why_not_serve()
+        if reason is not None:
             if not self._yielding:  # said once, however often the lease comes and goes meanwhile
-                log.info("granted the lease while %s (holderd restarted?): giving it back", serving)
+                log.info("granted the lease, but %s: giving it back, and waiting", reason)
             self._yielding = True
             self._give_back()
             return
         self._yielding = False
         log.info("granted the lease: taking over")
+        for holder in self.server.holders:
+            holder.retry_now()  # holderd just answered: a failure while it restarted is past
         self.server.standby = False
         self.server.may_take_over = self._nobody_else_serves
         try:
@@ -208,17 +210,20 @@ class Turns:
         self.lease.close()
         self.server.loop.call_later(RETRY, self._ask_again)
 
-    def _who_serves(self) -> str | None:
-        """Who serves already, in words, before a standby given the lease takes anything; None if nobody.
+    def _why_not_serve(self) -> str | None:
+        """Why a standby given the lease must not take over, in words; None if it may.
 
         A lease can come while another chatd serves: holderd restarted (it remembers no
-        lease) and the standby asked first. The journal holderd keeps names the process
-        serving from it; holderd keeping no journal means it restarted empty, and then
-        the standby has nothing to serve from either (its own store is empty)."""
+        lease) and the standby asked first; or holderd, stopping, passed it on as it
+        closed the server's connection, and is gone the next moment. The journal
+        holderd keeps names the process serving from it. A standby serves only from
+        what holderd keeps (its own store is empty), so a holderd that keeps no journal
+        (it restarted empty) or does not answer leaves it nothing to serve from."""
         try:
-            kept = HolderClient(self.holder_path, timeout=1.0).retrieve(STATE_NAME)
-        except Error:
-            return None  # let the restore find out, and say what it finds
+            with HolderClient(self.holder_path, timeout=1.0) as holderd:
+                kept = holderd.retrieve(STATE_NAME)
+        except Error as exc:
+            return f"holderd does not answer ({exc.message})"
         journals = [item.fd for item in kept if item.name == STATE_NAME]
         close_fds(item.fd for item in kept if item.name != STATE_NAME)
         if not journals:

@@ -12,10 +12,12 @@ The tests run in file order and share the container; each leaves chatd serving.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import resource
+import socket
 import time
 from pathlib import Path
 
@@ -251,6 +253,8 @@ def test_a_hung_chatd_is_killed_by_the_watchdog_and_restored(machine):
     wait_active(machine, unit, old)
     assert restarts(machine, unit) == before + 1
     assert "Watchdog timeout" in machine.journal(unit, since), machine.journal(unit, since)
+    # Not SIGKILL TimeoutAbortSec later: systemd sends SIGCONT with the SIGABRT (the unit's comment).
+    assert "status=6/ABRT" in machine.journal(unit, since), machine.journal(unit, since)
     assert "restored 2 clients and 1 pair" in chatd_journal(machine, since)
     chat(machine.clients, ("ann", "bob"), 6)
 
@@ -285,6 +289,109 @@ def test_stop_then_start_keeps_the_clients_through_holderd(machine):
         chat(machine.clients, ("ann", "bob"), 10)
     finally:
         machine.systemctl("start", "holderd")
+
+
+def test_status_names_the_serving_instance_and_shows_both(machine):
+    unit, pid = serving(machine)
+    report = chatctl(machine, "status")
+    roles = {f"chatd@{row['instance']}": (row["role"], row["pid"]) for row in report["instances"]}
+    assert roles == {unit: ("serving", pid), other(unit): ("standby", main_pid(machine, other(unit)))}, report
+    text = machine.run(CHATCTL, "status").stdout
+    assert f"{unit}: pid {pid}, serving port {machine.port}" in text, text
+    assert f"{other(unit)}: pid {main_pid(machine, other(unit))}, standby" in text, text
+    # holderd's line agrees with chatd's count, and says for whom it holds them.
+    held = report["chatd"]["held"]["holderd"]
+    assert f"holds {held} fds for chatd (uid {report['chatd']['uid']})" in text, text
+    assert "for uid 0" not in text, text
+
+
+def test_restarting_holderd_leaves_the_server_serving_without_an_error(machine):
+    unit, pid = serving(machine)
+    since = now(machine)
+    old = main_pid(machine, "holderd")
+    machine.systemctl("restart", "holderd")
+    wait_active(machine, "holderd", old)
+    # Both chatd ask holderd for the lease again; whoever asked first, the server keeps serving...
+    wait_until(lambda: "works again" in chatd_journal(machine, since), 10, "the server to find holderd back")
+    assert serving(machine) == (unit, pid)
+    chat(machine.clients, ("ann", "bob"), 11)
+    # ...and holds the lease: the standby, queued behind it, takes over when it dies.
+    crash_chatd(machine)
+    chat(machine.clients, ("ann", "bob"), 12)
+    journal = chatd_journal(machine, since)
+    assert " ERROR " not in journal and "nothing to restore" not in journal, journal
+
+
+def test_twenty_stops_and_starts_fail_no_unit(machine):
+    since = now(machine)
+    # At most 20 starts of an instance in 10 s (StartLimitBurst=, the guard against a crash
+    # loop, which counts every start): a cycle takes some 0.3 s here, so cycles are spaced to
+    # stay under it with the starts of the tests before (the limit itself is not under test).
+    burst, interval = int(machine.show("chatd@1", "StartLimitBurst")), 10.0
+    assert machine.show("chatd@1", "StartLimitIntervalUSec") == "10s"
+    spacing = interval / (burst - 6)
+    began = time.monotonic()
+    for cycle in range(20):
+        cycle_began = time.monotonic()
+        machine.systemctl("stop", "chatd")
+        # `systemctl stop chatd` returns once both instances are stopped.
+        states = machine.systemctl("is-active", *CHATD_UNITS, check=False).stdout.split()
+        assert states == ["inactive", "inactive"], f"cycle {cycle}: {states}"
+        machine.systemctl("start", "chatd")
+        for unit in CHATD_UNITS:
+            wait_until(lambda: machine.show(unit, "ActiveState") in ("active", "failed"), 20, f"{unit} to start")
+        failed = machine.systemctl("is-failed", *CHATD_UNITS, check=False).stdout.split()
+        assert failed == ["active", "active"], f"cycle {cycle}: {failed}\n{chatd_journal(machine, since)}"
+        # NRestarts counts restarts since the last start by hand: one means a failure after it.
+        assert [restarts(machine, unit) for unit in CHATD_UNITS] == [0, 0], f"cycle {cycle}"
+        time.sleep(max(0.0, cycle_began + spacing - time.monotonic()))
+    took = time.monotonic() - began
+    print(f"20 x (systemctl stop chatd; systemctl start chatd; both active): {took:.1f} s")
+    journal = chatd_journal(machine, since)
+    for sign in ("Address already in use", " ERROR ", "Failed with result", "Main process exited"):
+        assert sign not in journal, journal
+    wait_until(lambda: serving_other_than(machine, 0), 10, "a chatd to serve")
+    chat(machine.clients, ("ann", "bob"), 13)
+
+
+def test_new_options_from_install_units_take_effect_and_the_clients_stay(machine):
+    old_port, port, http_port = machine.port, free_port(), free_port()
+    old_pids = [main_pid(machine, unit) for unit in CHATD_UNITS]
+    since = now(machine)
+    machine.run(CHATCTL, "install-units", "--chatd-options", f"--host 0.0.0.0 --port {port} --http-port {http_port}")
+    machine.systemctl("restart", "chatd")
+    for unit, pid in zip(CHATD_UNITS, old_pids):
+        wait_active(machine, unit, pid)
+    wait_until(lambda: serving_other_than(machine, 0), 10, "a chatd to serve")
+    status = chatctl(machine, "status")["chatd"]
+    assert (status["port"], status["http_port"], status["clients"]) == (port, http_port, 2), status
+    journal = chatd_journal(machine, since)
+    assert (f"listening on 0.0.0.0:{port} instead of 127.0.0.1:{old_port} (--host/--port changed); "
+            "the 2 clients connected keep their connections") in journal, journal
+    machine.port, machine.http_port = port, http_port
+    chat(machine.clients, ("ann", "bob"), 14)  # connected through the old port, chatting on
+    newcomer = LineClient(port)
+    newcomer.send("NICK eve")
+    assert newcomer.line() == "OK NICK eve"
+    newcomer.close()
+
+    def old_port_closed():
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", old_port)) == errno.ECONNREFUSED
+
+    wait_until(old_port_closed, 10, f"the old port {old_port} to be closed")
+
+
+def test_selftest_probes_the_port_chatd_serves(machine):
+    before = sum(restarts(machine, unit) for unit in CHATD_UNITS)
+    result = machine.run(CHATCTL, "selftest", check=False, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"serves port {machine.port}" in result.stdout and "PASS" in result.stdout, result.stdout
+    assert machine.port != 5001
+    wait_until(lambda: sum(restarts(machine, unit) for unit in CHATD_UNITS) == before + 1
+               and all(machine.show(unit, "ActiveState") == "active" for unit in CHATD_UNITS),
+               30, "the crashed instance to stand by again")
+    chat(machine.clients, ("ann", "bob"), 15)
 
 
 def test_drain_ends_every_connection(machine):
