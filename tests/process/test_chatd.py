@@ -398,3 +398,15 @@ def test_a_restore_with_another_address_of_the_same_port_takes_it(running):
     running.start_chatd("--restore", "--host", "0.0.0.0")
     assert running.logs().count("instead of") == 2  # the line port's and the web port's, once
     exchange(a, b, 2, 2, "again")
+
+
+def test_a_restore_with_http_port_minus_one_closes_the_web_port(running):
+    a, b = running.pair()
+    web_port = running.http_port
+    running.kill_chatd(signal.SIGKILL)
+    status = running.start_chatd("--restore", "--http-port", "-1") and running.wait_chatd()
+    # The line listener, the journal and a bundle's two ends: the web listener is gone from holderd too.
+    assert status["http_port"] is None and status["held"]["holderd"] == 4
+    assert f"no longer listening for the web on 127.0.0.1:{web_port} (--http-port -1)" in running.logs()
+    wait_until(lambda: refuses(web_port), 5, f"web port {web_port} to be closed")
+    exchange(a, b, 1, 1, "on the line port")
