@@ -40,6 +40,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from chatd.control import instance_socket  # noqa: E402
 from ctl import control  # noqa: E402
 from ctl.launch import Launcher, wait_for_answer, wait_until  # noqa: E402
 
@@ -152,7 +153,8 @@ def start_variant(launcher: Launcher, variant: str):
 def start_standby(launcher: Launcher):
     proc = launcher.spawn("chatd", "chatd", "--port", str(launcher.port), "--http-port", "-1", "--control",
                           launcher.control_socket, "--holder", launcher.holder_socket, "--lease")
-    wait_for_answer(proc, lambda: control.call("status", launcher.control_socket + ".standby"), 15, "standby")
+    own = instance_socket(launcher.control_socket, str(proc.pid))  # --instance defaults to the pid
+    wait_for_answer(proc, lambda: control.call("status", own), 15, "standby")
     return proc
 
 
