@@ -183,16 +183,21 @@ class ControlServer:
         if path not in self.listeners:
             self._listen(path)
 
+    def stop_answering_at(self, path: str) -> None:
+        if path not in self.listeners:
+            return
+        sock, inode = self.listeners.pop(path)
+        self.accepting.remove(sock.fileno())
+        sock.close()
+        try:
+            if os.stat(path).st_ino == inode:  # not a successor's socket
+                os.unlink(path)
+        except OSError:
+            pass
+
     def close(self) -> None:
-        for path, (sock, inode) in self.listeners.items():
-            self.accepting.remove(sock.fileno())
-            sock.close()
-            try:
-                if os.stat(path).st_ino == inode:  # not a successor's socket
-                    os.unlink(path)
-            except OSError:
-                pass
-        self.listeners.clear()
+        for path in list(self.listeners):
+            self.stop_answering_at(path)
 
 
 def crash() -> None:

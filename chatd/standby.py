@@ -119,13 +119,16 @@ class Turns:
         return self._wait()
 
     def _serve(self, fresh_allowed: bool = True) -> bool:
-        if not self.start_serving(fresh_allowed):
-            return False
+        # At the well-known socket before READY=1: once systemd says the unit is active,
+        # chatctl reaches it (requests made meanwhile wait in the backlog until it serves).
         try:
             self.control.answer_also_at(self.control_path)
         except OSError as exc:  # serve anyway: chatctl still reaches this chatd at its own socket
             log.error("cannot answer chatctl at %s as well (%s): `chatctl --control %s` reaches this chatd",
                       self.control_path, exc.strerror or exc, self.control.path)
+        if not self.start_serving(fresh_allowed):
+            self.control.stop_answering_at(self.control_path)
+            return False
         self.role = "serving"
         self.server.journal.set_owner(*process_identity(os.getpid()))
         self._watch_lease()

@@ -548,7 +548,9 @@ def test_a_cluster_host_under_systemd_pairs_with_another_host_through_its_crashe
                "--host-id box --host-lease 30")
     machine.run("sh", "-c", f"echo 'CHATD_OPTIONS={options}' > /etc/default/chatd")
     machine.run("systemctl", "start", "chatd")
-    wait_until(lambda: (chatctl(machine, "status")["chatd"].get("cluster") or {}).get("connected"), 30,
+    # `systemctl start chatd` returns before an instance serves (chatd@ is ordered after it).
+    wait_until(lambda: serving_other_than(machine, 0) and
+               (chatctl(machine, "status")["chatd"].get("cluster") or {}).get("connected"), 30,
                "the box host to join the cluster")
     with Launcher() as out:
         out.start_holderd()
