@@ -42,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=5001,
                         help="the line protocol's TCP port; 0 picks a free one (default %(default)s). A chatd "
-                        "that restores keeps the listening sockets it takes back, whatever --port says")
+                        "that restores listens here (and on --host, --http-port) instead of on the listening "
+                        "socket it takes back if that one is elsewhere, and the clients connected stay; "
+                        "with 0 it keeps the one it takes back")
     parser.add_argument("--http-port", type=int, default=None,
                         help="the web port: the chat page at /, its WebSocket at /ws, /healthz; 0 picks a free "
                         f"one, -1 serves no web (default {DEFAULT_HTTP_PORT}, or none, with a warning, if h11 "
@@ -50,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--control",
         default=control_socket(own_service=True),
-        help="control socket for chatctl (default: $CHATD_CONTROL or %(default)s; with --lease, "
-        "<path>.standby while standing by)",
+        help="control socket for chatctl (default: $CHATD_CONTROL or %(default)s; with --lease, only "
+        "while serving: each of those taking turns answers at its own socket too, see --instance)",
     )
     parser.add_argument(
         "--holder",
