@@ -206,7 +206,7 @@ class Cluster:
         if name == member.nick or not self.room.nick_free(member.id, name) or self._claiming(name):
             return False  # the room answers: OK again, bad-name or nick-taken
         self._claims[member.id] = (end, name)
-        connection.parked = True
+        connection.park()
         self._busy[name] = member.target
         self.bus.claim(member.id, name, self._entry(name, member.target))
         return True
@@ -216,7 +216,7 @@ class Cluster:
         member restored paired across hosts, whose peer the directory has not shown again."""
         if self.directory_complete or not self.room.awaiting(connection.member_id):
             return False
-        connection.parked = True
+        connection.park()
         self._held_back.add(connection.member_id)
         return True
 
@@ -452,7 +452,7 @@ class Cluster:
         for member_id in sorted(self._held_back):
             connection = self.server.connections.get(member_id)
             if connection is not None:
-                connection.parked = False
+                connection.open()
                 self.server.take_input(connection)
         self._held_back.clear()
         log.info("cluster: directory read (%s on other hosts, %s alive)", plural(len(self.directory), "member"),

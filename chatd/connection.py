@@ -5,16 +5,35 @@ Theory of operation
 A :class:`Connection` owns a client socket, registered in the event loop, the
 client's codec (:mod:`chatd.protocols`), and the client's two rings in the
 journal (:mod:`chatd.rings`). Bytes are received straight into the input ring,
-then fed to the codec; the server takes commands from the codec one at a time
-(:meth:`ChatServer.take_input <chatd.server.ChatServer.take_input>`), and
-moves ``inbox.handled`` on as it handles them. Events the server sends are
-encoded by the same codec into the output ring, and sent from there once the
-journal has committed them.
+then fed to the codec; its owner (the server) takes commands from the codec one
+at a time and moves ``inbox.handled`` on as it handles them. Events are encoded
+by the same codec into the output ring, and sent from there once the journal has
+committed them.
 
-The server may stop a connection's reading (:meth:`~fdkeep.peer.Channel.set_reading`)
-while it cannot take more of its input: a peer's output ring is full, the
-input ring is full, the client said its last word, or its EOF was seen. Then
-TCP's own flow control slows the client down; nothing is dropped.
+The connection knows nothing of the server: it tells its owner what happened
+through three callbacks given to it, as :class:`~fdkeep.peer.FramePeer` does:
+``on_input(connection)`` (new bytes, or the client's EOF: take its commands),
+``on_output_moved(connection)`` (some output was sent: room for whoever waits on
+it) and ``on_lost(connection, reason)`` (the socket failed or hung up).
+
+**One state, its transitions in one place** (:data:`TRANSITIONS`):
+
+=============  ===================================================================
+``OPEN``       its commands are taken as they come
+``BLOCKED``    an output ring a command may write to (its own, its peer's, its
+               outbox to other hosts) has no room: its commands wait for room
+``PARKED``     a command waits for the cluster's answer (a NICK being claimed, or
+               a member restored paired across hosts waiting for the directory)
+``FINISHING``  it said its last word (BYE): closed once its output is sent
+``CLOSED``     shut down and closed
+=============  ===================================================================
+
+Beside the state, one fact: :attr:`input_ended` (the client's EOF was read). It
+goes with ``OPEN``, ``BLOCKED`` and ``PARKED`` alike: what the client sent before
+its EOF is still handled, and only then is it closed. Reading from the socket
+follows from the state (:meth:`update_reading`): only an ``OPEN`` connection
+whose input has not ended and whose input ring has room reads; otherwise TCP's
+own flow control slows the client down, and nothing is dropped.
 
 :meth:`Connection.close` shuts the socket down before closing it: the holders
 still have duplicates of it, and only ``shutdown()`` ends the TCP connection
@@ -23,46 +42,66 @@ for every duplicate at once, so the client sees its EOF now.
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from fdkeep.peer import Channel
+from fdkeep.loop import Loop
 
 from . import faults
 from .protocols import Codec
 from .rings import InRing, OutRing, Outbox
 from .room import Event
 
-if TYPE_CHECKING:
-    from .server import ChatServer
-
 log = logging.getLogger("chatd")
 
 READ_SIZE = 65536
 
 
+class ConnectionState(enum.Enum):
+    OPEN = "open"
+    BLOCKED = "blocked"
+    PARKED = "parked"
+    FINISHING = "finishing"
+    CLOSED = "closed"
+
+
+OPEN, BLOCKED, PARKED, FINISHING, CLOSED = ConnectionState
+
+#: Every legal change of state; anything else is a bug (:class:`StateError`).
+TRANSITIONS: dict[ConnectionState, frozenset[ConnectionState]] = {
+    OPEN: frozenset({BLOCKED, PARKED, FINISHING, CLOSED}),
+    BLOCKED: frozenset({OPEN, FINISHING, CLOSED}),
+    PARKED: frozenset({OPEN, FINISHING, CLOSED}),
+    FINISHING: frozenset({CLOSED}),
+    CLOSED: frozenset(),
+}
+
+
+class StateError(RuntimeError):
+    """A change of state :data:`TRANSITIONS` does not allow: a bug in chatd, never the client's doing."""
+
+
 class Connection(Channel):
-    def __init__(self, server: "ChatServer", sock: socket.socket, member_id: int, codec: Codec,
-                 inbox: InRing, outbox: OutRing, inode: int | None = None, forwards: Outbox | None = None):
-        self.server = server
+    def __init__(self, loop: Loop, sock: socket.socket, member_id: int, codec: Codec, inbox: InRing,
+                 outbox: OutRing, *, on_input: Callable[["Connection"], None],
+                 on_output_moved: Callable[["Connection"], None],
+                 on_lost: Callable[["Connection", str], None],
+                 inode: int | None = None, forwards: Outbox | None = None, finishing: bool = False):
         self.member_id = member_id
         self.codec = codec
         self.inbox = inbox
         #: Across hosts: messages to members of other hosts, until the cluster has them.
         self.forwards = forwards
         self.inode = inode if inode is not None else os.fstat(sock.fileno()).st_ino
-        #: Seen the client's EOF: what it sent before is handled, then it is closed.
-        self.eof = False
-        #: Said its last word (BYE): closed once its output is sent.
-        self.finishing = False
-        #: Waiting for room in an output ring (its own or its peer's).
-        self.blocked = False
-        #: A command of it waits for the cluster's answer (chatd.cluster: a NICK being claimed).
-        self.parked = False
+        self._state = FINISHING if finishing else OPEN
+        #: The client's EOF was read: what it sent before is handled, then it is closed.
+        self.input_ended = False
         #: Since when queued output waits for the client to take some (None: nothing waits).
         self.progress_at: float | None = None
         #: The input offset a predecessor died handling, and how many times.
@@ -73,8 +112,69 @@ class Connection(Channel):
         #: The client's address, as counted against --max-per-address; "" if exempt (loopback)
         #: or not counted, None until known (a restored connection: learned soon after).
         self.address: str | None = None
-        super().__init__(server.loop, sock, outbox)
+        self._on_input = on_input
+        self._on_output_moved = on_output_moved
+        self._on_lost = on_lost
+        super().__init__(loop, sock, outbox)
+        self.update_reading()
 
+    # -- the state ------------------------------------------------------------------------
+    @property
+    def state(self) -> ConnectionState:
+        return CLOSED if self.closed else self._state
+
+    def _to(self, new: ConnectionState) -> None:
+        if new is self.state:
+            return
+        if new not in TRANSITIONS[self.state]:
+            raise StateError(f"member {self.member_id}: {self.state.value} -> {new.value} is not a legal change")
+        self._state = new
+        self.update_reading()
+
+    @property
+    def takes_commands(self) -> bool:
+        """Its commands may be handled now: it is neither parked, finishing nor closed
+        (a blocked one is asked again: room may have come)."""
+        return self.state in (OPEN, BLOCKED)
+
+    @property
+    def finishing(self) -> bool:
+        return self.state is FINISHING
+
+    @property
+    def blocked(self) -> bool:
+        return self.state is BLOCKED
+
+    @property
+    def parked(self) -> bool:
+        return self.state is PARKED
+
+    def open(self) -> None:
+        """Take its commands again (room came, or the cluster answered)."""
+        self._to(OPEN)
+
+    def block(self) -> None:
+        """Its commands wait for room in an output ring."""
+        self._to(BLOCKED)
+
+    def park(self) -> None:
+        """A command of it waits for the cluster's answer."""
+        self._to(PARKED)
+
+    def finish(self) -> None:
+        """It said its last word: read nothing more, close once its output is sent."""
+        self._to(FINISHING)
+
+    def input_done(self) -> bool:
+        """Its EOF was read and no command of it waits for room: time to close it."""
+        return self.input_ended and self.state in (OPEN, PARKED)
+
+    def update_reading(self) -> None:
+        """Read while it is OPEN, its input has not ended and its input ring has room (called
+        on every change of state, and by the owner once a commit frees input ring room)."""
+        self.set_reading(self.state is OPEN and not self.input_ended and self.inbox.free > 0)
+
+    # -- reports ------------------------------------------------------------------------
     @property
     def remote(self) -> str:
         try:
@@ -87,34 +187,43 @@ class Connection(Channel):
         return self.output
 
     def __repr__(self) -> str:
-        return f"<member {self.member_id} from {self.remote}>"
+        return f"<member {self.member_id} from {self.remote}, {self.state.value}>"
 
+    # -- bytes in -----------------------------------------------------------------------
     def _readable(self) -> None:
         if self.inbox.free == 0:
-            self.server.update_reading(self)
+            self.update_reading()
             return
         try:
             count = self.inbox.receive(self.sock, READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self.server.close_client(self.member_id, f"read failed: {exc.strerror}")
+            self._on_lost(self, f"read failed: {exc.strerror}")
             return
         faults.reached("after-read")
         if count == 0:
-            self.eof = True
+            self.input_ended = True
         else:
             self.codec.feed(self.inbox.bytes(self.inbox.received - count, self.inbox.received))
-        self.server.take_input(self)
+        self._on_input(self)
+        if not self.closed:
+            self.update_reading()
 
     def _hung_up(self) -> None:
-        self.server.close_client(self.member_id, "the connection hung up")
+        self._on_lost(self, "the connection hung up")
 
+    # -- bytes out ------------------------------------------------------------------------
     def send(self, event: Event) -> None:
         """Encode ``event`` into the output ring; it is sent once the journal commits it."""
         self.outbox.append(self.codec.encode(event))
 
+    def flush(self) -> bool:
+        """Send what the socket takes of the committed output; True once none is left."""
+        return self._flush()
+
     def _flush(self) -> bool:
+        # Channel's hook, called when the socket is writable too: the owner hears of progress.
         before = self.outbox.sent
         done = super()._flush()
         if self.closed:
@@ -122,7 +231,7 @@ class Connection(Channel):
         if self.outbox.sent > before:
             if not done:
                 faults.reached("mid-write")
-            self.server.output_moved(self)
+            self._on_output_moved(self)
         return done
 
     def _write_failed(self, exc: OSError) -> None:
@@ -138,3 +247,4 @@ class Connection(Channel):
         except OSError:
             pass
         super().close()
+

@@ -286,8 +286,10 @@ class ChatServer:
         codec = codec_for(record.protocol, record.in_handled, record.codec)
         if read > record.in_handled:
             codec.feed(inbox.bytes(record.in_handled, read))
-        connection = Connection(self, sock, member_id, codec, inbox, outbox, inode, forwards)
-        connection.finishing = bool(record.flags & CLOSING)
+        connection = Connection(self.loop, sock, member_id, codec, inbox, outbox,
+                                on_input=self.take_input, on_output_moved=self.output_moved,
+                                on_lost=self._lost, inode=inode, forwards=forwards,
+                                finishing=bool(record.flags & CLOSING))
         connection.poison_offset, connection.poison_count = record.poison_offset, record.poison_count
         self.connections[member_id] = connection
         if not fresh and not self._learning_addresses:
@@ -363,10 +365,11 @@ class ChatServer:
 
     def take_input(self, connection: Connection) -> None:
         """Handle the connection's commands, as many as the output rings have room for."""
-        connection.blocked = False
-        while not connection.closed and not connection.finishing and not connection.parked:
+        if connection.blocked:
+            connection.open()  # asked again: room may have come
+        while connection.takes_commands:
             if not self._has_room(connection):
-                connection.blocked = True
+                connection.block()
                 break
             if self.cluster and self.cluster.holds_back(connection):
                 break  # paired across hosts before a crash: its commands wait for the directory
@@ -390,9 +393,8 @@ class ChatServer:
             faults.reached("after-handle")
         if connection.codec.finished and not connection.closed and not connection.finishing:
             self.finish([connection.member_id], "its protocol ended it")
-        elif connection.eof and not connection.blocked and not connection.closed and not connection.finishing:
+        elif connection.input_done():
             self.close_client(connection.member_id, "client closed the connection")
-        self.update_reading(connection)
 
     def _send_protocol_output(self, connection: Connection) -> None:
         """What the codec must send on its own (an HTTP answer, a pong) goes out like events do."""
@@ -418,7 +420,7 @@ class ChatServer:
     def resume_parked(self, connection: Connection, end: int, outcome: Outcome) -> None:
         """The cluster answered a parked command (which ends at input offset ``end``): carry
         out its outcome and take the client's next commands."""
-        connection.parked = False
+        connection.open()
         connection.inbox.consume(end)
         self._dirty.add(connection.member_id)
         self.apply(outcome)
@@ -445,10 +447,6 @@ class ChatServer:
         peer = self.connections.get(member.peer.id) if member and member.peer else None
         return peer is None or peer.outbox.free >= RESERVE
 
-    def update_reading(self, connection: Connection) -> None:
-        stop = connection.blocked or connection.eof or connection.finishing or connection.inbox.free == 0
-        connection.set_reading(not stop)
-
     def apply(self, outcome: Outcome) -> None:
         """Carry out what the room decided: events into output rings, members to commit, closes."""
         for member_id, event in outcome.deliveries:
@@ -473,9 +471,8 @@ class ChatServer:
         ending = [c for c in map(self.connections.get, member_ids) if c is not None and not c.finishing]
         for connection in ending:
             log.debug("member %d finishing: %s", connection.member_id, reason)
-            connection.finishing = True
+            connection.finish()
             self._dirty.add(connection.member_id)
-            self.update_reading(connection)
         for connection in ending:
             self._leave_room(connection.member_id)
 
@@ -486,6 +483,9 @@ class ChatServer:
         if self.cluster is not None and member.nick is not None:
             self.cluster.nick_left(member.nick)
         self.apply(self.room.leave(member_id))
+
+    def _lost(self, connection: Connection, reason: str) -> None:
+        self.close_client(connection.member_id, reason)
 
     def close_client(self, member_id: int, reason: str) -> None:
         """Close a client on purpose: it leaves the room, the journal and every holder."""
@@ -574,7 +574,7 @@ class ChatServer:
                     connection.progress_at = connection.progress_at or time.monotonic()
                     self._send(connection)
                 if not connection.closed:
-                    self.update_reading(connection)
+                    connection.update_reading()  # the commit freed room in its input ring
             if self.cluster is not None:
                 self.cluster.committed(committed)
             faults.reached("after-commit")
@@ -582,7 +582,7 @@ class ChatServer:
     def _send(self, connection: Connection) -> None:
         if connection.closed:
             return
-        connection._flush()
+        connection.flush()
         if connection.finishing and not connection.outbox.pending and not connection.closed:
             self.close_client(connection.member_id, "said its last word")
 
