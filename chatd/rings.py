@@ -34,6 +34,11 @@ import socket
 import struct
 
 
+class RingFull(Exception):
+    """What was to be appended does not fit the ring's free room: the reader takes too little
+    (a distinct type, so that no other error, an encoder's bug among them, reads as this)."""
+
+
 class InRing:
     def __init__(self, view: memoryview, handled: int = 0, received: int = 0):
         if not 0 <= received - handled <= len(view):
@@ -104,7 +109,7 @@ class OutRing:
 
     def append(self, data: bytes) -> None:
         if len(data) > self.free:
-            raise ValueError(f"{len(data)} bytes do not fit the {self.free} free in the output ring")
+            raise RingFull(f"{len(data)} bytes do not fit the {self.free} free in the output ring")
         a = self.end % self.size
         first = min(len(data), self.size - a)
         self.view[a:a + first] = data[:first]
@@ -159,10 +164,10 @@ class Outbox:
         return self.committed > self.published
 
     def append(self, payload: bytes) -> int:
-        """Add an entry; its stream offset. Raises ValueError if it does not fit."""
+        """Add an entry; its stream offset. Raises :class:`RingFull` if it does not fit."""
         entry = self.ENTRY.pack(len(payload)) + payload
         if len(entry) > self.free:
-            raise ValueError(f"{len(entry)} bytes do not fit the {self.free} free in the outbox")
+            raise RingFull(f"{len(entry)} bytes do not fit the {self.free} free in the outbox")
         start = self.end
         a = start % self.size
         first = min(len(entry), self.size - a)

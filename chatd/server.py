@@ -65,7 +65,7 @@ from .bundles import ClientBundles
 from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME, Holders, Item
 from .journal import CLOSING, REMOTE_PAIRED, Journal, Record
 from .protocols import codec_for, refusal
-from .rings import InRing, OutRing, Outbox
+from .rings import InRing, OutRing, Outbox, RingFull
 from .room import Bye, Command, Failed, Member, Msg, Outcome, Remote, Room
 
 log = logging.getLogger("chatd")
@@ -455,8 +455,11 @@ class ChatServer:
                 continue
             try:
                 connection.send(event)
-            except ValueError:
+            except RingFull:
                 self.close_client(member_id, f"does not read: its output ring has no room for {event!r}")
+                continue
+            except Exception:  # a bug in an encoder: not the reader's fault, and no reason to die
+                log.exception("member %d: encoding %r failed; the event is dropped", member_id, event)
                 continue
             self._dirty.add(member_id)
         self._dirty |= {member_id for member_id in outcome.changed if member_id in self.connections}

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from chatd.rings import InRing, OutRing
+from chatd.rings import InRing, OutRing, RingFull
 from helpers import tcp_pair
 
 
@@ -48,7 +48,7 @@ def test_output_is_sent_only_once_committed_and_from_where_it_stopped():
     assert ring.flush(server)
     client.settimeout(1)
     assert client.recv(100) == b"hello world"
-    with pytest.raises(ValueError):
+    with pytest.raises(RingFull):
         ring.append(b"x" * 33)
     client.close(), server.close()
 
@@ -93,7 +93,13 @@ def test_the_outbox_keeps_committed_entries_until_published_across_the_wrap():
     assert [start for start, _, _ in restored.entries()] == [second, third] and first == 0
     try:
         box.append(b"d" * 40)
-    except ValueError as exc:
+    except RingFull as exc:
         assert "do not fit" in str(exc)
     else:
         raise AssertionError("an entry that does not fit must be refused")
+
+
+def test_a_full_ring_is_no_value_error():
+    """A full ring means "the reader takes too little"; no other error (an encoder's bug
+    raising ValueError) may be caught as that and close an innocent reader."""
+    assert not issubclass(RingFull, ValueError)
