@@ -47,7 +47,6 @@ import errno
 import logging
 import os
 import socket
-import time
 from typing import Callable
 
 from fdkeep.peer import Channel
@@ -92,7 +91,8 @@ class Connection(Channel):
                  outbox: OutRing, *, on_input: Callable[["Connection"], None],
                  on_output_moved: Callable[["Connection"], None],
                  on_lost: Callable[["Connection", str], None],
-                 inode: int | None = None, forwards: Outbox | None = None, finishing: bool = False):
+                 inode: int | None = None, forwards: Outbox | None = None, finishing: bool = False,
+                 opening_timeout: float | None = None):
         self.member_id = member_id
         self.codec = codec
         self.inbox = inbox
@@ -107,8 +107,6 @@ class Connection(Channel):
         #: The input offset a predecessor died handling, and how many times.
         self.poison_offset = 0
         self.poison_count = 0
-        #: When this process began serving it (accepted, or restored).
-        self.opened_at = time.monotonic()
         #: The client's address, as counted against --max-per-address; "" if exempt (loopback)
         #: or not counted, None until known (a restored connection: learned soon after).
         self.address: str | None = None
@@ -117,6 +115,10 @@ class Connection(Channel):
         self._on_lost = on_lost
         super().__init__(loop, sock, outbox)
         self.update_reading()
+        # A web client must finish its opening (the HTTP request) in time: its own deadline.
+        self._opening_timeout = opening_timeout
+        self._opening_deadline = loop.call_later(opening_timeout, self._opening_overdue) \
+            if opening_timeout is not None and codec.opening else None
 
     # -- the state ------------------------------------------------------------------------
     @property
@@ -210,6 +212,11 @@ class Connection(Channel):
         if not self.closed:
             self.update_reading()
 
+    def _opening_overdue(self) -> None:
+        self._opening_deadline = None
+        if not self.closed and self.codec.opening:
+            self._on_lost(self, f"sent no complete request in {self._opening_timeout:g} s")
+
     def _hung_up(self) -> None:
         self._on_lost(self, "the connection hung up")
 
@@ -242,6 +249,8 @@ class Connection(Channel):
     def close(self) -> None:
         if self.closed:
             return
+        if self._opening_deadline is not None:
+            self._opening_deadline.cancel()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

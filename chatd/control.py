@@ -87,19 +87,15 @@ class ControlServer:
         #: path -> (listening socket, inode of the file it made): only our own file is unlinked.
         self.listeners: dict[str, tuple] = {}
         self._listen(path)
-        server.loop.call_every(1.0, self._sweep)
 
     def _listen(self, path: str) -> None:
         sock = listen_unix(path, backlog=16)
         self.listeners[path] = (sock, os.stat(path).st_ino)
         self.accepting.add(sock.fileno(), lambda mask: self._accept(sock))
 
-    def _sweep(self) -> None:
-        for peer in list(self.peers):
-            error = peer.overdue(FRAME_TIMEOUT, "the control timeout")
-            if error is not None:
-                log.warning("control: %r dropped: %s", peer, error.message)
-                peer.refuse(error)
+    @staticmethod
+    def _overdue(peer: FramePeer, error: Error) -> None:
+        log.warning("control: %r dropped: %s", peer, error.message)
 
     def _accept(self, listener) -> None:
         try:
@@ -110,7 +106,8 @@ class ControlServer:
             self.accepting.failed(exc)
             return
         self.accepting.accepted()
-        peer = FramePeer(self.server.loop, sock, self._on_frame, self.peers.discard)
+        peer = FramePeer(self.server.loop, sock, self._on_frame, self.peers.discard,
+                         frame_timeout=(FRAME_TIMEOUT, "the control timeout"), on_overdue=self._overdue)
         if peer.uid not in (0, os.geteuid()):
             log.warning("control: refused uid %d", peer.uid)
             peer.send(Error("not-allowed", f"uid {peer.uid} may not control chatd").as_reply())

@@ -289,7 +289,7 @@ class ChatServer:
         connection = Connection(self.loop, sock, member_id, codec, inbox, outbox,
                                 on_input=self.take_input, on_output_moved=self.output_moved,
                                 on_lost=self._lost, inode=inode, forwards=forwards,
-                                finishing=bool(record.flags & CLOSING))
+                                finishing=bool(record.flags & CLOSING), opening_timeout=HANDSHAKE_TIMEOUT)
         connection.poison_offset, connection.poison_count = record.poison_offset, record.poison_count
         self.connections[member_id] = connection
         if not fresh and not self._learning_addresses:
@@ -592,9 +592,6 @@ class ChatServer:
     def _drop_stalled(self) -> None:
         now = time.monotonic()
         for connection in list(self.connections.values()):
-            if connection.codec.opening and now - connection.opened_at > HANDSHAKE_TIMEOUT:
-                self.close_client(connection.member_id, f"sent no complete request in {HANDSHAKE_TIMEOUT:.0f} s")
-                continue
             waiting_since = connection.progress_at
             if connection.outbox and waiting_since and now - waiting_since > self.stall_timeout:
                 self.close_client(connection.member_id,

@@ -19,8 +19,9 @@ wait to be sent to it. Otherwise its requests wait in its own socket, and the
 kernel's flow control slows it down: a peer that pipelines requests and reads
 no replies costs a bounded amount, not a growing queue. Its owner learns when
 room comes back (``on_drain``) and what it keeps parked in frames begun and
-not finished (``on_parked``, after each read; :attr:`FramePeer.partial_since`
-says since when the frame under way is waited for).
+not finished (``on_parked``, after each read), and a frame begun must be whole
+within the peer's ``frame_timeout``: the peer arms a loop timer when a frame
+begins and cancels it when none is under way, so no owner sweeps its peers.
 
 Descriptors sent to a peer are not gone from the world when they leave our
 queue: until the peer reads them they are in flight in its socket, where the
@@ -66,7 +67,7 @@ from .errors import Error
 from .fdpass import close_fds, recv_with_fds, send_with_fds
 from .frames import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
 from .logs import Offences
-from .loop import HANGUP, IN, OUT, Loop
+from .loop import HANGUP, IN, OUT, Loop, Timer
 from .paths import prepare_socket_path
 
 log = logging.getLogger(__name__)
@@ -281,10 +282,15 @@ class FramePeer(Channel):
         max_frame: int = DEFAULT_MAX_FRAME,
         on_drain: Callable[["FramePeer"], None] | None = None,
         on_parked: Callable[["FramePeer"], Error | None] | None = None,
+        frame_timeout: tuple[float, str] | None = None,
+        on_overdue: Callable[["FramePeer", Error], None] | None = None,
     ):
         """``on_drain(peer)``: what waits for the peer shrank (it read, or the socket took
         more). ``on_parked(peer)``: after each read, an Error to drop the peer with for
-        what it keeps parked (:attr:`parked_bytes`, :attr:`parked_fds`), or None."""
+        what it keeps parked (:attr:`parked_bytes`, :attr:`parked_fds`), or None.
+        ``frame_timeout``: (seconds, the setting's name for the message): a frame begun must
+        be whole within that, or the peer is refused with a fatal ``timeout`` error, told to
+        ``on_overdue(peer, error)`` first (to log it)."""
         self.pid, self.uid, self.gid = peer_credentials(sock)
         self._on_frame = on_frame
         self._on_close = on_close
@@ -299,6 +305,9 @@ class FramePeer(Channel):
         self.dropped = False
         #: Since when (loop clock) a frame begun and not complete is waited for; None if none is.
         self.partial_since: float | None = None
+        self._frame_timeout = frame_timeout
+        self._on_overdue = on_overdue
+        self._deadline: Timer | None = None
         #: How many of the fds sent are known to have been read (see :attr:`unread_fds`).
         self._read_fds = 0
         super().__init__(loop, sock, OutputQueue(self.MAX_PENDING_OUTPUT))
@@ -430,37 +439,47 @@ class FramePeer(Channel):
                 try:
                     frame = self._decoder.next_frame()
                 except Error as exc:
-                    self.partial_since = None
+                    self._frame_begun(False)
                     self._refuse(exc)
                     continue
                 if frame is None:
                     break
-                self.partial_since = None
+                self._frame_begun(False)
                 self._on_frame(self, frame.body, frame.fds)
         finally:
             self._dispatching = False
         if self.closed:
             return
         taking = self._taking()
-        if not taking or not self._decoder.pending_bytes:
-            # Nothing begun, or it waits for us, not for the sender.
-            self.partial_since = None
-        elif self.partial_since is None:
-            self.partial_since = self.loop.clock()
+        # Nothing begun, or it waits for us, not for the sender: no deadline runs.
+        self._frame_begun(taking and bool(self._decoder.pending_bytes))
         self.set_reading(taking)
 
-    def overdue(self, timeout: float, setting: str) -> Error | None:
-        """The fatal error for a frame begun and not whole within ``timeout`` seconds, or None.
-        Owners check their peers with it on a timer: a peer that stops mid-frame would
-        otherwise keep what it sent (and the fds with it: its own connection's among
-        them, which no EOF then ends) for good."""
-        if self.partial_since is None:
-            return None
+    def _frame_begun(self, begun: bool) -> None:
+        """The deadline of the frame under way: armed when one is begun, gone when none is.
+        A peer that stops mid-frame would otherwise keep what it sent (and the fds with it:
+        its own connection's among them, which no EOF then ends) for good."""
+        if not begun:
+            self.partial_since = None
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+        elif self.partial_since is None:
+            self.partial_since = self.loop.clock()
+            if self._frame_timeout is not None:
+                self._deadline = self.loop.call_later(self._frame_timeout[0], self._overdue)
+
+    def _overdue(self) -> None:
+        self._deadline = None
+        if self.closed or self.partial_since is None:
+            return
+        timeout, setting = self._frame_timeout
         age = self.loop.clock() - self.partial_since
-        if age <= timeout:
-            return None
-        return Error("timeout", f"a frame begun {age:.0f} s ago is still not whole: send each frame "
-                                f"whole within {setting} ({timeout:g} s)", fatal=True)
+        error = Error("timeout", f"a frame begun {age:.0f} s ago is still not whole: send each frame "
+                                 f"whole within {setting} ({timeout:g} s)", fatal=True)
+        if self._on_overdue is not None:
+            self._on_overdue(self, error)
+        self.refuse(error)
 
     def _refuse(self, exc: Error) -> None:
         offences.warning((self.uid, exc.code), "%r sent a bad frame: %s", self, exc.message)
@@ -480,6 +499,7 @@ class FramePeer(Channel):
     def close(self) -> None:
         if self.closed:
             return
+        self._frame_begun(False)
         super().close()
         self._decoder.close()
         self._on_close(self)

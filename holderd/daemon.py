@@ -16,8 +16,8 @@ what holderd has (its fds above all):
 - frames under way (:class:`~fdkeep.peer.FramePeer` parks what arrives until a
   frame is whole): when a read puts a uid's parked bytes or fds over its bound,
   that peer gets ``parked-limit`` and is dropped; a frame begun must be whole
-  within ``frame_timeout``, else the peer gets ``timeout`` and is dropped
-  (:meth:`Holderd._sweep`, once a second);
+  within ``frame_timeout``, else the peer gets ``timeout`` and is dropped (the
+  peer's own deadline timer: :class:`~fdkeep.peer.FramePeer`);
 - replies: a peer is answered one request at a time. Its :class:`Replies` are
   taken only while it has room: its unread fds (queued or in flight in its
   socket) under the per-peer and the per-uid bound, less than
@@ -163,7 +163,8 @@ class Holderd:
                     "allows; close some (one connection carries any number of requests) or raise it"))
                 continue
             peer = FramePeer(self.loop, sock, self._on_frame, self._peer_closed, self.max_frame,
-                             on_drain=self._drained, on_parked=self._parked)
+                             on_drain=self._drained, on_parked=self._parked,
+                             frame_timeout=(self.limits.frame_timeout, "--frame-timeout"), on_overdue=self._overdue)
             self.peers.add(peer)
             mine.add(peer)
 
@@ -215,16 +216,13 @@ class Holderd:
                     fatal=True)
         return None
 
+    def _overdue(self, peer: FramePeer, error: Error) -> None:
+        self.offences.warning((peer.uid, "timeout"), "%r dropped (timeout): %s", peer, error.message)
+
     def _sweep(self) -> None:
-        """Once a second: drop the peers that leave a frame unfinished too long; tell those whose
-        replies wait unread; and look for room that came without an event."""
+        """Once a second: tell the peers whose replies wait unread; and look for room that came
+        without an event."""
         now = self.loop.clock()
-        for peer in list(self.peers):
-            error = peer.overdue(self.limits.frame_timeout, "--frame-timeout")
-            if error is not None:
-                self.offences.warning((peer.uid, "timeout"), "%r dropped (timeout): %s",
-                                      peer, error.message)
-                peer.refuse(error)
         for peer, state in self.waiting.items():
             since, told = state
             if not told and now - since >= UNREAD_REPORT_AFTER:

@@ -121,3 +121,18 @@ def test_sent_output_is_told_and_a_lost_socket_is_told_once(wired):
         if owner.lost:
             break
     assert len(owner.lost) == 1 and connection.state is CLOSED
+
+
+def test_a_web_client_that_does_not_finish_its_opening_is_lost_on_its_own_deadline():
+    loop = Loop()
+    client, server = tcp_pair()
+    owner = Owner()
+    connection = Connection(loop, server, 3, codec_for("websocket"), InRing(memoryview(bytearray(4096))),
+                            OutRing(memoryview(bytearray(64))), on_input=owner.input,
+                            on_output_moved=owner.output_moved, on_lost=owner.on_lost, opening_timeout=0.2)
+    client.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    for _ in range(20):
+        loop.run_once(0.05)
+    assert owner.lost == ["sent no complete request in 0.2 s"] and connection.state is CLOSED
+    client.close()
+    loop.close()
