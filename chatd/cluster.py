@@ -64,7 +64,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -74,7 +73,7 @@ from fdkeep.text import plural
 
 from .bus import (Bus, BusError, Claimed, Connected, Delivered, DirectoryComplete, Disconnected, HostChanged,
                   NickChanged, Published, Released, Updated)
-from .room import Failed, Forward, Member, Nick, Outcome
+from .room import NAME_RE, Failed, Forward, Member, Nick, Outcome
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -82,8 +81,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chatd")
 
-#: What a host id may be (it is part of the stream's subjects).
-HOST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
+#: What a host id may be (it is part of the stream's subjects): a nick's rule.
+HOST_ID_RE = NAME_RE
 #: The largest forward: a whole 64 KiB line and its header.
 MAX_FORWARD = 64 * 1024 + 512
 #: The most of a sender's forwards put in one stream message (NATS's max_payload is 1 MiB).

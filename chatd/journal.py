@@ -89,11 +89,12 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import re
 import struct
 from dataclasses import dataclass
 
 from fdkeep.errors import Error
+
+from .room import NAME_RE
 
 MAGIC = b"CHATDJ03"
 VERSION = 3
@@ -160,16 +161,16 @@ def _pack_name(name: str | None) -> bytes:
 
 
 def _unpack_name(raw: bytes) -> str | None:
-    """A nick as written (see chatd.room.NAME_RE); anything else is a damaged file."""
+    """A nick as written (:data:`chatd.room.NAME_RE`); anything else is a damaged file."""
     name = raw.rstrip(b"\0")
-    if name and not _NAME.fullmatch(name):
+    text = name.decode("ascii", "replace")
+    if name and not NAME_RE.match(text):
         raise state_error(f"a record names {name[:40]!r}, not a nick: the state file is damaged; "
                           "`chatd --fresh` starts anew")
-    return name.decode("ascii") or None
+    return text or None
 
 
 log = logging.getLogger("chatd")
-_NAME = re.compile(rb"[A-Za-z0-9_-]{1,32}")
 #: Sequence numbers stay below this; a root at or above it is damage, not history.
 MAX_SEQUENCE = 2 ** 63
 
