@@ -4,7 +4,7 @@
 
 Starts holderd and chatd (ctl.launch, in a scratch directory, no root needed),
 stores one fd of every kind in holderd, pairs two honest line clients, then
-plays random and mutated sessions (ctl/fuzz.py) against holderd's socket,
+plays random and mutated sessions (testkit/fuzz.py) against holderd's socket,
 chatd's line and web ports and its control socket for ``--seconds``. Prints
 what was sent and what each got, by case; then checks:
 
@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ctl.fuzz import Baseline, Fuzzer, HonestPair, Targets, settled, store_one_of_each, survey  # noqa: E402
+from testkit.fuzz import Baseline, Fuzzer, HonestPair, Targets, settled, store_one_of_each, survey  # noqa: E402
 from ctl.launch import Launcher  # noqa: E402
 
 

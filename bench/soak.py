@@ -3,7 +3,7 @@
     .venv/bin/python bench/soak.py [--crashes 1000] [--pairs 20] [--seed 1] [--json out.json]
 
 Starts holderd and chatd in a scratch directory (ctl.launch), streams between
-the pairs (ctl.soak: some messages near 64 KiB, some written in pieces, some
+the pairs (testkit.soak: some messages near 64 KiB, some written in pieces, some
 readers slow), and kills chatd with SIGKILL, SIGSEGV or SIGABRT at random
 instants, starting the next `chatd --restore` at once, as systemd would. At the
 end it prints one table row: messages sent and received, crashes, and the
@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ctl import soak  # noqa: E402
+from testkit import soak  # noqa: E402
 from ctl.launch import Launcher  # noqa: E402
 
 SIGNALS = (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT)

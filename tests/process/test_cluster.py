@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from ctl import soak
+from testkit import soak
 from ctl.hosts import Hosts
 from ctl.launch import wait_until
 from ctl.probe import LineClient, WebSocketClient

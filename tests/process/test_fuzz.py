@@ -1,4 +1,4 @@
-"""Fuzzing the live daemons (ctl/fuzz.py): holderd's socket, chatd's line and web ports and its
+"""Fuzzing the live daemons (testkit/fuzz.py): holderd's socket, chatd's line and web ports and its
 control socket get random and mutated frames, bytes and fds of every kind; after it, both still
 serve honest clients, holderd still holds what it held, and their fd counts are back.
 
@@ -15,7 +15,7 @@ import socket
 import time
 
 
-from ctl.fuzz import Baseline, Fuzzer, HonestPair, Targets, open_fd_count, settled, store_one_of_each, survey
+from testkit.fuzz import Baseline, Fuzzer, HonestPair, Targets, open_fd_count, settled, store_one_of_each, survey
 from ctl.launch import wait_until
 from fdkeep.fdpass import send_with_fds
 from fdkeep.frames import encode_frame

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from ctl import soak
+from testkit import soak
 from ctl.launch import wait_until
 from ctl.probe import LineClient
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from ctl.launch import wait_until
-from ctl import soak
+from testkit import soak
 from ctl.probe import LineClient
 from harness import BootedSystemd, CommandFailed, machine_can_boot_containers
 from helpers import free_port, offline_wheels

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from chatd.protocols.web import HTTP, OPEN, WebCodec, parse_command
 from chatd.room import Command
-from ctl.fuzz import ws_frame
+from testkit.fuzz import ws_frame
 from proptools import cuts, drain, examples
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
