@@ -34,7 +34,7 @@ def attempt(what, call):
     except Error as exc:
         seen[what] = "error " + exc.code
 mine, other_end = socket.socketpair()
-with HolderClient({path!r}) as h:
+with HolderClient({path!r}, timeout=10) as h:  # generous: a loaded 2-core machine is slow
     attempt("ping", lambda: h.ping()["uid"])
     attempt("list", lambda: [item["name"] for item in h.list()])
     attempt("retrieve", lambda: [item.name for item in h.retrieve("secret")])
@@ -43,7 +43,7 @@ with HolderClient({path!r}) as h:
     attempt("store", lambda: h.store([("secret", b"the user's", mine.fileno())]))
     attempt("retrieve-own", lambda: [(i.name, i.meta.decode(), os.fstat(i.fd).st_ino == os.fstat(mine.fileno()).st_ino)
                                      for i in h.retrieve("secret")])
-    attempt("lease", lambda: Lease("turn", {path!r}).request())
+    attempt("lease", lambda: Lease("turn", {path!r}, timeout=10).request())
     attempt("remove-all", lambda: h.remove(prefix=""))
 print(json.dumps(seen))
 """
