@@ -758,7 +758,7 @@ class Fuzzer:
         """Two fuzz clients pair and chat: what any two clients must be able to do meanwhile."""
         self._serial += 1
         a_nick, b_nick = f"fzA{self.seed % 1000}x{self._serial}", f"fzB{self.seed % 1000}x{self._serial}"
-        from .probe import LineClient
+        from ctl.probe import LineClient
 
         a = b = None
         try:
@@ -972,7 +972,7 @@ class HonestPair:
     every message must arrive, with ``n`` counting on."""
 
     def __init__(self, port: int, a: str = "honestA", b: str = "honestB"):
-        from .probe import LineClient
+        from ctl.probe import LineClient
 
         self.a, self.b = LineClient(port), LineClient(port)
         self.names = (a, b)
