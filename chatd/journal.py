@@ -73,12 +73,8 @@ Layout (little-endian)::
     records:             per slot, record copy 0 then record copy 1
     rings:               page-aligned; per slot, its input ring, its output
                          ring, its outbox
-    record (208 bytes):  seq u64, used u8, protocol u8, flags u8, poison
-                         count u8, 4 padding, socket inode u64, received u64,
-                         in_handled u64, out_start u64, out_end u64, poison
-                         offset u64, nick 32s, target 32s, codec state 16s,
-                         incarnation u64, sent u64, peer incarnation u64,
-                         last k u64, box_start u64, box_end u64, 16 reserved
+    record (208 bytes):  seq u64, used u8, then its fields as
+                         :data:`chatd.records.FIELDS` lists them
 
 The file is sparse: a ring takes memory only for the pages a connection has
 used, and :meth:`Journal.commit` gives a freed slot's pages back.
@@ -90,11 +86,10 @@ import logging
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 
 from fdkeep.errors import Error
 
-from .room import NAME_RE
+from .records import RECORD, Record, pack, state_error, unpack
 
 MAGIC = b"CHATDJ03"
 VERSION = 3
@@ -108,8 +103,6 @@ MARKER_OFFSET = 128
 OWNER = struct.Struct("<I4xQ")
 OWNER_OFFSET = 160
 SEQ = struct.Struct("<Q")
-RECORD = struct.Struct("<QBBBB4xQQQQQQ32s32s16sQQQQQQ16x")
-PROTOCOLS = ("line", "websocket")
 PAGE = mmap.PAGESIZE
 
 #: Input ring: a whole line of the line protocol (64 KiB) and what follows it.
@@ -119,64 +112,12 @@ OUT_RING = 256 * 1024
 #: Outbox, across hosts: a whole message (64 KiB) waiting for the cluster, and more.
 BOX_RING = 128 * 1024
 
-#: Record flags.
-CLOSING = 1  # said its last word (BYE); to be closed once its output is sent
-REMOTE_PAIRED = 2  # paired with a member of another host (chatd.room.Member.remote_paired)
-
 assert RECORD.size == 208 and ROOT_OFFSETS[0] + ROOT.size <= ROOT_OFFSETS[1] < ROOT_OFFSETS[1] + ROOT.size <= MARKER_OFFSET and MARKER_OFFSET + MARKER.size <= OWNER_OFFSET < OWNER_OFFSET + OWNER.size <= HEADER_SIZE
-
-
-@dataclass
-class Record:
-    inode: int
-    protocol: str = "line"
-    nick: str | None = None
-    target: str | None = None
-    #: Messages received on the current pairing (the n of the last From).
-    received: int = 0
-    #: Stream offset up to which the client's input is handled.
-    in_handled: int = 0
-    #: Stream offsets of the output committed to send: [out_start, out_end).
-    out_start: int = 0
-    out_end: int = 0
-    flags: int = 0
-    #: The codec's parse state at ``in_handled`` (see chatd.protocols).
-    codec: bytes = b""
-    #: The input offset a predecessor died handling, and how many times.
-    poison_offset: int = 0
-    poison_count: int = 0
-    #: Across hosts (see chatd.room.Member): the nick's incarnation and the k of the last
-    #: forward; the incarnation and k of the last forward received.
-    incarnation: int = 0
-    sent: int = 0
-    peer_incarnation: int = 0
-    last_k: int = 0
-    #: Stream offsets of the outbox's forwards not yet acknowledged: [box_start, box_end).
-    box_start: int = 0
-    box_end: int = 0
-
-
-def _pack_name(name: str | None) -> bytes:
-    return (name or "").encode("ascii")
-
-
-def _unpack_name(raw: bytes) -> str | None:
-    """A nick as written (:data:`chatd.room.NAME_RE`); anything else is a damaged file."""
-    name = raw.rstrip(b"\0")
-    text = name.decode("ascii", "replace")
-    if name and not NAME_RE.match(text):
-        raise state_error(f"a record names {name[:40]!r}, not a nick: the state file is damaged; "
-                          "`chatd --fresh` starts anew")
-    return text or None
 
 
 log = logging.getLogger("chatd")
 #: Sequence numbers stay below this; a root at or above it is damage, not history.
 MAX_SEQUENCE = 2 ** 63
-
-
-def state_error(message: str) -> Error:
-    return Error("bad-state", message)
 
 
 class Journal:
@@ -305,7 +246,7 @@ class Journal:
         sequence = self.committed + 1
         if self.durable:
             for slot, record in changes.items():
-                self._write(self._copy_offset(slot, 1 - self._current[slot]), self._pack(sequence, record))
+                self._write(self._copy_offset(slot, 1 - self._current[slot]), pack(sequence, record))
             selector = self._map[SELECTOR_OFFSET] & 1
             self._write(ROOT_OFFSETS[1 - selector], ROOT.pack(sequence, cursor))
             self._write(SELECTOR_OFFSET, bytes([1 - selector]))  # the one-byte flip that commits
@@ -320,29 +261,8 @@ class Journal:
                 self._free.append(slot)
                 self._release_rings(slot)
 
-    @staticmethod
-    def _pack(sequence: int, record: Record | None) -> bytes:
-        if record is None:
-            return RECORD.pack(sequence, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b"", b"", b"", 0, 0, 0, 0, 0, 0)
-        return RECORD.pack(
-            sequence, 1, PROTOCOLS.index(record.protocol), record.flags, min(record.poison_count, 255),
-            record.inode, record.received, record.in_handled, record.out_start, record.out_end,
-            record.poison_offset, _pack_name(record.nick), _pack_name(record.target), record.codec,
-            record.incarnation, record.sent, record.peer_incarnation, record.last_k, record.box_start,
-            record.box_end,
-        )
-
     def read(self, slot: int) -> Record | None:
-        (_, used, protocol, flags, poison_count, inode, received, in_handled, out_start, out_end,
-         poison_offset, nick, target, codec, incarnation, sent, peer_incarnation, last_k, box_start,
-         box_end) = RECORD.unpack_from(self._map, self._copy_offset(slot, self._current[slot]))
-        if used != 1:
-            return None
-        return Record(
-            inode, PROTOCOLS[protocol] if protocol < len(PROTOCOLS) else "line", _unpack_name(nick),
-            _unpack_name(target), received, in_handled, out_start, out_end, flags, codec.rstrip(b"\0"),
-            poison_offset, poison_count, incarnation, sent, peer_incarnation, last_k, box_start, box_end,
-        )
+        return unpack(self._map, self._copy_offset(slot, self._current[slot]))
 
     def records(self):
         """(slot, record) for every used slot whose record reads; one that does not (a

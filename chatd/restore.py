@@ -56,7 +56,8 @@ from fdkeep.text import plural
 
 from .bundles import parse_name
 from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME
-from .journal import CLOSING, REMOTE_PAIRED, Journal, Record
+from .journal import Journal
+from .records import CLOSING, Record, member_of
 from .room import Member
 
 if TYPE_CHECKING:
@@ -214,9 +215,7 @@ def _take_back(server: "ChatServer", slot: int, sock: socket.socket, record: Rec
         server.adopt(sock, slot, record, read, written, inode)
         if record.flags & CLOSING:
             return True
-        return Member(slot, record.protocol, record.nick, record.target, record.received,
-                      incarnation=record.incarnation, sent=record.sent, peer_incarnation=record.peer_incarnation,
-                      last_k=record.last_k, remote_paired=bool(record.flags & REMOTE_PAIRED))
+        return member_of(slot, record)
     if positions.state not in (ESTABLISHED, CLOSE_WAIT) or record is not None or not server.journal.take(slot):
         # Shut down on purpose (closed by chatd), or its slot went to a newer socket.
         sock.close()

@@ -63,7 +63,8 @@ from . import faults
 from .connection import Connection
 from .bundles import ClientBundles
 from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME, Holders, Item
-from .journal import CLOSING, REMOTE_PAIRED, Journal, Record
+from .journal import Journal
+from .records import CLOSING, Record, record_of
 from .protocols import codec_for, refusal
 from .rings import InRing, OutRing, Outbox, RingFull
 from .room import Bye, Command, Failed, Member, Msg, Outcome, Remote, Room
@@ -528,27 +529,7 @@ class ChatServer:
     # -- the commit -----------------------------------------------------------------
     def record(self, connection: Connection) -> Record:
         member = self.room.members.get(connection.member_id) or Member(connection.member_id)
-        forwards = connection.forwards
-        return Record(
-            inode=connection.inode,
-            protocol=connection.codec.protocol,
-            nick=member.nick,
-            target=member.target,
-            received=member.received,
-            in_handled=connection.inbox.handled,
-            out_start=connection.outbox.sent,
-            out_end=connection.outbox.end,
-            flags=(CLOSING if connection.finishing else 0) | (REMOTE_PAIRED if member.remote_paired else 0),
-            codec=connection.codec.state,
-            poison_offset=connection.poison_offset,
-            poison_count=connection.poison_count,
-            incarnation=member.incarnation,
-            sent=member.sent,
-            peer_incarnation=member.peer_incarnation,
-            last_k=member.last_k,
-            box_start=forwards.published if forwards is not None else 0,  # not `if forwards`: an empty one is false
-            box_end=forwards.end if forwards is not None else 0,
-        )
+        return record_of(member, connection)
 
     def commit(self) -> None:
         """Commit what changed in one step, then send what the commit allows; repeat while

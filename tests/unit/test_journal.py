@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from chatd.journal import HEADER_SIZE, PAGE, Journal, Record
+from chatd.journal import HEADER_SIZE, PAGE, Journal
+from chatd.records import Record
 from fdkeep.errors import Error
 
 

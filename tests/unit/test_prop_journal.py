@@ -24,8 +24,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatd.journal import (HEADER, HEADER_SIZE, MARKER_OFFSET, OWNER_OFFSET, PAGE, PROTOCOLS, RECORD, ROOT_OFFSETS,
-                           SELECTOR_OFFSET, Journal, Record)
+from chatd.journal import (HEADER, HEADER_SIZE, MARKER_OFFSET, OWNER_OFFSET, PAGE, ROOT_OFFSETS,
+                           SELECTOR_OFFSET, Journal)
+from chatd.records import PROTOCOLS, RECORD, Record
 from fdkeep.errors import Error
 from proptools import examples, open_fds
 
