@@ -30,7 +30,7 @@ import faulthandler
 import logging
 import os
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from fdkeep.errors import Error
 from fdkeep.fdpass import close_fds
@@ -38,7 +38,7 @@ from fdkeep.loop import AcceptPause
 from fdkeep.paths import runtime_dir
 from fdkeep.peer import FramePeer, listen_unix
 
-from .restore import restore
+from .server import Role
 
 if TYPE_CHECKING:
     from .server import ChatServer
@@ -78,10 +78,11 @@ class ControlServer:
     """Answers at ``path``, and at more paths given to :meth:`answer_also_at` (the
     well-known one, for the chatd of a pair that serves)."""
 
-    def __init__(self, server: "ChatServer", path: str, restore_on_request: bool):
+    def __init__(self, server: "ChatServer", path: str, restore_now: Callable[[], dict]):
+        """``restore_now()``: what ``chatctl restore`` asks for (chatd.lifecycle): the summary."""
         self.server = server
         self.path = path
-        self.awaiting_restore = restore_on_request
+        self._restore_now = restore_now
         self.peers: set[FramePeer] = set()
         self.accepting = AcceptPause(server.loop, log, "control socket")
         #: path -> (listening socket, inode of the file it made): only our own file is unlinked.
@@ -133,13 +134,13 @@ class ControlServer:
             peer.send(reply)
 
     def _op_status(self, peer):
-        return {"ok": True, **self.server.status(), "awaiting_restore": self.awaiting_restore}
+        return {"ok": True, **self.server.status()}
 
     def _serving(self) -> None:
-        if self.server.standby:
+        if self.server.role is Role.STANDBY:
             raise Error("standby", "this chatd is the standby: it serves once the one serving dies "
                                    "(talk to that one: chatctl's default --control)")
-        if self.awaiting_restore:
+        if self.server.role is not Role.SERVING:
             raise Error("not-serving", "chatd waits for `chatctl restore` first")
 
     def _op_clients(self, peer):
@@ -150,18 +151,7 @@ class ControlServer:
         return {"ok": True, **self.server.backup_all()}
 
     def _op_restore(self, peer):
-        if not self.awaiting_restore:
-            raise Error("not-waiting", "chatd is serving already; restore happens at start")
-        summary = restore(self.server)
-        if summary is None:
-            raise Error(
-                "nothing-held",
-                "the holders keep no listening socket for chatd: nothing to restore "
-                "(start chatd without --restore to begin afresh)",
-            )
-        self.awaiting_restore = False
-        self.server.announce_ready()
-        return {"ok": True, **summary}
+        return {"ok": True, **self._restore_now()}
 
     def _op_drain(self, peer):
         self._serving()

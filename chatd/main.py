@@ -21,7 +21,7 @@ from .bundles import clients_the_fd_limit_allows
 from .holders import LISTEN_NAME, Holders, HolderdHolder, SystemdHolder
 from .journal import BOX_RING, Journal
 from .protocols import web_unavailable
-from .restore import restore
+from .lifecycle import Lifecycle, Where
 from .server import STALL_TIMEOUT, ChatServer
 from .standby import Turns
 
@@ -148,8 +148,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.host_id = args.host_id or re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32]
         if not HOST_ID_RE.match(args.host_id):
             parser.error(f"--host-id {args.host_id!r} must be 1-32 of A-Z a-z 0-9 _ -")
-        if args.wait:
-            parser.error("--cluster cannot go with --wait")
     elif args.no_outbox or args.no_cursor or args.host_id:
         parser.error("--host-id, --no-outbox and --no-cursor go with --cluster")
     if args.wait and not args.restore:
@@ -215,37 +213,14 @@ def main(argv=None) -> int:
         server.holders.forget_all("--fresh")
     # With --lease each process answers at its own socket, and at args.control once it serves.
     own_control = instance_socket(args.control, args.instance) if args.lease else args.control
+    lifecycle = Lifecycle(server, Where(args.host, args.port, None if args.http_port < 0 else args.http_port,
+                                        restore_only=args.restore))
     try:
-        control = ControlServer(server, own_control, restore_on_request=args.wait)
+        control = ControlServer(server, own_control, restore_now=lifecycle.restore_now)
     except OSError as exc:
         log.error("cannot open the control socket %s: %s", own_control, exc.strerror or exc)
         return 1
     stop_on_signals(log)
-
-    def start_serving(fresh_allowed: bool = True) -> bool:
-        """Restore what the holders keep, else (unless --restore) start afresh; then READY."""
-        http_port = None if args.http_port < 0 else args.http_port
-        try:
-            if restore(server) is None:
-                if args.restore or not fresh_allowed:
-                    log.error("the holders keep no listening socket for chatd: nothing to restore")
-                    return False
-                server.bind(args.host, args.port, http_port)
-            else:
-                server.listen_where_told(args.host, args.port, http_port)
-        except OSError as exc:
-            web = f" or web port {http_port}" if http_port is not None else ""
-            log.error("cannot listen on %s port %d%s: %s; is another chatd running? (`chatctl status`; "
-                      "or pass --port/--http-port)", args.host, args.port, web, exc.strerror or exc)
-            return False
-        if server.cluster is not None:
-            if not server.journal.box_size:
-                log.error("the journal kept for chatd is a single host's (no outboxes): it cannot join a "
-                          "cluster; start once with --fresh (ends the connections it keeps) to join")
-                return False
-            server.cluster.start()
-        server.announce_ready()
-        return True
 
     if args.cluster:
         # Made before restoring, started once serving: a member restored paired across hosts
@@ -263,15 +238,16 @@ def main(argv=None) -> int:
 
     try:
         if args.wait:
-            log.info("waiting for `chatctl restore` on %s", args.control)
+            lifecycle.wait_for_restore(args.control)
         elif args.lease:
-            turns = Turns(server, control, args.control, args.holder, start_serving)
+            turns = Turns(lifecycle, control, args.control, args.holder)
             if not turns.start(systemd_passed_a_listener=LISTEN_NAME in manager.passed_names()):
                 return 1
-        elif start_serving():
-            faults.start_counting()  # test crash points count from here: not in chatd's own restore
         else:
-            return 1
+            try:
+                lifecycle.serve()
+            except Error:
+                return 1
         server.serve_forever()
     except SystemExit as exc:
         if exc.code:

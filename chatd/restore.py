@@ -66,8 +66,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("chatd")
 
 
-def restore(server: "ChatServer") -> dict | None:
-    """Serve what the holders kept; a summary, or None if they keep no listening socket.
+def restore(server: "ChatServer", may_take_over=None) -> dict | None:
+    """Serve what the holders kept; a summary, or None if they keep no listening socket, or if
+    ``may_take_over(journal)`` says another chatd serves from the journal they keep (chatd.standby).
 
     With ``server.replay`` false (``chatd --no-replay``), what was in flight
     (input read and not handled, output committed and not sent) is thrown away
@@ -88,7 +89,7 @@ def restore(server: "ChatServer") -> dict | None:
             server.holders.forget_all("useless without the listening socket")
         return None
     journal, journal_fd = _attach_journal(by_name.get(STATE_NAME, []), server.max_clients)
-    if server.may_take_over is not None and not server.may_take_over(journal):
+    if may_take_over is not None and not may_take_over(journal):
         journal.close()
         close_fds(item.fd for item in retrieved if item.fd != journal_fd)
         return None

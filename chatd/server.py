@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import enum
 import logging
 import os
 import socket
@@ -106,6 +107,15 @@ HANDSHAKE_TIMEOUT = 10.0
 ADDRESS_LEARNING_DELAY = 1.0
 
 
+class Role(enum.Enum):
+    """What a chatd process plays (chatd.lifecycle owns it and says how it changes)."""
+
+    STARTING = "starting"
+    WAITING = "waiting"
+    STANDBY = "standby"
+    SERVING = "serving"
+
+
 def counted_address(peer) -> str:
     """The address a client counts against --max-per-address as; "" for loopback, which is
     exempt (tests, benchmarks, and a reverse proxy on this host carry many clients each)."""
@@ -145,10 +155,8 @@ class ChatServer:
         self.restore_summary: dict | None = None
         self._status_sent: str | None = None
         self.accepting = AcceptPause(self.loop, log, "clients", ACCEPT_PAUSE)
-        #: The warm standby (chatd.standby): up, not serving until the lease comes.
-        self.standby = False
-        #: A check a restore makes of the journal it found before taking anything (chatd.standby).
-        self.may_take_over = None
+        #: What this process plays; changed only by its owner, chatd.lifecycle.Lifecycle.
+        self.role = Role.STARTING
         #: This process's name among the chatd taking turns (``--instance``); None alone.
         self.instance: str | None = None
         #: Members whose record must be committed; slots to free; connections to wake.
@@ -615,7 +623,8 @@ class ChatServer:
             "port": self.port,
             "http_port": self.http_port,
             "serving": self.listener is not None,
-            "role": "standby" if self.standby else "serving" if self.listener is not None else "waiting",
+            "role": self.role.value,
+            "awaiting_restore": self.role is Role.WAITING,
             "clients": len(self.connections),
             "max_clients": self.max_clients,
             "pairs": len(self.room.pairs()),
@@ -657,9 +666,9 @@ class ChatServer:
         return len(ending)
 
     def status_line(self) -> str:
-        if self.standby:
+        if self.role is Role.STANDBY:
             return "standby: takes over the moment the chatd serving dies"
-        if self.listener is None:
+        if self.role is not Role.SERVING:
             return "waiting for `chatctl restore`"
         pairs = len(self.room.pairs())
         web = f", web on {self.http_port}" if self.http_port else ""

@@ -57,13 +57,13 @@ from fdkeep.fdpass import close_fds
 from fdkeep.loop import IN
 from holderd.client import HolderClient, Lease
 
-from . import faults
 from .holders import STATE_NAME
 from .journal import Journal
+from .server import Role
 
 if TYPE_CHECKING:
     from .control import ControlServer
-    from .server import ChatServer
+    from .lifecycle import Lifecycle
 
 log = logging.getLogger("chatd")
 
@@ -90,15 +90,13 @@ def process_identity(pid: int) -> tuple[int, int] | None:
 class Turns:
     """The lease and the role it gives: ``serving`` or ``standby``."""
 
-    def __init__(self, server: "ChatServer", control: "ControlServer", control_path: str, holder_path: str,
-                 start_serving):
-        self.server = server
+    def __init__(self, lifecycle: "Lifecycle", control: "ControlServer", control_path: str, holder_path: str):
+        self.lifecycle = lifecycle  # the role's owner, and the one way to begin serving
+        self.server = lifecycle.server
         self.control = control
         self.control_path = control_path  # the well-known one, answered at too while this chatd serves
         self.holder_path = holder_path
         self.lease = Lease(LEASE_NAME, holder_path)
-        self.start_serving = start_serving  # () -> bool: restore or bind; False if it could not
-        self.role = "starting"
         self._watching = False
         self._yielding = False  # gave the lease back to a live server, and said so
 
@@ -118,7 +116,7 @@ class Turns:
             return self._serve()
         return self._wait()
 
-    def _serve(self, fresh_allowed: bool = True) -> bool:
+    def _serve(self, fresh_allowed: bool = True, may_take_over=None) -> bool:
         # At the well-known socket before READY=1: once systemd says the unit is active,
         # chatctl reaches it (requests made meanwhile wait in the backlog until it serves).
         try:
@@ -126,22 +124,20 @@ class Turns:
         except OSError as exc:  # serve anyway: chatctl still reaches this chatd at its own socket
             log.error("cannot answer chatctl at %s as well (%s): `chatctl --control %s` reaches this chatd",
                       self.control_path, exc.strerror or exc, self.control.path)
-        if not self.start_serving(fresh_allowed):
+        try:
+            self.lifecycle.serve(fresh_allowed, may_take_over)
+        except Error:
             self.control.stop_answering_at(self.control_path)
             return False
-        self.role = "serving"
         self.server.journal.set_owner(*process_identity(os.getpid()))
         self._watch_lease()
-        faults.start_counting()
         return True
 
     def _wait(self) -> bool:
-        self.role = "standby"
         for holder in self.server.holders:
             if holder.label == "systemd":  # stale: whoever serves keeps its own unit's store
                 holder.forget_all("this chatd stands by; the one serving keeps its own unit's store")
-        self.server.standby = True
-        self.server.announce_ready()
+        self.lifecycle.stand_by()
         log.info("standby: waiting for the lease %r in holderd to serve", LEASE_NAME)
         self._watch_lease()
         return True
@@ -163,11 +159,11 @@ class Turns:
 
     def _lease_readable(self, mask: int) -> None:
         event = self.lease.poll()
-        if event == "granted" and self.role == "standby":
+        if event == "granted" and self.lifecycle.role is Role.STANDBY:
             self._take_over()
         elif event == "lost":
             self._unwatch()
-            log.warning("lost holderd's lease connection (%s); asking again", self.role)
+            log.warning("lost holderd's lease connection (%s); asking again", self.lifecycle.role.value)
             self.server.loop.call_later(RETRY, self._ask_again)
 
     def _ask_again(self) -> None:
@@ -177,7 +173,7 @@ class Turns:
             self.server.loop.call_later(RETRY, self._ask_again)
             return
         self._watch_lease()
-        if self.role == "serving":
+        if self.lifecycle.role is Role.SERVING:
             self.server.audit_holders()  # holderd is back, perhaps empty: refill it now
         elif granted:
             self._take_over()
@@ -195,17 +191,10 @@ class Turns:
         log.info("granted the lease: taking over")
         for holder in self.server.holders:
             holder.retry_now()  # holderd just answered: a failure while it restarted is past
-        self.server.standby = False
-        self.server.may_take_over = self._nobody_else_serves
-        try:
-            # Never afresh: a lease that came after waiting with nothing kept means holderd
-            # lost what it held (it restarted empty), not that nobody serves.
-            served = self._serve(fresh_allowed=False)
-        finally:
-            self.server.may_take_over = None
-        if not served:
+        # Never afresh: a lease that came after waiting with nothing kept means holderd
+        # lost what it held (it restarted empty), not that nobody serves.
+        if not self._serve(fresh_allowed=False, may_take_over=self._nobody_else_serves):
             log.warning("giving the lease back, and waiting")
-            self.server.standby = True
             self._give_back()
 
     def _give_back(self) -> None:

@@ -1,0 +1,136 @@
+"""chatd's start-up, and the role it plays: one owner, one way to begin serving.
+
+Theory of operation
+-------------------
+A chatd process plays one :class:`Role` at a time, and :class:`Lifecycle` is the
+only one that changes it (others ask: the status report, the control socket):
+
+============  =============================================================
+``STARTING``  parsing options, opening the control socket
+``WAITING``   ``--restore --wait``: serves nothing until ``chatctl restore``
+``STANDBY``   ``--lease`` (:mod:`chatd.standby`): up and ready, takes over the
+              moment the chatd serving dies and holderd grants it the lease
+``SERVING``   its listeners, journal and clients are its own
+============  =============================================================
+
+``STARTING`` goes to any of the others; ``WAITING`` and ``STANDBY`` go to
+``SERVING`` only. Nothing leaves ``SERVING``: a chatd that serves does so until it
+exits.
+
+Every way to begin serving goes through :meth:`Lifecycle.serve`: at start, when
+the standby takes over, and on ``chatctl restore``. It restores what the holders
+keep (:mod:`chatd.restore`), else, where a fresh start is allowed, binds new
+listeners; listens where the options say; joins the cluster (``--cluster``);
+tells systemd it is ready; and lets the test crash points count. So ``--cluster``
+goes with ``--wait`` like any other start.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from fdkeep.errors import Error
+
+from . import faults
+from .restore import restore
+from .server import Role
+
+if TYPE_CHECKING:
+    from .journal import Journal
+    from .server import ChatServer
+
+log = logging.getLogger("chatd")
+
+
+#: Every legal change of role.
+TRANSITIONS = {
+    Role.STARTING: {Role.WAITING, Role.STANDBY, Role.SERVING},
+    Role.WAITING: {Role.SERVING},
+    Role.STANDBY: {Role.SERVING},
+    Role.SERVING: set(),
+}
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where chatd serves, as its options say: the line port's address and the web port
+    (None: no web port), and whether it may only restore (``--restore``)."""
+
+    host: str
+    port: int
+    http_port: int | None
+    restore_only: bool = False
+
+
+class Lifecycle:
+    def __init__(self, server: "ChatServer", where: Where):
+        self.server = server
+        self.where = where
+        server.role = Role.STARTING
+
+    @property
+    def role(self) -> Role:
+        return self.server.role
+
+    def _to(self, role: Role) -> None:
+        if role is self.role:
+            return
+        if role not in TRANSITIONS[self.role]:
+            raise RuntimeError(f"chatd cannot go from {self.role.value} to {role.value}")
+        self.server.role = role
+
+    # -- the roles before serving ----------------------------------------------------------
+    def wait_for_restore(self, control_path: str) -> None:
+        """``--restore --wait``: serve nothing until ``chatctl restore`` (:meth:`restore_now`)."""
+        self._to(Role.WAITING)
+        log.info("waiting for `chatctl restore` on %s", control_path)
+
+    def stand_by(self) -> None:
+        """Up and ready, serving nothing until the lease comes (chatd.standby)."""
+        self._to(Role.STANDBY)
+        self.server.announce_ready()
+
+    # -- serving ----------------------------------------------------------------------
+    def serve(self, fresh_allowed: bool = True, may_take_over: Callable[["Journal"], bool] | None = None) -> None:
+        """Begin serving: restore what the holders keep, else (if allowed) start afresh; then
+        READY. Raises (and logs) Error if it cannot; the role then stays as it was."""
+        try:
+            self._serve(fresh_allowed, may_take_over)
+        except Error as exc:
+            log.error("%s", exc.message)
+            raise
+
+    def _serve(self, fresh_allowed: bool, may_take_over) -> None:
+        where = self.where
+        try:
+            if restore(self.server, may_take_over) is None:
+                if where.restore_only or not fresh_allowed:
+                    raise Error("nothing-held", "the holders keep no listening socket for chatd: nothing to "
+                                                "restore (start chatd without --restore to begin afresh)")
+                self.server.bind(where.host, where.port, where.http_port)
+            else:
+                self.server.listen_where_told(where.host, where.port, where.http_port)
+        except OSError as exc:
+            web = f" or web port {where.http_port}" if where.http_port is not None else ""
+            raise Error("cannot-listen", f"cannot listen on {where.host} port {where.port}{web}: "
+                                         f"{exc.strerror or exc}; is another chatd running? (`chatctl status`; "
+                                         "or pass --port/--http-port)") from None
+        cluster = self.server.cluster
+        if cluster is not None:
+            if not self.server.journal.box_size:
+                raise Error("single-host-journal", "the journal kept for chatd is a single host's (no outboxes): "
+                                                   "it cannot join a cluster; start once with --fresh (ends the "
+                                                   "connections it keeps) to join")
+            cluster.start()
+        self._to(Role.SERVING)
+        self.server.announce_ready()
+        faults.start_counting()  # test crash points count from here: not in chatd's own restore
+
+    def restore_now(self) -> dict:
+        """``chatctl restore``: a waiting chatd takes its sockets back now; the restore's summary."""
+        if self.role is not Role.WAITING:
+            raise Error("not-waiting", "chatd is serving already; restore happens at start")
+        self.serve(fresh_allowed=False)
+        return self.server.restore_summary
