@@ -21,6 +21,8 @@ import os
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from helpers import is_open
+
 settings.register_profile(
     "ci", derandomize=True, database=None, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -41,15 +43,7 @@ def examples(count: int) -> settings:
 
 def open_fds() -> set[int]:
     """This process's open descriptors (not the one listing /proc/self/fd takes for a moment)."""
-    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)}
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
+    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if is_open(fd)}
 
 
 #: Any text, lone surrogates included: JSON can carry them ("\\ud800"), and one in a
