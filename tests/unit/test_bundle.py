@@ -3,8 +3,6 @@
 import os
 import socket
 
-import pytest
-
 from fdkeep.bundle import Bundle, Shard
 
 

@@ -7,8 +7,6 @@ import logging
 import os
 import threading
 
-import pytest
-
 from chatd.holders import Holder, HolderdHolder, Holders, SystemdHolder
 from fdkeep.systemd import ServiceManager
 from holderd.daemon import Holderd
