@@ -120,6 +120,15 @@ class Served:
         """Pump the loop (and let the client read) until ``condition()``; fail after 5 s."""
         return wait_until(lambda: (self.loop.run_once(0), condition())[1], 5, what, interval=0)
 
+    def park_half_a_frame(self) -> None:
+        """The client begins a frame with an fd and stops: the peer parks both (the fd is
+        the peer's alone: the client's copies are closed)."""
+        r, w = os.pipe()
+        self.client.send_bytes(encode_frame({"half": True}, 1)[:8], [r])
+        os.close(r), os.close(w)
+        self.pump()
+        assert (self.peer.parked_bytes, self.peer.parked_fds) == (8, 1)
+
     def close(self) -> None:
         self.peer.close()
         self.client.close()
@@ -281,11 +290,7 @@ def test_a_dropped_peer_closes_at_once_when_it_holds_none_of_our_fds(served):
     s = served()
     peer_fd = s.peer.sock.fileno()
     before = open_fds()
-    r, w = os.pipe()
-    s.client.send_bytes(encode_frame({"n": 1}, 1)[:8], [r])  # a frame begun, with an fd parked
-    os.close(r), os.close(w)
-    s.pump()
-    assert s.peer.parked_fds == 1
+    s.park_half_a_frame()
     s.peer.send({"bye": True})  # no fds: nothing of ours in flight
     s.peer.drop()
     assert s.peer.closed and s.peer.dropped and s.closes == 1
@@ -300,11 +305,7 @@ def test_a_dropped_peer_is_kept_until_it_reads_the_fds_we_sent_it(served):
     s.peer.send({"and": "more"}, [os.dup(w)])
     assert s.peer.unread_fds == 2
     before = open_fds()
-    parked_r, parked_w = os.pipe()
-    s.client.send_bytes(encode_frame({"n": 1}, 1)[:8], [parked_r])  # a frame begun, with an fd parked
-    os.close(parked_r), os.close(parked_w)
-    s.pump()
-    assert s.peer.parked_fds == 1
+    s.park_half_a_frame()
     s.peer.drop()
     assert s.peer.dropped and not s.peer.closed and not s.peer.reading, "its fds are in flight, counted"
     assert s.peer.parked_fds == 0 and open_fds() == before, "what it parked goes at once"
@@ -360,9 +361,7 @@ def test_an_eof_closes_the_peer_once_and_frees_what_it_parked(served):
     s = served()
     peer_fd = s.peer.sock.fileno()
     before = open_fds()
-    r, w = os.pipe()
-    s.client.send_bytes(encode_frame({"n": 1}, 1)[:8], [r])
-    os.close(r), os.close(w)
+    s.park_half_a_frame()
     s.client.sock.shutdown(socket.SHUT_WR)
     s.run_until(lambda: s.peer.closed, "the close on EOF")
     s.pump()
