@@ -8,6 +8,7 @@ import socket
 
 
 def is_open(fd: int) -> bool:
+    """Whether ``fd`` is an open descriptor of this process."""
     try:
         os.fstat(fd)
         return True

@@ -1,4 +1,5 @@
-"""Unit-test fixtures: a notify socket that keeps fds the way systemd's store does.
+"""Unit-test fixtures: real sockets made on demand (``sockets``), and a notify socket
+that keeps fds the way systemd's store does (``notify_socket``).
 
 The socket stands in for systemd's only in unit tests; tests/systemd runs the
 real thing. It keeps what it is sent the way systemd's store does: fds by name,
@@ -14,6 +15,38 @@ import socket
 import threading
 
 import pytest
+
+
+class SocketPairs:
+    """Connected UNIX socketpairs, made on demand and all closed when the test ends."""
+
+    def __init__(self):
+        self.made: list[tuple[socket.socket, socket.socket]] = []
+
+    def pairs(self, count: int) -> list[tuple[socket.socket, socket.socket]]:
+        pairs = [socket.socketpair() for _ in range(count)]
+        self.made.extend(pairs)
+        return pairs
+
+    def fds(self, count: int) -> list[int]:
+        """One end's descriptor of each of ``count`` pairs; the fixture keeps and closes them."""
+        return [a.fileno() for a, _ in self.pairs(count)]
+
+    def given(self, count: int) -> list[int]:
+        """One end's descriptor of each of ``count`` pairs, for code that takes ownership
+        (closes them): the fixture closes only the other ends."""
+        return [a.detach() for a, _ in self.pairs(count)]
+
+    def close(self) -> None:
+        for a, b in self.made:
+            a.close(), b.close()
+
+
+@pytest.fixture
+def sockets():
+    made = SocketPairs()
+    yield made
+    made.close()
 
 
 class NotifySocket:

@@ -1,4 +1,5 @@
-"""What the property tests share: hypothesis profiles, strategies, and an fd count.
+"""What the property tests share: hypothesis profiles, strategies, an fd count, and how
+a codec (chatd.protocols) is fed and drained, which the codecs' other tests share too.
 
 Profiles (``HYPOTHESIS_PROFILE``):
 
@@ -17,9 +18,12 @@ Each test names its example count with :func:`examples`, scaled by the profile.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+
+from helpers import is_open
 
 settings.register_profile(
     "ci", derandomize=True, database=None, deadline=None, print_blob=True,
@@ -41,16 +45,13 @@ def examples(count: int) -> settings:
 
 def open_fds() -> set[int]:
     """This process's open descriptors (not the one listing /proc/self/fd takes for a moment)."""
-    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)}
+    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if is_open(fd)}
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
-
+#: A browser's request to open the chat's WebSocket (the key is RFC 6455's example).
+WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+WS_HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: chat\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: " + WS_KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
 #: Any text, lone surrogates included: JSON can carry them ("\\ud800"), and one in a
 #: holder name once crashed holderd.
@@ -81,18 +82,55 @@ def cuts(draw, data: bytes, max_cuts: int = 12, focus: int = 0) -> list[bytes]:
     return [data[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def drain(codec, limit: int) -> list:
-    """Every command a codec (chatd.protocols) has ready, failing if it gives more than ``limit``:
-    a parser that never stops is a bug too."""
+def calls(codec, limit: int):
+    """Each result of a codec's (chatd.protocols) ``next_command`` until it says it needs more
+    bytes (that None too), failing if it gives more than ``limit`` commands: a parser that never
+    stops is a bug too."""
     import pytest
 
     from chatd.room import Command
 
-    out = []
     for _ in range(limit):
         command = codec.next_command()
+        yield command
         if command is None:
-            return out
+            return
         assert isinstance(command, Command)
-        out.append(command)
     pytest.fail(f"next_command gave more than {limit} commands: it does not stop")
+
+
+def drain(codec, limit: int) -> list:
+    """Every command a codec has ready (at most ``limit``, see :func:`calls`)."""
+    return [command for command in calls(codec, limit) if command is not None]
+
+
+def take(codec, data: bytes = b"") -> list:
+    """Feed ``data`` to a codec, then take every command it has ready: a line or a frame is
+    at least a byte, so there are no more than the bytes fed and one that was waiting."""
+    codec.feed(data)
+    return drain(codec, len(data) + 2)
+
+
+@dataclass
+class Fed:
+    """What :func:`feed_in_pieces` saw."""
+
+    commands: list
+    #: What the codec had to send on its own (take_output after each piece).
+    output: bytes
+    #: Every point chatd may have committed its journal at, as (consumed, state, how many
+    #: commands were taken by then): at the start and after each call of next_command.
+    points: list[tuple[int, bytes, int]]
+
+
+def feed_in_pieces(codec, pieces) -> Fed:
+    """Feed ``pieces`` one by one as reads bring them, taking the commands after each, as chatd does."""
+    fed = Fed([], b"", [(codec.consumed, codec.state, 0)])
+    for piece in pieces:
+        codec.feed(piece)
+        for command in calls(codec, len(piece) + 2):
+            if command is not None:
+                fed.commands.append(command)
+            fed.points.append((codec.consumed, codec.state, len(fed.commands)))
+        fed.output += codec.take_output()
+    return fed

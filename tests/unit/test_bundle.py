@@ -3,23 +3,7 @@
 import os
 import socket
 
-import pytest
-
 from fdkeep.bundle import Bundle, Shard
-
-
-@pytest.fixture
-def sockets():
-    made = []
-
-    def make(count):
-        pairs = [socket.socketpair() for _ in range(count)]
-        made.extend(pairs)
-        return pairs
-
-    yield make
-    for a, b in made:
-        a.close(), b.close()
 
 
 def inode(fd):
@@ -27,7 +11,7 @@ def inode(fd):
 
 
 def test_entries_come_back_again_and_again_and_outlive_their_sender(sockets):
-    pairs = sockets(600)  # three messages of 253, 253 and 94
+    pairs = sockets.pairs(600)  # three messages of 253, 253 and 94
     bundle = Bundle.create()
     bundle.append([(key, a.fileno()) for key, (a, _) in enumerate(pairs)])
     expected = [(key, inode(a.fileno())) for key, (a, _) in enumerate(pairs)]
@@ -48,7 +32,7 @@ def test_entries_come_back_again_and_again_and_outlive_their_sender(sockets):
 
 
 def test_a_bundle_kept_by_its_two_ends_alone_goes_on_appending(sockets):
-    (a, b), (c, d) = sockets(2)
+    (a, b), (c, d) = sockets.pairs(2)
     bundle = Bundle.create()
     bundle.append([(1, a.fileno())])
     kept = Bundle.from_fds(*map(os.dup, bundle.fds()))
@@ -62,7 +46,7 @@ def test_a_bundle_kept_by_its_two_ends_alone_goes_on_appending(sockets):
 
 
 def test_a_full_queue_says_so_and_a_rebuilt_shard_packs_the_live(sockets):
-    pairs = sockets(400)
+    pairs = sockets.pairs(400)
     shard = Shard(0, Bundle.create(), generation=1)
     shard.bundle.writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # room for a few messages
     added = 0
@@ -83,7 +67,7 @@ def test_a_full_queue_says_so_and_a_rebuilt_shard_packs_the_live(sockets):
 
 
 def test_the_dead_make_a_shard_worth_rebuilding_once_many_and_a_quarter_of_the_live(sockets):
-    pairs = sockets(200)
+    pairs = sockets.pairs(200)
     shard = Shard(0, Bundle.create(), generation=1)
     assert shard.add([(key, a.fileno()) for key, (a, _) in enumerate(pairs)])
     for key in range(39):
@@ -96,7 +80,7 @@ def test_the_dead_make_a_shard_worth_rebuilding_once_many_and_a_quarter_of_the_l
 
 
 def test_a_drained_bundle_keeps_nothing_in_flight_whoever_keeps_a_copy_of_it(sockets):
-    (a, b), = sockets(1)
+    (a, b), = sockets.pairs(1)
     bundle = Bundle.create()
     bundle.append([(1, a.fileno())])
     copy = Bundle.from_fds(*map(os.dup, bundle.fds()))  # as a holder keeps one
@@ -109,7 +93,7 @@ def test_a_drained_bundle_keeps_nothing_in_flight_whoever_keeps_a_copy_of_it(soc
 
 
 def test_closing_both_ends_releases_what_was_in_flight(sockets):
-    (a, b), = sockets(1)
+    (a, b), = sockets.pairs(1)
     bundle = Bundle.create()
     bundle.append([(1, a.fileno())])
     a.close()

@@ -2,7 +2,6 @@
 
 import base64
 import os
-import socket
 
 import pytest
 
@@ -15,25 +14,6 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-
-
-@pytest.fixture
-def sockets():
-    made = []
-
-    def make(count):
-        fds = []
-        for _ in range(count):
-            a, b = socket.socketpair()
-            made.append(b)
-            fds.append(a.detach())
-        return fds
-
-    yield make
-    for sock in made:
-        sock.close()
-
-
 def store(core, uid, names, fds, metas=None):
     items = [{"name": n, "meta": b64(m)} for n, m in zip(names, metas or [b""] * len(names))]
     return core.handle(uid, {"op": "STORE", "id": 7, "items": items}, fds)
@@ -41,7 +21,7 @@ def store(core, uid, names, fds, metas=None):
 
 def test_store_list_retrieve_remove(sockets):
     core = HolderCore()
-    fds = sockets(2)
+    fds = sockets.given(2)
     [reply] = store(core, 1000, ["a/1", "a/2"], fds, [b"one", b"two"])
     assert reply.body == {"id": 7, "ok": True, "stored": 2}
     [listed] = core.handle(1000, {"op": "LIST", "prefix": "a/"}, [])
@@ -56,7 +36,7 @@ def test_store_list_retrieve_remove(sockets):
 
 def test_each_uid_sees_only_its_own_names(sockets):
     core = HolderCore()
-    store(core, 1, ["x"], sockets(1))
+    store(core, 1, ["x"], sockets.given(1))
     [listed] = core.handle(2, {"op": "LIST"}, [])
     assert listed.body["items"] == []
     [removed] = core.handle(2, {"op": "REMOVE", "prefix": ""}, [])
@@ -65,7 +45,7 @@ def test_each_uid_sees_only_its_own_names(sockets):
 
 def test_storing_a_name_again_replaces_and_closes_the_old(sockets):
     core = HolderCore()
-    old, new = sockets(2)
+    old, new = sockets.given(2)
     store(core, 1, ["n"], [old])
     store(core, 1, ["n"], [new], [b"v2"])
     assert not is_open(old) and core.count(1) == 1
@@ -73,7 +53,7 @@ def test_storing_a_name_again_replaces_and_closes_the_old(sockets):
 
 def test_retrieve_comes_in_chunks_of_253(sockets):
     core = HolderCore()
-    fds = sockets(300)
+    fds = sockets.given(300)
     for start in range(0, 300, 253):
         store(core, 1, [f"s/{i:03}" for i in range(start, min(start + 253, 300))], fds[start:start + 253])
     replies = list(core.handle(1, {"op": "RETRIEVE"}, []))
@@ -101,7 +81,7 @@ def test_retrieve_comes_in_chunks_of_253(sockets):
 )
 def test_bad_requests_get_named_errors_and_their_fds_closed(sockets, body, nfds, code):
     core = HolderCore()
-    fds = sockets(nfds)
+    fds = sockets.given(nfds)
     [reply] = core.handle(1, {**body, "id": 3}, fds)
     assert reply.body["ok"] is False and reply.body["error"] == code and reply.body["id"] == 3
     assert reply.body["message"]
@@ -111,11 +91,11 @@ def test_bad_requests_get_named_errors_and_their_fds_closed(sockets, body, nfds,
 
 def test_limit_per_uid(sockets):
     core = HolderCore(Limits(max_fds_per_uid=2))
-    store(core, 1, ["a", "b"], sockets(2))
-    fds = sockets(1)
+    store(core, 1, ["a", "b"], sockets.given(2))
+    fds = sockets.given(1)
     [reply] = store(core, 1, ["c"], fds)
     assert reply.body["error"] == "limit-reached" and not is_open(fds[0])
-    [reply] = store(core, 1, ["a"], sockets(1))
+    [reply] = store(core, 1, ["a"], sockets.given(1))
     assert reply.body["ok"], "replacing a name does not count against the limit"
 
 
@@ -136,7 +116,7 @@ class Recorder(Watcher):
 def test_watcher_sees_holds_and_releases(sockets):
     recorder = Recorder()
     core = HolderCore(watcher=recorder)
-    fds = sockets(1)
+    fds = sockets.given(1)
     store(core, 1, ["w"], fds)
     assert core.drop_fd(fds[0]).name == "w"
     assert recorder.events == [("held", "w"), ("released", "w")]
@@ -145,7 +125,7 @@ def test_watcher_sees_holds_and_releases(sockets):
 def test_storing_the_same_socket_again_keeps_it_and_takes_the_new_meta(sockets):
     recorder = Recorder()
     core = HolderCore(watcher=recorder)
-    (fd,) = sockets(1)
+    (fd,) = sockets.given(1)
     again = os.dup(fd)
     core.handle(7, {"op": "STORE", "items": [{"name": "c", "meta": b64(b"old")}]}, [fd])
     [reply] = core.handle(7, {"op": "STORE", "items": [{"name": "c", "meta": b64(b"new")}]}, [again])
@@ -298,7 +278,7 @@ def test_a_chunk_gives_what_is_held_when_it_is_made(pipe_copies, sockets):
     first = replies.take(2)
     assert [i["name"] for i in first.body["items"]] == ["p/00000", "p/00001"]
     core.handle(1, {"op": "REMOVE", "names": ["p/00002"]}, [])
-    (new,) = sockets(1)
+    (new,) = sockets.given(1)
     store(core, 1, ["p/00003"], [new])  # replaced by another file
     rest = list(replies)
     items = [i for r in rest for i in r.body["items"]]

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
-
-import pytest
 
 from chatd.holders import Holder, HolderdHolder, Holders, SystemdHolder
 from fdkeep.systemd import ServiceManager
@@ -35,20 +32,6 @@ class Running:
         self.daemon.close()
 
 
-@pytest.fixture
-def sockets():
-    made = []
-
-    def make(count):
-        pairs = [socket.socketpair() for _ in range(count)]
-        made.extend(pairs)
-        return [a.fileno() for a, _ in pairs]
-
-    yield make
-    for a, b in made:
-        a.close(), b.close()
-
-
 def inode(fd: int) -> int:
     return os.fstat(fd).st_ino
 
@@ -57,7 +40,7 @@ def test_holderd_holder_keeps_gives_back_and_forgets(tmp_path, sockets):
     running = Running(str(tmp_path / "h.sock"))
     try:
         holder: Holder = HolderdHolder(str(tmp_path / "h.sock"))
-        listen, client = sockets(2)
+        listen, client = sockets.fds(2)
         assert holder.store([("chatd/listen", b"{}", listen), ("chatd/client/3", b'{"nick":"a"}', client)])
         assert holder.working is True
         assert holder.held().keys() == {"chatd/listen", "chatd/client/3"}
@@ -75,7 +58,7 @@ def test_holderd_holder_says_when_holderd_is_gone_and_when_it_is_back(tmp_path, 
     caplog.set_level(logging.INFO)
     path = str(tmp_path / "h.sock")
     holder = HolderdHolder(path)
-    (fd,) = sockets(1)
+    (fd,) = sockets.fds(1)
     assert holder.store([("chatd/listen", b"", fd)]) is False and holder.working is False
     assert holder.remove(["chatd/listen"]) is False
     assert holder.retrieve() == [] and holder.held() is None
@@ -93,7 +76,7 @@ def test_holderd_holder_says_when_holderd_is_gone_and_when_it_is_back(tmp_path, 
 def test_systemd_holder_sends_each_socket_once_per_name(notify_socket, sockets):
     manager = ServiceManager({"NOTIFY_SOCKET": notify_socket.path})
     holder: Holder = SystemdHolder(manager)
-    first, second = sockets(2)
+    first, second = sockets.fds(2)
     holder.store([("chatd/client/1", b"ignored", first)])
     holder.store([("chatd/client/1", b"ignored", first)])  # the same socket again: not re-sent
     notify_socket.drain()
@@ -110,7 +93,7 @@ def test_systemd_holder_sends_each_socket_once_per_name(notify_socket, sockets):
 
 def test_systemd_holder_takes_back_what_was_passed_and_drops_strangers(notify_socket, sockets):
     manager = ServiceManager({"NOTIFY_SOCKET": notify_socket.path})
-    ours, stranger = sockets(2)
+    ours, stranger = sockets.fds(2)
     manager._passed = {os.dup(ours): "chatd/listen", os.dup(stranger): "someone-else"}
     holder = SystemdHolder(manager)
     [item] = holder.retrieve()
@@ -151,7 +134,7 @@ class Recorder:
 
 
 def test_the_fan_out_refills_a_holder_that_lost_names(sockets):
-    listen, client = sockets(2)
+    listen, client = sockets.fds(2)
     items = [("chatd/listen", b"", listen), ("chatd/client/0", b"", client)]
     full, empty = Recorder("full", items), Recorder("empty")
     holders = Holders([full, empty])
@@ -166,7 +149,7 @@ def test_the_audit_sees_a_name_kept_for_another_fd_and_is_not_fooled_by_other_na
     """Only (name, inode) pairs of chatd's own items count: a holder that keeps the right
     names, one of them for a stale socket, plus other names of the same uid, is refilled
     with just what it lacks."""
-    listen, state, stale, other = sockets(4)
+    listen, state, stale, other = sockets.fds(4)
     items = [("chatd/listen", b"", listen), ("chatd/state", b"", state)]
     holder = Recorder("holderd", [("chatd/listen", b"", listen), ("chatd/state", b"", stale),
                                   ("chatd/old-thing", b"", other), ("someone/else", b"", other)])

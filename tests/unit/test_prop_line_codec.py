@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from chatd.protocols.line import LineCodec, parse_line
 from chatd.room import Command, Invalid
-from proptools import cuts, drain, examples
+from proptools import cuts, examples, feed_in_pieces
 
 MAX = 12
 
@@ -39,21 +39,11 @@ def reference(stream: bytes, max_line: int) -> list[Command]:
     return commands
 
 
-
-
-def fed(codec: LineCodec, chunks) -> list[Command]:
-    out = []
-    for chunk in chunks:
-        codec.feed(chunk)
-        out += drain(codec, len(chunk) + 2)
-    return out
-
-
 @examples(300)
 @given(stream=streams, data=st.data(), max_line=st.sampled_from([MAX, 1, 64 * 1024]))
 def test_any_bytes_in_any_splits_give_the_commands_of_the_whole_stream(stream, data, max_line):
     codec = LineCodec(max_line=max_line)
-    assert fed(codec, data.draw(cuts(stream))) == reference(stream, max_line)
+    assert feed_in_pieces(codec, data.draw(cuts(stream))).commands == reference(stream, max_line)
     # everything up to the last newline is used up; after it, the unfinished line waits
     # (or, too long already, is thrown away as it comes)
     tail = stream.rsplit(b"\n", 1)[-1] if b"\n" in stream else stream
@@ -68,20 +58,13 @@ def test_any_bytes_in_any_splits_give_the_commands_of_the_whole_stream(stream, d
 def test_a_codec_resumed_from_consumed_and_state_anywhere_goes_on_the_same(stream, data):
     """What a new chatd does after a crash, from any point the dead one stood at,
     whatever pieces the bytes came in, before and after."""
+    expected = feed_in_pieces(LineCodec(max_line=MAX), [stream]).commands
     whole = LineCodec(max_line=MAX)
-    expected = fed(LineCodec(max_line=MAX), [stream])
-    checkpoints = [(0, b"", 0)]
-    done = 0
-    for chunk in data.draw(cuts(stream)):
-        whole.feed(chunk)
-        while (command := whole.next_command()) is not None:
-            done += 1
-            assert command == expected[done - 1]
-            checkpoints.append((whole.consumed, whole.state, done))
-        checkpoints.append((whole.consumed, whole.state, done))
-    consumed, state, done = data.draw(st.sampled_from(checkpoints))
+    fed = feed_in_pieces(whole, data.draw(cuts(stream)))
+    assert fed.commands == expected
+    consumed, state, done = data.draw(st.sampled_from(fed.points))
     resumed = LineCodec(max_line=MAX, consumed=consumed, state=state)
-    assert fed(resumed, data.draw(cuts(stream[consumed:]))) == expected[done:]
+    assert feed_in_pieces(resumed, data.draw(cuts(stream[consumed:]))).commands == expected[done:]
     assert (resumed.consumed, resumed.state, resumed.buffered) == (whole.consumed, whole.state, whole.buffered)
 
 

@@ -18,25 +18,15 @@ from hypothesis import strategies as st
 from chatd.protocols.web import HTTP, OPEN, WebCodec, parse_command
 from chatd.room import Command
 from testkit.fuzz import ws_frame
-from proptools import cuts, drain, examples
+from proptools import WS_HANDSHAKE, cuts, examples, feed_in_pieces
 
-KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
-HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: chat\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-             b"Sec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
 TEXT, BINARY, CONTINUATION, CLOSE, PING, PONG = 1, 2, 0, 8, 9, 10
 
 
-def run(codec: WebCodec, data: bytes, limit: int) -> list[Command]:
-    codec.feed(data)
-    return drain(codec, limit)
-
-
 def run_pieces(codec: WebCodec, chunks) -> tuple[list[Command], bytes]:
-    commands, output = [], b""
-    for chunk in chunks:
-        commands += run(codec, chunk, len(chunk) + 2)
-        output += codec.take_output()
-    return commands, output
+    """The commands and the output: what a client sees of the codec, whatever the pieces."""
+    fed = feed_in_pieces(codec, chunks)
+    return fed.commands, fed.output
 
 
 def same_place(codec: WebCodec, other: WebCodec) -> bool:
@@ -96,10 +86,10 @@ junk_after_handshake = st.lists(any_frame | lying_header | st.binary(max_size=30
 def test_valid_masked_frames_split_anywhere_decode_to_their_messages(data, frames):
     stream, texts, pings = frames
     codec = WebCodec()
-    commands, output = run_pieces(codec, data.draw(cuts(HANDSHAKE + stream, focus=len(HANDSHAKE))))
+    commands, output = run_pieces(codec, data.draw(cuts(WS_HANDSHAKE + stream, focus=len(WS_HANDSHAKE))))
     assert commands == [parse_command(text) for text in texts]
     assert codec.phase == OPEN and not codec.finished
-    assert codec.consumed == len(HANDSHAKE) + len(stream), "everything was used up"
+    assert codec.consumed == len(WS_HANDSHAKE) + len(stream), "everything was used up"
     assert output.startswith(b"HTTP/1.1 101 ")
     pongs = output[output.index(b"\r\n\r\n") + 4:]
     assert pongs == b"".join(ws_frame(PONG, ping, mask=None) for ping in pings), "each ping answered, in order"
@@ -109,14 +99,14 @@ def test_valid_masked_frames_split_anywhere_decode_to_their_messages(data, frame
 @given(data=st.data(), stream=junk_after_handshake)
 def test_any_bytes_after_the_handshake_never_raise_and_splits_do_not_matter(data, stream):
     whole = WebCodec()
-    expected = run_pieces(whole, [HANDSHAKE + stream])
+    expected = run_pieces(whole, [WS_HANDSHAKE + stream])
     split = WebCodec()
-    assert run_pieces(split, data.draw(cuts(HANDSHAKE + stream, focus=len(HANDSHAKE)))) == expected
+    assert run_pieces(split, data.draw(cuts(WS_HANDSHAKE + stream, focus=len(WS_HANDSHAKE)))) == expected
     assert same_place(split, whole)
 
 
 HEADS = st.sampled_from([
-    HANDSHAKE, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /healthz HTTP/1.0\r\n\r\n", b"POST /ws HTTP/1.1\r\n\r\n",
+    WS_HANDSHAKE, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /healthz HTTP/1.0\r\n\r\n", b"POST /ws HTTP/1.1\r\n\r\n",
     b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n", b"GET /ws HTTP/2\r\n\r\n", b"\r\n\r\n",
     b"GET /ws?x=\xff HTTP/1.1\r\nHost: \xfe\r\n\r\n", b"GET " + b"/" * 20000 + b" HTTP/1.1\r\n\r\n",
 ])
@@ -161,21 +151,13 @@ def test_a_codec_resumed_from_the_journal_state_anywhere_goes_on_the_same(data, 
     """What a new chatd does: (consumed, state) from wherever the dead one stood when it last
     committed (after any call of next_command, a command or None, whatever pieces the bytes had
     come in), and the bytes from consumed on, in any pieces."""
-    stream = HANDSHAKE + frames[0]
+    stream = WS_HANDSHAKE + frames[0]
     whole = WebCodec()
-    checkpoints, expected = [(0, b"", 0)], []
-    for chunk in data.draw(cuts(stream, focus=len(HANDSHAKE))):
-        whole.feed(chunk)
-        while True:
-            command = whole.next_command()
-            if command is not None:
-                expected.append(command)
-            checkpoints.append((whole.consumed, whole.state, len(expected)))
-            if command is None:
-                break
+    fed = feed_in_pieces(whole, data.draw(cuts(stream, focus=len(WS_HANDSHAKE))))
+    expected = fed.commands
     assert expected == run_pieces(WebCodec(), [stream])[0]
-    consumed, state, done = data.draw(st.sampled_from(checkpoints))
+    consumed, state, done = data.draw(st.sampled_from(fed.points))
     resumed = WebCodec(consumed, state)
-    commands, _ = run_pieces(resumed, data.draw(cuts(stream[consumed:], focus=len(HANDSHAKE) - consumed)))
+    commands, _ = run_pieces(resumed, data.draw(cuts(stream[consumed:], focus=len(WS_HANDSHAKE) - consumed)))
     assert commands == expected[done:]
     assert same_place(resumed, whole)
