@@ -38,6 +38,7 @@ from fdkeep.loop import AcceptPause
 from fdkeep.paths import runtime_dir
 from fdkeep.peer import FramePeer, listen_unix
 
+from . import reports
 from .server import Role
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ class ControlServer:
             peer.send(reply)
 
     def _op_status(self, peer):
-        return {"ok": True, **self.server.status()}
+        return {"ok": True, **reports.status(self.server)}
 
     def _serving(self) -> None:
         if self.server.role is Role.STANDBY:
@@ -144,11 +145,11 @@ class ControlServer:
             raise Error("not-serving", "chatd waits for `chatctl restore` first")
 
     def _op_clients(self, peer):
-        return {"ok": True, "clients": self.server.clients()}
+        return {"ok": True, "clients": reports.clients(self.server)}
 
     def _op_backup(self, peer):
         self._serving()
-        return {"ok": True, **self.server.backup_all()}
+        return {"ok": True, **self.server.backup.now()}
 
     def _op_restore(self, peer):
         return {"ok": True, **self._restore_now()}

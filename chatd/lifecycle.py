@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable
 from fdkeep.errors import Error
 
 from . import faults
+from .reports import status_line
 from .restore import restore
 from .server import Role
 
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
     from .server import ChatServer
 
 log = logging.getLogger("chatd")
+
+#: How often systemd hears the status line (when it changed).
+STATUS_INTERVAL = 1.0
 
 
 #: Every legal change of role.
@@ -69,6 +73,8 @@ class Lifecycle:
         self.server = server
         self.where = where
         server.role = Role.STARTING
+        self._status_sent: str | None = None
+        server.loop.call_every(STATUS_INTERVAL, self._report_status)
 
     @property
     def role(self) -> Role:
@@ -90,7 +96,7 @@ class Lifecycle:
     def stand_by(self) -> None:
         """Up and ready, serving nothing until the lease comes (chatd.standby)."""
         self._to(Role.STANDBY)
-        self.server.announce_ready()
+        self.announce_ready()
 
     # -- serving ----------------------------------------------------------------------
     def serve(self, fresh_allowed: bool = True, may_take_over: Callable[["Journal"], bool] | None = None) -> None:
@@ -111,7 +117,7 @@ class Lifecycle:
                                                 "restore (start chatd without --restore to begin afresh)")
                 self.server.bind(where.host, where.port, where.http_port)
             else:
-                self.server.listen_where_told(where.host, where.port, where.http_port)
+                self.server.listeners.move_where_told(where.host, where.port, where.http_port)
         except OSError as exc:
             web = f" or web port {where.http_port}" if where.http_port is not None else ""
             raise Error("cannot-listen", f"cannot listen on {where.host} port {where.port}{web}: "
@@ -125,7 +131,7 @@ class Lifecycle:
                                                    "connections it keeps) to join")
             cluster.start()
         self._to(Role.SERVING)
-        self.server.announce_ready()
+        self.announce_ready()
         faults.start_counting()  # test crash points count from here: not in chatd's own restore
 
     def restore_now(self) -> dict:
@@ -134,3 +140,15 @@ class Lifecycle:
             raise Error("not-waiting", "chatd is serving already; restore happens at start")
         self.serve(fresh_allowed=False)
         return self.server.restore_summary
+
+    # -- what systemd hears ---------------------------------------------------------------
+    def announce_ready(self) -> None:
+        """READY=1, with the status line of the role just taken."""
+        self._status_sent = status_line(self.server)
+        self.server.manager.ready(self._status_sent)
+
+    def _report_status(self) -> None:
+        line = status_line(self.server)
+        if line != self._status_sent:
+            self._status_sent = line
+            self.server.manager.status(line)

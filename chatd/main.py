@@ -21,6 +21,7 @@ from .bundles import clients_the_fd_limit_allows
 from .holders import LISTEN_NAME, Holders, HolderdHolder, SystemdHolder
 from .journal import BOX_RING, Journal
 from .protocols import web_unavailable
+from .reports import status_line
 from .lifecycle import Lifecycle, Where
 from .server import STALL_TIMEOUT, ChatServer
 from .standby import Turns
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
         if exc.code:
             return exc.code
     finally:
-        manager.stopping(f"stopping; {server.status_line()}")
+        manager.stopping(f"stopping; {status_line(server)}")
         control.close()
         if server.cluster is not None:
             server.cluster.close()

@@ -95,10 +95,10 @@ def restore(server: "ChatServer", may_take_over=None) -> dict | None:
         return None
     server.journal = journal
     used_fds = {listeners[0].fd}
-    server.listen_on(socket.socket(fileno=listeners[0].fd), "line")
+    server.listeners.adopt(socket.socket(fileno=listeners[0].fd), "line")
     if by_name.get(LISTEN_WEB_NAME):
         used_fds.add(by_name[LISTEN_WEB_NAME][0].fd)
-        server.listen_on(socket.socket(fileno=by_name[LISTEN_WEB_NAME][0].fd), "websocket")
+        server.listeners.adopt(socket.socket(fileno=by_name[LISTEN_WEB_NAME][0].fd), "websocket")
     if journal_fd is not None:
         used_fds.add(journal_fd)
     dying = server.journal.handling()
@@ -125,7 +125,7 @@ def restore(server: "ChatServer", may_take_over=None) -> dict | None:
     gone = {slot: None for slot in records if slot not in server.connections}
     server.journal.commit(gone)  # their sockets are gone: those clients left meanwhile
     server.room.restore(members)
-    server.holders.store_what_each_lacks(server.all_items(), kept)
+    server.holders.store_what_each_lacks(server.backup.items(), kept)
     if stale:
         server.holders.remove(sorted(stale))
     for connection in list(server.connections.values()):

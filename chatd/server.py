@@ -46,24 +46,24 @@ Timers send systemd the status line, ping its watchdog, and audit the holders.
 
 from __future__ import annotations
 
-import errno
-import ipaddress
 import enum
 import logging
 import os
 import socket
 import time
-from collections import Counter
 
 from fdkeep.errors import Error
-from fdkeep.loop import AcceptPause, Loop
+from fdkeep.loop import Loop
 from fdkeep.systemd import ServiceManager
 from fdkeep.text import plural
 
 from . import faults
 from .connection import Connection
 from .bundles import ClientBundles
-from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME, Holders, Item
+from .admission import AddressLimit, counted_address
+from .backup import Backup
+from .holders import Holders
+from .listeners import Listeners
 from .journal import Journal
 from .records import CLOSING, Record, record_of
 from .protocols import codec_for, refusal
@@ -72,8 +72,6 @@ from .room import Bye, Command, Failed, Member, Msg, Outcome, Remote, Room
 
 log = logging.getLogger("chatd")
 
-#: How often systemd hears the status line (when it changed).
-STATUS_INTERVAL = 1.0
 #: How often chatd checks that its holders still hold everything (holderd may
 #: have been stopped and started meanwhile, which empties it).
 AUDIT_INTERVAL = 5.0
@@ -92,19 +90,9 @@ STALL_TIMEOUT = 60.0
 TIDY_INTERVAL = 0.2
 #: Why clients usually go, logged at debug level only.
 ROUTINE_ENDS = {"said its last word", "client closed the connection", "said QUIT"}
-#: Connections accepted in one turn of the loop, at most.
-ACCEPT_BATCH = 16
-#: How long accepting stops when accept() fails (out of fds).
-ACCEPT_PAUSE = 0.5
 #: The name each listening socket is kept under in the holders, by the protocol it serves.
-LISTEN_NAMES = {"line": LISTEN_NAME, "websocket": LISTEN_WEB_NAME}
-#: How long a restored chatd told to listen on another address of the same port waits for the
-#: copies of the old listener to close (see ChatServer.listen_where_told).
-RELISTEN_TIMEOUT = 3.0
 #: How long a web client may take to send its whole HTTP request (the opening of the WebSocket).
 HANDSHAKE_TIMEOUT = 10.0
-#: How long after a restore chatd counts the restored clients' addresses.
-ADDRESS_LEARNING_DELAY = 1.0
 
 
 class Role(enum.Enum):
@@ -116,15 +104,6 @@ class Role(enum.Enum):
     SERVING = "serving"
 
 
-def counted_address(peer) -> str:
-    """The address a client counts against --max-per-address as; "" for loopback, which is
-    exempt (tests, benchmarks, and a reverse proxy on this host carry many clients each)."""
-    host = peer[0] if isinstance(peer, tuple) else ""
-    if host.startswith("::ffff:"):
-        host = host[7:]
-    return "" if host.startswith("127.") or host == "::1" else host
-
-
 class ChatServer:
     def __init__(self, holders: Holders, max_clients: int, manager: ServiceManager | None = None,
                  stall_timeout: float = STALL_TIMEOUT, replay: bool = True, max_per_address: int = 0):
@@ -134,17 +113,17 @@ class ChatServer:
         self.holders = holders
         self.bundles = ClientBundles(holders)
         self.max_clients = max_clients
-        #: Connections one client address may have (0: no limit; loopback is exempt).
-        self.max_per_address = max_per_address
-        self.per_address: Counter[str] = Counter()
-        self._learning_addresses = False
-        self._refusing: set[str] = set()  # addresses told of in the log as over the limit
+        #: Connections one client address may have (--max-per-address).
+        self.address_limit = AddressLimit(self.loop, max_per_address, lambda: self.connections.values())
         self.stall_timeout = stall_timeout
         #: On restore, finish what was in flight (see chatd.restore); off only to show loss in tests.
         self.replay = replay
         self.connections: dict[int, Connection] = {}
         #: The listening sockets, by the protocol their clients speak: "line", and "websocket" (the web port).
-        self.listeners: dict[str, socket.socket] = {}
+        self.listeners = Listeners(self.loop, holders, self._admit,
+                                   lambda: plural(len(self.connections), "client"), self.manager.watchdog)
+        #: What the holders keep for chatd, as one (backup on request, the audit).
+        self.backup = Backup(holders, self.listeners, self.bundles, lambda: self.journal)
         self.journal: Journal | None = None
         #: Across hosts (chatd.cluster): set once serving, with --cluster; each slot then has an outbox.
         self.cluster = None
@@ -153,8 +132,6 @@ class ChatServer:
         self.restored_at: float | None = None
         #: The summary of the restore this process started with (chatd.restore).
         self.restore_summary: dict | None = None
-        self._status_sent: str | None = None
-        self.accepting = AcceptPause(self.loop, log, "clients", ACCEPT_PAUSE)
         #: What this process plays; changed only by its owner, chatd.lifecycle.Lifecycle.
         self.role = Role.STARTING
         #: This process's name among the chatd taking turns (``--instance``); None alone.
@@ -167,119 +144,20 @@ class ChatServer:
 
     # -- start: fresh or restored ---------------------------------------------------------
     @property
-    def listener(self) -> socket.socket | None:
-        """The line port's listening socket (None before chatd serves)."""
-        return self.listeners.get("line")
-
-    @property
     def port(self) -> int | None:
-        return self.listener.getsockname()[1] if self.listener else None
+        return self.listeners.port
 
     @property
     def http_port(self) -> int | None:
-        web = self.listeners.get("websocket")
-        return web.getsockname()[1] if web else None
+        return self.listeners.http_port
 
     def bind(self, host: str, port: int, http_port: int | None = None) -> None:
         """Start afresh: a new journal and listening sockets, kept in every holder."""
-        listeners = {}
-        try:
-            listeners["line"] = listen_tcp(host, port)
-            if http_port is not None:
-                listeners["websocket"] = listen_tcp(host, http_port)
-        except OSError:
-            for listener in listeners.values():
-                listener.close()
-            raise
+        self.listeners.open(host, port, http_port)
         self.journal = Journal.create(self.max_clients, box_size=self.box_size)
-        for protocol, listener in listeners.items():
-            self.listen_on(listener, protocol)
-        self.holders.store(self.server_items())
+        self.backup.store_server_items()
         web = f", web on port {self.http_port}" if self.http_port else ""
         log.info("listening on %s:%d%s (fresh start)", host, self.port, web)
-
-    def listen_where_told(self, host: str, port: int, http_port: int | None) -> None:
-        """After a restore: listen where the options say, not only where the kept listeners are.
-
-        A kept listening socket is used as it is if its address is the one asked for
-        (port 0, "any free port", asks for the kept one). Otherwise chatd listens on the
-        new address, keeps that socket in every holder under the listener's name (which
-        replaces the old one there), and closes the old one: clients connected through it
-        keep their connections, each a socket of its own; only clients in the old one's
-        backlog at that moment are accepted first. ``http_port`` None: no web port.
-        If the new address cannot be had, chatd goes on with the old one, and says so.
-        """
-        self._move_listener("line", host, port, "--host/--port")
-        if http_port is not None:
-            self._move_listener("websocket", host, http_port, "--host/--http-port")
-        elif "websocket" in self.listeners:
-            listener = self._stop_listening("websocket")
-            self.holders.remove([LISTEN_WEB_NAME])
-            log.info("no longer listening for the web on %s (--http-port -1); the %s connected keep their "
-                     "connections", _address(listener.getsockname()), plural(len(self.connections), "client"))
-            listener.close()
-
-    def _move_listener(self, protocol: str, host: str, port: int, options: str) -> None:
-        kept = self.listeners.get(protocol)
-        if kept is not None and _is_address(kept, host, port):
-            return
-        try:
-            fresh = listen_tcp(host, port)
-        except OSError as exc:
-            if kept is None:
-                raise
-            if exc.errno != errno.EADDRINUSE or port != kept.getsockname()[1]:
-                log.error("cannot listen on %s (%s changed): %s; still listening on %s",
-                          _address((host, port)), options, exc.strerror or exc, _address(kept.getsockname()))
-                return
-            fresh = None  # the kept listener holds the port on another address: it must go first
-        old = None
-        if kept is not None:
-            old = kept.getsockname()
-            self._stop_listening(protocol)
-        if fresh is None:
-            self.holders.remove([LISTEN_NAMES[protocol]])
-            kept.close()
-            fresh = self._listen_once_released(host, port, old)
-        self.listen_on(fresh, protocol)
-        self.holders.store(self.server_items())  # under the listener's name: the old one goes
-        if kept is not None:
-            kept.close()
-        what = "listening" if protocol == "line" else "web"
-        if old is None:
-            log.info("%s on %s", what, _address(fresh.getsockname()))
-        else:
-            log.info("%s on %s instead of %s (%s changed); the %s connected keep their connections", what,
-                     _address(fresh.getsockname()), _address(old), options,
-                     plural(len(self.connections), "client"))
-
-    def _stop_listening(self, protocol: str) -> socket.socket:
-        """Take in what waits in the backlog of ``protocol``'s listener, and stop watching it."""
-        self._accept(protocol, until_empty=True)
-        listener = self.listeners.pop(protocol)
-        self.accepting.remove(listener.fileno())
-        return listener
-
-    def _listen_once_released(self, host: str, port: int, old: tuple) -> socket.socket:
-        """The port on a new address, once the copies of the old listener are closed: the
-        holders' (systemd closes its own a moment after it is told), and the store of the
-        other chatd taking turns, which it empties as it stands by. Failing that, the old address."""
-        deadline = time.monotonic() + RELISTEN_TIMEOUT
-        while True:
-            try:
-                return listen_tcp(host, port)
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                    log.error("cannot listen on %s: %s; back on %s", _address((host, port)),
-                              exc.strerror or exc, _address(old))
-                    return listen_tcp(old[0], old[1])
-            self.manager.watchdog()
-            time.sleep(0.02)
-
-    def listen_on(self, listener: socket.socket, protocol: str = "line") -> None:
-        listener.setblocking(False)
-        self.listeners[protocol] = listener
-        self.accepting.add(listener.fileno(), lambda mask: self._accept(protocol))
 
     def adopt(self, sock: socket.socket, member_id: int, record: Record | None = None,
               read: int = 0, written: int = 0, inode: int | None = None, protocol: str = "line") -> Connection:
@@ -301,55 +179,38 @@ class ChatServer:
                                 finishing=bool(record.flags & CLOSING), opening_timeout=HANDSHAKE_TIMEOUT)
         connection.poison_offset, connection.poison_count = record.poison_offset, record.poison_count
         self.connections[member_id] = connection
-        if not fresh and not self._learning_addresses:
-            self._learning_addresses = True
-            self.loop.call_later(ADDRESS_LEARNING_DELAY, self._learn_addresses)
+        if not fresh:
+            self.address_limit.restored()
         if fresh or outbox:  # a record to write; or output a crash left, which only a commit sends
             self._dirty.add(member_id)
         return connection
 
     # -- clients ----------------------------------------------------------------------
-    def _accept(self, protocol: str, until_empty: bool = False) -> None:
-        # At most ACCEPT_BATCH a turn: the listener stays readable, and the clients already
-        # served get their turn in between, however many connect at once.
-        for _ in range(self.max_clients if until_empty else ACCEPT_BATCH):
-            try:
-                sock, peer = self.listeners[protocol].accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.accepting.failed(exc, f" with {plural(len(self.connections), 'client')}")
-                return
-            self.accepting.accepted()
-            faults.reached("after-accept")
-            address = counted_address(peer)
-            if self.max_per_address and address and self.per_address[address] >= self.max_per_address:
-                if address not in self._refusing:  # said once, not per attempt
-                    self._refusing.add(address)
-                    log.warning("refusing more clients from %s: it has %d connections (--max-per-address)",
-                                address, self.max_per_address)
-                self._refuse(sock, protocol, "too-many-connections")
-                continue
-            slot = self.journal.allocate()
-            if slot is None:
-                log.warning("refusing a client: all %d slots are taken (--max-clients)", self.max_clients)
-                self._refuse(sock, protocol, "server-full")
-                continue
-            # Kept before a byte of it is read: from here on a crash cannot lose it.
-            try:
-                self.bundles.add(slot, sock.fileno())
-            except Error as exc:
-                log.error("refusing a client: %s", exc.message)
-                self.journal.commit({slot: None})
-                self._refuse(sock, protocol, "server-full")
-                continue
-            self._dirty |= self.room.join(slot, protocol).changed
-            connection = self.adopt(sock, slot, protocol=protocol)
-            connection.address = address
-            if address:
-                self.per_address[address] += 1
-            if log.isEnabledFor(logging.DEBUG):  # .remote is a syscall: not for nothing
-                log.debug("member %d connected from %s", slot, connection.remote)
+    def _admit(self, sock: socket.socket, peer, protocol: str) -> None:
+        """A client the listeners accepted: served in a free slot, kept before a byte is read;
+        or refused with the reason, if its address has too many or every slot is taken."""
+        address = counted_address(peer)
+        if not self.address_limit.admits(address):
+            self._refuse(sock, protocol, "too-many-connections")
+            return
+        slot = self.journal.allocate()
+        if slot is None:
+            log.warning("refusing a client: all %d slots are taken (--max-clients)", self.max_clients)
+            self._refuse(sock, protocol, "server-full")
+            return
+        # Kept before a byte of it is read: from here on a crash cannot lose it.
+        try:
+            self.bundles.add(slot, sock.fileno())
+        except Error as exc:
+            log.error("refusing a client: %s", exc.message)
+            self.journal.commit({slot: None})
+            self._refuse(sock, protocol, "server-full")
+            return
+        self._dirty |= self.room.join(slot, protocol).changed
+        connection = self.adopt(sock, slot, protocol=protocol)
+        self.address_limit.joined(connection, address)
+        if log.isEnabledFor(logging.DEBUG):  # .remote is a syscall: not for nothing
+            log.debug("member %d connected from %s", slot, connection.remote)
 
     @staticmethod
     def _refuse(sock: socket.socket, protocol: str, code: str) -> None:
@@ -358,19 +219,6 @@ class ChatServer:
         except OSError:
             pass
         sock.close()
-
-    def _learn_addresses(self) -> None:
-        """Count restored clients against --max-per-address (not during the restore: a
-        getpeername each would slow the takeover)."""
-        self._learning_addresses = False
-        for connection in self.connections.values():
-            if connection.address is None:
-                try:
-                    connection.address = counted_address(connection.sock.getpeername())
-                except OSError:
-                    connection.address = ""
-                if connection.address:
-                    self.per_address[connection.address] += 1
 
     def take_input(self, connection: Connection) -> None:
         """Handle the connection's commands, as many as the output rings have room for."""
@@ -508,11 +356,7 @@ class ChatServer:
         # the unexpected ends are worth an info line.
         (log.debug if reason in ROUTINE_ENDS else log.info)("member %d closed: %s", member_id, reason)
         connection.close()  # shut down first: the copy in its bundle ends with it
-        if connection.address:
-            self.per_address[connection.address] -= 1
-            if self.per_address[connection.address] <= 0:
-                del self.per_address[connection.address]
-            self._refusing.discard(connection.address)
+        self.address_limit.left(connection)
         self.bundles.forget(member_id)
         self._freed.add(member_id)
         self._dirty.discard(member_id)
@@ -587,75 +431,6 @@ class ChatServer:
                                   f"took none of its {plural(connection.outbox.pending, 'byte')} "
                                   f"of output for {self.stall_timeout:.0f} s")
 
-    # -- what the holders keep --------------------------------------------------------
-    def server_items(self) -> list[Item]:
-        return [(LISTEN_NAMES[protocol], b"{}", listener.fileno())
-                for protocol, listener in self.listeners.items()] + [
-            (STATE_NAME, b"{}", self.journal.fd)]
-
-    def all_items(self) -> list[Item]:
-        return self.server_items() + self.bundles.items()
-
-    def backup_all(self) -> dict:
-        """Repack every bundle and store it, with the listeners and the journal, in every holder
-        (asked now, even one that failed a moment ago: an operator is waiting); then report
-        what each holder says it keeps, and which holders keep every one of ``fds``."""
-        for holder in self.holders:
-            holder.retry_now()
-        sockets = self.bundles.rebuild_all()
-        items = self.all_items()
-        self.holders.store(items)  # all at once, again: a holder's answer (or refusal) covers everything
-        reports = self.holders.confirm(items)
-        return {"sockets": sockets, "fds": len(items), "holders": reports,
-                "kept_whole_by": [report["holder"] for report in reports if not report["missing"]]}
-
-    def audit_holders(self) -> None:
-        if self.listener is not None:
-            self.holders.audit(self.all_items())
-
-    # -- reports ----------------------------------------------------------------------
-    def status(self) -> dict:
-        working, held = self.holders.report()
-        return {
-            "pid": os.getpid(),
-            "uid": os.geteuid(),
-            "instance": self.instance,
-            "port": self.port,
-            "http_port": self.http_port,
-            "serving": self.listener is not None,
-            "role": self.role.value,
-            "awaiting_restore": self.role is Role.WAITING,
-            "clients": len(self.connections),
-            "max_clients": self.max_clients,
-            "pairs": len(self.room.pairs()),
-            "started": self.started,
-            "restored_at": self.restored_at,
-            "restore": self.restore_summary,
-            "holders": working,
-            "held": held,
-            "cluster": self.cluster.status() if self.cluster else None,
-        }
-
-    def clients(self) -> list[dict]:
-        held = next((holder.held() for holder in self.holders if holder.label == "holderd"), None)
-        rows = []
-        for member_id, connection in sorted(self.connections.items()):
-            member = self.room.members.get(member_id)
-            rows.append(
-                {
-                    "id": member_id,
-                    "nick": member.nick if member else None,
-                    "target": member.target if member else None,
-                    "peer": member.peer.nick if member and member.peer else None,
-                    "received": member.received if member else 0,
-                    "protocol": connection.codec.protocol,
-                    "remote": connection.remote,
-                    "queued": connection.outbox.pending,
-                    "held": None if held is None else self.bundles.held_in(member_id, held),
-                }
-            )
-        return rows
-
     def drain(self) -> int:
         """End every client connection on purpose (each gets BYE); the count ended."""
         ending = [member_id for member_id, c in self.connections.items() if not c.finishing]
@@ -665,65 +440,12 @@ class ChatServer:
         log.info("drained %s", plural(len(ending), "connection"))
         return len(ending)
 
-    def status_line(self) -> str:
-        if self.role is Role.STANDBY:
-            return "standby: takes over the moment the chatd serving dies"
-        if self.role is not Role.SERVING:
-            return "waiting for `chatctl restore`"
-        pairs = len(self.room.pairs())
-        web = f", web on {self.http_port}" if self.http_port else ""
-        return f"{plural(len(self.connections), 'client')}, {plural(pairs, 'pair')} on port {self.port}{web}"
-
-    def _report_status(self) -> None:
-        line = self.status_line()
-        if line != self._status_sent:
-            self._status_sent = line
-            self.manager.status(line)
-
-    def announce_ready(self) -> None:
-        self._status_sent = self.status_line()
-        self.manager.ready(self._status_sent)
-
     # -- running ----------------------------------------------------------------------
     def serve_forever(self) -> None:
-        self.loop.call_every(STATUS_INTERVAL, self._report_status)
-        self.loop.call_every(AUDIT_INTERVAL, self.audit_holders)
-        self.holders.watch(self.loop, self.audit_holders)
+        self.loop.call_every(AUDIT_INTERVAL, self.backup.audit)
+        self.holders.watch(self.loop, self.backup.audit)
         self.loop.call_every(TIDY_INTERVAL, self.bundles.tidy)
         self.loop.call_every(min(self.stall_timeout / 4, 5.0), self._drop_stalled)
         if self.manager.watchdog_interval:
             self.loop.call_every(self.manager.watchdog_interval, self.manager.watchdog, first=0)
         self.loop.run_forever()
-
-
-def _address(sockname: tuple) -> str:
-    host, port = sockname[0], sockname[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _is_address(listener: socket.socket, host: str, port: int) -> bool:
-    """Whether ``listener`` is bound where ``listen_tcp(host, port)`` would bind (port 0: any)."""
-    bound_host, bound_port = listener.getsockname()[:2]
-    if port and port != bound_port:
-        return False
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if listener.family != family:
-        return False
-    try:
-        wanted = socket.getaddrinfo(host or None, None, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0][4][0]
-        return ipaddress.ip_address(wanted) == ipaddress.ip_address(bound_host)
-    except (OSError, ValueError):
-        return False  # an unresolvable name: binding it says why
-
-
-def listen_tcp(host: str, port: int) -> socket.socket:
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        # A fresh start after a crash must not wait for TIME_WAIT sockets to expire.
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
-        listener.listen(4096)  # capped by net.core.somaxconn; clients queue here during a crash gap
-    except OSError:
-        listener.close()
-        raise
-    return listener

@@ -174,7 +174,7 @@ class Turns:
             return
         self._watch_lease()
         if self.lifecycle.role is Role.SERVING:
-            self.server.audit_holders()  # holderd is back, perhaps empty: refill it now
+            self.server.backup.audit()  # holderd is back, perhaps empty: refill it now
         elif granted:
             self._take_over()
 

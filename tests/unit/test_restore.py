@@ -72,7 +72,7 @@ def die(server: ChatServer) -> None:
     """What a crash does to a process's descriptors: closed, no shutdown, no goodbye."""
     for connection in server.connections.values():
         connection.sock.close()
-    server.listener.close()
+    server.listeners.line.close()
     server.journal.close()
     server.loop.close()
 

@@ -1,0 +1,73 @@
+"""What chatd says about itself: to chatctl (``status``, ``clients``) and to systemd (its status line).
+
+Reports only read: each asks the owners (the server's connections and room, the holders, the
+listeners, the cluster) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from fdkeep.text import plural
+
+from .server import Role
+
+if TYPE_CHECKING:
+    from .server import ChatServer
+
+
+def status(server: "ChatServer") -> dict:
+    """What `chatctl status` shows of this chatd."""
+    working, held = server.holders.report()
+    return {
+        "pid": os.getpid(),
+        "uid": os.geteuid(),
+        "instance": server.instance,
+        "port": server.port,
+        "http_port": server.http_port,
+        "serving": server.listeners.line is not None,
+        "role": server.role.value,
+        "awaiting_restore": server.role is Role.WAITING,
+        "clients": len(server.connections),
+        "max_clients": server.max_clients,
+        "pairs": len(server.room.pairs()),
+        "started": server.started,
+        "restored_at": server.restored_at,
+        "restore": server.restore_summary,
+        "holders": working,
+        "held": held,
+        "cluster": server.cluster.status() if server.cluster else None,
+    }
+
+def clients(server: "ChatServer") -> list[dict]:
+    """One row per client, for `chatctl clients`."""
+    held = next((holder.held() for holder in server.holders if holder.label == "holderd"), None)
+    rows = []
+    for member_id, connection in sorted(server.connections.items()):
+        member = server.room.members.get(member_id)
+        rows.append(
+            {
+                "id": member_id,
+                "nick": member.nick if member else None,
+                "target": member.target if member else None,
+                "peer": member.peer.nick if member and member.peer else None,
+                "received": member.received if member else 0,
+                "protocol": connection.codec.protocol,
+                "remote": connection.remote,
+                "queued": connection.outbox.pending,
+                "held": None if held is None else server.bundles.held_in(member_id, held),
+            }
+        )
+    return rows
+
+
+def status_line(server: "ChatServer") -> str:
+    """The one line systemd shows (`systemctl status`)."""
+    if server.role is Role.STANDBY:
+        return "standby: takes over the moment the chatd serving dies"
+    if server.role is not Role.SERVING:
+        return "waiting for `chatctl restore`"
+    pairs = len(server.room.pairs())
+    web = f", web on {server.http_port}" if server.http_port else ""
+    return f"{plural(len(server.connections), 'client')}, {plural(pairs, 'pair')} on port {server.port}{web}"
