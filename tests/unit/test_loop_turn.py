@@ -1,0 +1,87 @@
+"""One turn of chatd's loop, in-process: take input, apply the room's outcome, commit, then flush.
+
+The rule it checks is the one a crash relies on (chatd/server.py): no byte of an effect leaves
+chatd before the journal has committed it, and every commit covers a command's input, its change
+to the room and its output together."""
+
+from __future__ import annotations
+
+import select
+import socket
+
+from chatd.holders import Holders
+from chatd.server import ChatServer
+
+
+def readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def turn_until(server: ChatServer, done, turns: int = 200) -> None:
+    for _ in range(turns):
+        server.loop.run_once(0.01)
+        if done():
+            return
+    raise AssertionError("the loop never got there")
+
+
+class Client:
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+        self.buffer = b""
+
+    def send(self, *lines: str) -> None:
+        self.sock.sendall("".join(line + "\n" for line in lines).encode())
+
+    def lines(self) -> list[str]:
+        while readable(self.sock):
+            data = self.sock.recv(65536)
+            if not data:
+                break
+            self.buffer += data
+        *whole, self.buffer = self.buffer.split(b"\n")
+        return [line.decode() for line in whole]
+
+
+def test_nothing_is_sent_before_the_commit_that_covers_it_and_the_commit_covers_input_room_and_output():
+    server = ChatServer(Holders([]), 8)
+    server.bind("127.0.0.1", 0)
+    commits = []
+    real_commit = server.journal.commit
+
+    def watched_commit(changes, cursor=None):
+        # At this moment nothing of what the commit covers may have reached a client.
+        commits.append({slot: (record.nick, record.target, record.received, record.in_handled,
+                               record.out_start, record.out_end, readable(clients[slot].sock))
+                        for slot, record in changes.items() if record is not None and slot in clients})
+        real_commit(changes, cursor)
+
+    server.journal.commit = watched_commit
+    a = Client(server.port)
+    b = Client(server.port)
+    clients: dict[int, Client] = {}
+    turn_until(server, lambda: len(server.connections) == 2)
+    by_port = {c.sock.getsockname()[1]: c for c in (a, b)}
+    for slot, connection in server.connections.items():
+        clients[slot] = by_port[connection.sock.getpeername()[1]]
+    slot_of = {id(client): slot for slot, client in clients.items()}
+    a.send("NICK ann", "PAIR bob")
+    b.send("NICK bob", "PAIR ann")
+    got = {id(a): [], id(b): []}
+    turn_until(server, lambda: [got[id(c)].extend(c.lines()) for c in (a, b)] and
+               "PAIRED bob" in got[id(a)] and "PAIRED ann" in got[id(b)])
+    commits.clear()
+    a.send("MSG hello")
+    turn_until(server, lambda: got[id(b)].extend(b.lines()) or "FROM ann 1 hello" in got[id(b)])
+    covering = [commit for commit in commits if slot_of[id(b)] in commit and commit[slot_of[id(b)]][2] == 1]
+    assert covering, "a commit carries bob's count"
+    first = covering[0]
+    nick, target, received, _, out_start, out_end, had_data = first[slot_of[id(b)]]
+    assert (nick, target, received) == ("bob", "ann", 1) and out_end > out_start, \
+        "bob's record: the count and the FROM to send, in one commit"
+    assert not had_data, "the FROM was committed before a byte of it reached bob"
+    assert slot_of[id(a)] in first and first[slot_of[id(a)]][3] == server.connections[slot_of[id(a)]].inbox.handled, \
+        "ann's input handled to past the MSG, in the same commit"
+    a.sock.close(), b.sock.close()
+    server.journal.commit = real_commit
+    server.loop.close()
