@@ -5,19 +5,22 @@ Theory of operation
 chatd runs one single-threaded epoll loop (:class:`fdkeep.loop.Loop`); the
 NATS client (nats-py) is asyncio. So :class:`Bus` runs nats-py on **one
 daemon thread of its own, with its own asyncio loop**, and the two threads
-meet only in two queues:
+meet only in a :class:`~chatd.bus.mailbox.Mailbox` (two queues, an eventfd,
+two wake-up flags; its docstring says which thread calls what and why no
+wake-up is lost). Besides it they share the frozen
+:class:`~chatd.bus.state.BusSettings` and the bus thread's
+:class:`~chatd.bus.state.Gauges`, which only the bus thread writes:
 
 * chatd's thread calls :meth:`Bus.publish`, :meth:`Bus.claim`,
-  :meth:`Bus.update`, :meth:`Bus.release`. Each appends a command to a deque
-  and returns at once: it never waits for the network. The bus thread is woken
+  :meth:`Bus.update`, :meth:`Bus.release`. Each posts a command and returns
+  at once: it never waits for the network. The bus thread is woken
   (``call_soon_threadsafe``) only if it is not already due to look, so a burst
   of publishes costs one wake-up.
-* the bus thread appends results to another deque and makes an ``eventfd``
-  readable (:meth:`Bus.fileno`), again only if it is not readable already.
-  chatd's loop watches that fd and calls :meth:`Bus.results`, which takes
-  everything waiting. The order of "read the eventfd, clear the flag, then
-  drain" is what makes a lost wake-up impossible: a result appended after the
-  drain finds the flag clear and writes the eventfd again.
+* the bus thread posts results, which make an ``eventfd`` readable
+  (:meth:`Bus.fileno`), again only if it is not readable already. chatd's loop
+  watches that fd and calls :meth:`Bus.results`, which takes everything
+  waiting.
+
 
 What the bus thread does with the network:
 
@@ -94,6 +97,10 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Hashable
 
 from fdkeep.errors import Error
+
+from .mailbox import Mailbox
+from .state import BusSettings, Gauges
+
 
 # asyncio and nats-py take ~100 ms to import: the bus thread imports them (_load_client),
 # so that a chatd restarting after a crash restores its clients without waiting for them.
@@ -235,46 +242,36 @@ class Bus:
         _check_token("host id", host_id)
         if host_lease <= 0:
             raise Error("bad-config", f"host_lease must be positive, not {host_lease}")
-        self.servers = list(servers)
-        self.host_id = host_id
-        self.stream = stream
-        self.nick_bucket = nick_bucket
-        self.host_bucket = host_bucket
-        self.host_lease = float(host_lease)
-        self.replicas = replicas if replicas is not None else (3 if len(servers) >= 3 else 1)
-        self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._results: deque = deque()
-        self._commands: deque = deque()
-        #: True while a wake-up of the bus thread is on its way (set here, cleared there); True
-        #: until the thread runs, which takes every command chatd gave before.
-        self._wake_pending = True
-        #: True while the eventfd is (or is about to be) readable (set there, cleared here).
-        self._eventfd_armed = False
-        self._publishes_requested = 0  # written by chatd's thread only
-        self._delivered_taken = 0  # written by chatd's thread only
-        self._loop = None  # the bus thread's, made there
-        self._engine = _Engine(self)
+        self.settings = BusSettings(
+            servers=tuple(servers), host_id=host_id, stream=stream, nick_bucket=nick_bucket,
+            host_bucket=host_bucket, host_lease=float(host_lease),
+            replicas=replicas if replicas is not None else (3 if len(servers) >= 3 else 1))
+        self._mailbox = Mailbox(backlog_of=Delivered)
+        self._gauges = Gauges()  # the bus thread's own from start() on
+        self._publishes_requested = 0
         self._thread: threading.Thread | None = None
-        self._closed = False
 
-    # -- chatd's thread ----------------------------------------------------------------
+    @property
+    def host_id(self) -> str:
+        return self.settings.host_id
+
     def fileno(self) -> int:
         """The eventfd chatd's loop watches: readable when :meth:`results` has something."""
-        return self._eventfd
+        return self._mailbox.fileno()
 
     def start(self, cursor: int | None) -> None:
         """Connect, make sure of the stream and buckets, keep the lease, deliver from ``cursor + 1``
         (None: only what is published from now on; a test's way to show what a host that keeps
         no cursor loses)."""
-        if self._closed:
+        if self._mailbox.closed:
             raise Error("closed", "this Bus is closed: make a new one")
         if self._thread is not None:
             raise Error("already-started", "Bus.start was called before: call it once")
         if cursor is not None and cursor < 0:
             raise Error("bad-cursor", f"the cursor is a stream sequence, 0 or more, not {cursor}")
-        self._engine.last_delivered = cursor or 0
-        self._engine.only_new = cursor is None
-        self._thread = threading.Thread(target=self._engine.run, name=f"chatd-bus-{self.host_id}", daemon=True)
+        self._gauges = Gauges(last_delivered=cursor or 0)
+        self._thread = threading.Thread(target=_run_bus_thread, args=(self.settings, self._mailbox, self._gauges, cursor),
+                                        name=f"chatd-bus-{self.host_id}", daemon=True)
         self._thread.start()
 
     def publish(self, token, to_host: str, receiver: str, msg_id: str, payload: bytes) -> None:
@@ -283,11 +280,11 @@ class Bus:
         _check_token("receiver", receiver)
         if not msg_id:
             raise Error("bad-msg-id", "a publish needs a Nats-Msg-Id: it is what makes a retry harmless")
-        limit = self._engine.max_payload
+        limit = self._gauges.max_payload
         if limit and len(payload) > limit:
             raise Error("too-large", f"a {len(payload)}-byte payload is over the server's max_payload "
                                      f"({limit}): split it, or raise max_payload in nats-server's config")
-        self._publishes_requested += 1
+        self._publishes_requested += 1  # before: the bus thread's count of those done never passes it
         self._command(("publish", token, f"chat.{to_host}.{receiver}", msg_id, bytes(payload)))
 
     def claim(self, token, nick: str, value: bytes) -> None:
@@ -314,34 +311,24 @@ class Bus:
 
     def results(self) -> list:
         """Everything that came back since the last call, oldest first (and the eventfd read)."""
-        try:
-            os.eventfd_read(self._eventfd)
-        except BlockingIOError:
-            pass
-        self._eventfd_armed = False  # after the read: see the theory of operation
-        taken = []
-        results = self._results
-        for _ in range(len(results)):
-            taken.append(results.popleft())
-        self._delivered_taken += sum(1 for result in taken if type(result) is Delivered)
-        return taken
+        return self._mailbox.take_results()
 
     def status(self) -> dict:
-        engine = self._engine
-        lease_age = None if engine.lease_renewed is None else round(time.monotonic() - engine.lease_renewed, 3)
+        gauges = self._gauges
+        lease_age = None if gauges.lease_renewed is None else round(time.monotonic() - gauges.lease_renewed, 3)
         return {
             "host_id": self.host_id,
-            "servers": self.servers,
-            "connected": engine.server,
-            "ready": engine.ready_flag,
-            "failed": engine.failure,
-            "publishes_pending": self._publishes_requested - engine.publishes_done,
-            "last_delivered": engine.last_delivered,
-            "lag": engine.lag,
-            "delivered_waiting": engine.delivered_emitted - self._delivered_taken,
+            "servers": list(self.settings.servers),
+            "connected": gauges.server,
+            "ready": gauges.ready,
+            "failed": gauges.failure,
+            "publishes_pending": self._publishes_requested - gauges.publishes_done,
+            "last_delivered": gauges.last_delivered,
+            "lag": gauges.lag,
+            "delivered_waiting": self._mailbox.backlog,
             "lease_age": lease_age,
-            "hosts_alive": sorted(host for host, alive in engine.hosts_alive.items() if alive),
-            "replicas": self.replicas,
+            "hosts_alive": list(gauges.hosts_alive),
+            "replicas": self.settings.replicas,
         }
 
     def close(self) -> None:
@@ -349,18 +336,12 @@ class Bus:
 
         Take :meth:`fileno` off chatd's loop before: the eventfd is closed here.
         """
-        if self._closed:
+        if self._mailbox.closed:
             return
-        self._closed = True
+        self._mailbox.close()
         if self._thread is not None:
-            # Without a loop yet, the thread sees _closed once it has made one, and ends.
-            if self._loop is not None:
-                try:
-                    self._loop.call_soon_threadsafe(self._engine.stop)
-                except RuntimeError:
-                    pass  # its loop already ended
             self._thread.join(10)
-        os.close(self._eventfd)
+        self._mailbox.close_eventfd()
 
     def __enter__(self):
         return self
@@ -375,23 +356,14 @@ class Bus:
                                      f"(this host), so that other hosts know whose it is; got {bytes(value)[:80]!r}")
 
     def _command(self, command: tuple) -> None:
-        if self._closed:
+        if self._mailbox.closed:
             raise Error("closed", "this Bus is closed: make a new one")
-        self._commands.append(command)
-        if not self._wake_pending:
-            self._wake_pending = True
-            self._loop.call_soon_threadsafe(self._engine.take_commands)
+        self._mailbox.post_command(command)
 
-    # -- called by the bus thread ------------------------------------------------------
-    def _put(self, result) -> None:
-        self._results.append(result)
-        if not self._eventfd_armed:
-            self._eventfd_armed = True
-            try:
-                os.eventfd_write(self._eventfd, 1)
-            except OSError:
-                pass  # closed under us by close(): nobody listens any more
 
+def _run_bus_thread(settings: BusSettings, mailbox: Mailbox, gauges: Gauges, cursor: int | None) -> None:
+    _load_client()
+    _Engine(settings, mailbox, gauges, cursor).run()
 
 class _Lanes:
     """Work that runs one job at a time per key (a subject, a nick), any number of keys at once."""
@@ -418,24 +390,17 @@ class _Lanes:
 
 
 class _Engine:
-    """Everything on the bus thread. Attributes chatd's thread reads (via :meth:`Bus.status`) are
-    plain values written here only."""
+    """Everything on the bus thread, made there. It meets chatd's thread only through ``mailbox``
+    and ``gauges`` (which it alone writes): see :mod:`chatd.bus.mailbox` and :mod:`chatd.bus.state`."""
 
-    def __init__(self, bus: Bus):
-        self.bus = bus
-        self.loop = None  # made by run(), in the bus thread
+    def __init__(self, settings: BusSettings, mailbox: Mailbox, gauges: Gauges, cursor: int | None):
+        self.settings = settings
+        self.mailbox = mailbox
+        self.gauges = gauges  # its last_delivered is the cursor: Bus.start made it so
+        self.only_new = cursor is None
+        self.loop = None
         self.nc = None
         self.js = None
-        self.server: str | None = None
-        self.ready_flag = False
-        self.failure: str | None = None
-        self.max_payload: int | None = None
-        self.publishes_done = 0
-        self.last_delivered = 0
-        self.only_new = False
-        self.delivered_emitted = 0
-        self.lag: int | None = None
-        self.lease_renewed: float | None = None
         self.hosts_alive: dict[str, bool] = {}
         self._host_seen: dict[str, float] = {}
         self._nick_revision: dict[str, int] = {}
@@ -450,7 +415,6 @@ class _Engine:
 
     # -- the thread --------------------------------------------------------------------
     def run(self) -> None:
-        _load_client()
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self._ready = asyncio.Event()
@@ -458,8 +422,8 @@ class _Engine:
         #: another host would take this host for a dead one and its nicks for free.
         self._leased = asyncio.Event()
         self._stopping = asyncio.Event()
-        self.bus._loop = self.loop  # from here on chatd's thread may wake this one
-        if self.bus._closed:
+        # From here on chatd's thread may wake this one.
+        if not self.mailbox.open(lambda: self.loop.call_soon_threadsafe(self.take_commands)):
             self.loop.close()
             return
         try:
@@ -474,9 +438,6 @@ class _Engine:
                 self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             finally:
                 self.loop.close()
-
-    def stop(self) -> None:
-        self._stopping.set()
 
     def spawn(self, coroutine) -> asyncio.Task:
         task = self.loop.create_task(coroutine)
@@ -504,7 +465,7 @@ class _Engine:
                 pass
 
     def put(self, result) -> None:
-        self.bus._put(result)
+        self.mailbox.post_result(result)
 
     def say(self, code: str, message: str, fatal: bool = False) -> None:
         """A BusError, unless the same was said less than SAY_AGAIN_AFTER ago."""
@@ -517,29 +478,27 @@ class _Engine:
 
     def fail(self, code: str, message: str) -> None:
         """A fatal error: say it, and do no more work."""
-        self.failure = message
+        self.gauges.failure = message
         self.say(code, message, fatal=True)
-        self.ready_flag = False
+        self.gauges.ready = False
 
     # -- commands from chatd -----------------------------------------------------------
     def take_commands(self) -> None:
-        bus = self.bus
-        bus._wake_pending = False  # before draining: see the theory of operation
-        commands = bus._commands
-        for _ in range(len(commands)):
-            command = commands.popleft()
-            kind = command[0]
-            if kind == "publish":
+        for command in self.mailbox.take_commands():
+            if command[0] == "publish":
                 self._publishes.add(command[2], command)
             else:
                 self._nick_work.add(command[2], command)
+        if self.mailbox.closed:
+            self._stopping.set()
 
     # -- connecting and the setup ------------------------------------------------------
     async def _connect_and_serve(self) -> None:
-        bus = self.bus
+        settings = self.settings
         self.nc = await nats.connect(
-            bus.servers,
-            name=f"chatd {bus.host_id}",
+            list(settings.servers),
+
+            name=f"chatd {settings.host_id}",
             max_reconnect_attempts=-1,  # for ever, across every server, the first connect too
             reconnect_time_wait=0.5,
             connect_timeout=2,
@@ -549,13 +508,13 @@ class _Engine:
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
-        self.server = self._url()
-        self.max_payload = self.nc.max_payload
-        self.put(Connected(self.server))
+        self.gauges.server = self._url()
+        self.gauges.max_payload = self.nc.max_payload
+        self.put(Connected(self.gauges.server))
         self.js = self.nc.jetstream(timeout=3)
         if not await self._retry("setup", self._setup):
             return
-        self.ready_flag = True
+        self.gauges.ready = True
         self._ready.set()
         self.spawn(self._keep_lease())
         self.spawn(self._watch_hosts_expiring())
@@ -577,9 +536,9 @@ class _Engine:
             delay = min(delay * 2, RETRY_LONGEST)
 
     async def _setup(self) -> bool:
-        bus = self.bus
+        settings = self.settings
         want = js_api.StreamConfig(
-            name=bus.stream, subjects=["chat.>"], storage=js_api.StorageType.FILE, num_replicas=bus.replicas,
+            name=settings.stream, subjects=["chat.>"], storage=js_api.StorageType.FILE, num_replicas=settings.replicas,
             retention=js_api.RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW, max_age=MAX_AGE,
             discard=js_api.DiscardPolicy.OLD,
         )
@@ -591,27 +550,27 @@ class _Engine:
         if (config.duplicate_window or 0) < DUPLICATE_WINDOW:
             problems.append(f"its duplicate window is {config.duplicate_window or 0:.0f} s, under "
                             f"{DUPLICATE_WINDOW:.0f} s (a publish retried later would be stored twice)")
-        if (config.num_replicas or 1) < bus.replicas:
-            problems.append(f"it has {config.num_replicas} replica(s), not {bus.replicas} "
+        if (config.num_replicas or 1) < settings.replicas:
+            problems.append(f"it has {config.num_replicas} replica(s), not {settings.replicas} "
                             "(an acked message could be lost with one node)")
         if config.storage != js_api.StorageType.FILE:
             problems.append(f"its storage is {config.storage}, not file")
         if problems:
-            self.fail("bad-stream", f"stream {bus.stream} will not do: {'; '.join(problems)}. Fix: remove the "
+            self.fail("bad-stream", f"stream {settings.stream} will not do: {'; '.join(problems)}. Fix: remove the "
                                     f"stream (every host must agree on its settings) and start chatd again")
             return False
-        if self.last_delivered > info.state.last_seq:
-            self.fail("cursor-ahead", f"this host's journal has read stream {bus.stream} up to sequence "
-                                      f"{self.last_delivered}, but the stream ends at {info.state.last_seq}: "
+        if self.gauges.last_delivered > info.state.last_seq:
+            self.fail("cursor-ahead", f"this host's journal has read stream {settings.stream} up to sequence "
+                                      f"{self.gauges.last_delivered}, but the stream ends at {info.state.last_seq}: "
                                       "it was made anew, and delivering from the old cursor would skip messages. "
                                       "Fix: start chatd with a fresh journal (its cursor at 0)")
             return False
-        if self.last_delivered and info.state.first_seq > self.last_delivered + 1 and info.state.messages:
-            self.say("messages-expired", f"stream {bus.stream} starts at sequence {info.state.first_seq}: messages "
-                                         f"{self.last_delivered + 1} to {info.state.first_seq - 1} expired (max "
+        if self.gauges.last_delivered and info.state.first_seq > self.gauges.last_delivered + 1 and info.state.messages:
+            self.say("messages-expired", f"stream {settings.stream} starts at sequence {info.state.first_seq}: messages "
+                                         f"{self.gauges.last_delivered + 1} to {info.state.first_seq - 1} expired (max "
                                          f"age {config.max_age or 0:.0f} s) before this host read them")
-        self.nicks = await self._ensure_bucket(bus.nick_bucket, ttl=None)
-        self.hosts = await self._ensure_bucket(bus.host_bucket, ttl=bus.host_lease)
+        self.nicks = await self._ensure_bucket(settings.nick_bucket, ttl=None)
+        self.hosts = await self._ensure_bucket(settings.host_bucket, ttl=settings.host_lease)
         return self.nicks is not None and self.hosts is not None
 
     async def _ensure_stream(self, want):
@@ -625,12 +584,12 @@ class _Engine:
             return await self.js.stream_info(want.name)  # another host made it meanwhile: judge it below
 
     async def _ensure_bucket(self, bucket: str, ttl: float | None):
-        bus = self.bus
+        settings = self.settings
         try:
             kv = await self.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
             try:
-                kv = await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl, replicas=bus.replicas,
+                kv = await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl, replicas=settings.replicas,
                                                     storage=js_api.StorageType.FILE)
             except nats.js.errors.BadRequestError:
                 kv = await self.js.key_value(bucket)
@@ -638,8 +597,8 @@ class _Engine:
         problems = []
         if config.max_msgs_per_subject != 1:
             problems.append(f"it keeps {config.max_msgs_per_subject} revisions a key, not 1")
-        if (config.num_replicas or 1) < bus.replicas:
-            problems.append(f"it has {config.num_replicas} replica(s), not {bus.replicas}")
+        if (config.num_replicas or 1) < settings.replicas:
+            problems.append(f"it has {config.num_replicas} replica(s), not {settings.replicas}")
         if ttl is None and config.max_age:
             problems.append(f"its entries expire after {config.max_age:.0f} s: nicks would vanish")
         if ttl is not None and abs((config.max_age or 0) - ttl) > 0.001:
@@ -659,20 +618,20 @@ class _Engine:
     async def _on_error(self, exc: Exception) -> None:
         """nats-py's own reports: failed (re)connects, and what its background tasks hit."""
         if isinstance(exc, (OSError, nats.errors.NoServersError)) or (
-                self.server is None and isinstance(exc, asyncio.TimeoutError)):
-            self.say("unreachable", f"cannot reach NATS ({', '.join(self.bus.servers)}): {_describe(exc)}; "
+                self.gauges.server is None and isinstance(exc, asyncio.TimeoutError)):
+            self.say("unreachable", f"cannot reach NATS ({', '.join(self.settings.servers)}): {_describe(exc)}; "
                                     "retrying. Fix: start nats-server there, or correct --cluster")
         else:
             self.say("nats", f"the NATS client reported {_describe(exc)} (it retries by itself)")
 
     async def _on_disconnected(self) -> None:
-        if self.server is not None:
-            self.put(Disconnected(f"lost {self.server}"))
-        self.server = None
+        if self.gauges.server is not None:
+            self.put(Disconnected(f"lost {self.gauges.server}"))
+        self.gauges.server = None
 
     async def _on_reconnected(self) -> None:
-        self.server = self._url()
-        self.put(Connected(self.server))
+        self.gauges.server = self._url()
+        self.put(Connected(self.gauges.server))
 
     # -- publishing --------------------------------------------------------------------
     async def _publish(self, command: tuple) -> None:
@@ -692,33 +651,32 @@ class _Engine:
                 self.say("publish-retrying", f"publishing to {subject} failed, retrying: {_describe(exc)}")
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_LONGEST)
-        self.publishes_done += 1
+        self.gauges.publishes_done += 1
         self.put(Published(token, ack.seq, bool(ack.duplicate)))
 
     # -- delivery ----------------------------------------------------------------------
     async def _start_delivery(self) -> None:
-        bus = self.bus
-        if self.last_delivered:
+        settings = self.settings
+        if self.gauges.last_delivered:
             config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
-                                           opt_start_seq=self.last_delivered + 1)
+                                           opt_start_seq=self.gauges.last_delivered + 1)
         elif self.only_new:
             config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW)
         else:
             config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
-        await self.js.subscribe(f"chat.{bus.host_id}.>", stream=bus.stream, cb=self._on_delivery,
+        await self.js.subscribe(f"chat.{settings.host_id}.>", stream=settings.stream, cb=self._on_delivery,
                                 ordered_consumer=True, idle_heartbeat=HEARTBEAT, config=config,
                                 inactive_threshold=30.0)
 
     async def _on_delivery(self, msg) -> None:
         meta = msg.metadata
         seq = meta.sequence.stream
-        if seq <= self.last_delivered:
+        if seq <= self.gauges.last_delivered:
             return  # a repeat (a remade consumer starts where the last received one was)
-        while self.delivered_emitted - self.bus._delivered_taken >= DELIVERY_BACKLOG:
+        while self.mailbox.backlog >= DELIVERY_BACKLOG:
             await asyncio.sleep(0.005)  # chatd is behind: hold the consumer (flow control holds the server)
-        self.last_delivered = seq
-        self.lag = meta.num_pending
-        self.delivered_emitted += 1
+        self.gauges.last_delivered = seq
+        self.gauges.lag = meta.num_pending
         self.put(Delivered(seq, msg.subject, dict(msg.headers or {}), msg.data))
 
     # -- nicks -------------------------------------------------------------------------
@@ -754,7 +712,7 @@ class _Engine:
         while True:
             try:
                 revision = await self.nicks.create(nick, value)
-                return Claimed(token, nick, True, revision, self.bus.host_id)
+                return Claimed(token, nick, True, revision, self.settings.host_id)
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass
             try:
@@ -762,10 +720,10 @@ class _Engine:
             except nats.js.errors.KeyNotFoundError:
                 continue  # released since: create again
             holder = _holder(entry.value)
-            if holder == self.bus.host_id or (holder is not None and not await self._lease_held(holder)):
+            if holder == self.settings.host_id or (holder is not None and not await self._lease_held(holder)):
                 try:
                     revision = await self.nicks.update(nick, value, last=entry.revision)
-                    return Claimed(token, nick, True, revision, self.bus.host_id)
+                    return Claimed(token, nick, True, revision, self.settings.host_id)
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue  # another host moved first: look again
             return Claimed(token, nick, False, entry.revision, holder)
@@ -806,11 +764,11 @@ class _Engine:
         return Released(nick, False)
 
     async def _watch_nicks(self) -> None:
-        prefix = f"$KV.{self.bus.nick_bucket}."
-        await self._watch("nicks", self.bus.nick_bucket, prefix, self._on_nick, headers_only=False)
+        prefix = f"$KV.{self.settings.nick_bucket}."
+        await self._watch("nicks", self.settings.nick_bucket, prefix, self._on_nick, headers_only=False)
 
     async def _on_nick(self, msg) -> None:
-        nick, revision, deleted = self._kv_entry(msg, f"$KV.{self.bus.nick_bucket}.")
+        nick, revision, deleted = self._kv_entry(msg, f"$KV.{self.settings.nick_bucket}.")
         if revision <= self._nick_revision.get(nick, 0):
             return
         self._nick_revision[nick] = revision
@@ -818,39 +776,39 @@ class _Engine:
 
     # -- hosts -------------------------------------------------------------------------
     async def _keep_lease(self) -> None:
-        bus = self.bus
-        value = json.dumps({"host": bus.host_id, "pid": os.getpid(), "since": time.time()}).encode()
-        subject = f"$KV.{bus.host_bucket}.{bus.host_id}"
-        every = bus.host_lease / 4
+        settings = self.settings
+        value = json.dumps({"host": settings.host_id, "pid": os.getpid(), "since": time.time()}).encode()
+        subject = f"$KV.{settings.host_bucket}.{settings.host_id}"
+        every = settings.host_lease / 4
         lapsed = False
         began = time.monotonic()
         while True:
             try:
                 await self.js.publish(subject, value, timeout=every)
-                self.lease_renewed = time.monotonic()
+                self.gauges.lease_renewed = time.monotonic()
                 self._leased.set()
                 if lapsed:
                     lapsed = False
-                    self.say("lease-renewed", f"this host's lease ({bus.host_id}) is renewed")
+                    self.say("lease-renewed", f"this host's lease ({settings.host_id}) is renewed")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                since = self.lease_renewed or began
-                if not lapsed and time.monotonic() - since > bus.host_lease:
+                since = self.gauges.lease_renewed or began
+                if not lapsed and time.monotonic() - since > settings.host_lease:
                     lapsed = True
-                    self.say("lease-lapsed", f"this host's lease ({bus.host_id}) was not renewed for "
-                                             f"{bus.host_lease:g} s ({_describe(exc)}): other hosts may take "
+                    self.say("lease-lapsed", f"this host's lease ({settings.host_id}) was not renewed for "
+                                             f"{settings.host_lease:g} s ({_describe(exc)}): other hosts may take "
                                              "its nicks. Fix: bring NATS back; the lease is renewed then")
             # Until it is first stored, no claim is answered: try again soon (a new bucket's
             # stream may take a moment to elect its leader).
             await asyncio.sleep(every if self._leased.is_set() else min(every, 0.1))
 
     async def _watch_hosts(self) -> None:
-        await self._watch("hosts", self.bus.host_bucket, f"$KV.{self.bus.host_bucket}.", self._on_host,
+        await self._watch("hosts", self.settings.host_bucket, f"$KV.{self.settings.host_bucket}.", self._on_host,
                           headers_only=True)
 
     async def _on_host(self, msg) -> None:
-        host, _, deleted = self._kv_entry(msg, f"$KV.{self.bus.host_bucket}.")
+        host, _, deleted = self._kv_entry(msg, f"$KV.{self.settings.host_bucket}.")
         if deleted:
             self._host_is(host, False)
         else:
@@ -860,11 +818,12 @@ class _Engine:
     def _host_is(self, host: str, alive: bool) -> None:
         if self.hosts_alive.get(host) != alive:
             self.hosts_alive[host] = alive
+            self.gauges.hosts_alive = tuple(sorted(host for host, alive in self.hosts_alive.items() if alive))
             self.put(HostChanged(host, alive))
 
     async def _watch_hosts_expiring(self) -> None:
         """Report hosts whose lease expired: nats-server 2.9 tells watchers nothing when a key expires."""
-        lease = self.bus.host_lease
+        lease = self.settings.host_lease
         while True:
             await asyncio.sleep(lease / 4)
             now = time.monotonic()
