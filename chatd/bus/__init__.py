@@ -21,7 +21,6 @@ wake-up is lost). Besides it they share the frozen
   watches that fd and calls :meth:`Bus.results`, which takes everything
   waiting.
 
-
 What the bus thread does with the network:
 
 **The stream and buckets.** On connecting it makes sure of the stream

@@ -11,8 +11,7 @@ import asyncio
 import json
 import os
 import time
-from collections import deque
-from typing import Any, Awaitable, Callable, Hashable
+from typing import Any, Awaitable, Callable
 
 import nats
 import nats.errors
@@ -24,11 +23,10 @@ from .mailbox import Mailbox
 from .results import (BusError, Claimed, Connected, Delivered, DirectoryComplete, Disconnected, HostChanged,
                       NickChanged, Published, Released, Updated)
 from .state import BusSettings, Gauges
+from .tasks import Lanes, retry
 
 #: Seconds one publish attempt waits for JetStream's ack before it is sent again.
 ACK_TIMEOUT = 2.0
-#: Backoff between retries: from the first to the longest, doubling.
-RETRY_FIRST, RETRY_LONGEST = 0.05, 1.0
 #: The ordered consumers' idle heartbeat: a consumer whose node died is remade after two missed.
 HEARTBEAT = 1.0
 #: Delivery pauses while this many Delivered results wait for chatd to take them.
@@ -37,30 +35,6 @@ DELIVERY_BACKLOG = 10_000
 SAY_AGAIN_AFTER = 30.0
 #: JetStream's error code for "wrong last sequence" (a compare-and-set that lost).
 WRONG_LAST_SEQUENCE = (10071, 10164)
-
-
-class Lanes:
-    """Work that runs one job at a time per key (a subject, a nick), any number of keys at once."""
-
-    def __init__(self, engine: "Engine", run: Callable[[tuple], Awaitable[None]]):
-        self._engine = engine
-        self._run = run
-        self._queues: dict[Hashable, deque] = {}
-
-    def add(self, key: Hashable, job: tuple) -> None:
-        queue = self._queues.get(key)
-        if queue is not None:
-            queue.append(job)
-            return
-        self._queues[key] = deque([job])
-        self._engine.spawn(self._drain(key))
-
-    async def _drain(self, key: Hashable) -> None:
-        queue = self._queues[key]
-        while queue:
-            await self._run(queue[0])
-            queue.popleft()
-        del self._queues[key]  # no await since the last check: nothing was added meanwhile
 
 
 class Engine:
@@ -82,8 +56,8 @@ class Engine:
         self._catching_up = {"nicks", "hosts"}
         self._said: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._publishes = Lanes(self, self._publish)
-        self._nick_work = Lanes(self, self._nick_job)
+        self._publishes = Lanes(self.spawn, self._publish)
+        self._nick_work = Lanes(self.spawn, self._nick_job)
         self.nicks = None
         self.hosts = None
 
@@ -171,7 +145,6 @@ class Engine:
         settings = self.settings
         self.nc = await nats.connect(
             list(settings.servers),
-
             name=f"chatd {settings.host_id}",
             max_reconnect_attempts=-1,  # for ever, across every server, the first connect too
             reconnect_time_wait=0.5,
@@ -186,28 +159,20 @@ class Engine:
         self.gauges.max_payload = self.nc.max_payload
         self.put(Connected(self.gauges.server))
         self.js = self.nc.jetstream(timeout=3)
-        if not await self._retry("setup", self._setup):
-            return
+        if await self._until_done("setup", self._setup) is False:
+            return  # failed for good: said
         self.gauges.ready = True
         self._ready.set()
         self.spawn(self._keep_lease())
         self.spawn(self._watch_hosts_expiring())
-        self.spawn(self._retry("delivery", self._start_delivery))
-        self.spawn(self._retry("nick watch", self._watch_nicks))
-        self.spawn(self._retry("host watch", self._watch_hosts))
+        self.spawn(self._until_done("delivery", self._start_delivery))
+        self.spawn(self._until_done("nick watch", self._watch_nicks))
+        self.spawn(self._until_done("host watch", self._watch_hosts))
 
-    async def _retry(self, what: str, attempt: Callable[[], Awaitable[bool | None]]) -> bool:
-        """Call ``attempt`` until it returns without raising; False if it failed fatally (returned False)."""
-        delay = RETRY_FIRST
-        while True:
-            try:
-                return await attempt() is not False
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.say("retrying", f"{what} failed, retrying: {describe(exc)}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_LONGEST)
+    async def _until_done(self, what: str, step: Callable[[], Awaitable[Any]]):
+        """``step()``'s result once it returns without raising; each failure said as "retrying"."""
+        return await retry(lambda tries: step(),
+                           lambda exc: self.say("retrying", f"{what} failed, retrying: {describe(exc)}"))
 
     async def _setup(self) -> bool:
         settings = self.settings
@@ -311,20 +276,13 @@ class Engine:
     async def _publish(self, command: tuple) -> None:
         _, token, subject, msg_id, payload = command
         headers = {"Nats-Msg-Id": msg_id}
-        delay = RETRY_FIRST
-        while True:
-            await self._ready.wait()
-            try:
-                ack = await self.js.publish(subject, payload, timeout=ACK_TIMEOUT, headers=dict(headers))
-                break
-            except asyncio.CancelledError:
-                raise
-            except nats.errors.TimeoutError:
-                pass  # the usual way a dead server or a stream leader election shows: just again
-            except Exception as exc:
+
+        def failed(exc: Exception) -> None:
+            if not isinstance(exc, nats.errors.TimeoutError):  # the usual way a dead server or a leader election shows
                 self.say("publish-retrying", f"publishing to {subject} failed, retrying: {describe(exc)}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_LONGEST)
+
+        ack = await retry(lambda tries: self.js.publish(subject, payload, timeout=ACK_TIMEOUT, headers=dict(headers)),
+                          failed, gate=self._ready)
         self.gauges.publishes_done += 1
         self.put(Published(token, ack.seq, bool(ack.duplicate)))
 
@@ -356,30 +314,19 @@ class Engine:
     # -- nicks -------------------------------------------------------------------------
     async def _nick_job(self, command: tuple) -> None:
         kind, token, nick = command[:3]
-        if kind == "claim":
-            result = await self._until_answered(lambda attempt: self._claim(token, nick, command[3]))
-        elif kind == "update":
-            result = await self._until_answered(lambda attempt: self._update(token, nick, *command[3:], attempt))
-        else:
-            result = await self._until_answered(lambda attempt: self._release(nick, command[3], attempt))
-        self.put(result)
 
-    async def _until_answered(self, attempt: Callable[[int], Awaitable[Any]]):
-        """``attempt(n)``'s result, retried (n = 0, 1, …) through timeouts and lost connections."""
-        delay = RETRY_FIRST
-        tries = 0
-        while True:
-            await self._ready.wait()
-            try:
-                return await attempt(tries)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not isinstance(exc, nats.errors.TimeoutError):
-                    self.say("kv-retrying", f"a nick operation failed, retrying: {describe(exc)}")
-            tries += 1
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_LONGEST)
+        async def attempt(tries: int):
+            if kind == "claim":
+                return await self._claim(token, nick, command[3])
+            if kind == "update":
+                return await self._update(token, nick, *command[3:], tries)
+            return await self._release(nick, command[3], tries)
+
+        def failed(exc: Exception) -> None:
+            if not isinstance(exc, nats.errors.TimeoutError):
+                self.say("kv-retrying", f"a nick operation failed, retrying: {describe(exc)}")
+
+        self.put(await retry(attempt, failed, gate=self._ready))
 
     async def _claim(self, token, nick: str, value: bytes) -> Claimed:
         await self._leased.wait()
