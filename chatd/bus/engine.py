@@ -18,7 +18,8 @@ import nats.errors
 import nats.js.errors
 from nats.js import api as js_api
 
-from .checks import DUPLICATE_WINDOW, MAX_AGE, describe, holder
+from .checks import (DUPLICATE_WINDOW, MAX_AGE, STREAM_SUBJECTS, bucket_refusal, cursor_refusal, describe, holder,
+                     kv_entry, stream_refusal, unread_expired)
 from .mailbox import Mailbox
 from .results import (BusError, Claimed, Connected, Delivered, DirectoryComplete, Disconnected, HostChanged,
                       NickChanged, Published, Released, Updated)
@@ -177,37 +178,24 @@ class Engine:
     async def _setup(self) -> bool:
         settings = self.settings
         want = js_api.StreamConfig(
-            name=settings.stream, subjects=["chat.>"], storage=js_api.StorageType.FILE, num_replicas=settings.replicas,
+            name=settings.stream, subjects=[STREAM_SUBJECTS], storage=js_api.StorageType.FILE,
+            num_replicas=settings.replicas,
             retention=js_api.RetentionPolicy.LIMITS, duplicate_window=DUPLICATE_WINDOW, max_age=MAX_AGE,
             discard=js_api.DiscardPolicy.OLD,
         )
-        info = await self._ensure_stream(want)
-        config = info.config
-        problems = []
-        if "chat.>" not in (config.subjects or []):
-            problems.append(f"its subjects are {config.subjects}, not chat.>")
-        if (config.duplicate_window or 0) < DUPLICATE_WINDOW:
-            problems.append(f"its duplicate window is {config.duplicate_window or 0:.0f} s, under "
-                            f"{DUPLICATE_WINDOW:.0f} s (a publish retried later would be stored twice)")
-        if (config.num_replicas or 1) < settings.replicas:
-            problems.append(f"it has {config.num_replicas} replica(s), not {settings.replicas} "
-                            "(an acked message could be lost with one node)")
-        if config.storage != js_api.StorageType.FILE:
-            problems.append(f"its storage is {config.storage}, not file")
-        if problems:
-            self.fail("bad-stream", f"stream {settings.stream} will not do: {'; '.join(problems)}. Fix: remove the "
-                                    f"stream (every host must agree on its settings) and start chatd again")
+        info = await self._ensure_stream(want)  # read back: judged on what the server keeps
+        refusal = stream_refusal(settings.stream, info.config, settings.replicas)
+        if refusal:
+            self.fail("bad-stream", refusal)
             return False
-        if self.gauges.last_delivered > info.state.last_seq:
-            self.fail("cursor-ahead", f"this host's journal has read stream {settings.stream} up to sequence "
-                                      f"{self.gauges.last_delivered}, but the stream ends at {info.state.last_seq}: "
-                                      "it was made anew, and delivering from the old cursor would skip messages. "
-                                      "Fix: start chatd with a fresh journal (its cursor at 0)")
+        cursor = self.gauges.last_delivered
+        refusal = cursor_refusal(settings.stream, cursor, info.state)
+        if refusal:
+            self.fail("cursor-ahead", refusal)
             return False
-        if self.gauges.last_delivered and info.state.first_seq > self.gauges.last_delivered + 1 and info.state.messages:
-            self.say("messages-expired", f"stream {settings.stream} starts at sequence {info.state.first_seq}: messages "
-                                         f"{self.gauges.last_delivered + 1} to {info.state.first_seq - 1} expired (max "
-                                         f"age {config.max_age or 0:.0f} s) before this host read them")
+        expired = unread_expired(settings.stream, cursor, info.state, info.config.max_age)
+        if expired:
+            self.say("messages-expired", expired)
         self.nicks = await self._ensure_bucket(settings.nick_bucket, ttl=None)
         self.hosts = await self._ensure_bucket(settings.host_bucket, ttl=settings.host_lease)
         return self.nicks is not None and self.hosts is not None
@@ -232,20 +220,9 @@ class Engine:
                                                     storage=js_api.StorageType.FILE)
             except nats.js.errors.BadRequestError:
                 kv = await self.js.key_value(bucket)
-        config = (await kv.status()).stream_info.config
-        problems = []
-        if config.max_msgs_per_subject != 1:
-            problems.append(f"it keeps {config.max_msgs_per_subject} revisions a key, not 1")
-        if (config.num_replicas or 1) < settings.replicas:
-            problems.append(f"it has {config.num_replicas} replica(s), not {settings.replicas}")
-        if ttl is None and config.max_age:
-            problems.append(f"its entries expire after {config.max_age:.0f} s: nicks would vanish")
-        if ttl is not None and abs((config.max_age or 0) - ttl) > 0.001:
-            problems.append(f"its entries expire after {config.max_age or 0:g} s, not host_lease = {ttl:g} s "
-                            "(every host must use the same lease)")
-        if problems:
-            self.fail("bad-bucket", f"KV bucket {bucket} will not do: {'; '.join(problems)}. Fix: give every "
-                                    f"host the same settings, or remove the bucket, and start chatd again")
+        refusal = bucket_refusal(bucket, (await kv.status()).stream_info.config, settings.replicas, ttl)
+        if refusal:
+            self.fail("bad-bucket", refusal)
             return None
         return kv
 
@@ -487,5 +464,4 @@ class Engine:
 
     @staticmethod
     def _kv_entry(msg, prefix: str) -> tuple[str, int, bool]:
-        operation = (msg.headers or {}).get("KV-Operation")
-        return msg.subject[len(prefix):], msg.metadata.sequence.stream, operation in ("DEL", "PURGE")
+        return kv_entry(prefix, msg.subject, msg.headers, msg.metadata.sequence.stream)
