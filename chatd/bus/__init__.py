@@ -21,6 +21,19 @@ wake-up is lost). Besides it they share the frozen
   watches that fd and calls :meth:`Bus.results`, which takes everything
   waiting.
 
+The bus thread imports asyncio and nats-py itself (they take ~100 ms): a chatd
+restarting after a crash restores its clients without waiting for them, so
+``import chatd.bus`` loads neither. The modules, by thread:
+
+* chatd's thread: :class:`Bus` (here); :mod:`~chatd.bus.results`, the values
+  it gives back.
+* both: :mod:`~chatd.bus.mailbox`, :mod:`~chatd.bus.state`, and
+  :mod:`~chatd.bus.checks`, the pure decisions (names, nick values, whether a
+  stream, a bucket or the cursor will do).
+* the bus thread only: :mod:`~chatd.bus.engine` (the connection, the setup,
+  publishing, delivery), :mod:`~chatd.bus.directory` (nicks and leases),
+  :mod:`~chatd.bus.tasks` (the one retry loop, the per-key lanes).
+
 What the bus thread does with the network:
 
 **The stream and buckets.** On connecting it makes sure of the stream
@@ -32,33 +45,37 @@ matters, and then it **reads each configuration back**: nats-server 2.9
 ignores options it does not know without a word, and an exactly-once design
 that silently lost its duplicate window, or its replicas, would not be one. A
 configuration that does not give what matters is a fatal :class:`BusError`
-naming the fix; the bus then does nothing more.
+naming the fix (:mod:`~chatd.bus.checks` says what matters); the bus then does
+nothing more.
 
 **Publishing, exactly once and in order.** :meth:`Bus.publish` sends to
 ``chat.<to_host>.<receiver>`` with the header ``Nats-Msg-Id``: JetStream keeps
 one message per id within the duplicate window, so a publish retried (after a
 lost ack, a dead server, or chatd's own crash) is stored once and acked as a
-*duplicate*. Each attempt waits :data:`ACK_TIMEOUT` for the ack; failures are
-retried with backoff until acked, whatever happens to the servers. **At most
-one publish per subject is in flight**: if message k failed while k+1 (already
-sent) was stored, the retried k would be stored after k+1, and a receiver that
-drops what is not newer than what it has seen would lose k. Publishes to
-different subjects are pipelined, so the rate comes from many pairs at once.
-:class:`Published` results come in call order per subject.
+*duplicate*. Each attempt waits :data:`~chatd.bus.engine.ACK_TIMEOUT` for the
+ack; failures are retried with backoff until acked, whatever happens to the
+servers (:func:`~chatd.bus.tasks.retry`, which retries the setup, the watches
+and each nick operation too). **At most one publish per subject is in
+flight**: if message k failed while k+1 (already sent) was stored, the retried
+k would be stored after k+1, and a receiver that drops what is not newer than
+what it has seen would lose k. Publishes to different subjects are pipelined,
+so the rate comes from many pairs at once. :class:`Published` results come in
+call order per subject.
 
 **Delivery in stream order.** Messages for ``chat.<host_id>.>`` come through
 nats-py's *ordered consumer*: an ephemeral push consumer, no acks, started at
 stream sequence ``cursor + 1`` (from the first message when ``cursor`` is 0),
 which checks every message's consumer sequence and, on a gap or when its
-heartbeats (every :data:`HEARTBEAT` s) stop because the node holding it died,
-makes a new consumer from the last stream sequence it received plus one. On
-top, the bus drops any message whose stream sequence is not above the last it
-delivered, so a repeat can never reach chatd. The cursor is chatd's: the
-stream sequence of the last message it committed to its journal.
-:class:`Delivered` results are in stream order, gapless for this host's
-subjects. If chatd stops taking results, delivery pauses at
-:data:`DELIVERY_BACKLOG` waiting results (the consumer's flow control then
-holds the server back) instead of growing without end.
+heartbeats (every :data:`~chatd.bus.engine.HEARTBEAT` s) stop because the node
+holding it died, makes a new consumer from the last stream sequence it
+received plus one. On top, the bus drops any message whose stream sequence is
+not above the last it delivered, so a repeat can never reach chatd. The cursor
+is chatd's: the stream sequence of the last message it committed to its
+journal. :class:`Delivered` results are in stream order, gapless for this
+host's subjects. If chatd stops taking results, delivery pauses at
+:data:`~chatd.bus.engine.DELIVERY_BACKLOG` Delivered results not yet taken
+(the mailbox counts them; the consumer's flow control then holds the server
+back) instead of growing without end.
 
 **Nicks and leases.** A nick is a key in the nicks bucket whose value is
 JSON naming its host (``{"host": ...}``). :meth:`Bus.claim` creates it; if it
@@ -80,7 +97,7 @@ expires frees its nicks.
 Errors: a call with a bad argument raises :class:`fdkeep.errors.Error` at once,
 in chatd's thread; everything that goes wrong on the network comes back as a
 :class:`BusError` line for chatd's log (said once, then again at most every
-:data:`SAY_AGAIN_AFTER` s while it lasts) and is retried.
+:data:`~chatd.bus.engine.SAY_AGAIN_AFTER` s while it lasts) and is retried.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""chatd.bus.mailbox: commands and results cross between two threads, none lost, a burst woken once.
+"""chatd.bus.mailbox: commands and results cross between two threads, none lost, a burst woken once;
+and the Bus over it: importing it loads no asyncio, closing it ends its thread.
 
 The first tests take one side at a time, so what they check is exact (how many
 wake-ups, what the eventfd holds). The last runs both sides as the bus runs
@@ -13,12 +14,17 @@ import asyncio
 import os
 import random
 import select
+import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
+from chatd.bus import Bus, BusError
 from chatd.bus.mailbox import Mailbox
+from fdkeep.errors import Error
 
 
 class Wakes:
@@ -195,3 +201,44 @@ def test_two_threads_pass_every_command_and_result_in_order_without_a_lost_wake_
         echo.thread.join(10)
         box.close_eventfd()
     assert not echo.thread.is_alive(), "close() ends the bus thread"
+
+
+def test_importing_chatd_bus_loads_neither_asyncio_nor_nats_py():
+    """The bus thread imports them: chatd's start-up (a restore after a crash) does not wait for them."""
+    code = ("import sys, chatd.bus, chatd.cluster; "
+            "print(sorted(m for m in ('asyncio', 'nats', 'chatd.bus.engine') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_bus_closed_while_its_thread_still_tries_to_connect_ends_that_thread():
+    """The real bus thread, through the mailbox: it reports what fails, and close() ends it."""
+    nothing_listens = socket.socket()
+    nothing_listens.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    port = nothing_listens.getsockname()[1]
+    bus = Bus([f"nats://127.0.0.1:{port}"], "unit-host")
+    try:
+        assert bus.status()["last_delivered"] == 0 and bus.status()["hosts_alive"] == []
+        bus.start(41)
+        assert bus.status()["last_delivered"] == 41
+        bus.publish("t", "unit-host", "bob", "id-1", b"waits for a server")
+        assert bus.status()["publishes_pending"] == 1
+        poll = select.poll()
+        poll.register(bus.fileno(), select.POLLIN)
+        errors = []
+        give_up = time.monotonic() + 20
+        while not any(error.code == "unreachable" for error in errors):
+            assert time.monotonic() < give_up, f"no 'unreachable' error came; got {errors}"
+            if poll.poll(100):
+                errors += [result for result in bus.results() if isinstance(result, BusError)]
+        unreachable = next(error for error in errors if error.code == "unreachable")
+        assert f"127.0.0.1:{port}" in unreachable.message and not unreachable.fatal
+        assert [thread for thread in threading.enumerate() if thread.name == "chatd-bus-unit-host"]
+    finally:
+        bus.close()
+        nothing_listens.close()
+    assert not [thread for thread in threading.enumerate() if thread.name == "chatd-bus-unit-host"], \
+        "close() ended the bus thread"
+    with pytest.raises(Error) as caught:
+        bus.publish("t", "unit-host", "bob", "id-2", b"x")
+    assert caught.value.code == "closed"
