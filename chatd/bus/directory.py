@@ -165,8 +165,8 @@ class Directory:
                 if not lapsed and time.monotonic() - since > settings.host_lease:
                     lapsed = True
                     self.engine.say("lease-lapsed", f"this host's lease ({settings.host_id}) was not renewed for "
-                                             f"{settings.host_lease:g} s ({describe(exc)}): other hosts may take "
-                                             "its nicks. Fix: bring NATS back; the lease is renewed then")
+                                                    f"{settings.host_lease:g} s ({describe(exc)}): other hosts may "
+                                                    "take its nicks. Fix: bring NATS back; the lease is renewed then")
             # Until it is first stored, no claim is answered: try again soon (a new bucket's
             # stream may take a moment to elect its leader).
             await asyncio.sleep(every if self._leased.is_set() else min(every, 0.1))
@@ -186,7 +186,7 @@ class Directory:
     def _host_is(self, host: str, alive: bool) -> None:
         if self.hosts_alive.get(host) != alive:
             self.hosts_alive[host] = alive
-            self.gauges.hosts_alive = tuple(sorted(host for host, alive in self.hosts_alive.items() if alive))
+            self.gauges.hosts_alive = tuple(sorted(name for name, up in self.hosts_alive.items() if up))
             self.engine.put(HostChanged(host, alive))
 
     async def watch_hosts_expiring(self) -> None:
