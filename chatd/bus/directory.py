@@ -1,0 +1,236 @@
+"""Nicks and host leases, on the bus thread (see :mod:`chatd.bus`, "Nicks and leases").
+
+Imported by the bus thread only, as :mod:`chatd.bus.engine` is. The
+:class:`Directory` does the nick work chatd asks for (claim, update, release:
+one at a time per nick, each retried until answered), keeps this host's lease,
+and watches both buckets, turning what it sees into :class:`NickChanged`,
+:class:`HostChanged` and, once, :class:`DirectoryComplete`. It uses its
+:class:`~chatd.bus.engine.Engine` for the connection (``js``), the readiness
+gate, tasks and results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import TYPE_CHECKING
+
+import nats.errors
+import nats.js.errors
+from nats.js import api as js_api
+
+from .checks import describe, holder, kv_entry
+from .results import Claimed, DirectoryComplete, HostChanged, NickChanged, Released, Updated
+from .tasks import Lanes, retry
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+#: JetStream's error code for "wrong last sequence" (a compare-and-set that lost).
+WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+class Directory:
+    """The nicks bucket and the hosts bucket, as this host works on and watches them."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.settings = engine.settings
+        self.gauges = engine.gauges  # lease_renewed and hosts_alive are written here
+        self.nicks = None  # the KV buckets, once the engine's setup found them right (use_buckets)
+        self.hosts = None
+        #: Set once this host's lease is first stored: no claim is made before, since until then
+        #: another host would take this host for a dead one and its nicks for free.
+        self._leased = asyncio.Event()
+        self._work = Lanes(engine.spawn, self._nick_job)
+        self.hosts_alive: dict[str, bool] = {}
+        self._host_seen: dict[str, float] = {}
+        self._nick_revision: dict[str, int] = {}
+        #: The buckets whose first values have not all come yet (DirectoryComplete when none).
+        self._catching_up = {"nicks", "hosts"}
+
+    def use_buckets(self, nicks, hosts) -> None:
+        self.nicks, self.hosts = nicks, hosts
+
+    def queue(self, command: tuple) -> None:
+        """A claim, update or release from chatd: after the ones before it on the same nick."""
+        self._work.add(command[2], command)
+
+    # -- nicks -------------------------------------------------------------------------
+    async def _nick_job(self, command: tuple) -> None:
+        kind, token, nick = command[:3]
+
+        async def attempt(tries: int):
+            if kind == "claim":
+                return await self._claim(token, nick, command[3])
+            if kind == "update":
+                return await self._update(token, nick, *command[3:], tries)
+            return await self._release(nick, command[3], tries)
+
+        def failed(exc: Exception) -> None:
+            if not isinstance(exc, nats.errors.TimeoutError):
+                self.engine.say("kv-retrying", f"a nick operation failed, retrying: {describe(exc)}")
+
+        self.engine.put(await retry(attempt, failed, gate=self.engine.ready))
+
+    async def _claim(self, token, nick: str, value: bytes) -> Claimed:
+        await self._leased.wait()
+        while True:
+            try:
+                revision = await self.nicks.create(nick, value)
+                return Claimed(token, nick, True, revision, self.settings.host_id)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await self.nicks.get(nick)
+            except nats.js.errors.KeyNotFoundError:
+                continue  # released since: create again
+            named = holder(entry.value)
+            if named == self.settings.host_id or (named is not None and not await self._lease_held(named)):
+                try:
+                    revision = await self.nicks.update(nick, value, last=entry.revision)
+                    return Claimed(token, nick, True, revision, self.settings.host_id)
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue  # another host moved first: look again
+            return Claimed(token, nick, False, entry.revision, named)
+
+    async def _lease_held(self, host_id: str) -> bool:
+        try:
+            await self.hosts.get(host_id)
+            return True
+        except nats.js.errors.KeyNotFoundError:
+            return False
+
+    async def _update(self, token, nick: str, value: bytes, revision: int, attempt: int) -> Updated:
+        try:
+            return Updated(token, nick, True, await self.nicks.update(nick, value, last=revision))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
+        # Lost the compare-and-set, or an earlier attempt won it and only its answer was lost.
+        try:
+            entry = await self.nicks.get(nick)
+        except nats.js.errors.KeyNotFoundError:
+            return Updated(token, nick, False, None)
+        if attempt and entry.value == value:
+            return Updated(token, nick, True, entry.revision)
+        return Updated(token, nick, False, entry.revision)
+
+    async def _release(self, nick: str, revision: int, attempt: int) -> Released:
+        try:
+            await self.nicks.delete(nick, last=revision)  # with last: a compare-and-set delete
+            return Released(nick, True)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code not in WRONG_LAST_SEQUENCE:
+                raise
+        if attempt:  # did an earlier attempt delete it, its answer lost?
+            try:
+                await self.nicks.get(nick)
+            except nats.js.errors.KeyNotFoundError:
+                return Released(nick, True)
+        return Released(nick, False)
+
+    async def watch_nicks(self) -> None:
+        prefix = f"$KV.{self.settings.nick_bucket}."
+        await self._watch("nicks", self.settings.nick_bucket, prefix, self._on_nick, headers_only=False)
+
+    async def _on_nick(self, msg) -> None:
+        nick, revision, deleted = self._kv_entry(msg, f"$KV.{self.settings.nick_bucket}.")
+        if revision <= self._nick_revision.get(nick, 0):
+            return
+        self._nick_revision[nick] = revision
+        self.engine.put(NickChanged(nick, None if deleted else msg.data, revision))
+
+    # -- hosts -------------------------------------------------------------------------
+    async def keep_lease(self) -> None:
+        settings = self.settings
+        value = json.dumps({"host": settings.host_id, "pid": os.getpid(), "since": time.time()}).encode()
+        subject = f"$KV.{settings.host_bucket}.{settings.host_id}"
+        every = settings.host_lease / 4
+        lapsed = False
+        began = time.monotonic()
+        while True:
+            try:
+                await self.engine.js.publish(subject, value, timeout=every)
+                self.gauges.lease_renewed = time.monotonic()
+                self._leased.set()
+                if lapsed:
+                    lapsed = False
+                    self.engine.say("lease-renewed", f"this host's lease ({settings.host_id}) is renewed")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                since = self.gauges.lease_renewed or began
+                if not lapsed and time.monotonic() - since > settings.host_lease:
+                    lapsed = True
+                    self.engine.say("lease-lapsed", f"this host's lease ({settings.host_id}) was not renewed for "
+                                                    f"{settings.host_lease:g} s ({describe(exc)}): other hosts may "
+                                                    "take its nicks. Fix: bring NATS back; the lease is renewed then")
+            # Until it is first stored, no claim is answered: try again soon (a new bucket's
+            # stream may take a moment to elect its leader).
+            await asyncio.sleep(every if self._leased.is_set() else min(every, 0.1))
+
+    async def watch_hosts(self) -> None:
+        await self._watch("hosts", self.settings.host_bucket, f"$KV.{self.settings.host_bucket}.", self._on_host,
+                          headers_only=True)
+
+    async def _on_host(self, msg) -> None:
+        host, _, deleted = self._kv_entry(msg, f"$KV.{self.settings.host_bucket}.")
+        if deleted:
+            self._host_is(host, False)
+        else:
+            self._host_seen[host] = time.monotonic()
+            self._host_is(host, True)
+
+    def _host_is(self, host: str, alive: bool) -> None:
+        if self.hosts_alive.get(host) != alive:
+            self.hosts_alive[host] = alive
+            self.gauges.hosts_alive = tuple(sorted(name for name, up in self.hosts_alive.items() if up))
+            self.engine.put(HostChanged(host, alive))
+
+    async def watch_hosts_expiring(self) -> None:
+        """Report hosts whose lease expired: nats-server 2.9 tells watchers nothing when a key expires."""
+        lease = self.settings.host_lease
+        while True:
+            await asyncio.sleep(lease / 4)
+            now = time.monotonic()
+            for host, alive in list(self.hosts_alive.items()):
+                if alive and now - self._host_seen.get(host, now) > lease:
+                    try:
+                        if await self._lease_held(host):
+                            self._host_seen[host] = time.monotonic()  # renewed, and we missed it
+                        else:
+                            self._host_is(host, False)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        pass  # ask again next round
+
+    # -- watching a bucket -------------------------------------------------------------
+    async def _watch(self, which: str, bucket: str, prefix: str, callback, headers_only: bool) -> None:
+        """Every key's last value, then every change: an ordered consumer on the bucket's stream.
+        The first values are all in when one comes with nothing pending after it, or at once
+        if the bucket held nothing when the watch began."""
+
+        async def deliver(msg) -> None:
+            await callback(msg)
+            if which in self._catching_up and msg.metadata.num_pending == 0:
+                self._caught_up(which)
+
+        config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
+                                       headers_only=headers_only)
+        empty = (await self.engine.js.stream_info(f"KV_{bucket}")).state.messages == 0
+        await self.engine.follow(f"{prefix}>", f"KV_{bucket}", deliver, config)
+        if empty:
+            self._caught_up(which)
+
+    def _caught_up(self, which: str) -> None:
+        if which in self._catching_up:
+            self._catching_up.discard(which)
+            if not self._catching_up:
+                self.engine.put(DirectoryComplete())
+
+    @staticmethod
+    def _kv_entry(msg, prefix: str) -> tuple[str, int, bool]:
+        return kv_entry(prefix, msg.subject, msg.headers, msg.metadata.sequence.stream)

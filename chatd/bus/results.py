@@ -1,0 +1,91 @@
+"""What :class:`chatd.bus.Bus` gives back through :meth:`~chatd.bus.Bus.results`: frozen values,
+made on the bus thread and read on chatd's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """The publish ``token`` was stored at stream sequence ``seq`` (``duplicate``: stored before)."""
+    token: Any
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """``ok``: the nick is this host's now, at ``revision``. Else ``holder`` (a host id, None if
+    unreadable) has it, at ``revision``."""
+    token: Any
+    nick: str
+    ok: bool
+    revision: int | None
+    holder: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Updated:
+    """``ok``: the new value is stored at ``revision``; else the revision given was not the last."""
+    token: Any
+    nick: str
+    ok: bool
+    revision: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """``ok``: the nick's entry is deleted; else the revision given was not the last (not deleted)."""
+    nick: str
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A message for this host, at stream sequence ``seq`` (the cursor to journal once it is committed)."""
+    seq: int
+    subject: str
+    headers: dict
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NickChanged:
+    """The nicks bucket changed: ``value`` None when the nick was released."""
+    nick: str
+    value: bytes | None
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostChanged:
+    """A host's lease appeared (``alive``) or was deleted or expired."""
+    host_id: str
+    alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryComplete:
+    """Every nick and host lease that existed when the bus connected has come (as
+    :class:`NickChanged` and :class:`HostChanged`): what is not known now does not exist.
+    Comes once."""
+
+
+@dataclass(frozen=True, slots=True)
+class BusError:
+    """A line for chatd's log. ``fatal``: the bus stopped working and will not recover by itself."""
+    code: str
+    message: str
+    fatal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    server: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    reason: str
