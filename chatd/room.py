@@ -288,6 +288,21 @@ class Room:
         member = self.members.get(member_id)
         return member is not None and member.nick is not None and self._awaiting.get(member.nick) is member
 
+    def member_by_nick(self, nick: str) -> Member | None:
+        """The local member holding ``nick``, if any."""
+        return self._by_nick.get(nick)
+
+    def take_nick(self, member_id: int, name: str, incarnation: int) -> Outcome:
+        """``Nick(name)`` once the cluster made ``name`` this host's: handled like the command,
+        and if the member takes it, it holds it under ``incarnation`` (a new random id: what it
+        forwards is numbered ``k`` from 1 again, and no receiver mistakes it for a repeat)."""
+        outcome = self.handle(member_id, Nick(name))
+        member = self.members[member_id]
+        if member.nick == name:
+            member.incarnation, member.sent = incarnation, 0
+            outcome.changed.add(member_id)
+        return outcome
+
     def nick_free(self, member_id: int, name) -> bool:
         """Whether ``member_id`` may try to take ``name``: valid, and neither a local member
         nor a remote one (as far as the directory shows) holds it. The cluster decides."""
