@@ -123,13 +123,7 @@ class Lifecycle:
             raise Error("cannot-listen", f"cannot listen on {where.host} port {where.port}{web}: "
                                          f"{exc.strerror or exc}; is another chatd running? (`chatctl status`; "
                                          "or pass --port/--http-port)") from None
-        cluster = self.server.cluster
-        if cluster is not None:
-            if not self.server.journal.box_size:
-                raise Error("single-host-journal", "the journal kept for chatd is a single host's (no outboxes): "
-                                                   "it cannot join a cluster; start once with --fresh (ends the "
-                                                   "connections it keeps) to join")
-            cluster.start()
+        self.server.cluster.start(self.server.journal)
         self._to(Role.SERVING)
         self.announce_ready()
         faults.start_counting()  # test crash points count from here: not in chatd's own restore

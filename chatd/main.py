@@ -227,7 +227,7 @@ def main(argv=None) -> int:
         # Made before restoring, started once serving: a member restored paired across hosts
         # must not have its commands handled before the directory shows its peer again.
         from .bus import Bus
-        from .cluster import Cluster
+        from .cluster import Cluster, ServerMembers
 
         try:
             bus = Bus([url.strip() for url in args.cluster.split(",") if url.strip()], args.host_id,
@@ -235,7 +235,8 @@ def main(argv=None) -> int:
         except Error as exc:
             log.error("%s", exc.message)
             return 2
-        server.cluster = Cluster(server, bus, args.host_id, outbox=not args.no_outbox, cursor=not args.no_cursor)
+        server.cluster = Cluster(bus, args.host_id, server.room, ServerMembers(server), server.loop,
+                                 outbox=not args.no_outbox, cursor=not args.no_cursor)
 
     try:
         if args.wait:
@@ -256,6 +257,5 @@ def main(argv=None) -> int:
     finally:
         manager.stopping(f"stopping; {status_line(server)}")
         control.close()
-        if server.cluster is not None:
-            server.cluster.close()
+        server.cluster.close()
     return 0

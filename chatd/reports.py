@@ -37,7 +37,7 @@ def status(server: "ChatServer") -> dict:
         "restore": server.restore_summary,
         "holders": working,
         "held": held,
-        "cluster": server.cluster.status() if server.cluster else None,
+        "cluster": server.cluster.status(),
     }
 
 def clients(server: "ChatServer") -> list[dict]:

@@ -58,6 +58,7 @@ from fdkeep.systemd import ServiceManager
 from fdkeep.text import plural
 
 from . import faults
+from .across import AcrossHosts, SingleHost
 from .connection import Connection
 from .bundles import ClientBundles
 from .admission import AddressLimit, counted_address
@@ -125,8 +126,9 @@ class ChatServer:
         #: What the holders keep for chatd, as one (backup on request, the audit).
         self.backup = Backup(holders, self.listeners, self.bundles, lambda: self.journal)
         self.journal: Journal | None = None
-        #: Across hosts (chatd.cluster): set once serving, with --cluster; each slot then has an outbox.
-        self.cluster = None
+        #: The other chatd hosts (chatd.across): none by default; with --cluster, chatd.cluster's
+        #: (each slot then has an outbox).
+        self.cluster: AcrossHosts = SingleHost()
         self.box_size = 0
         self.started = time.time()
         self.restored_at: float | None = None
@@ -228,12 +230,11 @@ class ChatServer:
             if not self._has_room(connection):
                 connection.block()
                 break
-            if self.cluster and self.cluster.holds_back(connection):
+            if self.cluster.holds_back(connection):
                 break  # paired across hosts before a crash: its commands wait for the directory
             start = connection.codec.consumed
             command = connection.codec.next_command()
-            if command is not None and self.cluster and self.cluster.parks(connection, connection.codec.consumed,
-                                                                           command):
+            if command is not None and self.cluster.parks(connection, connection.codec.consumed, command):
                 break  # the cluster answers it (chatd.cluster): its input stays unhandled till then
             if connection.codec.consumed != connection.inbox.handled:
                 connection.inbox.consume(connection.codec.consumed)
@@ -300,7 +301,7 @@ class ChatServer:
             return False
         member = self.room.members.get(connection.member_id)
         if member is not None and isinstance(member.peer, Remote):
-            return self.cluster is None or self.cluster.has_room(connection, member)
+            return self.cluster.has_room(connection, member)
         peer = self.connections.get(member.peer.id) if member and member.peer else None
         return peer is None or peer.outbox.free >= RESERVE
 
@@ -340,7 +341,7 @@ class ChatServer:
         member = self.room.members.get(member_id)
         if member is None:
             return
-        if self.cluster is not None and member.nick is not None:
+        if member.nick is not None:
             self.cluster.nick_left(member.nick)
         self.apply(self.room.leave(member_id))
 
@@ -361,8 +362,7 @@ class ChatServer:
         self._freed.add(member_id)
         self._dirty.discard(member_id)
         self._wake.discard(member_id)
-        if self.cluster is not None:
-            self.cluster.closed(connection)
+        self.cluster.closed(connection)
         self._leave_room(member_id)
 
     def output_moved(self, connection: Connection) -> None:
@@ -375,7 +375,7 @@ class ChatServer:
         member = self.room.members.get(connection.member_id)
         if member is not None and isinstance(member.peer, Member):
             self._wake.add(member.peer.id)
-        elif member is not None and self.cluster is not None:
+        elif member is not None:
             self.cluster.wake(member.nick)  # messages from other hosts may wait for this room
 
     # -- the commit -----------------------------------------------------------------
@@ -398,7 +398,7 @@ class ChatServer:
             committed = [self.connections[m] for m in self._dirty if m in self.connections]
             for connection in committed:
                 changes[connection.member_id] = self.record(connection)
-            self.journal.commit(changes, cursor=self.cluster.cursor if self.cluster else None)
+            self.journal.commit(changes, cursor=self.cluster.cursor)
             self._dirty.clear()
             self._freed.clear()
             for connection in committed:
@@ -411,8 +411,7 @@ class ChatServer:
                     self._send(connection)
                 if not connection.closed:
                     connection.update_reading()  # the commit freed room in its input ring
-            if self.cluster is not None:
-                self.cluster.committed(committed)
+            self.cluster.committed(committed)
             faults.reached("after-commit")
 
     def _send(self, connection: Connection) -> None:

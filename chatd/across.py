@@ -1,0 +1,150 @@
+"""Where the server's work meets other chatd hosts': one declared interface each way.
+
+Theory of operation
+-------------------
+The server knows of other hosts only through :class:`AcrossHosts`, its attribute
+``cluster``, always set. Its hooks sit where a command, a commit or a member's
+end may concern another host: before a command is handled (a NICK waits for
+the directory, :meth:`~AcrossHosts.parks`; a member restored paired across
+hosts waits for it, :meth:`~AcrossHosts.holds_back`), when a message goes to a
+member of another host (:meth:`~AcrossHosts.has_room`,
+:meth:`~AcrossHosts.forward`), at a commit (the stream :attr:`~AcrossHosts.cursor`
+it carries, then :meth:`~AcrossHosts.committed`), when a member leaves or is
+closed, and when a member's output ring has room again (:meth:`~AcrossHosts.wake`).
+
+On one host every hook answers "nothing to do": :class:`SingleHost`. Across
+hosts (``--cluster``) it is :class:`chatd.cluster.Cluster`, which in turn asks
+the server only what :class:`ServedMembers` declares: whether a member is
+connected, its outbox of forwards, room in its output ring, and to carry out
+an outcome, take a member's commands again, or close it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .journal import Journal
+    from .rings import Outbox
+    from .room import Command, Forward, Member, Outcome
+
+log = logging.getLogger("chatd")
+
+
+class AcrossHosts(Protocol):
+    """What the server asks of the other hosts (see the module's docstring)."""
+
+    @property
+    def cursor(self) -> int | None:
+        """The stream sequence up to which every message for this host is handled, for the
+        journal to commit with what handling them changed (None: the journal's stays)."""
+
+    def start(self, journal: "Journal") -> None:
+        """Once serving: join the other hosts, going on from what ``journal`` keeps."""
+
+    def holds_back(self, connection: "Connection") -> bool:
+        """Whether the client's commands wait (it is parked) until the other hosts are known."""
+
+    def parks(self, connection: "Connection", end: int, command: "Command") -> bool:
+        """Whether ``command`` (its input ends at ``end``) waits for the other hosts' answer;
+        the client is parked then, and resumed through :meth:`ServedMembers.resume_parked`."""
+
+    def has_room(self, connection: "Connection", member: "Member") -> bool:
+        """Whether a message of ``member``, paired with a member of another host, can go now."""
+
+    def forward(self, forward: "Forward") -> None:
+        """A message for a member of another host (in the commit under way)."""
+
+    def committed(self, connections: list["Connection"]) -> None:
+        """These connections' records were just committed."""
+
+    def nick_left(self, nick: str) -> None:
+        """A member with ``nick`` left the room."""
+
+    def closed(self, connection: "Connection") -> None:
+        """A client is closed."""
+
+    def wake(self, nick: str | None) -> None:
+        """The output ring of the member with ``nick`` has room again."""
+
+    def status(self) -> dict | None:
+        """What ``chatctl status`` shows of it (None on one host)."""
+
+    def close(self) -> None:
+        """chatd stops."""
+
+
+class SingleHost:
+    """One chatd host alone: no other host to wait for, tell or hear from."""
+
+    cursor = None
+
+    def start(self, journal: "Journal") -> None:
+        pass
+
+    def holds_back(self, connection: "Connection") -> bool:
+        return False
+
+    def parks(self, connection: "Connection", end: int, command: "Command") -> bool:
+        return False
+
+    def has_room(self, connection: "Connection", member: "Member") -> bool:
+        return True
+
+    def forward(self, forward: "Forward") -> None:
+        # The room forwards only to members the directory showed it, and there is none here.
+        log.error("member %d: a message for %s on host %s, but this chatd is a single host: dropped (a bug)",
+                  forward.sender, forward.receiver, forward.host)
+
+    def committed(self, connections: list["Connection"]) -> None:
+        pass
+
+    def nick_left(self, nick: str) -> None:
+        pass
+
+    def closed(self, connection: "Connection") -> None:
+        pass
+
+    def wake(self, nick: str | None) -> None:
+        pass
+
+    def status(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class ServedMembers(Protocol):
+    """What the other hosts' side asks of the server, by member id."""
+
+    def is_connected(self, member_id: int) -> bool:
+        """Whether the member's client is still served here."""
+
+    def connected_ids(self) -> list[int]:
+        """Every member whose client is served here."""
+
+    def outbox(self, member_id: int) -> "Outbox | None":
+        """The member's outbox of forwards (None: not connected)."""
+
+    def output_has_room(self, member_id: int) -> bool:
+        """Whether the member's output ring can take another event."""
+
+    def apply(self, outcome: "Outcome") -> None:
+        """Carry out what the room decided (events, records to commit, closes, forwards)."""
+
+    def resume_parked(self, member_id: int, end: int, outcome: "Outcome") -> None:
+        """The member's parked command, which ends at input offset ``end``, came to ``outcome``:
+        carry it out and take its next commands."""
+
+    def resume(self, member_id: int) -> None:
+        """Take the member's commands again (they were held back)."""
+
+    def outbox_freed(self, member_id: int) -> None:
+        """Forwards of the member left its outbox: commit its record, and take its commands
+        if they waited for that room."""
+
+    def close(self, member_id: int, reason: str) -> None:
+        """Close the member's client on purpose, saying why in the log."""
