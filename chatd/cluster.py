@@ -42,7 +42,7 @@ answer comes; a crash meanwhile handles it again, and finds the entry its own
    rest ``n`` and queues it for its client; the commit covers the output, the
    receiver's counts and the cursor together. A message the room cannot take
    yet (its receiver's output ring is full, or the directory has not shown
-   the pairing the sender saw) waits here, *stashed*; the cursor stays below
+   the pairing the sender saw) waits in memory, *stashed*; the cursor stays below
    the first one stashed, so a crash reads it again.
 
 The zero-loss work does the rest: the kernel's byte counts finish a line half
