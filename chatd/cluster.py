@@ -62,7 +62,7 @@ Who does what. :class:`Cluster` is the server's :class:`~chatd.across.AcrossHost
 with ``--cluster``: it takes the bus's results off the loop and hands each to
 its owner, and answers the server's hooks. The owners know nothing of the
 server but :class:`~chatd.across.ServedMembers` (here :class:`ServerMembers`):
-:class:`chatd.directory.Directory` (claims, releases, everyone's entries and
+:class:`chatd.directory.DirectoryView` (claims, releases, everyone's entries and
 hosts), :class:`chatd.inbound.Inbound` (held and stashed messages, the cursor)
 and :class:`chatd.forwards.Publisher` (the outboxes published in order, and the
 forwards' wire form). The cluster itself holds only the members whose commands
@@ -79,7 +79,7 @@ from fdkeep.loop import IN, Loop
 
 from .bus import (Bus, BusError, Claimed, Connected, Delivered, DirectoryComplete, Disconnected, HostChanged,
                   NickChanged, Published, Released, Updated)
-from .directory import Directory
+from .directory import DirectoryView
 from .forwards import MAX_FORWARD, Publisher
 from .inbound import Inbound
 from .room import NAME_RE, Command, Forward, Member, Nick, Outcome, Room
@@ -109,7 +109,7 @@ class Cluster:
         #: Off only in tests that must show loss: the stream read from the consumer's own
         #: position instead of the journal's cursor (and see Publisher.use_outbox).
         self.use_cursor = cursor
-        self.directory = Directory(bus, host_id, room, members)
+        self.directory = DirectoryView(bus, host_id, room, members)
         self.inbound = Inbound(room, members)
         self.publisher = Publisher(bus, members, use_outbox=outbox)
         #: Members whose commands wait for the directory (restored paired across hosts).

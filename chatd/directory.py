@@ -2,16 +2,16 @@
 
 Theory of operation
 -------------------
-The directory is a key-value bucket (:mod:`chatd.bus`): one entry per nick,
-``{"host", "target"}``, and a bucket of host leases. :class:`Directory` keeps
-two views of it:
+The directory is a key-value bucket: one entry per nick, ``{"host", "target"}``,
+and a bucket of host leases. The bus thread talks to them (:mod:`chatd.bus.directory`);
+on chatd's side, :class:`DirectoryView` keeps two views of them, from the bus's results:
 
 - **everyone's**: every other host's entries, and which hosts are alive. Each
   change is shown to the room (:meth:`~chatd.room.Room.remote_changed`,
   :meth:`~chatd.room.Room.remote_gone`), which derives pairs across hosts by
   its one rule; a host whose lease is gone has its members leave the room.
   Until the bucket has been read whole (:class:`~chatd.bus.DirectoryComplete`)
-  what is not shown may still exist: :meth:`Directory.read` is when it does not.
+  what is not shown may still exist: :meth:`DirectoryView.read` is when it does not.
 - **our own**: the entries this host holds, with the revision the bucket
   gave each, so that an update or release is a compare-and-set: it can never
   overwrite or delete another host's claim.
@@ -46,7 +46,7 @@ def new_incarnation() -> int:
     return random.getrandbits(63) or 1
 
 
-class Directory:
+class DirectoryView:
     """This host's view of the directory, and its own entries' calls to the bucket."""
 
     def __init__(self, bus: Bus, host_id: str, room: Room, members: ServedMembers, *,

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from chatd.bus import Claimed, HostChanged, NickChanged, Released, Updated
-from chatd.directory import Directory
+from chatd.directory import DirectoryView
 from chatd.room import Failed, Ok, Paired, Room, Unpaired
 
 from cluster_fakes import FakeBus, FakeMembers
@@ -17,7 +17,7 @@ def side():
     room = Room()
     bus, members = FakeBus(), FakeMembers(room)
     incarnations = iter(range(1000, 2000))
-    directory = Directory(bus, "h1", room, members, incarnation=lambda: next(incarnations))
+    directory = DirectoryView(bus, "h1", room, members, incarnation=lambda: next(incarnations))
     return directory, bus, members, room
 
 
