@@ -6,7 +6,8 @@ one at a time per nick, each retried until answered), keeps this host's lease,
 and watches both buckets, turning what it sees into :class:`NickChanged`,
 :class:`HostChanged` and, once, :class:`DirectoryComplete`. It uses its
 :class:`~chatd.bus.engine.Engine` for the connection (``js``), the readiness
-gate, tasks and results.
+gate, tasks and results, as far as :class:`EngineSide` declares (it does not import
+the engine, which makes it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import json
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Awaitable, Callable, Protocol
 
 import nats.errors
 import nats.js.errors
@@ -25,8 +26,20 @@ from .checks import describe, holder, kv_entry
 from .results import Claimed, DirectoryComplete, HostChanged, NickChanged, Released, Updated
 from .tasks import Lanes, retry
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+
+class EngineSide(Protocol):
+    """What a :class:`Directory` uses of the engine that makes it (chatd.bus.engine.Engine)."""
+
+    settings: Any  # chatd.bus.state.BusSettings
+    gauges: Any  # chatd.bus.state.Gauges
+    js: Any  # nats-py's JetStream context
+    ready: asyncio.Event  # set while connected and set up: nick work waits for it
+
+    def spawn(self, coroutine) -> asyncio.Task: ...
+    def put(self, result) -> None: ...
+    def say(self, code: str, message: str, fatal: bool = False) -> None: ...
+    async def follow(self, subject: str, stream: str, callback: Callable[..., Awaitable[None]], config) -> None: ...
 
 #: JetStream's error code for "wrong last sequence" (a compare-and-set that lost).
 WRONG_LAST_SEQUENCE = (10071, 10164)
@@ -35,7 +48,7 @@ WRONG_LAST_SEQUENCE = (10071, 10164)
 class Directory:
     """The nicks bucket and the hosts bucket, as this host works on and watches them."""
 
-    def __init__(self, engine: "Engine"):
+    def __init__(self, engine: EngineSide):
         self.engine = engine
         self.settings = engine.settings
         self.gauges = engine.gauges  # lease_renewed and hosts_alive are written here

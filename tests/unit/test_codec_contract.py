@@ -32,7 +32,7 @@ from chatd.protocols.line import MAX_LINE
 from chatd.protocols.web import MAX_MESSAGE
 from chatd.room import (Bye, Command, Event, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Ping, Pong, Quit,
                         Unpaired, Users, Who)
-from ctl.fuzz import ws_frame
+from testkit.fuzz import ws_frame
 from proptools import WS_HANDSHAKE, feed_in_pieces, take
 
 TEXT, CONTINUATION, CLOSE, PING, PONG = 1, 0, 8, 9, 10
