@@ -53,7 +53,8 @@ from fdkeep.peer import Channel
 from fdkeep.loop import Loop
 
 from . import faults
-from .protocols import Codec
+from .protocols import Codec, codec_for
+from .records import CLOSING, Record
 from .rings import InRing, OutRing, Outbox
 from .room import Event
 
@@ -119,6 +120,25 @@ class Connection(Channel):
         self._opening_timeout = opening_timeout
         self._opening_deadline = loop.call_later(opening_timeout, self._opening_overdue) \
             if opening_timeout is not None and codec.opening else None
+
+    @classmethod
+    def from_record(cls, loop: Loop, sock: socket.socket, member_id: int, record: "Record",
+                    rings: tuple[memoryview, memoryview, memoryview | None], read: int, written: int,
+                    inode: int | None = None, **owner) -> "Connection":
+        """A connection as its record and the journal's rings (input, output, outbox or None)
+        keep it, resumed where the kernel says the dead process stopped: ``read`` and
+        ``written`` are the socket's counts; what was read and not handled is fed again."""
+        in_view, out_view, box_view = rings
+        inbox = InRing(in_view, record.in_handled, read)
+        outbox = OutRing(out_view, written, record.out_end)
+        forwards = Outbox(box_view, record.box_start, record.box_end) if box_view is not None else None
+        codec = codec_for(record.protocol, record.in_handled, record.codec)
+        if read > record.in_handled:
+            codec.feed(inbox.bytes(record.in_handled, read))
+        connection = cls(loop, sock, member_id, codec, inbox, outbox, inode=inode, forwards=forwards,
+                         finishing=bool(record.flags & CLOSING), **owner)
+        connection.poison_offset, connection.poison_count = record.poison_offset, record.poison_count
+        return connection
 
     # -- the state ------------------------------------------------------------------------
     @property

@@ -31,6 +31,7 @@ from fdkeep.loop import AcceptPause, Loop
 
 from . import faults
 from .holders import LISTEN_NAME, LISTEN_WEB_NAME, Holders, Item
+from .protocols import refusal
 
 log = logging.getLogger("chatd")
 
@@ -191,6 +192,15 @@ class Listeners:
             self.accepting.accepted()
             faults.reached("after-accept")
             self._on_client(sock, peer, protocol)
+
+
+def refuse(sock: socket.socket, protocol: str, code: str) -> None:
+    """Tell a client accepted and not served why (in its protocol's words), and close it."""
+    try:
+        sock.send(refusal(protocol, code))
+    except OSError:
+        pass
+    sock.close()
 
 
 def _address(sockname: tuple) -> str:

@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
 from fdkeep.errors import Error
 
 from .room import NAME_RE, Member
-
-if TYPE_CHECKING:
-    from .connection import Connection
 
 #: The protocols a record can name, by their index in it.
 PROTOCOLS = ("line", "websocket")
@@ -164,7 +161,20 @@ def unpack(buffer, offset: int) -> Record | None:
 MEMBER_FIELDS = ("protocol", "nick", "target", "received", "incarnation", "sent", "peer_incarnation", "last_k")
 
 
-def record_of(member: Member, connection: "Connection") -> Record:
+class Kept(Protocol):
+    """What a record keeps of a connection (chatd.connection.Connection is one)."""
+
+    inode: int
+    inbox: Any  # chatd.rings.InRing
+    outbox: Any  # chatd.rings.OutRing
+    forwards: Any  # chatd.rings.Outbox, or None on one host
+    codec: Any  # chatd.protocols.Codec
+    finishing: bool
+    poison_offset: int
+    poison_count: int
+
+
+def record_of(member: Member, connection: Kept) -> Record:
     """The record of a member and its connection, as the next commit writes it."""
     forwards = connection.forwards
     return Record(

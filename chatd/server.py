@@ -59,16 +59,15 @@ from fdkeep.text import plural
 
 from . import faults
 from .across import AcrossHosts, SingleHost
-from .connection import Connection
-from .bundles import ClientBundles
 from .admission import AddressLimit, counted_address
 from .backup import Backup
+from .bundles import ClientBundles
+from .connection import Connection
 from .holders import Holders
-from .listeners import Listeners
 from .journal import Journal
-from .records import CLOSING, Record, record_of
-from .protocols import codec_for, refusal
-from .rings import InRing, OutRing, Outbox, RingFull
+from .listeners import Listeners, refuse
+from .records import Record, record_of
+from .rings import RingFull
 from .room import Bye, Command, Failed, Member, Msg, Outcome, Remote, Room
 
 log = logging.getLogger("chatd")
@@ -168,22 +167,16 @@ class ChatServer:
         fresh = record is None
         if fresh:
             record = Record(0, protocol, in_handled=read, out_start=written, out_end=written)
-        inbox = InRing(self.journal.in_ring(member_id), record.in_handled, read)
-        outbox = OutRing(self.journal.out_ring(member_id), written, record.out_end)
-        forwards = Outbox(self.journal.box_ring(member_id), record.box_start, record.box_end) \
-            if self.journal.box_size else None
-        codec = codec_for(record.protocol, record.in_handled, record.codec)
-        if read > record.in_handled:
-            codec.feed(inbox.bytes(record.in_handled, read))
-        connection = Connection(self.loop, sock, member_id, codec, inbox, outbox,
-                                on_input=self.take_input, on_output_moved=self.output_moved,
-                                on_lost=self._lost, inode=inode, forwards=forwards,
-                                finishing=bool(record.flags & CLOSING), opening_timeout=HANDSHAKE_TIMEOUT)
-        connection.poison_offset, connection.poison_count = record.poison_offset, record.poison_count
+        journal = self.journal
+        rings = (journal.in_ring(member_id), journal.out_ring(member_id),
+                 journal.box_ring(member_id) if journal.box_size else None)
+        connection = Connection.from_record(self.loop, sock, member_id, record, rings, read, written, inode,
+                                            on_input=self.take_input, on_output_moved=self.output_moved,
+                                            on_lost=self._lost, opening_timeout=HANDSHAKE_TIMEOUT)
         self.connections[member_id] = connection
         if not fresh:
             self.address_limit.restored()
-        if fresh or outbox:  # a record to write; or output a crash left, which only a commit sends
+        if fresh or connection.outbox:  # a record to write; or output a crash left, which only a commit sends
             self._dirty.add(member_id)
         return connection
 
@@ -193,12 +186,12 @@ class ChatServer:
         or refused with the reason, if its address has too many or every slot is taken."""
         address = counted_address(peer)
         if not self.address_limit.admits(address):
-            self._refuse(sock, protocol, "too-many-connections")
+            refuse(sock, protocol, "too-many-connections")
             return
         slot = self.journal.allocate()
         if slot is None:
             log.warning("refusing a client: all %d slots are taken (--max-clients)", self.max_clients)
-            self._refuse(sock, protocol, "server-full")
+            refuse(sock, protocol, "server-full")
             return
         # Kept before a byte of it is read: from here on a crash cannot lose it.
         try:
@@ -206,21 +199,13 @@ class ChatServer:
         except Error as exc:
             log.error("refusing a client: %s", exc.message)
             self.journal.commit({slot: None})
-            self._refuse(sock, protocol, "server-full")
+            refuse(sock, protocol, "server-full")
             return
         self._dirty |= self.room.join(slot, protocol).changed
         connection = self.adopt(sock, slot, protocol=protocol)
         self.address_limit.joined(connection, address)
         if log.isEnabledFor(logging.DEBUG):  # .remote is a syscall: not for nothing
             log.debug("member %d connected from %s", slot, connection.remote)
-
-    @staticmethod
-    def _refuse(sock: socket.socket, protocol: str, code: str) -> None:
-        try:
-            sock.send(refusal(protocol, code))
-        except OSError:
-            pass
-        sock.close()
 
     def take_input(self, connection: Connection) -> None:
         """Handle the connection's commands, as many as the output rings have room for."""
@@ -379,10 +364,6 @@ class ChatServer:
             self.cluster.wake(member.nick)  # messages from other hosts may wait for this room
 
     # -- the commit -----------------------------------------------------------------
-    def record(self, connection: Connection) -> Record:
-        member = self.room.members.get(connection.member_id) or Member(connection.member_id)
-        return record_of(member, connection)
-
     def commit(self) -> None:
         """Commit what changed in one step, then send what the commit allows; repeat while
         that frees room for waiting senders."""
@@ -397,7 +378,8 @@ class ChatServer:
             changes: dict[int, Record | None] = {slot: None for slot in self._freed}
             committed = [self.connections[m] for m in self._dirty if m in self.connections]
             for connection in committed:
-                changes[connection.member_id] = self.record(connection)
+                member = self.room.members.get(connection.member_id) or Member(connection.member_id)
+                changes[connection.member_id] = record_of(member, connection)
             self.journal.commit(changes, cursor=self.cluster.cursor)
             self._dirty.clear()
             self._freed.clear()

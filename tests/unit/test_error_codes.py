@@ -9,7 +9,7 @@ from chatd.room import ERROR_CODES
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: The calls that make a client-facing error, and which argument is its code.
-CODE_ARGUMENT = {"Failed": 0, "Invalid": 0, "refusal": 1, "_refuse": 2}
+CODE_ARGUMENT = {"Failed": 0, "Invalid": 0, "refusal": 1, "refuse": 2}
 
 
 def codes_made(path: pathlib.Path) -> set[str]:
