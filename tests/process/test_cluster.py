@@ -64,6 +64,29 @@ def test_a_pair_across_two_hosts_chats_like_a_local_one(hosts):
     assert status["host"] == "h0" and "h1" in status["hosts_alive"] and status["bus"]["replicas"] == 3
 
 
+def test_a_cluster_host_restored_on_request_joins_the_cluster_and_chats_on(hosts):
+    """--cluster goes with --restore --wait: `chatctl restore` begins serving the one way every
+    start does (chatd.lifecycle), so the host joins the cluster and its pair across hosts goes on."""
+    cluster = hosts(2)
+    ann = client(cluster.ports[0], "ann", "bob")
+    bob = client(cluster.ports[1], "bob", "ann")
+    assert ann.line() == "PAIRED bob" and bob.line() == "PAIRED ann"
+    ann.send("MSG before")
+    assert bob.line() == "FROM ann 1 before"
+    cluster.hosts[0].chatd.send_signal(signal.SIGKILL)
+    cluster.hosts[0].chatd.wait(20)
+    cluster.restart_chatd(0, "--wait", wait=True)
+    assert cluster.status(0)["role"] == "waiting"
+    ann.send("MSG while it waits")
+    summary = cluster.hosts[0].control("restore")
+    assert summary["ok"] and summary["clients"] == 1
+    assert bob.line() == "FROM ann 2 while it waits"
+    bob.send("MSG back")
+    assert ann.line() == "FROM bob 1 back"
+    wait_until(lambda: cluster.status(0)["cluster"]["connected"], 15, "h0 to be connected to NATS again")
+    assert cluster.status(0)["role"] == "serving"
+
+
 def test_a_web_client_and_a_line_client_on_two_hosts_chat_through_a_crash(hosts):
     cluster = hosts(2)
     page = WebSocketClient(cluster.hosts[0].http_port)
