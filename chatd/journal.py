@@ -115,9 +115,35 @@ BOX_RING = 128 * 1024
 assert RECORD.size == 208 and ROOT_OFFSETS[0] + ROOT.size <= ROOT_OFFSETS[1] < ROOT_OFFSETS[1] + ROOT.size <= MARKER_OFFSET and MARKER_OFFSET + MARKER.size <= OWNER_OFFSET < OWNER_OFFSET + OWNER.size <= HEADER_SIZE
 
 
+#: The journal versions, and which releases wrote each (docs/formats.md). This release
+#: reads :data:`VERSION` only; any other is refused before anything is touched.
+WRITTEN_BY = {
+    1: "a development build before release 0.1.0",
+    2: "a development build before release 0.1.0",
+    3: "releases 0.1.0 and 0.2.0",
+}
+#: The error code of a journal this release cannot read (another version, or not a journal):
+#: unlike damage (``bad-state``), chatd refuses to serve rather than start a new journal.
+UNKNOWN_FORMAT = "unknown-format"
+
 log = logging.getLogger("chatd")
 #: Sequence numbers stay below this; a root at or above it is damage, not history.
 MAX_SEQUENCE = 2 ** 63
+
+
+def format_error(magic: bytes, version: int) -> Error:
+    """Why a held journal is not one this release reads, and what the operator can do."""
+    if magic[:6] != MAGIC[:6]:
+        what = f"not a chatd journal (magic {magic!r}, expected {MAGIC!r})"
+    else:
+        writer = WRITTEN_BY.get(version) or ("a release newer than this one" if version > VERSION
+                                             else "no release of chatd")
+        what = f"a chatd journal of version {version} (magic {magic!r}), written by {writer}"
+    return Error(UNKNOWN_FORMAT,
+                 f"the held journal is {what}; this chatd reads journal version {VERSION} only. Nothing was "
+                 "touched: the holders still keep the journal and every connection. Run the release that wrote "
+                 "it, or start this one with `chatd --fresh` to drop what the holders keep (that ends every "
+                 "kept connection)")
 
 
 class Journal:
@@ -194,10 +220,13 @@ class Journal:
             raise state_error(f"state file is {size} bytes, too short for a header")
         mapping = mmap.mmap(fd, size)
         magic, version, slots, record_size, in_size, out_size, box_size = HEADER.unpack_from(mapping, 0)
-        if magic != MAGIC or version != VERSION or record_size != RECORD.size:
+        if magic != MAGIC or version != VERSION:
             mapping.close()
-            raise state_error(f"not a chatd journal of version {VERSION} (magic {magic!r}, version {version}): "
-                              "one from another release of chatd cannot be restored; `chatd --fresh` starts anew")
+            raise format_error(magic, version)
+        if record_size != RECORD.size:
+            mapping.close()
+            raise state_error(f"state file's records are {record_size} bytes, not {RECORD.size} as version "
+                              f"{VERSION} has them: it is damaged; `chatd --fresh` starts anew")
         # Exactly the size create() made: a header damaged to a smaller geometry would
         # otherwise be read, and the slots past it silently lost.
         if (not in_size or not out_size or in_size % PAGE or out_size % PAGE or box_size % PAGE

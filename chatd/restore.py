@@ -11,7 +11,11 @@ name's first copy is used and the rest closed.
   closed and forgotten (it cannot be served without its listener and state).
 - The journal (``chatd/state``) is attached if one comes back whole, else a new
   one is made (every client then comes back as new, with its connection but
-  without its nick, pairing or count).
+  without its nick, pairing or count). A journal of a version this release does
+  not read (:data:`chatd.journal.VERSION`; a newer release wrote it) is not
+  damage: the restore is refused before anything is touched (Error
+  ``unknown-format``; chatd exits, the holders keep everything), since a new
+  journal over those connections would lose what the held one keeps.
 - Client sockets come back from the bundles (:mod:`chatd.bundles`): each
   shard's newest generation whose two ends came back is read without being
   consumed, so a crash in the middle of a restore loses nothing; each socket
@@ -56,7 +60,7 @@ from fdkeep.text import plural
 
 from .bundles import parse_name
 from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME
-from .journal import Journal
+from .journal import UNKNOWN_FORMAT, Journal
 from .records import CLOSING, Record, member_of
 from .room import Member
 
@@ -88,7 +92,11 @@ def restore(server: "ChatServer", may_take_over=None) -> dict | None:
             log.warning("the holders keep %d fds for chatd but no listening socket: dropping them", len(retrieved))
             server.holders.forget_all("useless without the listening socket")
         return None
-    journal, journal_fd = _attach_journal(by_name.get(STATE_NAME, []), server.max_clients)
+    try:
+        journal, journal_fd = _attach_journal(by_name.get(STATE_NAME, []), server.max_clients)
+    except Error:
+        close_fds(item.fd for item in retrieved)  # our duplicates; the holders keep theirs
+        raise
     if may_take_over is not None and not may_take_over(journal):
         journal.close()
         close_fds(item.fd for item in retrieved if item.fd != journal_fd)
@@ -148,10 +156,17 @@ def restore(server: "ChatServer", may_take_over=None) -> dict | None:
 
 
 def _attach_journal(candidates, slots: int) -> tuple[Journal, int | None]:
+    """The held journal, attached; a new one if none is held or what is held is damaged.
+    Raises Error ``unknown-format`` for one this release cannot read (another version):
+    serving from a new journal would lose every nick, pairing and count it keeps."""
     for item in candidates:
         try:
             return Journal.attach(item.fd), item.fd
-        except (Error, OSError, ValueError) as exc:
+        except Error as exc:
+            if exc.code == UNKNOWN_FORMAT:
+                raise
+            log.warning("held journal unusable (%s); starting a new one", exc)
+        except (OSError, ValueError) as exc:
             log.warning("held journal unusable (%s); starting a new one", exc)
     return Journal.create(slots), None
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from chatd.journal import HEADER_SIZE, PAGE, Journal
+from chatd.journal import HEADER_SIZE, PAGE, UNKNOWN_FORMAT, VERSION, Journal
 from chatd.records import Record
 from fdkeep.errors import Error
 
@@ -48,7 +48,51 @@ def test_attach_refuses_a_foreign_file():
     os.write(fd, b"x" * (HEADER_SIZE + 4096))
     with pytest.raises(Error) as caught:
         Journal.attach(fd)
-    assert "not a chatd journal" in caught.value.message
+    assert caught.value.code == UNKNOWN_FORMAT
+    assert "not a chatd journal" in caught.value.message and "`chatd --fresh`" in caught.value.message
+    os.close(fd)
+
+
+def with_header(journal: Journal, magic: bytes, version: int) -> int:
+    """A copy of ``journal``'s file whose header names another magic and version."""
+    data = bytearray(os.pread(journal.fd, os.fstat(journal.fd).st_size, 0))
+    data[:12] = magic + version.to_bytes(4, "little")
+    fd = os.memfd_create("other")
+    os.write(fd, data)
+    return fd
+
+
+@pytest.mark.parametrize("magic, version, written_by", [
+    (b"CHATDJ04", 4, "a release newer than this one"),
+    (b"CHATDJ03", 4, "a release newer than this one"),
+    (b"CHATDJ02", 2, "a development build before release 0.1.0"),
+])
+def test_a_journal_of_another_version_is_refused_not_taken_for_damage(magic, version, written_by):
+    journal = Journal.create(2)
+    journal.commit({0: Record(7, "line", "ann", "bob", 3)})
+    fd = with_header(journal, magic, version)
+    before = os.pread(fd, os.fstat(fd).st_size, 0)
+    with pytest.raises(Error) as caught:
+        Journal.attach(fd)
+    error = caught.value
+    assert error.code == UNKNOWN_FORMAT, "not bad-state: chatd must not start a new journal over it"
+    assert f"version {version}" in error.message and written_by in error.message
+    assert f"reads journal version {VERSION} only" in error.message and "`chatd --fresh`" in error.message
+    assert os.pread(fd, len(before), 0) == before, "nothing touched"
+    os.close(fd)
+    journal.close()
+
+
+def test_a_damaged_journal_of_this_version_is_damage_not_another_format():
+    journal = Journal.create(2)
+    data = bytearray(os.pread(journal.fd, os.fstat(journal.fd).st_size, 0))
+    journal.close()
+    data[20:24] = (4096).to_bytes(4, "little")  # the header's input ring size, no longer the file's
+    fd = os.memfd_create("damaged")
+    os.write(fd, data)
+    with pytest.raises(Error) as caught:
+        Journal.attach(fd)
+    assert caught.value.code == "bad-state" and "damaged" in caught.value.message
     os.close(fd)
 
 

@@ -7,11 +7,15 @@ import os
 import threading
 from contextlib import contextmanager
 
+import pytest
+
 from chatd.holders import Holders
+from chatd.journal import MAGIC, UNKNOWN_FORMAT, VERSION
 from chatd.restore import restore
 from chatd.server import ChatServer
 from ctl.probe import LineClient
 from helpers import line_client
+from fdkeep.errors import Error
 from holderd.client import Retrieved
 
 
@@ -134,6 +138,41 @@ def test_without_the_journal_clients_keep_their_connections_as_new_members():
         a.send("MSG two")
         assert b.line() == "FROM A 1 two", "without the journal the count starts again"
     a.close(), b.close(), leaver.close()
+    holder.forget_all()
+
+
+def test_a_journal_of_another_version_is_refused_and_nothing_held_is_touched():
+    """A newer release's journal is not damage: no new journal over the live connections
+    (which would lose every nick, pairing and count), the restore refused, everything held."""
+    holder = MemoryHolder()
+    first = ChatServer(Holders([holder]), 8)
+    first.bind("127.0.0.1", 0)
+    with serving(first):
+        a, b = chatting_pair(first)
+    die(first)
+    meta, state = holder.items["chatd/state"]
+    os.pwrite(state, b"CHATDJ04" + (4).to_bytes(4, "little"), 0)  # as a newer release would write it
+    held = holder.held()
+    journal_bytes = os.pread(state, os.fstat(state).st_size, 0)
+    fds_before = set(os.listdir("/proc/self/fd"))
+
+    second = ChatServer(Holders([holder]), 8)
+    with pytest.raises(Error) as caught:
+        restore(second)
+    assert caught.value.code == UNKNOWN_FORMAT and "version 4" in caught.value.message
+    assert holder.held() == held, "the same names and inodes held"
+    assert os.pread(state, len(journal_bytes), 0) == journal_bytes, "the journal untouched"
+    assert second.connections == {} and second.journal is None
+    second.loop.close()
+    assert set(os.listdir("/proc/self/fd")) <= fds_before, "the duplicates it took are closed"
+    # The connections are still open: a restore by the release that reads it serves them.
+    os.pwrite(state, MAGIC + VERSION.to_bytes(4, "little"), 0)
+    third = ChatServer(Holders([holder]), 8)
+    assert restore(third)["pairs"] == 1
+    with serving(third):
+        a.send("MSG two")
+        assert b.line() == "FROM A 2 two"
+    a.close(), b.close()
     holder.forget_all()
 
 
