@@ -410,3 +410,49 @@ def test_a_restore_with_http_port_minus_one_closes_the_web_port(running):
     assert f"no longer listening for the web on 127.0.0.1:{web_port} (--http-port -1)" in running.logs()
     wait_until(lambda: refuses(web_port), 5, f"web port {web_port} to be closed")
     exchange(a, b, 1, 1, "on the line port")
+
+
+def held_by_holderd(procs) -> dict[str, int]:
+    """What holderd keeps for chatd: name -> inode."""
+    with HolderClient(procs.holder_socket) as holder:
+        return {item["name"]: item["ino"] for item in holder.list("chatd/")}
+
+
+def rewrite_held_journal_header(procs, header: bytes) -> None:
+    """Write over the first bytes of the journal holderd keeps (the memfd itself, shared)."""
+    with HolderClient(procs.holder_socket) as holder:
+        items = holder.retrieve("chatd/state")
+    try:
+        assert [item.name for item in items] == ["chatd/state"]
+        os.pwrite(items[0].fd, header, 0)
+    finally:
+        for item in items:
+            os.close(item.fd)
+
+
+def test_a_journal_of_a_newer_version_is_refused_and_everything_held_stays(running):
+    """A journal a newer release wrote (version 4) is not served from and not replaced: chatd
+    exits non-zero naming the fix, holderd keeps every name and inode, the connections stay
+    open, and the release that reads the journal serves them on, counts and pairing kept."""
+    from chatd.journal import MAGIC, VERSION
+
+    a, b = running.pair()
+    exchange(a, b, 1, 1, "before")
+    running.kill_chatd(signal.SIGKILL)
+    held = held_by_holderd(running)
+    assert {"chatd/listen", "chatd/state"} <= held.keys()
+    rewrite_held_journal_header(running, b"CHATDJ04" + (4).to_bytes(4, "little"))
+
+    chatd = running.start_chatd(wait=False)
+    assert chatd.wait(15) == 1, "refused: exits non-zero"
+    logs = running.logs()
+    assert "journal of version 4" in logs and f"reads journal version {VERSION} only" in logs
+    assert "`chatd --fresh`" in logs and "starting a new one" not in logs
+    assert held_by_holderd(running) == held, "holderd keeps the same names and inodes"
+    assert a.silent_for(0.2) and b.silent_for(0.2), "the connections are open, nothing said on them"
+    a.send("MSG while refused")  # waits in the kernel for a chatd that reads the journal
+
+    rewrite_held_journal_header(running, MAGIC + VERSION.to_bytes(4, "little"))  # as if that release ran
+    running.start_chatd("--restore")
+    assert b.line() == "FROM A 2 while refused", "the pairing and count kept"
+    exchange(a, b, 2, 3, "after")
