@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 The directory is a key-value bucket: one entry per nick, ``{"host", "target"}``,
-and a bucket of host leases. The bus thread talks to them (:mod:`chatd.bus.directory`);
+and a bucket of host leases. An entry's version is :data:`ENTRY_VERSION`
+(docs/formats.md): a ``"v"`` field, absent for 1 (what every release so far
+writes); :func:`read_entry` refuses another. The bus thread talks to them (:mod:`chatd.bus.directory`);
 on chatd's side, :class:`DirectoryView` keeps two views of them, from the bus's results:
 
 - **everyone's**: every other host's entries, and which hosts are alive. Each
@@ -40,6 +42,23 @@ from .bus import Bus, Claimed, HostChanged, NickChanged, Released, Updated
 from .room import Failed, Member, Outcome, Room
 
 log = logging.getLogger("chatd")
+
+
+#: A directory entry's version: its "v" field, absent for 1.
+ENTRY_VERSION = 1
+
+
+def read_entry(value: bytes) -> tuple[str, str | None]:
+    """(host, target) of a nick's entry; ValueError if it is not one this release reads."""
+    try:
+        entry = json.loads(value)
+        version = entry.get("v", 1)
+        host, target = str(entry["host"]), entry.get("target")
+    except (KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise ValueError(f"not a directory entry ({exc!r})") from None
+    if version != ENTRY_VERSION:
+        raise ValueError(f"a directory entry of version {version!r}; this release reads version {ENTRY_VERSION}")
+    return host, target
 
 
 def new_incarnation() -> int:
@@ -179,9 +198,8 @@ class DirectoryView:
             self.members.apply(self.room.remote_gone(change.nick))
             return None
         try:
-            entry = json.loads(change.value)
-            host, target = str(entry["host"]), entry.get("target")
-        except (ValueError, KeyError, TypeError, AttributeError):
+            host, target = read_entry(change.value)
+        except ValueError:
             log.warning("cluster: the directory entry of %r is not chatd's (%r): ignored", change.nick, change.value)
             return None
         if host == self.host_id:

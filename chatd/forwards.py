@@ -6,7 +6,9 @@ A :class:`~chatd.room.Forward` travels in the stream as :func:`encode_forward`
 writes it: a JSON header line (sender, receiver, the sender's incarnation and
 ``k``, the receiving host, the text's length) and the text as it is. A stream
 message carries one or more, one after the other (:func:`decode_forwards`);
-its message id, the stream's dedupe key, names the first and last
+A header's version is :data:`FORWARD_VERSION` (docs/formats.md): a ``"v"`` field,
+absent for 1 (what every release so far writes); one of another version is
+refused (ValueError), not misread. Its message id, the stream's dedupe key, names the first and last
 (:func:`message_id`).
 
 :class:`Publisher` publishes what each sender's outbox (:class:`chatd.rings.Outbox`)
@@ -33,6 +35,8 @@ from .room import Forward
 
 log = logging.getLogger("chatd")
 
+#: The header's version: its "v" field, absent for 1.
+FORWARD_VERSION = 1
 #: The largest forward: a whole 64 KiB line and its header.
 MAX_FORWARD = 64 * 1024 + 512
 #: The most of a sender's forwards put in one stream message (NATS's max_payload is 1 MiB).
@@ -79,6 +83,8 @@ def _read_header(payload: bytes, offset: int) -> tuple[Header, int, int]:
     """The header at ``offset``, where its text starts, and the text's length."""
     end = payload.index(b"\n", offset)
     fields = json.loads(payload[offset:end])
+    if fields.get("v", 1) != FORWARD_VERSION:
+        raise ValueError(f"a forward of version {fields['v']!r}; this release reads version {FORWARD_VERSION}")
     header = Header(str(fields["from"]), str(fields["to"]), int(fields["inc"]), int(fields["k"]),
                     str(fields["host"]))
     return header, end + 1, int(fields["len"])

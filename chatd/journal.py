@@ -76,6 +76,11 @@ Layout (little-endian)::
     record (208 bytes):  seq u64, used u8, then its fields as
                          :data:`chatd.records.FIELDS` lists them
 
+The version is :data:`VERSION` (3, with :data:`MAGIC`; docs/formats.md). This
+release reads version 3 only: :meth:`Journal.attach` refuses any other version
+or magic with Error ``unknown-format`` (:func:`format_error`: who wrote it and
+what to do), which a restore does not take for damage.
+
 The file is sparse: a ring takes memory only for the pages a connection has
 used, and :meth:`Journal.commit` gives a freed slot's pages back.
 """

@@ -15,7 +15,8 @@ environment string, capped at 128 KiB).
 A :class:`Bundle` appends *entries*: a 64-bit key and a descriptor each, packed
 up to 253 descriptors a message (SCM_RIGHTS' limit). Each message is framed (a
 header: magic, entry count, payload length) so it can be parsed without
-trusting the stream's boundaries. :meth:`Bundle.read` walks every message
+trusting the stream's boundaries; the magic names the layout's version
+(:data:`VERSION` 1). :meth:`Bundle.read` walks every message
 *without consuming it*: ``SO_PEEK_OFF`` set to 0, then ``recvmsg(MSG_PEEK)``
 until the queue is exhausted, which duplicates each descriptor into the
 reader's process and leaves the queue as it was. So reading a bundle back
@@ -56,6 +57,9 @@ from .fdpass import MAX_FDS, close_fds, recv_with_fds
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 MESSAGE = struct.Struct("<HHI")  # magic, entry count, payload bytes
 MAGIC = 0xB0DE
+#: The message layout's version (docs/formats.md): 1, named by :data:`MAGIC` itself. A new
+#: layout takes a new magic, so that a release that does not know it refuses the message.
+VERSION = 1
 KEY = struct.Struct("<Q")
 #: A send buffer this large holds a few hundred one-entry messages, or tens of
 #: thousands of entries packed; the kernel caps it at net.core.wmem_max.

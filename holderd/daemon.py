@@ -446,6 +446,9 @@ def main(argv=None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.socket, exc)
         return 1
+    except Error as exc:  # what systemd's fd store keeps is not this release's to read
+        log.error("%s", exc.message)
+        return 1
     stop_on_signals(log)
     try:
         daemon.serve()

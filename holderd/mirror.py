@@ -19,6 +19,8 @@ every fd it keeps. So holderd stores few fds, whatever it holds:
       + <serial> <uid> <name> <meta, base64>     an fd is held as <serial>
                                                  (again: its metadata changed)
       - <serial>                                 it was released
+      v <version>                                the index's version, first if
+                                                 present; none means 1
 
 Each line is appended with one ``pwrite``, so a crash can cut short only the
 last line, and a line without its newline is ignored. The order of steps makes
@@ -40,6 +42,11 @@ generation wins.
 On a clean stop holderd leaves the store alone: ``systemctl restart`` keeps the
 store, and ``systemctl stop`` empties it anyway.
 
+The index's version is :data:`INDEX_VERSION` (docs/formats.md); this release
+writes no ``v`` line (what 0.1.0 reads too) and refuses an index of another
+version rather than forget what it holds (Error ``unknown-format``: holderd
+does not start).
+
 The parsing is pure (:func:`read_index`); :class:`FdStoreMirror` does the I/O.
 """
 
@@ -53,6 +60,7 @@ import re
 from dataclasses import dataclass
 
 from fdkeep.bundle import Bundle, Shard
+from fdkeep.errors import Error
 from fdkeep.systemd import ServiceManager
 
 from .protocol import Held, HolderCore, Watcher
@@ -60,6 +68,8 @@ from .protocol import Held, HolderCore, Watcher
 log = logging.getLogger("holderd")
 
 INDEX_PREFIX = "index-"
+#: The index's version: a ``v <n>`` first line, or none for 1 (what every release so far writes).
+INDEX_VERSION = 1
 BUNDLE_NAME = re.compile(r"bundle/(\d+)/(\d+)/([wr])\Z")
 SHARDS = 16
 COMPACT_AT = 1 << 20
@@ -85,6 +95,12 @@ def read_index(data: bytes) -> tuple[dict[int, IndexEntry], int]:
                 entries[serial] = IndexEntry(uid, fields[3].decode("ascii"), meta)
             elif fields[0] == b"-" and len(fields) == 2:
                 entries.pop(int(fields[1]), None)
+            elif fields[0] == b"v" and len(fields) == 2 and not entries:
+                if int(fields[1]) != INDEX_VERSION:
+                    raise Error("unknown-format", f"systemd's fd store keeps a holderd index of version "
+                                f"{int(fields[1])}; this holderd reads version {INDEX_VERSION} only. Nothing was "
+                                "touched: run the release that wrote it (`systemctl stop holderd` empties the "
+                                "store, and ends what it holds)")
             else:
                 raise ValueError(line[:40])
         except (ValueError, binascii.Error, UnicodeDecodeError) as exc:

@@ -44,13 +44,20 @@ def check_token(what: str, value: str) -> None:
                                 "use 1 to 64 of A-Z a-z 0-9 _ -")
 
 
+#: A host lease's version (docs/formats.md): its "v" field, absent for 1 (what every release
+#: so far writes); a value of another version names no host this release can trust.
+LEASE_VERSION = 1
+
+
 def holder(value: bytes) -> str | None:
-    """The host a nick's value names (JSON ``{"host": ...}``); None if it names none."""
+    """The host a nick's value or a host lease names (JSON ``{"host": ...}``); None if it
+    names none, or is of a version this release does not read."""
     try:
-        named = json.loads(value).get("host")
+        value = json.loads(value)
+        named, version = value.get("host"), value.get("v", 1)
     except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
         return None
-    return named if isinstance(named, str) else None
+    return named if isinstance(named, str) and version == LEASE_VERSION else None
 
 
 def describe(exc: BaseException) -> str:
