@@ -10,15 +10,18 @@ a code. Only root and chatd's own uid are served. The chatd that take turns
 default socket too, so that chatctl reaches the server by default and each
 instance by its name. The operations:
 
-==========  ===========================================================
-``status``  pid, port, clients, pairs, holders and what each holds
-``clients`` one row per client: nick, target, peer, count, remote, held
-``backup``  repack every bundle of sockets, store it and the journal again;
-            what each holder then says it keeps, and what it lacks
-``restore`` a chatd started with ``--restore --wait`` takes its sockets now
-``drain``   end every client connection on purpose (each gets BYE)
-``crash``   die of a real SIGSEGV, after the reply
-==========  ===========================================================
+============  ===========================================================
+``status``    pid, port, clients, pairs, holders and what each holds
+``clients``   one row per client: nick, target, peer, count, remote, held
+``backup``    repack every bundle of sockets, store it and the journal again;
+              what each holder then says it keeps, and what it lacks
+``restore``   a chatd started with ``--restore --wait`` takes its sockets now
+``drain``     end every client connection on purpose (each gets BYE)
+``crash``     die of a real SIGSEGV, after the reply
+``handover``  with ``--lease``, once a standby waits: finish this loop turn
+              (its commit included), give the lease to the standby and exit 0,
+              every client connection left open for it (:mod:`chatd.standby`)
+============  ===========================================================
 
 A request that fails inside chatd is answered with ``failed`` and logged; it
 never takes chatd down.
@@ -36,7 +39,7 @@ from fdkeep.errors import Error
 from fdkeep.fdpass import close_fds
 from fdkeep.loop import AcceptPause
 from fdkeep.paths import runtime_dir
-from fdkeep.peer import FramePeer, listen_unix
+from fdkeep.peer import FramePeer, FrameSocket, listen_unix
 
 from . import reports
 from .server import Role
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("chatd")
 #: Seconds a control request begun may take to arrive whole.
 FRAME_TIMEOUT = 5.0
+#: A report of every client (``clients``) runs to some 150 bytes a client.
+MAX_REPLY = 64 << 20
 
 
 def default_socket(*, own_service: bool = False) -> str:
@@ -75,6 +80,28 @@ def instance_sockets(path: str) -> dict[str, str]:
     return found
 
 
+def call(op: str, path: str | None = None, timeout: float = 10.0) -> dict:
+    """One control request; the reply body. Raises :class:`~fdkeep.errors.Error` with chatd's error code."""
+    path = path or default_socket()
+    try:
+        with FrameSocket(path, timeout, max_frame=MAX_REPLY) as conn:
+            try:
+                conn.send({"op": op})
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # chatd may have refused us and hung up first: its reason is still there to read
+            frame = conn.receive()
+    except (OSError, ConnectionError, Error) as exc:
+        raise Error(
+            "unavailable",
+            f"cannot reach chatd's control socket {path} ({exc}); is chatd running? "
+            "(`systemctl status chatd`, or pass --control PATH)",
+        ) from None
+    close_fds(frame.fds)
+    if not frame.body.get("ok"):
+        raise Error(str(frame.body.get("error", "unknown")), str(frame.body.get("message", "")))
+    return frame.body
+
+
 class ControlServer:
     """Answers at ``path``, and at more paths given to :meth:`answer_also_at` (the
     well-known one, for the chatd of a pair that serves)."""
@@ -84,6 +111,8 @@ class ControlServer:
         self.server = server
         self.path = path
         self._restore_now = restore_now
+        #: What ``chatctl handover`` asks for: set by chatd.standby's Turns (``--lease``), else None.
+        self.hand_over: Callable[[], dict] | None = None
         self.peers: set[FramePeer] = set()
         self.accepting = AcceptPause(server.loop, log, "control socket")
         #: path -> (listening socket, inode of the file it made): only our own file is unlinked.
@@ -165,6 +194,17 @@ class ControlServer:
         peer.sock.setblocking(True)
         peer.close_after_flush()
         crash()
+
+    def _op_handover(self, peer):
+        self._serving()
+        if self.hand_over is None:
+            raise Error("no-standby", "this chatd does not take turns with a standby (chatd --lease): nothing "
+                                      "would take over; restart it instead (it restores its clients itself)")
+        reply = {"ok": True, **self.hand_over()}
+        log.info("handover requested by pid %d", peer.pid)
+        peer.send(reply)  # before the turn ends, and with it this process
+        peer.sock.setblocking(True)
+        peer.close_after_flush()
 
     def answer_also_at(self, path: str) -> None:
         """Listen at ``path`` too (the well-known socket, once this chatd serves)."""

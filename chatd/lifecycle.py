@@ -15,7 +15,17 @@ only one that changes it (others ask: the status report, the control socket):
 
 ``STARTING`` goes to any of the others; ``WAITING`` and ``STANDBY`` go to
 ``SERVING`` only. Nothing leaves ``SERVING``: a chatd that serves does so until it
-exits.
+exits: by a crash, a signal, or a planned handover.
+
+**A planned handover** (``chatctl handover``, with ``--lease``): :meth:`Lifecycle.hand_over`
+only asks for it; it happens at the end of the loop turn, after the turn's commit
+(so every command read is handled and committed, and none is being handled: the
+journal's marker is clear and the successor counts no crash). Then the journal
+says nobody serves from it (the successor need not wait for this process to die),
+the lease goes to the standby (:mod:`chatd.standby`), and the process exits 0
+without reading another byte and without closing a client's connection: those
+stay in holderd, for the successor, exactly as after a crash, only between two
+turns instead of anywhere.
 
 Every way to begin serving goes through :meth:`Lifecycle.serve`: at start, when
 the standby takes over, and on ``chatctl restore``. It restores what the holders
@@ -32,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from fdkeep.errors import Error
+from fdkeep.text import plural
 
 from . import faults
 from .reports import status_line
@@ -57,6 +68,13 @@ TRANSITIONS = {
 }
 
 
+class HandedOver(SystemExit):
+    """The loop ends: this chatd handed over to the standby (exit status 0)."""
+
+    def __init__(self):
+        super().__init__(0)
+
+
 @dataclass(frozen=True)
 class Where:
     """Where chatd serves, as its options say: the line port's address and the web port
@@ -74,7 +92,10 @@ class Lifecycle:
         self.where = where
         server.role = Role.STARTING
         self._status_sent: str | None = None
+        #: Set by :meth:`hand_over`: gives the lease away, at the end of the turn.
+        self._handing_over: Callable[[], None] | None = None
         server.loop.call_every(STATUS_INTERVAL, self._report_status)
+        server.loop.after_events(self._end_of_turn)  # after the server's commit, made before us
 
     @property
     def role(self) -> Role:
@@ -134,6 +155,24 @@ class Lifecycle:
             raise Error("not-waiting", "chatd is serving already; restore happens at start")
         self.serve(fresh_allowed=False)
         return self.server.restore_summary
+
+    # -- handing over ---------------------------------------------------------------------
+    def hand_over(self, release: Callable[[], None]) -> None:
+        """Hand over to the standby at the end of this turn: ``release()`` then gives the lease
+        away, and the process exits 0 (:class:`HandedOver`)."""
+        if self.role is not Role.SERVING:
+            raise Error("not-serving", f"chatd is {self.role.value}: only the one serving hands over")
+        self._handing_over = release
+
+    def _end_of_turn(self) -> None:
+        release = self._handing_over
+        if release is None:
+            return
+        self.server.journal.set_owner(0, 0)  # nobody serves from it now: the successor need not wait
+        release()
+        log.info("handed over to the standby after the turn's commit: exiting, %s left open for it",
+                 plural(len(self.server.connections), "client connection"))
+        raise HandedOver()
 
     # -- what systemd hears ---------------------------------------------------------------
     def announce_ready(self) -> None:

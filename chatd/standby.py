@@ -40,6 +40,16 @@ journal it really uses. A server that finds holderd
 unreachable at start serves only if systemd passed it a listening socket (it
 was serving); a standby without a lease never serves.
 
+**A planned handover** (``chatctl handover``; ``chatctl upgrade`` restarts the
+standby on the new release first): the serving chatd makes sure a standby
+waits (one answers at a sibling control socket as ``standby``), then, at the
+end of its loop turn (:meth:`~chatd.lifecycle.Lifecycle.hand_over`), stops
+answering chatctl (so the successor can take the well-known socket), clears
+the journal's owner, and closes its lease connection: holderd grants the
+lease to the standby at once, which takes over as after a crash, and the old
+process exits 0 (under systemd, ``Restart=on-failure`` then leaves its unit
+stopped, for the upgrade to start again on the new release).
+
 Limits: the standby takes over as fast as a restore runs (linear in the
 clients); there is one standby; and without holderd there is no lease, so the
 pair falls back to one unit serving from its fd store.
@@ -57,6 +67,7 @@ from fdkeep.fdpass import close_fds
 from fdkeep.loop import IN
 from holderd.client import HolderClient, Lease
 
+from .control import call, instance_sockets
 from .holders import STATE_NAME
 from .journal import Journal
 from .server import Role
@@ -97,6 +108,7 @@ class Turns:
         self.control_path = control_path  # the well-known one, answered at too while this chatd serves
         self.holder_path = holder_path
         self.lease = Lease(LEASE_NAME, holder_path)
+        control.hand_over = self.hand_over
         self._watching = False
         self._yielding = False  # gave the lease back to a live server, and said so
 
@@ -177,6 +189,41 @@ class Turns:
             self.server.backup.audit()  # holderd is back, perhaps empty: refill it now
         elif granted:
             self._take_over()
+
+    # -- handing over (chatctl handover) -------------------------------------------------
+    def hand_over(self) -> dict:
+        """Hand over to the standby at the end of this turn; what chatctl is told. Refused
+        (Error) unless a standby answers, which holderd will then give the lease to."""
+        if self.lease._conn is None:
+            raise Error("no-holderd", "holderd does not answer (this chatd asks it again): no standby can "
+                                      "get the lease now; try again once `chatctl status` shows holderd")
+        standby = self._a_standby()
+        if standby is None:
+            raise Error("no-standby", "no chatd stands by to take over (`chatctl status` lists the instances; "
+                                      "under systemd: systemctl start chatd@N for the other instance)")
+        self.lifecycle.hand_over(self._release)
+        log.info("handing over to chatd %s (pid %d) at the end of this turn", standby["instance"], standby["pid"])
+        return {"pid": os.getpid(), "instance": self.server.instance,
+                "standby": {"pid": standby["pid"], "instance": standby["instance"]}}
+
+    def _a_standby(self) -> dict | None:
+        """The status of a chatd standing by at a sibling control socket, if one answers."""
+        for name, path in sorted(instance_sockets(self.control_path).items()):
+            if path == self.control.path:
+                continue
+            try:
+                status = call("status", path, timeout=1.0)
+            except Error:
+                continue  # a socket file left by a dead instance, or one busy starting
+            if status.get("role") == Role.STANDBY.value:
+                return {**status, "instance": name}
+        return None
+
+    def _release(self) -> None:
+        """The last of a handover: chatctl and holderd's lease let go of, for the successor."""
+        self.control.close()
+        self._unwatch()
+        self.lease.close()
 
     # -- taking over ------------------------------------------------------------------
     def _take_over(self) -> None:

@@ -9,18 +9,21 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import time
 
 from chatd.control import default_socket as control_socket, instance_sockets
+from chatd.standby import process_identity
 from fdkeep.errors import Error
 from fdkeep.peer import someone_listens
 from fdkeep.text import plural
 from holderd.client import HolderClient, default_socket as holderd_socket
 
 from . import control, install, lineclient, selftest
-from .launch import SOURCE_ROOT
+from .launch import SOURCE_ROOT, wait_until
 from .story import Story, play_demo
 
 SHELL_HELP = """\
@@ -175,6 +178,115 @@ def cmd_drain(args) -> int:
     reply = control.call("drain", args.control)
     _print(args, reply, f"ended {reply['drained']} connections (each got BYE; the holders forgot them)")
     return 0
+
+
+def cmd_handover(args) -> int:
+    reply, took = hand_over(args.control, args.timeout)
+    _print(args, {**reply, "milliseconds": round(took, 1)},
+           f"chatd@{reply['instance']} (pid {reply['pid']}) handed over to chatd@{reply['standby']['instance']} "
+           f"(pid {reply['standby']['pid']}), which serves after {took:.0f} ms; the one that handed over exited")
+    return 0
+
+
+def hand_over(control_path: str, timeout: float) -> tuple[dict, float]:
+    """Ask the serving chatd to hand over; wait until its standby serves at ``control_path`` and it
+    has exited. Its reply, and the milliseconds until the standby served."""
+    asked_at = time.monotonic()
+    reply = control.call("handover", control_path)
+    successor = reply["standby"]["pid"]
+    wait_until(lambda: _serving_pid(control_path) == successor, timeout,
+               f"chatd@{reply['standby']['instance']} (pid {successor}) to serve")
+    took = (time.monotonic() - asked_at) * 1000
+    wait_until(lambda: process_identity(reply["pid"]) is None, timeout, f"pid {reply['pid']} to exit")
+    return reply, took
+
+
+def _serving_pid(control_path: str) -> int | None:
+    try:
+        status = control.call("status", control_path, timeout=3)
+    except Error:
+        return None  # between the two: nobody answers for a moment
+    return status["pid"] if status.get("role") == "serving" else None
+
+
+def cmd_upgrade(args) -> int:
+    """Under systemd: the standby restarted on the new release, the serving one hands over to it,
+    then restarted to stand by. Each step printed as it is done; exits 1 at the first that fails,
+    with whichever chatd serves still serving."""
+    echo = (lambda text: None) if args.json else print
+    steps = []
+
+    def done(text: str) -> None:
+        steps.append(text)
+        echo(text)
+
+    try:
+        serving, standby = _the_two_units(args.control)
+        old_standby_pid = standby["pid"]
+        _systemctl("restart", standby["unit"])
+        fresh = wait_until(lambda: _standing_by(args.control, standby["instance"], old_standby_pid), args.timeout,
+                           f"{standby['unit']} to stand by")
+        done(f"restarted {standby['unit']} on the new release: pid {fresh['pid']} stands by")
+        reply, took = hand_over(args.control, args.timeout)
+        done(f"{serving['unit']} (pid {reply['pid']}) handed over to {standby['unit']} (pid {fresh['pid']}), "
+             f"which serves after {took:.0f} ms with {plural(control.call('status', args.control)['clients'], 'client')}")
+        wait_until(lambda: _systemctl("show", "-p", "ActiveState", "--value", serving["unit"]) == "inactive",
+                   args.timeout, f"{serving['unit']} to stop (its process exited 0)")
+        _systemctl("start", serving["unit"])
+        again = wait_until(lambda: _standing_by(args.control, serving["instance"], serving["pid"]), args.timeout,
+                           f"{serving['unit']} to stand by")
+        done(f"started {serving['unit']} on the new release: pid {again['pid']} stands by")
+    except (Error, UpgradeFailed) as exc:
+        message = exc.message if isinstance(exc, Error) else str(exc)
+        _print(args, {"ok": False, "steps": steps, "message": message}, f"chatctl upgrade: FAILED: {message}")
+        return 1
+    _print(args, {"ok": True, "steps": steps, "handover_milliseconds": round(took, 1)},
+           "upgraded: both instances run the new release")
+    return 0
+
+
+class UpgradeFailed(Exception):
+    pass
+
+
+def _the_two_units(control_path: str) -> tuple[dict, dict]:
+    """The serving and the standing-by chatd, each with its systemd unit, or UpgradeFailed saying
+    why an upgrade cannot begin (nothing has been touched then)."""
+    if shutil.which("systemctl") is None:
+        raise UpgradeFailed("systemctl not found: chatctl upgrade restarts systemd's chatd@1 and chatd@2; "
+                            "without systemd, start a chatd --lease of the new release beside the one "
+                            "serving, then run chatctl handover")
+    instances = instances_status(control_path)
+    roles = {role: [i for i in instances if i.get("ok") and i.get("role") == role] for role in ("serving", "standby")}
+    if len(roles["serving"]) != 1 or len(roles["standby"]) != 1:
+        found = ", ".join(f"chatd@{i['instance']} {i.get('role', i.get('message'))}" for i in instances) or "none"
+        raise UpgradeFailed(f"an upgrade needs one chatd serving and one standing by (chatd@1 and chatd@2, "
+                            f"`systemctl start chatd`); found: {found}")
+    for instance in (*roles["serving"], *roles["standby"]):
+        instance["unit"] = f"chatd@{instance['instance']}.service"
+        main_pid = _systemctl("show", "-p", "MainPID", "--value", instance["unit"])
+        if main_pid != str(instance["pid"]):
+            raise UpgradeFailed(f"chatd@{instance['instance']} (pid {instance['pid']}) is not systemd's "
+                                f"{instance['unit']} (its main pid is {main_pid or 'none'}); without systemd, "
+                                "start a chatd --lease of the new release, then run chatctl handover")
+    return roles["serving"][0], roles["standby"][0]
+
+
+def _standing_by(control_path: str, instance: str, not_pid: int) -> dict | None:
+    """The status of ``instance`` once a process other than ``not_pid`` stands by there."""
+    path = instance_sockets(control_path).get(instance)
+    try:
+        status = control.call("status", path, timeout=3) if path else None
+    except Error:
+        return None
+    return status if status and status["role"] == "standby" and status["pid"] != not_pid else None
+
+
+def _systemctl(*argv: str) -> str:
+    done = subprocess.run(["systemctl", *argv], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UpgradeFailed(f"systemctl {' '.join(argv)} failed: {(done.stderr or done.stdout).strip()}")
+    return done.stdout.strip()
 
 
 def cmd_install_units(args) -> int:
@@ -403,6 +515,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("drain", cmd_drain, "End every client connection on purpose: each gets BYE, and chatd, holderd and "
         "systemd's fd store forget it. chatd keeps serving new clients. Stopping chatd does not "
         "end connections (holderd keeps them); this does.")
+    handover = add("handover", cmd_handover, "Make the serving chatd hand over to its standby (two chatd taking "
+                   "turns, chatd --lease): it finishes its loop turn, commits, gives the lease to the standby and "
+                   "exits 0; every connection stays. Refused, with chatd still serving, unless a standby waits.")
+    handover.add_argument("--timeout", type=float, default=30,
+                          help="seconds to wait for the standby to serve (default %(default)s)")
+    upgrade = add("upgrade", cmd_upgrade, "Upgrade an installed chatd in place, under systemd, after the new "
+                  "release is installed (see README, Upgrading): restart the standby instance (it runs the new "
+                  "code), wait until it stands by, make the serving one hand over to it, wait until it serves, "
+                  "then start the old instance again: it stands by on the new release. Every connection, pair "
+                  "and count stays; a step that fails stops it, with a chatd still serving.")
+    upgrade.add_argument("--timeout", type=float, default=60, help="seconds each step may take (default %(default)s)")
     units = add("install-units", cmd_install_units, "Install chatd and holderd under systemd (as root): "
                 "create the holderd and chatd users; write holderd.service, chatd@.service (chatd's two "
                 "processes, chatd@1 and chatd@2, taking turns) and chatd.service (starts and stops both); "

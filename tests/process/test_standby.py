@@ -4,11 +4,20 @@ its clients to the other at once, and a restarted one becomes the next standby."
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 from chatd.control import instance_socket
 from ctl import control
-from ctl.launch import wait_for_answer
+from ctl.launch import wait_for_answer, wait_until
+from fdkeep.errors import Error
+from testkit import soak
+
+
+#: Clients that only stay connected, for the standby to restore besides a chatting pair.
+IDLE_CLIENTS = 300
 
 
 def start_lease_chatd(procs, standby: bool, instance: str):
@@ -68,3 +77,140 @@ def test_a_standby_never_serves_beside_a_live_server_when_holderd_restarts(procs
     assert b.line() == "FROM A 1 still one server"
     assert standby.poll() is None and serving.poll() is None
     assert "ERROR" not in procs.logs(), procs.logs()
+
+
+def hand_over(procs, serving, standby) -> float:
+    """``chatctl handover`` on the serving chatd: it must exit 0 and the standby serve; the
+    milliseconds from the request until the standby answers at the well-known socket."""
+    asked_at = time.monotonic()
+    reply = control.call("handover", procs.control_socket)
+    assert reply["pid"] == serving.pid and reply["standby"]["pid"] == standby.pid, reply
+    wait_until(lambda: serving_pid(procs) == standby.pid, 15, "the standby to serve")
+    took = (time.monotonic() - asked_at) * 1000
+    assert serving.wait(10) == 0
+    return took
+
+
+def chatctl(procs, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ctl", "--control", procs.control_socket, *argv],
+                          capture_output=True, text=True, timeout=60, env=procs.env)
+
+
+def serving_pid(procs) -> int | None:
+    try:
+        status = control.call("status", procs.control_socket, timeout=2)
+    except Error:
+        return None
+    return status["pid"] if status["role"] == "serving" else None
+
+
+def test_a_handover_passes_every_client_to_the_standby_and_exits_0(procs):
+    procs.start_holderd()
+    serving = start_lease_chatd(procs, standby=False, instance="1")
+    a, b = procs.pair()
+    a.send("MSG one")
+    assert b.line() == "FROM A 1 one"
+    refused = chatctl(procs, "handover")
+    assert refused.returncode == 1 and "no chatd stands by" in refused.stderr, refused
+    a.send("MSG still served")
+    assert b.line() == "FROM A 2 still served"
+    names = {serving.pid: "1"}
+    standby = start_lease_chatd(procs, standby=True, instance="2")
+    names[standby.pid] = "2"
+    for round_number in range(3):
+        if round_number == 0:  # as an operator does it
+            done = chatctl(procs, "handover")
+            assert done.returncode == 0 and f"(pid {standby.pid}), which serves after" in done.stdout, done
+            assert serving.wait(10) == 0
+        else:
+            hand_over(procs, serving, standby)
+        a.send(f"MSG round {round_number}")
+        assert b.line() == f"FROM A {round_number + 3} round {round_number}"
+        b.send(f"MSG back {round_number}")
+        assert a.line() == f"FROM B {round_number + 1} back {round_number}"
+        status = control.call("status", procs.control_socket)
+        assert status["clients"] == 2 and status["pairs"] == 1
+        # What `chatctl upgrade` does under systemd: the instance that handed over starts again.
+        done = names.pop(serving.pid)
+        serving, standby = standby, start_lease_chatd(procs, standby=True, instance=done)
+        names[standby.pid] = done
+    logs = procs.logs()
+    assert "handed over to the standby" in logs and "died handling its command" not in logs, logs
+    assert "ERROR" not in logs, logs
+
+
+def test_pairs_streaming_through_handovers_lose_nothing(procs):
+    """Every message exactly once, n counting on, every pair kept, no connection dropped,
+    while the serving chatd hands over again and again, as ``chatctl upgrade`` makes it."""
+    procs.start_holderd()
+    turns = {"serving": start_lease_chatd(procs, standby=False, instance="1")}
+    turns["standby"] = start_lease_chatd(procs, standby=True, instance="2")
+    names = {turns["serving"].pid: "1", turns["standby"].pid: "2"}
+    took = []
+
+    def hand_over_and_restart(rng):
+        serving, standby = turns["serving"], turns["standby"]
+        took.append(hand_over(procs, serving, standby))
+        done = names.pop(serving.pid)
+        turns["serving"], turns["standby"] = standby, start_lease_chatd(procs, standby=True, instance=done)
+        names[turns["standby"].pid] = done
+
+    tally = soak.run(procs.port, pairs=10, crashes=8, crash=hand_over_and_restart, interval=(0.1, 0.4))
+    print("handovers:", tally.row(), "; request -> serving:", ", ".join(f"{ms:.0f} ms" for ms in took))
+    assert tally.crashes == 8 and tally.sent > 500
+    assert tally.problems() == 0, (tally.row(), tally.notes)
+    assert tally.received == tally.sent
+    logs = procs.logs()
+    assert logs.count("handed over to the standby") == 8 and "died handling its command" not in logs
+    assert "ERROR" not in logs, logs
+
+
+def test_the_gap_of_a_handover_against_a_crash_in_one_run(procs):
+    """The gap a pair sees, from the kill or the handover request to A's next message relayed
+    to B, with a few hundred idle clients to restore besides; printed for the README."""
+    procs.start_holderd()
+    turns = {"serving": start_lease_chatd(procs, standby=False, instance="1")}
+    turns["standby"] = start_lease_chatd(procs, standby=True, instance="2")
+    names = {turns["serving"].pid: "1", turns["standby"].pid: "2"}
+    a, b = procs.pair()
+    idle = [socket.create_connection(("127.0.0.1", procs.port)) for _ in range(IDLE_CLIENTS)]
+    try:
+        wait_until(lambda: control.call("status", procs.control_socket)["clients"] == IDLE_CLIENTS + 2, 15,
+                   "the idle clients to be served")
+        gaps = {"kill": [], "handover": []}
+        sent = 0
+        for round_number in range(6):
+            way = "kill" if round_number % 2 == 0 else "handover"
+            serving, standby = turns["serving"], turns["standby"]
+            began = time.monotonic()
+            if way == "kill":
+                serving.send_signal(signal.SIGKILL)
+            else:
+                control.call("handover", procs.control_socket)
+            a.send(f"MSG after {way}")
+            sent += 1
+            assert b.line() == f"FROM A {sent} after {way}"
+            gaps[way].append((time.monotonic() - began) * 1000)
+            assert serving.wait(10) == (-signal.SIGKILL if way == "kill" else 0)
+            wait_until(lambda: serving_pid(procs) == standby.pid, 15, "the standby to serve")
+            assert control.call("status", procs.control_socket)["clients"] == IDLE_CLIENTS + 2
+            done = names.pop(serving.pid)
+            turns["serving"], turns["standby"] = standby, start_lease_chatd(procs, standby=True, instance=done)
+            names[turns["standby"].pid] = done
+        # And without a standby, as an upgrade by restarting would be: stop, start, restore.
+        turns["standby"].send_signal(signal.SIGTERM)
+        assert turns["standby"].wait(10) == 0
+        began = time.monotonic()
+        turns["serving"].send_signal(signal.SIGTERM)
+        assert turns["serving"].wait(10) == 0
+        procs.spawn("chatd", "chatd", "--port", str(procs.port), "--http-port", str(procs.http_port),
+                    "--control", procs.control_socket, "--holder", procs.holder_socket, "--lease", "--instance", "1")
+        a.send("MSG after a restart")
+        assert b.line() == f"FROM A {sent + 1} after a restart"
+        gaps["restart"] = [(time.monotonic() - began) * 1000]
+    finally:
+        for sock in idle:
+            sock.close()
+    print(f"with {IDLE_CLIENTS + 2} clients, ms until the next message is relayed:",
+          "; ".join(f"{way} {', '.join(f'{ms:.0f}' for ms in taken)}" for way, taken in gaps.items()))
+    assert "died handling its command" not in procs.logs()

@@ -459,6 +459,40 @@ def test_pairs_streaming_through_chatctl_crashes_lose_nothing(machine):
     assert tally.received == tally.sent > 1000
 
 
+def test_the_readme_upgrade_hands_over_with_pairs_streaming_and_loses_nothing(machine, wheels):
+    """README, Upgrading: the new release installed over the running one (scripts/provision
+    with --no-selftest), then chatctl upgrade, twice, while pairs stream and ann and bob chat:
+    every message once, n counting on, no restart counted as a failure, every process new."""
+    before = {unit: main_pid(machine, unit) for unit in CHATD_UNITS}
+    since = now(machine)
+    upgrades = []
+    clients = pair(machine, "eve", "fay")
+
+    def upgrade(rng):
+        machine.run("bash", str(REPO / "scripts" / "provision"), "--source", str(REPO), "--wheels", str(wheels),
+                    "--no-selftest", timeout=600)
+        pids = {unit: main_pid(machine, unit) for unit in CHATD_UNITS}
+        report = chatctl(machine, "upgrade")
+        assert report["ok"] and len(report["steps"]) == 3, report
+        upgrades.append(report["handover_milliseconds"])
+        assert all(main_pid(machine, unit) not in (0, pids[unit]) for unit in CHATD_UNITS)
+
+    tally = soak.run(machine.port, pairs=5, crashes=2, crash=upgrade, interval=(0.5, 1.0))
+    print("upgrades under systemd:", tally.row(), "; handover -> serving:", upgrades, "ms")
+    assert tally.crashes == 2 and tally.problems() == 0, (tally.row(), tally.notes)
+    assert tally.received == tally.sent > 100
+    assert all(main_pid(machine, unit) not in (0, pid) for unit, pid in before.items())
+    journal = chatd_journal(machine, since)
+    assert journal.count("handed over to the standby") == 2 and "died handling its command" not in journal, journal
+    # The one that handed over exited 0: not a failure, so systemd restarted nothing by itself.
+    assert "Scheduled restart job" not in journal and "status=" not in journal, journal
+    try:
+        chat(clients, ("eve", "fay"), 1)
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_a_browser_chats_on_through_chatctl_crashes_without_noticing(machine):
     """The browser test once more under the real systemd: two Chromium pages, two crashes."""
     import shutil
