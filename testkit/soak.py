@@ -278,11 +278,15 @@ def run(port: int | list[int], pairs: int, crashes: int, crash, seed: int = 1, i
             raise TimeoutError("the pairs did not pair within 30 s")
         time.sleep(0.01)
     rng = random.Random(seed * 7919)
-    for number in range(crashes):
-        time.sleep(rng.uniform(*interval))
-        crash(rng)
-        traffic.tally.crashes += 1
-        if progress and (number + 1) % max(crashes // 10, 1) == 0:
-            progress(traffic.tally)
+    try:
+        for number in range(crashes):
+            time.sleep(rng.uniform(*interval))
+            crash(rng)
+            traffic.tally.crashes += 1
+            if progress and (number + 1) % max(crashes // 10, 1) == 0:
+                progress(traffic.tally)
+    except BaseException:
+        traffic.finish(0)  # a failed crash step leaves no clients (nor their nicks) behind it
+        raise
     time.sleep(interval[1])
     return traffic.finish(settle)

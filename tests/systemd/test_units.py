@@ -158,20 +158,24 @@ def crash_chatd(machine) -> float:
 
 
 def takeover_gap_ms(machine, since: str) -> float:
-    """From the journal: the dead process's exit to the next one's restore."""
+    """From the journal: the dead process's exit to the next one's restore.
+
+    Each entry is placed at the time it was made where the journal knows it (systemd's own
+    lines carry it), else when the journal received it (chatd's stdout): a standby may log its
+    restore before PID 1 has written its line about the exit, so the order of lines is no guide."""
     out = machine.run("journalctl", "-u", "chatd@*", "--since", since, "-o", "json", "--no-pager").stdout
-    died = restored = None
+    entries = []
     for line in out.splitlines():
         entry = json.loads(line)
         message = entry.get("MESSAGE", "")
         if isinstance(message, list):
             message = bytes(message).decode(errors="replace")
-        stamp = int(entry["__REALTIME_TIMESTAMP"]) / 1000
-        if died is None and "Main process exited" in message:
-            died = stamp
-        elif died is not None and "restored" in message:
-            restored = stamp
-            break
+        stamp = int(entry.get("_SOURCE_REALTIME_TIMESTAMP") or entry["__REALTIME_TIMESTAMP"]) / 1000
+        entries.append((stamp, message))
+    entries.sort()
+    died = next((stamp for stamp, message in entries if "Main process exited" in message), None)
+    restored = next((stamp for stamp, message in entries
+                     if died is not None and stamp >= died and "restored" in message), None)
     assert died is not None and restored is not None, out
     return round(restored - died, 1)
 
