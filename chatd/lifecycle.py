@@ -27,6 +27,11 @@ without reading another byte and without closing a client's connection: those
 stay in holderd, for the successor, exactly as after a crash, only between two
 turns instead of anywhere.
 
+**SIGTERM** (``systemctl restart`` or ``stop``) of a chatd serving with
+``--lease`` is a planned handover too when a standby answers (:mod:`chatd.standby`),
+and otherwise :meth:`Lifecycle.stop`: the same end of the turn, then exit 0 as
+any stop, every client kept in the holders for the next chatd.
+
 Every way to begin serving goes through :meth:`Lifecycle.serve`: at start, when
 the standby takes over, and on ``chatctl restore``. It restores what the holders
 keep (:mod:`chatd.restore`), else, where a fresh start is allowed, binds new
@@ -94,6 +99,8 @@ class Lifecycle:
         self._status_sent: str | None = None
         #: Set by :meth:`hand_over`: gives the lease away, at the end of the turn.
         self._handing_over: Callable[[], None] | None = None
+        #: Set by :meth:`stop`: exit 0 at the end of the turn.
+        self._stopping = False
         server.loop.call_every(STATUS_INTERVAL, self._report_status)
         server.loop.after_events(self._end_of_turn)  # after the server's commit, made before us
 
@@ -164,9 +171,15 @@ class Lifecycle:
             raise Error("not-serving", f"chatd is {self.role.value}: only the one serving hands over")
         self._handing_over = release
 
+    def stop(self) -> None:
+        """Exit 0 at the end of this turn, after its commit (SystemExit, as any stop)."""
+        self._stopping = True
+
     def _end_of_turn(self) -> None:
         release = self._handing_over
         if release is None:
+            if self._stopping:
+                raise SystemExit(0)
             return
         self.server.journal.set_owner(0, 0)  # nobody serves from it now: the successor need not wait
         release()

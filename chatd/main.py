@@ -221,7 +221,9 @@ def main(argv=None) -> int:
     except OSError as exc:
         log.error("cannot open the control socket %s: %s", own_control, exc.strerror or exc)
         return 1
-    stop_on_signals(log)
+    # With --lease, SIGTERM of the one serving hands over to the standby at the end of the turn.
+    turns = Turns(lifecycle, control, args.control, args.holder) if args.lease else None
+    stop_on_signals(log, unless=turns.hand_over_instead_of_stopping if turns is not None else None)
 
     if args.cluster:
         # Made before restoring, started once serving: a member restored paired across hosts
@@ -241,8 +243,7 @@ def main(argv=None) -> int:
     try:
         if args.wait:
             lifecycle.wait_for_restore(args.control)
-        elif args.lease:
-            turns = Turns(lifecycle, control, args.control, args.holder)
+        elif turns is not None:
             if not turns.start(systemd_passed_a_listener=LISTEN_NAME in manager.passed_names()):
                 return 1
         else:

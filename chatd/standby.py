@@ -50,6 +50,14 @@ lease to the standby at once, which takes over as after a crash, and the old
 process exits 0 (under systemd, ``Restart=on-failure`` then leaves its unit
 stopped, for the upgrade to start again on the new release).
 
+**SIGTERM** of the serving chatd (``systemctl restart`` or ``stop`` of its
+unit) is the same planned handover when a standby answers, and a stop at the
+end of the turn when none does (the clients stay in holderd for the next
+chatd). The handler only asks the loop (:func:`fdkeep.loop.stop_on_signals`):
+the check for a standby (a status request, as ``chatctl handover`` makes it)
+runs in the loop's turn, never inside whatever code the signal interrupted.
+The standby's SIGTERM, and SIGINT, stop at once, as without ``--lease``.
+
 Limits: the standby takes over as fast as a restore runs (linear in the
 clients); there is one standby; and without holderd there is no lease, so the
 pair falls back to one unit serving from its fd store.
@@ -59,6 +67,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from typing import TYPE_CHECKING
 
@@ -111,6 +120,7 @@ class Turns:
         control.hand_over = self.hand_over
         self._watching = False
         self._yielding = False  # gave the lease back to a live server, and said so
+        self._terminating = False  # SIGTERM came while serving: handing over, or stopping
 
     # -- at start -------------------------------------------------------------------
     def start(self, systemd_passed_a_listener: bool) -> bool:
@@ -205,6 +215,28 @@ class Turns:
         log.info("handing over to chatd %s (pid %d) at the end of this turn", standby["instance"], standby["pid"])
         return {"pid": os.getpid(), "instance": self.server.instance,
                 "standby": {"pid": standby["pid"], "instance": standby["instance"]}}
+
+    def hand_over_instead_of_stopping(self, signum: signal.Signals) -> bool:
+        """In the signal handler (:func:`fdkeep.loop.stop_on_signals`): True if this signal ends
+        the turn with a handover or a stop (:meth:`_terminate`, asked of the loop), False to stop now."""
+        if signum is not signal.SIGTERM or self.lifecycle.role is not Role.SERVING:
+            return False
+        if not self._terminating:  # a second SIGTERM changes nothing: the first one's turn ends soon
+            self._terminating = True
+            self.server.loop.call_from_signal_handler(self._terminate)
+        return True
+
+    def _terminate(self) -> None:
+        """SIGTERM while serving, in the loop: hand over at the end of the turn if a chatd stands
+        by, else stop there (holderd keeps every client for the next chatd)."""
+        try:
+            self.hand_over()
+        except Error as exc:
+            log.info("SIGTERM: %s: stopping at the end of this turn; holderd keeps every client connection "
+                     "for the next chatd", exc.message)
+            self.lifecycle.stop()
+            return
+        log.info("SIGTERM: a planned handover, as `chatctl handover` makes it")
 
     def _a_standby(self) -> dict | None:
         """The status of a chatd standing by at a sibling control socket, if one answers."""

@@ -10,6 +10,12 @@ due. So periodic work (a status line for systemd, a watchdog ping, an audit of
 the holders) is a timer, not a poll timeout plus a "has it been long enough"
 check in every daemon.
 
+A signal handler interrupts whatever code runs, so it must not do the work a
+signal asks for. :meth:`Loop.call_from_signal_handler` is what it may do: it
+queues a callback and writes a byte to a pipe the loop watches (Python retries
+an epoll a signal interrupted, so a flag alone would wait for the next event);
+the loop wakes and runs the callback among the turn's events.
+
 It exists instead of :mod:`selectors` because holderd must watch held sockets
 for hang-ups only, which is an epoll registration with an empty event mask
 (EPOLLHUP and EPOLLERR are always reported); selectors cannot express that.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import resource
 import select
 import signal
@@ -59,6 +66,10 @@ class Loop:
         self._order = itertools.count()
         self._after_events: list[Callable[[], None]] = []
         self.clock = clock
+        #: Callbacks a signal handler asked for, and the self-pipe that wakes the loop for them.
+        self._signalled: list[Callable[[], None]] = []
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.add(self._wake_read, IN, self._run_signalled)
 
     # -- descriptors -----------------------------------------------------------------
     def add(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
@@ -94,6 +105,24 @@ class Loop:
         """Call ``callback()`` at the end of every :meth:`run_once`, after the events and timers:
         the place for work that groups what they did (one commit for many changes)."""
         self._after_events.append(callback)
+
+    def call_from_signal_handler(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` in the loop's next turn, with its events. Safe in a signal
+        handler: it only appends to a list and writes a byte to the loop's self-pipe."""
+        self._signalled.append(callback)
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already: the loop wakes anyway
+
+    def _run_signalled(self, mask: int) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._signalled:
+            self._signalled.pop(0)()
 
     def _schedule(self, timer: Timer) -> Timer:
         heapq.heappush(self._timers, (timer.when, next(self._order), timer))
@@ -142,6 +171,8 @@ class Loop:
 
     def close(self) -> None:
         self._epoll.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
 
 
 class AcceptPause:
@@ -204,14 +235,18 @@ class AcceptPause:
             self._failing_since = None
 
 
-def stop_on_signals(logger: logging.Logger) -> None:
-    """SIGTERM and SIGINT end the daemon's loop by raising SystemExit.
+def stop_on_signals(logger: logging.Logger, unless: Callable[[signal.Signals], bool] | None = None) -> None:
+    """SIGTERM and SIGINT end the daemon's loop by raising SystemExit, unless ``unless(signal)``,
+    asked first, takes the signal (True) to be handled otherwise: it runs in the handler, so it
+    may only decide and ask the loop (:meth:`Loop.call_from_signal_handler`).
 
     Raising is needed: Python retries an epoll interrupted by a signal, so a flag
     set in a handler would not be seen until the next event.
     """
 
     def stop(signum, frame):
+        if unless is not None and unless(signal.Signals(signum)):
+            return
         logger.info("%s: stopping", signal.Signals(signum).name)
         raise SystemExit(0)
 

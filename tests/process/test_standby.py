@@ -214,3 +214,63 @@ def test_the_gap_of_a_handover_against_a_crash_in_one_run(procs):
     print(f"with {IDLE_CLIENTS + 2} clients, ms until the next message is relayed:",
           "; ".join(f"{way} {', '.join(f'{ms:.0f}' for ms in taken)}" for way, taken in gaps.items()))
     assert "died handling its command" not in procs.logs()
+
+
+def test_sigterm_of_the_serving_chatd_is_a_planned_handover_with_pairs_streaming(procs):
+    """What `systemctl restart chatd@N` sends the serving instance: SIGTERM, while the other stands
+    by, hands over at the end of the loop turn, exit 0, every message exactly once."""
+    procs.start_holderd()
+    turns = {"serving": start_lease_chatd(procs, standby=False, instance="1")}
+    turns["standby"] = start_lease_chatd(procs, standby=True, instance="2")
+    names = {turns["serving"].pid: "1", turns["standby"].pid: "2"}
+    took = []
+
+    def terminate_and_restart(rng):
+        serving, standby = turns["serving"], turns["standby"]
+        began = time.monotonic()
+        serving.send_signal(signal.SIGTERM)
+        wait_until(lambda: serving_pid(procs) == standby.pid, 15, "the standby to serve")
+        took.append((time.monotonic() - began) * 1000)
+        assert serving.wait(10) == 0
+        done = names.pop(serving.pid)  # what systemd's restart does: the same instance again
+        turns["serving"], turns["standby"] = standby, start_lease_chatd(procs, standby=True, instance=done)
+        names[turns["standby"].pid] = done
+
+    tally = soak.run(procs.port, pairs=10, crashes=6, crash=terminate_and_restart, interval=(0.1, 0.4))
+    print("SIGTERM handovers:", tally.row(), "; SIGTERM -> serving:", ", ".join(f"{ms:.0f} ms" for ms in took))
+    assert tally.crashes == 6 and tally.sent > 300
+    assert tally.problems() == 0, (tally.row(), tally.notes)
+    assert tally.received == tally.sent
+    logs = procs.logs()
+    assert logs.count("SIGTERM: a planned handover") == 6, logs
+    assert logs.count("handed over to the standby") == 6 and "died handling its command" not in logs, logs
+    assert "SIGTERM: stopping" not in logs and "ERROR" not in logs, logs
+
+
+def test_sigterm_with_no_standby_stops_and_holderd_keeps_the_clients_for_the_next_chatd(procs):
+    procs.start_holderd()
+    serving = start_lease_chatd(procs, standby=False, instance="1")
+    a, b = procs.pair()
+    a.send("MSG one")
+    assert b.line() == "FROM A 1 one"
+    # The standby's SIGTERM stops it at once, as before; the one serving goes on.
+    standby = start_lease_chatd(procs, standby=True, instance="2")
+    standby.send_signal(signal.SIGTERM)
+    assert standby.wait(10) == 0
+    assert "SIGTERM: stopping" in procs.logs()
+    a.send("MSG two")
+    assert b.line() == "FROM A 2 two"
+    # Nobody stands by: the serving chatd stops (after its turn), exit 0, the clients held.
+    serving.send_signal(signal.SIGTERM)
+    assert serving.wait(10) == 0
+    logs = procs.logs()
+    assert "no chatd stands by to take over" in logs and "stopping at the end of this turn" in logs, logs
+    assert "handed over" not in logs, logs
+    a.send("MSG while nobody serves")
+    restarted = start_lease_chatd(procs, standby=False, instance="1")
+    assert b.line() == "FROM A 3 while nobody serves"
+    b.send("MSG back")
+    assert a.line() == "FROM B 1 back"
+    assert control.call("status", procs.control_socket)["clients"] == 2
+    assert restarted.poll() is None
+    assert "died handling its command" not in procs.logs() and "ERROR" not in procs.logs(), procs.logs()

@@ -1,12 +1,16 @@
 """The event loop's timers and descriptors, with a clock the test moves."""
 
 import errno
+import logging
 import os
+import signal
 import socket
+import threading
+import time
 
 import pytest
 
-from fdkeep.loop import IN, Loop
+from fdkeep.loop import IN, Loop, stop_on_signals
 from fdkeep.peer import listen_unix
 
 
@@ -73,6 +77,41 @@ def test_descriptor_callbacks_get_their_mask():
     assert not loop.watching(r)
     os.close(r), os.close(w)
     loop.close()
+
+
+def test_a_signal_handler_wakes_the_loop_blocked_in_epoll_and_its_callback_runs_in_the_turn():
+    loop = Loop()
+    ran, timed_out = [], []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: loop.call_from_signal_handler(
+        lambda: ran.append(time.monotonic())))
+    try:
+        loop.call_later(10, lambda: timed_out.append(True))  # the wait's end if nothing woke the loop
+        sent_at = time.monotonic()
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        loop.run_once()
+        assert ran and not timed_out, "Python retried the epoll: the handler's request was not seen"
+        assert ran[0] - sent_at < 5
+        loop.run_once(0)
+        assert len(ran) == 1, "one request, one call"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        loop.close()
+
+
+def test_stop_on_signals_stops_unless_asked_to_leave_the_signal_to_the_loop():
+    taken = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop_on_signals(logging.getLogger("test"), unless=lambda signum: taken.append(signum) or
+                        signum is signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # taken: no SystemExit
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stopped.value.code == 0
+        assert taken == [signal.SIGTERM, signal.SIGINT]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_listen_unix_replaces_a_dead_process_socket_but_never_a_live_one(tmp_path):
