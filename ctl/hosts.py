@@ -107,12 +107,14 @@ class Hosts:
         return ("--cluster", ",".join(self.nats.urls), "--host-id", f"h{index}", "--host-lease", f"{self.lease:g}",
                 *self.chatd_args)
 
-    def start(self, *extra: str) -> "Hosts":
-        """The NATS cluster, then each host's holderd and chatd (``extra``: more chatd options)."""
+    def start(self, *extra: str, env: dict | None = None) -> "Hosts":
+        """The NATS cluster, then each host's holderd and chatd (``extra``: more chatd options;
+        ``env``: added to their environment, e.g. PYTHONPATH of another release's tree; a chatd
+        restarted later runs this checkout, as an upgraded host does)."""
         self.nats.start()
         for index, host in enumerate(self.hosts):
-            host.start_holderd()
-            host.start_chatd(*self.host_args(index), *extra)
+            host.start_holderd(env=env)
+            host.start_chatd(*self.host_args(index), *extra, env=env)
         return self
 
     def restart_chatd(self, index: int, *extra: str, wait: bool = False) -> None:

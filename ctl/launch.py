@@ -109,8 +109,9 @@ class Launcher:
         """The log file of ``proc``, one of the processes started here."""
         return self._log_paths[proc]
 
-    def start_holderd(self, *extra: str, wait: bool = True, fd_limit: int | None = None) -> subprocess.Popen:
-        self.holderd = self.spawn("holderd", "holderd.daemon", "--socket", self.holder_socket, *extra,
+    def start_holderd(self, *extra: str, wait: bool = True, env: dict | None = None,
+                      fd_limit: int | None = None) -> subprocess.Popen:
+        self.holderd = self.spawn("holderd", "holderd.daemon", "--socket", self.holder_socket, *extra, env=env,
                                   fd_limit=fd_limit)
         if wait:
             wait_for_answer(self.holderd, self.ping_holderd, 10, "holderd")

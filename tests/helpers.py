@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: A release's heading in CHANGELOG.md: ``## 0.1.0 (commit 0f01ab1)``, ``## 0.2.0 (this commit)``.
+RELEASE = re.compile(r"^## (\d+\.\d+\.\d+) \((this commit|commit ([0-9a-f]{7,40}))\)$", re.M)
 
 
 def is_open(fd: int) -> bool:
@@ -136,6 +143,25 @@ def require_nats() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}; CI=true, so the cluster tests must not be skipped")
         pytest.skip(reason)
+
+
+def previous_release(into: Path) -> tuple[str, Path]:
+    """(version, tree) of the release CHANGELOG.md names before this one, out of git history
+    (its chatd, fdkeep and holderd, extracted into ``into``: run it with PYTHONPATH=tree).
+    Fails, never skips, where the history lacks it: the upgrade tests must run in CI."""
+    import pytest
+
+    releases = list(RELEASE.finditer((ROOT / "CHANGELOG.md").read_text()))
+    assert len(releases) >= 2, "CHANGELOG.md names no release before this one"
+    version, commit = releases[1].group(1), releases[1].group(3)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "chatd", "fdkeep", "holderd"],
+                             capture_output=True, timeout=60)
+    if archive.returncode != 0:
+        pytest.fail(f"the previous release ({version}, commit {commit}) is not in this checkout's git history: "
+                    f"{archive.stderr.decode(errors='replace').strip()} (a shallow clone? fetch its history)")
+    into.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True, timeout=60)
+    return version, into
 
 
 def line_client(port: int, nick: str | None = None, pair: str | None = None, timeout: float = 5.0):

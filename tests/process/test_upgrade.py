@@ -1,4 +1,5 @@
-"""An upgrade in place from the previous release, with pairs streaming: nothing lost, nothing doubled.
+"""An upgrade in place from the previous release, and a downgrade back to it, with pairs streaming:
+nothing lost, nothing doubled.
 
 The previous release is the one CHANGELOG.md names before this one, taken out of git history at
 its commit and run as it was (its own chatd and holderd, on this Python). Its chatd serves with
@@ -10,15 +11,18 @@ new one is killed a moment after it is granted the lease, in the middle of its t
 second takes over. Then the new release hands over between its own instances (the planned
 handover). Every message exactly once, in order, ``n`` contiguous, every pair kept, no
 connection dropped.
+
+The downgrade is the same the other way: this release serves, the previous release's chatd
+stands by, this release's chatd is stopped (SIGTERM: ``chatctl handover`` finds no standby, since
+0.1.0 answers at ``<control>.standby``, not at an instance socket, and refuses with this release
+serving on), and the previous release serves on from the journal this release wrote.
+(Across hosts, the rolling upgrade of a cluster is in test_cluster.py.)
 """
 
 from __future__ import annotations
 
-import re
 import signal
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -26,25 +30,8 @@ from chatd.control import instance_socket
 from ctl import control
 from ctl.launch import wait_for_answer, wait_until
 from fdkeep.errors import Error
+from helpers import previous_release
 from testkit import soak
-
-ROOT = Path(__file__).resolve().parents[2]
-RELEASE = re.compile(r"^## (\d+\.\d+\.\d+) \((this commit|commit ([0-9a-f]{7,40}))\)$", re.M)
-
-
-def previous_release(into: Path) -> tuple[str, Path]:
-    """(version, tree) of the release CHANGELOG.md names before this one, out of git history."""
-    releases = list(RELEASE.finditer((ROOT / "CHANGELOG.md").read_text()))
-    assert len(releases) >= 2, "CHANGELOG.md names no release before this one"
-    version, commit = releases[1].group(1), releases[1].group(3)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "chatd", "fdkeep", "holderd"],
-                             capture_output=True, timeout=60)
-    if archive.returncode != 0:
-        pytest.fail(f"the previous release ({version}, commit {commit}) is not in this checkout's git history: "
-                    f"{archive.stderr.decode(errors='replace').strip()} (a shallow clone? fetch its history)")
-    into.mkdir()
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True, timeout=60)
-    return version, into
 
 
 def serving_pid(procs) -> int | None:
@@ -112,3 +99,48 @@ def test_an_upgrade_from_the_previous_release_with_pairs_streaming_loses_nothing
     assert "handed over to the standby" in logs
     status = control.call("status", procs.control_socket)
     assert status["pid"] == running["serving"][0].pid and status["role"] == "serving"
+
+
+def test_a_downgrade_to_the_previous_release_with_pairs_streaming_loses_nothing(procs, tmp_path):
+    """This release serves (its own holderd, which stays: the lease and what it keeps are
+    holderd's); the previous release's chatd stands by; this release's chatd is stopped and the
+    previous one takes over from the journal this release wrote."""
+    version, old_tree = previous_release(tmp_path / "previous")
+    procs.start_holderd()
+    current = procs.spawn("chatd", "chatd", "--port", "0", "--http-port", "0", "--control", procs.control_socket,
+                          "--holder", procs.holder_socket, "--lease", "--instance", "1")
+    wait_until(lambda: serving_pid(procs) == current.pid, 15, "this release's chatd to serve")
+    status = control.call("status", procs.control_socket)
+    procs.port, procs.http_port = status["port"], status["http_port"]
+
+    def downgrade(rng):
+        # 0.1.0's standby answers at <control>.standby (it has no --instance), and at <control> once it serves.
+        previous = procs.spawn("chatd", "chatd", "--port", str(procs.port), "--http-port", str(procs.http_port),
+                               "--control", procs.control_socket, "--holder", procs.holder_socket, "--lease",
+                               env={"PYTHONPATH": str(old_tree)})
+        standby = wait_for_answer(previous, lambda: control.call("status", procs.control_socket + ".standby"), 15,
+                                  f"chatd {version}")
+        assert standby["role"] == "standby", standby
+        # The planned handover looks for a standby at an instance socket (control@N.sock), which
+        # 0.1.0 does not answer at: refused before anything is touched, this release serving on.
+        with pytest.raises(Error) as refused:
+            control.call("handover", procs.control_socket)
+        assert refused.value.code == "no-standby", refused.value
+        assert serving_pid(procs) == current.pid
+        current.send_signal(signal.SIGTERM)
+        assert current.wait(15) == 0, "this release's chatd stops cleanly on SIGTERM"
+        wait_until(lambda: serving_pid(procs) == previous.pid, 20, f"chatd {version} to serve")
+        running["serving"] = previous
+
+    running = {"serving": current}
+    tally = soak.run(procs.port, pairs=10, crashes=1, crash=downgrade, interval=(2.0, 4.0))
+    print(f"downgrade to {version}:", tally.row())
+    assert tally.crashes == 1 and tally.sent > 200
+    assert tally.problems() == 0, (tally.row(), tally.notes)
+    assert tally.received == tally.sent
+    with open(procs.log_path(running["serving"]), errors="replace") as log:
+        previous_log = log.read()
+    assert "granted the lease: taking over" in previous_log and "restored 20 clients and 10 pairs" in previous_log
+    assert "held journal unusable" not in procs.logs()
+    status = control.call("status", procs.control_socket)
+    assert status["pid"] == running["serving"].pid and status["role"] == "serving"
