@@ -145,16 +145,17 @@ def require_nats() -> None:
         pytest.skip(reason)
 
 
-def previous_release(into: Path) -> tuple[str, Path]:
+def previous_release(into: Path, parts: tuple[str, ...] = ("chatd", "fdkeep", "holderd")) -> tuple[str, Path]:
     """(version, tree) of the release CHANGELOG.md names before this one, out of git history
-    (its chatd, fdkeep and holderd, extracted into ``into``: run it with PYTHONPATH=tree).
+    (its ``parts``, extracted into ``into``: run chatd, fdkeep and holderd with PYTHONPATH=tree;
+    ``parts=()`` extracts its whole tree, to install it as it was, scripts and units included).
     Fails, never skips, where the history lacks it: the upgrade tests must run in CI."""
     import pytest
 
     releases = list(RELEASE.finditer((ROOT / "CHANGELOG.md").read_text()))
     assert len(releases) >= 2, "CHANGELOG.md names no release before this one"
     version, commit = releases[1].group(1), releases[1].group(3)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "chatd", "fdkeep", "holderd"],
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, *parts],
                              capture_output=True, timeout=60)
     if archive.returncode != 0:
         pytest.fail(f"the previous release ({version}, commit {commit}) is not in this checkout's git history: "

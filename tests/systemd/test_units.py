@@ -27,7 +27,7 @@ from ctl.launch import wait_until
 from testkit import soak
 from ctl.probe import LineClient
 from harness import BootedSystemd, CommandFailed, machine_can_boot_containers
-from helpers import free_port, offline_wheels
+from helpers import free_port, offline_wheels, previous_release
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "/opt/process-backup"
@@ -157,8 +157,8 @@ def crash_chatd(machine) -> float:
     return takeover_gap_ms(machine, since)
 
 
-def takeover_gap_ms(machine, since: str) -> float:
-    """From the journal: the dead process's exit to the next one's restore.
+def takeover_gap_ms(machine, since: str, end: str = "Main process exited") -> float:
+    """From the journal: the dead process's exit (its first line with ``end``) to the next one's restore.
 
     Each entry is placed at the time it was made where the journal knows it (systemd's own
     lines carry it), else when the journal received it (chatd's stdout): a standby may log its
@@ -173,7 +173,7 @@ def takeover_gap_ms(machine, since: str) -> float:
         stamp = int(entry.get("_SOURCE_REALTIME_TIMESTAMP") or entry["__REALTIME_TIMESTAMP"]) / 1000
         entries.append((stamp, message))
     entries.sort()
-    died = next((stamp for stamp, message in entries if "Main process exited" in message), None)
+    died = next((stamp for stamp, message in entries if end in message), None)
     restored = next((stamp for stamp, message in entries
                      if died is not None and stamp >= died and "restored" in message), None)
     assert died is not None and restored is not None, out
@@ -610,3 +610,110 @@ def test_a_cluster_host_under_systemd_pairs_with_another_host_through_its_crashe
         assert status["host"] == "box" and "out" in status["hosts_alive"], status
         ann.close()
         bob.close()
+
+
+@pytest.fixture
+def previous_machine(wheels, tmp_path):
+    """A container of its own, installed and started with the previous release (CHANGELOG's, out
+    of git history, its whole tree: its own scripts/provision, units and pyproject), as the
+    machine an operator upgrades. Fails, never skips, where the history lacks it."""
+    version, tree = previous_release(tmp_path / "previous", parts=())
+    tree.chmod(0o755)
+    port, http_port = free_port(), free_port()
+    with BootedSystemd(binds=[str(REPO), str(tree), str(wheels)], boot_timeout=90) as container:
+        container.port, container.http_port, container.version = port, http_port, version
+        result = container.run(
+            "bash", str(tree / "scripts" / "provision"), "--source", str(tree), "--wheels", str(wheels),
+            "--no-selftest", "--chatd-options", f"--port {port} --http-port {http_port}", check=False, timeout=600,
+        )
+        if result.returncode != 0:
+            journal = container.run("journalctl", "--no-pager", "-n", "200", check=False).stdout
+            pytest.fail(f"provisioning {version} failed:\n{result.stdout}\n{result.stderr}\n--- journal ---\n{journal}")
+        for unit in CHATD_UNITS:
+            wait_until(lambda: container.show(unit, "ActiveState") == "active", 30, f"{version}'s {unit} to start")
+        yield container
+
+
+def test_the_readme_upgrade_from_the_previous_release_loses_nothing(previous_machine, wheels):
+    """README, Upgrading, from a release without `chatctl upgrade`, under the real systemd: on a
+    machine provisioned with the previous release, while pairs stream and ann and bob chat, this
+    release is installed (scripts/provision --no-selftest), the standby instance restarted, then
+    the serving one, then holderd, then `chatctl upgrade` on the new release: every message once,
+    n counting on, every unit running the new code, none failed, holderd holding everything."""
+    machine = previous_machine
+    before = {unit: main_pid(machine, unit) for unit in (*CHATD_UNITS, "holderd")}
+    since = now(machine)
+    clients = pair(machine, "ann", "bob")
+    chat(clients, ("ann", "bob"), 1)
+    n = 1
+
+    def install_then_restart_the_standby():
+        machine.run("bash", str(REPO / "scripts" / "provision"), "--source", str(REPO), "--wheels", str(wheels),
+                    "--no-selftest", timeout=600)
+        # Installing changes nothing that runs: the previous release still serves.
+        unit, pid = serving(machine)
+        assert main_pid(machine, other(unit)) == before[other(unit)], "installing restarted a chatd"
+        machine.systemctl("restart", other(unit))
+        wait_active(machine, other(unit), before[other(unit)])
+
+    def restart_the_serving_one():
+        unit, pid = serving(machine)
+        assert pid == before[unit], "the previous release's chatd should still serve"
+        step_since = now(machine)
+        machine.systemctl("restart", unit)
+        wait_until(lambda: serving_other_than(machine, pid), 30, "the new release's standby to serve")
+        wait_active(machine, unit, pid)
+        # The previous release has no handover: its SIGTERM stops it, and the standby takes over.
+        gaps.append(takeover_gap_ms(machine, step_since, end="SIGTERM: stopping"))
+
+    def restart_holderd():
+        machine.systemctl("restart", "holderd")
+        wait_active(machine, "holderd", before["holderd"])
+        wait_until(lambda: all(row["held"] for row in chatctl(machine, "clients")), 20,
+                   "holderd to hold every client again")
+
+    def upgrade():
+        report = chatctl(machine, "upgrade")
+        assert report["ok"] and len(report["steps"]) == 3, report
+        gaps.append(report["handover_milliseconds"])
+
+    gaps = []  # ms: the previous release's SIGTERM to the restore; the new release's handover
+    steps = [install_then_restart_the_standby, restart_the_serving_one, restart_holderd, upgrade]
+    done = []
+
+    def step(rng):
+        nonlocal n
+        steps[len(done)]()
+        done.append(steps[len(done)].__name__)
+        n += 1
+        chat(clients, ("ann", "bob"), n)
+
+    try:
+        tally = soak.run(machine.port, pairs=5, crashes=len(steps), crash=step, interval=(0.5, 1.0))
+        print(f"upgrade from {machine.version} under systemd:", tally.row(),
+              f"; {machine.version}'s SIGTERM -> restored, then chatctl upgrade's handover: {gaps} ms")
+        assert done == [s.__name__ for s in steps]
+        assert tally.problems() == 0, (tally.row(), tally.notes)
+        assert tally.received == tally.sent > 100
+        chat(clients, ("ann", "bob"), n + 1)
+        # holderd, restarted on the new release, holds what chatd holds: ann and bob included.
+        status = chatctl(machine, "status")["chatd"]
+        rows = chatctl(machine, "clients")
+        assert status["clients"] == len(rows) >= 2 and all(row["held"] for row in rows), rows
+        assert status["held"]["holderd"] == status["held"]["systemd"], status
+    finally:
+        for client in clients:
+            client.close()
+    for unit in (*CHATD_UNITS, "holderd"):
+        assert main_pid(machine, unit) not in (0, before[unit]), f"{unit} still runs {machine.version}"
+    states = {unit: machine.show(unit, "ActiveState") for unit in ("chatd", *CHATD_UNITS, "holderd")}
+    assert set(states.values()) == {"active"}, states
+    failed = machine.systemctl("list-units", "--failed", "--plain", "--no-legend", "chatd*", "holderd*").stdout
+    assert failed.strip() == "", failed
+    report = chatctl(machine, "status")
+    roles = sorted(row["role"] for row in report["instances"])
+    assert roles == ["serving", "standby"], report  # instance sockets: the new release's chatd, both
+    journal = chatd_journal(machine, since)
+    assert "handed over to the standby" in journal and "died handling its command" not in journal, journal
+    assert " ERROR " not in journal and "nothing to restore" not in journal, journal
+    assert "took back" in machine.journal("holderd", since), machine.journal("holderd", since)
