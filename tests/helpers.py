@@ -177,3 +177,16 @@ def line_client(port: int, nick: str | None = None, pair: str | None = None, tim
         client.send(f"PAIR {pair}")
         assert client.line() == f"OK PAIR {pair}"
     return client
+
+
+def serving_pid(procs) -> int | None:
+    """The pid of the chatd answering at ``procs``' well-known control socket as the one serving
+    (any release: 0.1.0's status has a role too); None if none answers so."""
+    from ctl import control
+    from fdkeep.errors import Error
+
+    try:
+        status = control.call("status", procs.control_socket, timeout=2)
+    except Error:
+        return None
+    return status["pid"] if status.get("role") == "serving" else None

@@ -12,7 +12,7 @@ import time
 from chatd.control import instance_socket
 from ctl import control
 from ctl.launch import wait_for_answer, wait_until
-from fdkeep.errors import Error
+from helpers import serving_pid
 from testkit import soak
 
 
@@ -36,28 +36,42 @@ def start_lease_chatd(procs, standby: bool, instance: str):
     return proc
 
 
+class TakingTurns:
+    """Two chatd --lease taking turns as systemd runs chatd@1 and chatd@2: once the serving one
+    has stopped (killed, handed over), :meth:`swap` starts the same instance again, which stands
+    by, and the one that was standing by is the one serving."""
+
+    def __init__(self, procs, serving=None):
+        self.procs = procs
+        self.serving = serving or start_lease_chatd(procs, standby=False, instance="1")
+        self.standby = start_lease_chatd(procs, standby=True, instance="2")
+        self._names = {self.serving.pid: "1", self.standby.pid: "2"}
+
+    def swap(self) -> None:
+        # The same instance again, whose socket file the one stopped left.
+        done = self._names.pop(self.serving.pid)
+        self.serving, self.standby = self.standby, start_lease_chatd(self.procs, standby=True, instance=done)
+        self._names[self.standby.pid] = done
+
+
 def test_the_standby_serves_the_moment_the_server_dies_and_the_roles_swap(procs):
     procs.start_holderd()
     serving = start_lease_chatd(procs, standby=False, instance="1")
     a, b = procs.pair()
     a.send("MSG one")
     assert b.line() == "FROM A 1 one"
-    standby = start_lease_chatd(procs, standby=True, instance="2")
-    names = {serving.pid: "1", standby.pid: "2"}
+    turns = TakingTurns(procs, serving)
     gaps = []
     for round_number in range(3):
         killed_at = time.monotonic()
-        serving.send_signal(signal.SIGKILL)
+        turns.serving.send_signal(signal.SIGKILL)
         a.send(f"MSG round {round_number}")
         assert b.line() == f"FROM A {round_number + 2} round {round_number}"
         gaps.append((time.monotonic() - killed_at) * 1000)
-        assert serving.wait(10) == -signal.SIGKILL
+        assert turns.serving.wait(10) == -signal.SIGKILL
         status = control.call("status", procs.control_socket)
-        assert status["pid"] == standby.pid and status["role"] == "serving" and status["clients"] == 2
-        # What systemd's restart does: the same instance again, whose socket file the killed one left.
-        killed = names.pop(serving.pid)
-        serving, standby = standby, start_lease_chatd(procs, standby=True, instance=killed)
-        names[standby.pid] = killed
+        assert status["pid"] == turns.standby.pid and status["role"] == "serving" and status["clients"] == 2
+        turns.swap()  # what systemd's restart does
     print("kill -> relayed with the standby:", ", ".join(f"{gap:.0f} ms" for gap in gaps))
     assert "granted the lease: taking over" in procs.logs()
 
@@ -96,14 +110,6 @@ def chatctl(procs, *argv: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60, env=procs.env)
 
 
-def serving_pid(procs) -> int | None:
-    try:
-        status = control.call("status", procs.control_socket, timeout=2)
-    except Error:
-        return None
-    return status["pid"] if status["role"] == "serving" else None
-
-
 def test_a_handover_passes_every_client_to_the_standby_and_exits_0(procs):
     procs.start_holderd()
     serving = start_lease_chatd(procs, standby=False, instance="1")
@@ -114,26 +120,21 @@ def test_a_handover_passes_every_client_to_the_standby_and_exits_0(procs):
     assert refused.returncode == 1 and "no chatd stands by" in refused.stderr, refused
     a.send("MSG still served")
     assert b.line() == "FROM A 2 still served"
-    names = {serving.pid: "1"}
-    standby = start_lease_chatd(procs, standby=True, instance="2")
-    names[standby.pid] = "2"
+    turns = TakingTurns(procs, serving)
     for round_number in range(3):
         if round_number == 0:  # as an operator does it
             done = chatctl(procs, "handover")
-            assert done.returncode == 0 and f"(pid {standby.pid}), which serves after" in done.stdout, done
-            assert serving.wait(10) == 0
+            assert done.returncode == 0 and f"(pid {turns.standby.pid}), which serves after" in done.stdout, done
+            assert turns.serving.wait(10) == 0
         else:
-            hand_over(procs, serving, standby)
+            hand_over(procs, turns.serving, turns.standby)
         a.send(f"MSG round {round_number}")
         assert b.line() == f"FROM A {round_number + 3} round {round_number}"
         b.send(f"MSG back {round_number}")
         assert a.line() == f"FROM B {round_number + 1} back {round_number}"
         status = control.call("status", procs.control_socket)
         assert status["clients"] == 2 and status["pairs"] == 1
-        # What `chatctl upgrade` does under systemd: the instance that handed over starts again.
-        done = names.pop(serving.pid)
-        serving, standby = standby, start_lease_chatd(procs, standby=True, instance=done)
-        names[standby.pid] = done
+        turns.swap()  # what `chatctl upgrade` does under systemd: the instance that handed over starts again
     logs = procs.logs()
     assert "handed over to the standby" in logs and "died handling its command" not in logs, logs
     assert "ERROR" not in logs, logs
@@ -143,17 +144,12 @@ def test_pairs_streaming_through_handovers_lose_nothing(procs):
     """Every message exactly once, n counting on, every pair kept, no connection dropped,
     while the serving chatd hands over again and again, as ``chatctl upgrade`` makes it."""
     procs.start_holderd()
-    turns = {"serving": start_lease_chatd(procs, standby=False, instance="1")}
-    turns["standby"] = start_lease_chatd(procs, standby=True, instance="2")
-    names = {turns["serving"].pid: "1", turns["standby"].pid: "2"}
+    turns = TakingTurns(procs)
     took = []
 
     def hand_over_and_restart(rng):
-        serving, standby = turns["serving"], turns["standby"]
-        took.append(hand_over(procs, serving, standby))
-        done = names.pop(serving.pid)
-        turns["serving"], turns["standby"] = standby, start_lease_chatd(procs, standby=True, instance=done)
-        names[turns["standby"].pid] = done
+        took.append(hand_over(procs, turns.serving, turns.standby))
+        turns.swap()
 
     tally = soak.run(procs.port, pairs=10, crashes=8, crash=hand_over_and_restart, interval=(0.1, 0.4))
     print("handovers:", tally.row(), "; request -> serving:", ", ".join(f"{ms:.0f} ms" for ms in took))
@@ -169,9 +165,7 @@ def test_the_gap_of_a_handover_against_a_crash_in_one_run(procs):
     """The gap a pair sees, from the kill or the handover request to A's next message relayed
     to B, with a few hundred idle clients to restore besides; printed for the README."""
     procs.start_holderd()
-    turns = {"serving": start_lease_chatd(procs, standby=False, instance="1")}
-    turns["standby"] = start_lease_chatd(procs, standby=True, instance="2")
-    names = {turns["serving"].pid: "1", turns["standby"].pid: "2"}
+    turns = TakingTurns(procs)
     a, b = procs.pair()
     idle = [socket.create_connection(("127.0.0.1", procs.port)) for _ in range(IDLE_CLIENTS)]
     try:
@@ -181,7 +175,7 @@ def test_the_gap_of_a_handover_against_a_crash_in_one_run(procs):
         sent = 0
         for round_number in range(6):
             way = "kill" if round_number % 2 == 0 else "handover"
-            serving, standby = turns["serving"], turns["standby"]
+            serving, standby = turns.serving, turns.standby
             began = time.monotonic()
             if way == "kill":
                 serving.send_signal(signal.SIGKILL)
@@ -194,15 +188,13 @@ def test_the_gap_of_a_handover_against_a_crash_in_one_run(procs):
             assert serving.wait(10) == (-signal.SIGKILL if way == "kill" else 0)
             wait_until(lambda: serving_pid(procs) == standby.pid, 15, "the standby to serve")
             assert control.call("status", procs.control_socket)["clients"] == IDLE_CLIENTS + 2
-            done = names.pop(serving.pid)
-            turns["serving"], turns["standby"] = standby, start_lease_chatd(procs, standby=True, instance=done)
-            names[turns["standby"].pid] = done
+            turns.swap()
         # And without a standby, as an upgrade by restarting would be: stop, start, restore.
-        turns["standby"].send_signal(signal.SIGTERM)
-        assert turns["standby"].wait(10) == 0
+        turns.standby.send_signal(signal.SIGTERM)
+        assert turns.standby.wait(10) == 0
         began = time.monotonic()
-        turns["serving"].send_signal(signal.SIGTERM)
-        assert turns["serving"].wait(10) == 0
+        turns.serving.send_signal(signal.SIGTERM)
+        assert turns.serving.wait(10) == 0
         procs.spawn("chatd", "chatd", "--port", str(procs.port), "--http-port", str(procs.http_port),
                     "--control", procs.control_socket, "--holder", procs.holder_socket, "--lease", "--instance", "1")
         a.send("MSG after a restart")
@@ -220,21 +212,17 @@ def test_sigterm_of_the_serving_chatd_is_a_planned_handover_with_pairs_streaming
     """What `systemctl restart chatd@N` sends the serving instance: SIGTERM, while the other stands
     by, hands over at the end of the loop turn, exit 0, every message exactly once."""
     procs.start_holderd()
-    turns = {"serving": start_lease_chatd(procs, standby=False, instance="1")}
-    turns["standby"] = start_lease_chatd(procs, standby=True, instance="2")
-    names = {turns["serving"].pid: "1", turns["standby"].pid: "2"}
+    turns = TakingTurns(procs)
     took = []
 
     def terminate_and_restart(rng):
-        serving, standby = turns["serving"], turns["standby"]
+        serving, standby = turns.serving, turns.standby
         began = time.monotonic()
         serving.send_signal(signal.SIGTERM)
         wait_until(lambda: serving_pid(procs) == standby.pid, 15, "the standby to serve")
         took.append((time.monotonic() - began) * 1000)
         assert serving.wait(10) == 0
-        done = names.pop(serving.pid)  # what systemd's restart does: the same instance again
-        turns["serving"], turns["standby"] = standby, start_lease_chatd(procs, standby=True, instance=done)
-        names[turns["standby"].pid] = done
+        turns.swap()  # what systemd's restart does: the same instance again
 
     tally = soak.run(procs.port, pairs=10, crashes=6, crash=terminate_and_restart, interval=(0.1, 0.4))
     print("SIGTERM handovers:", tally.row(), "; SIGTERM -> serving:", ", ".join(f"{ms:.0f} ms" for ms in took))

@@ -30,16 +30,8 @@ from chatd.control import instance_socket
 from ctl import control
 from ctl.launch import wait_for_answer, wait_until
 from fdkeep.errors import Error
-from helpers import previous_release
+from helpers import previous_release, serving_pid
 from testkit import soak
-
-
-def serving_pid(procs) -> int | None:
-    try:
-        status = control.call("status", procs.control_socket, timeout=2)
-    except Error:
-        return None
-    return status["pid"] if status.get("role") == "serving" else None
 
 
 def test_an_upgrade_from_the_previous_release_with_pairs_streaming_loses_nothing(procs, tmp_path):
