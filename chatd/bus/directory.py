@@ -41,6 +41,9 @@ class EngineSide(Protocol):
     def say(self, code: str, message: str, fatal: bool = False) -> None: ...
     async def follow(self, subject: str, stream: str, callback: Callable[..., Awaitable[None]], config) -> None: ...
 
+#: How often (s) a watch still reading a bucket's first values looks whether it has them all.
+CATCH_UP_LOOK = 1.0
+
 #: JetStream's error code for "wrong last sequence" (a compare-and-set that lost).
 WRONG_LAST_SEQUENCE = (10071, 10164)
 
@@ -223,20 +226,41 @@ class Directory:
     # -- watching a bucket -------------------------------------------------------------
     async def _watch(self, which: str, bucket: str, prefix: str, callback, headers_only: bool) -> None:
         """Every key's last value, then every change: an ordered consumer on the bucket's stream.
+
         The first values are all in when one comes with nothing pending after it, or at once
-        if the bucket held nothing when the watch began."""
+        if the bucket held nothing when the watch began, or when a look at the stream finds
+        that every message it holds has been handled here. The last is the one that always
+        ends: while a new stream elects its leader, the consumer may be remade (nats-py starts
+        it again after the last message it received) and the delivery that says "nothing
+        pending" can be one that never comes."""
+        handled = 0  # the stream sequence of the last message handed to callback
 
         async def deliver(msg) -> None:
+            nonlocal handled
             await callback(msg)
+            handled = max(handled, msg.metadata.sequence.stream)
             if which in self._catching_up and msg.metadata.num_pending == 0:
                 self._caught_up(which)
 
         config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
                                        headers_only=headers_only)
-        empty = (await self.engine.js.stream_info(f"KV_{bucket}")).state.messages == 0
-        await self.engine.follow(f"{prefix}>", f"KV_{bucket}", deliver, config)
+        stream = f"KV_{bucket}"
+        empty = (await self.engine.js.stream_info(stream)).state.messages == 0
+        await self.engine.follow(f"{prefix}>", stream, deliver, config)
         if empty:
             self._caught_up(which)
+        while which in self._catching_up:
+            await asyncio.sleep(CATCH_UP_LOOK)
+            try:
+                state = (await self.engine.js.stream_info(stream)).state
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                continue  # no leader yet, or NATS away: look again
+            # Deliveries are in stream order, and the stream's last message is always its key's
+            # last value: once it is handled, so is every first value.
+            if state.messages == 0 or handled >= state.last_seq:
+                self._caught_up(which)
 
     def _caught_up(self, which: str) -> None:
         if which in self._catching_up:

@@ -1,0 +1,80 @@
+"""The directory's watch knows when it has a bucket's first values, even if the delivery that
+says "nothing pending" never comes (a consumer remade while a new stream elects its leader)."""
+
+import asyncio
+from types import SimpleNamespace
+
+from chatd.bus import directory as directory_module
+from chatd.bus.directory import Directory
+from chatd.bus.results import DirectoryComplete
+
+
+class FakeEngine:
+    def __init__(self, stream_state, deliveries):
+        self.settings = SimpleNamespace(nick_bucket="nicks", host_bucket="hosts", host_id="h0")
+        self.gauges = SimpleNamespace()
+        self.ready = asyncio.Event()
+        self.put_results = []
+        self._state = stream_state
+        self._deliveries = deliveries
+
+        async def stream_info(name):
+            return SimpleNamespace(state=SimpleNamespace(**self._state[name]))
+
+        self.js = SimpleNamespace(stream_info=stream_info)
+
+    def spawn(self, coroutine):
+        return asyncio.get_running_loop().create_task(coroutine)
+
+    def put(self, result):
+        self.put_results.append(result)
+
+    def say(self, code, message, fatal=False):
+        pass
+
+    async def follow(self, subject, stream, callback, config):
+        for seq, pending in self._deliveries.get(stream, ()):
+            await callback(message(subject[:-1] + f"k{seq}", seq, pending))
+
+
+def message(subject, seq, pending):
+    return SimpleNamespace(subject=subject, headers=None, data=b"{}",
+                           metadata=SimpleNamespace(sequence=SimpleNamespace(stream=seq), num_pending=pending))
+
+
+def complete(engine, timeout=5.0):
+    async def run():
+        directory = Directory(engine)
+        tasks = [asyncio.create_task(directory.watch_nicks()), asyncio.create_task(directory.watch_hosts())]
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout)
+        except asyncio.TimeoutError:
+            pass
+        for task in tasks:
+            task.cancel()
+        return any(isinstance(result, DirectoryComplete) for result in engine.put_results)
+
+    return asyncio.run(run())
+
+
+def test_complete_from_the_delivery_with_nothing_pending(monkeypatch):
+    monkeypatch.setattr(directory_module, "CATCH_UP_LOOK", 60.0)  # the look must not be what ends it
+    engine = FakeEngine({"KV_nicks": {"messages": 2, "last_seq": 7}, "KV_hosts": {"messages": 0, "last_seq": 3}},
+                        {"KV_nicks": [(4, 1), (7, 0)]})
+    assert complete(engine, timeout=1.0)
+
+
+def test_complete_when_the_last_delivery_said_something_was_pending(monkeypatch):
+    """The consumer was remade: the message with nothing pending after it was never delivered,
+    but the stream's last message was handled."""
+    monkeypatch.setattr(directory_module, "CATCH_UP_LOOK", 0.05)
+    engine = FakeEngine({"KV_nicks": {"messages": 2, "last_seq": 7}, "KV_hosts": {"messages": 1, "last_seq": 2}},
+                        {"KV_nicks": [(4, 1), (7, 1)], "KV_hosts": [(2, 3)]})
+    assert complete(engine)
+
+
+def test_not_complete_while_the_streams_last_message_is_unread(monkeypatch):
+    monkeypatch.setattr(directory_module, "CATCH_UP_LOOK", 0.05)
+    engine = FakeEngine({"KV_nicks": {"messages": 2, "last_seq": 9}, "KV_hosts": {"messages": 0, "last_seq": 0}},
+                        {"KV_nicks": [(4, 1), (7, 1)]})
+    assert not complete(engine, timeout=0.5)
