@@ -174,6 +174,7 @@ class ControlServer:
             raise Error("not-serving", "chatd waits for `chatctl restore` first")
 
     def _op_clients(self, peer):
+        self.server.adoption.adopt_all("chatctl clients lists every client's connection")
         return {"ok": True, "clients": reports.clients(self.server)}
 
     def _op_backup(self, peer):

@@ -56,6 +56,7 @@ from .server import Role
 
 if TYPE_CHECKING:
     from .journal import Journal
+    from .prepared import Prepared
     from .server import ChatServer
 
 log = logging.getLogger("chatd")
@@ -127,19 +128,21 @@ class Lifecycle:
         self.announce_ready()
 
     # -- serving ----------------------------------------------------------------------
-    def serve(self, fresh_allowed: bool = True, may_take_over: Callable[["Journal"], bool] | None = None) -> None:
-        """Begin serving: restore what the holders keep, else (if allowed) start afresh; then
-        READY. Raises (and logs) Error if it cannot; the role then stays as it was."""
+    def serve(self, fresh_allowed: bool = True, may_take_over: Callable[["Journal"], bool] | None = None,
+              prepared: "Prepared | None" = None) -> None:
+        """Begin serving: restore what the holders keep (with what a standby ``prepared``), else
+        (if allowed) start afresh; then READY. Raises (and logs) Error if it cannot; the role then
+        stays as it was."""
         try:
-            self._serve(fresh_allowed, may_take_over)
+            self._serve(fresh_allowed, may_take_over, prepared)
         except Error as exc:
             log.error("%s", exc.message)
             raise
 
-    def _serve(self, fresh_allowed: bool, may_take_over) -> None:
+    def _serve(self, fresh_allowed: bool, may_take_over, prepared) -> None:
         where = self.where
         try:
-            if restore(self.server, may_take_over) is None:
+            if restore(self.server, may_take_over, prepared) is None:
                 if where.restore_only or not fresh_allowed:
                     raise Error("nothing-held", "the holders keep no listening socket for chatd: nothing to "
                                                 "restore (start chatd without --restore to begin afresh)")
@@ -151,6 +154,8 @@ class Lifecycle:
             raise Error("cannot-listen", f"cannot listen on {where.host} port {where.port}{web}: "
                                          f"{exc.strerror or exc}; is another chatd running? (`chatctl status`; "
                                          "or pass --port/--http-port)") from None
+        if self.server.journal.box_size:  # a cluster's journal: the cluster looks at every client at once
+            self.server.adoption.adopt_all("the cluster starts from every client's record")
         self.server.cluster.start(self.server.journal)
         self._to(Role.SERVING)
         self.announce_ready()
@@ -184,7 +189,7 @@ class Lifecycle:
         self.server.journal.set_owner(0, 0)  # nobody serves from it now: the successor need not wait
         release()
         log.info("handed over to the standby after the turn's commit: exiting, %s left open for it",
-                 plural(len(self.server.connections), "client connection"))
+                 plural(self.server.client_count(), "client connection"))
         raise HandedOver()
 
     # -- what systemd hears ---------------------------------------------------------------

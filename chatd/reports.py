@@ -29,7 +29,8 @@ def status(server: "ChatServer") -> dict:
         "serving": server.listeners.line is not None,
         "role": server.role.value,
         "awaiting_restore": server.role is Role.WAITING,
-        "clients": len(server.connections),
+        "clients": server.client_count(),
+        "adopting": len(server.adoption),
         "max_clients": server.max_clients,
         "pairs": len(server.room.pairs()),
         "started": server.started,
@@ -70,4 +71,6 @@ def status_line(server: "ChatServer") -> str:
         return "waiting for `chatctl restore`"
     pairs = len(server.room.pairs())
     web = f", web on {server.http_port}" if server.http_port else ""
-    return f"{plural(len(server.connections), 'client')}, {plural(pairs, 'pair')} on port {server.port}{web}"
+    clients = server.client_count()
+    adopting = f" ({len(server.adoption)} still being adopted)" if server.adoption else ""
+    return f"{plural(clients, 'client')}{adopting}, {plural(pairs, 'pair')} on port {server.port}{web}"

@@ -47,7 +47,6 @@ backlog and are accepted as usual once the loop runs.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -55,24 +54,26 @@ from typing import TYPE_CHECKING
 from fdkeep.bundle import Bundle, Shard
 from fdkeep.errors import Error
 from fdkeep.fdpass import close_fds
-from fdkeep.tcpcount import CLOSE_WAIT, ESTABLISHED, stream_positions
 from fdkeep.text import plural
 
 from .bundles import parse_name
 from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME
 from .journal import UNKNOWN_FORMAT, Journal
-from .records import CLOSING, Record, member_of
+from .adoption import take_back
+from .records import member_of
 from .room import Member
 
 if TYPE_CHECKING:
+    from .prepared import Prepared
     from .server import ChatServer
 
 log = logging.getLogger("chatd")
 
 
-def restore(server: "ChatServer", may_take_over=None) -> dict | None:
+def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None" = None) -> dict | None:
     """Serve what the holders kept; a summary, or None if they keep no listening socket, or if
     ``may_take_over(journal)`` says another chatd serves from the journal they keep (chatd.standby).
+    ``prepared``: what a standby read while it waited (chatd.prepared), used where still current.
 
     With ``server.replay`` false (``chatd --no-replay``), what was in flight
     (input read and not handled, output committed and not sent) is thrown away
@@ -81,6 +82,7 @@ def restore(server: "ChatServer", may_take_over=None) -> dict | None:
     """
     began = time.monotonic()
     kept = server.holders.retrieve()
+    retrieved_at = time.monotonic()
     retrieved = [item for _, items in kept for item in items]
     by_name: dict[str, list] = {}
     for item in retrieved:
@@ -102,6 +104,7 @@ def restore(server: "ChatServer", may_take_over=None) -> dict | None:
         close_fds(item.fd for item in retrieved if item.fd != journal_fd)
         return None
     server.journal = journal
+    parts = {"holders_ms": retrieved_at, "journal_ms": time.monotonic()}
     used_fds = {listeners[0].fd}
     server.listeners.adopt(socket.socket(fileno=listeners[0].fd), "line")
     if by_name.get(LISTEN_WEB_NAME):
@@ -116,13 +119,28 @@ def restore(server: "ChatServer", may_take_over=None) -> dict | None:
         used_fds.update(bundle.fds())
     # Before the bundles' sockets come in: at the fd limit's edge every spare fd counts.
     close_fds(item.fd for item in retrieved if item.fd not in used_fds)
-    records = dict(server.journal.records())
-    members, in_flight = [], [0, 0]
+    entries = {}
+    for number, (generation, bundle) in bundles.items():
+        held = prepared.entries_of(number, generation, bundle) if prepared is not None else None
+        entries[number] = bundle.read() if held is None else held
+    parts["bundles_ms"] = time.monotonic()
+    known, ready = prepared.records_for(journal_fd) if prepared is not None else ({}, {})
+    records = dict(server.journal.records(known))
+    parts["records_ms"] = time.monotonic()
+    adoption = server.adoption
+    adoption.begin(dying, began, prepared.take_epoll() if prepared is not None else None)
+    members, in_flight = [], adoption.in_flight
     for number, (generation, bundle) in sorted(bundles.items()):
         shard = Shard(number, bundle, generation)
-        for slot, fd in bundle.read():
+        for slot, fd in entries[number]:
+            record = records.get(slot)
+            if adoption.can_wait(slot, record, fd):
+                shard.live[slot] = fd  # its member joins the room now, its connection soon
+                made = ready.get(slot)
+                members.append(made[1] if made is not None and made[0] is record else member_of(slot, record))
+                continue
             sock = socket.socket(fileno=fd)
-            member = _take_back(server, slot, sock, records.get(slot), dying, in_flight)
+            member = take_back(server, slot, sock, record, dying, in_flight)
             if member is None:
                 shard.dead += 1
                 continue
@@ -130,28 +148,43 @@ def restore(server: "ChatServer", may_take_over=None) -> dict | None:
             if member is not True:
                 members.append(member)
         server.bundles.adopt(shard)
-    gone = {slot: None for slot in records if slot not in server.connections}
+    parts["sockets_ms"] = time.monotonic()
+    gone = {slot: None for slot in records if slot not in server.connections and slot not in adoption}
     server.journal.commit(gone)  # their sockets are gone: those clients left meanwhile
     server.room.restore(members)
     server.holders.store_what_each_lacks(server.backup.items(), kept)
     if stale:
         server.holders.remove(sorted(stale))
+    parts["room_ms"] = time.monotonic()
+    # First what waits: sockets with bytes to read, and their partners (the answer goes there).
+    for slot in adoption.with_input():
+        member = server.room.members.get(slot)
+        for needed in (slot, member.peer.id if member is not None and isinstance(member.peer, Member) else None):
+            if needed in adoption:
+                adoption.adopt(needed)
     for connection in list(server.connections.values()):
         server.take_input(connection)  # what the dead chatd had read and not handled
     server.commit()  # and send what it had committed and not sent
+    served = time.monotonic()
     server.restored_at = time.time()
     summary = {
-        "clients": len(server.connections),
+        "clients": len(server.connections) + len(adoption),
         "pairs": len(server.room.pairs()),
         "port": server.port,
         "input_replayed": in_flight[0],
         "output_resent": in_flight[1],
-        "milliseconds": round((time.monotonic() - began) * 1000, 2),
+        "milliseconds": round((served - began) * 1000, 2),
+        "adopted_at_once": len(server.connections),
+        "all_adopted_ms": None,
+        # When each step of the restore was done, in ms from its start (chatd.prepared helps the middle ones).
+        "parts": {name: round((moment - began) * 1000, 2) for name, moment in parts.items()},
     }
     server.restore_summary = summary
-    log.info("restored %s and %s on port %d in %s ms (in flight: %s read and not handled, %s committed "
-             "and not sent)", plural(summary["clients"], "client"), plural(summary["pairs"], "pair"),
-             summary["port"], summary["milliseconds"], plural(in_flight[0], "byte"), plural(in_flight[1], "byte"))
+    log.info("restored %s and %s on port %d in %s ms: %s served at once, %s adopted in the next turns (%s)",
+             plural(summary["clients"], "client"), plural(summary["pairs"], "pair"), summary["port"],
+             summary["milliseconds"], plural(len(server.connections), "client"), len(adoption),
+             ", ".join(f"{name[:-3]} {ms}" for name, ms in summary["parts"].items()))
+    adoption.start()
     return summary
 
 
@@ -195,64 +228,3 @@ def _newest_bundles(by_name: dict[str, list]) -> tuple[dict[int, tuple[int, Bund
     stale = {name for name in names_seen
              if (parsed := parse_name(name)) is None or newest.get(parsed[0], (None,))[0] != parsed[1]}
     return newest, stale
-
-
-def _count_the_crash(slot: int, record: Record, offset: int) -> None:
-    if record.poison_offset == offset:
-        record.poison_count += 1
-    else:
-        record.poison_offset, record.poison_count = offset, 1
-    log.warning("member %d: chatd died handling its command at input offset %d (%s there)", slot, offset,
-                plural(record.poison_count, "death"))
-
-
-def _take_back(server: "ChatServer", slot: int, sock: socket.socket, record: Record | None, dying,
-               in_flight: list[int]):
-    """Serve a socket found in a bundle: its member, True for one with no place in the room
-    (it said its last word), or None if it is not to be served (closed here)."""
-    try:
-        positions = stream_positions(sock)
-        inode = os.fstat(sock.fileno()).st_ino
-    except OSError as exc:
-        log.warning("slot %d: cannot read its socket's counters (%s): dropping it", slot, exc)
-        sock.close()
-        return None
-    if slot in server.connections:  # a second copy of a socket already served, or a dead one
-        sock.close()
-        return None
-    if record is not None and record.inode == inode:
-        if dying is not None and dying[0] == slot:
-            _count_the_crash(slot, record, dying[1])
-            server.journal.commit({slot: record})  # before handling it again, which may kill us too
-        read, written = _in_flight(slot, record, positions.read, positions.written, server.replay,
-                                   server.journal.in_size)
-        in_flight[0] += read - record.in_handled
-        in_flight[1] += record.out_end - written
-        server.adopt(sock, slot, record, read, written, inode)
-        if record.flags & CLOSING:
-            return True
-        return member_of(slot, record)
-    if positions.state not in (ESTABLISHED, CLOSE_WAIT) or record is not None or not server.journal.take(slot):
-        # Shut down on purpose (closed by chatd), or its slot went to a newer socket.
-        sock.close()
-        return None
-    # Kept right after its accept, before its first commit: a new client, nothing said yet.
-    server.adopt(sock, slot, None, positions.read, positions.written, inode)
-    log.info("member %d restored without a journal record (accepted just before the crash)", slot)
-    return Member(slot)
-
-
-def _in_flight(slot: int, record: Record, read: int, written: int, replay: bool, in_size: int) -> tuple[int, int]:
-    """Check the kernel's counts against the record's windows; (read, written) to resume from."""
-    if not replay:
-        record.in_handled, record.codec, record.out_end = read, b"", max(written, record.out_start)
-    if not record.in_handled <= read <= record.in_handled + in_size:
-        log.error("member %d: the kernel says %d bytes were read, the journal has input handled to %d: "
-                  "resuming from the kernel's count", slot, read, record.in_handled)
-        record.in_handled, record.codec = read, b""
-    if not record.out_start <= written <= record.out_end:
-        log.error("member %d: the kernel says %d bytes were written, the journal has output [%d, %d): "
-                  "resuming from the kernel's count", slot, written, record.out_start, record.out_end)
-        record.out_end = max(written, record.out_end) if written >= record.out_start else record.out_end
-        written = min(max(written, record.out_start), record.out_end)
-    return read, written

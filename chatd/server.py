@@ -59,6 +59,7 @@ from fdkeep.text import plural
 
 from . import faults
 from .across import AcrossHosts, SingleHost
+from .adoption import Adoption
 from .admission import AddressLimit, counted_address
 from .backup import Backup
 from .bundles import ClientBundles
@@ -119,9 +120,11 @@ class ChatServer:
         #: On restore, finish what was in flight (see chatd.restore); off only to show loss in tests.
         self.replay = replay
         self.connections: dict[int, Connection] = {}
+        #: Restored sockets not served yet (chatd.adoption): :meth:`connection` serves one when needed.
+        self.adoption = Adoption(self)
         #: The listening sockets, by the protocol their clients speak: "line", and "websocket" (the web port).
         self.listeners = Listeners(self.loop, holders, self._admit,
-                                   lambda: plural(len(self.connections), "client"), self.manager.watchdog)
+                                   lambda: plural(self.client_count(), "client"), self.manager.watchdog)
         #: What the holders keep for chatd, as one (backup on request, the audit).
         self.backup = Backup(holders, self.listeners, self.bundles, lambda: self.journal)
         self.journal: Journal | None = None
@@ -179,6 +182,25 @@ class ChatServer:
         if fresh or connection.outbox:  # a record to write; or output a crash left, which only a commit sends
             self._dirty.add(member_id)
         return connection
+
+    def client_count(self) -> int:
+        """Every client served, or restored and still waiting to be (chatd.adoption)."""
+        return len(self.connections) + len(self.adoption)
+
+    def connection(self, member_id: int) -> Connection | None:
+        """The member's connection; one restored and still waiting is served now, since it is needed."""
+        connection = self.connections.get(member_id)
+        if connection is None and member_id in self.adoption:
+            connection = self.adoption.adopt(member_id)
+        return connection
+
+    def let_go(self, member_id: int, reason: str) -> None:
+        """A restored member whose socket did not come back alive: out of the room, the journal
+        and the holders, as if it had left while no chatd served."""
+        log.info("member %d let go: %s", member_id, reason)
+        self.bundles.forget(member_id)
+        self._freed.add(member_id)
+        self._leave_room(member_id)
 
     # -- clients ----------------------------------------------------------------------
     def _admit(self, sock: socket.socket, peer, protocol: str) -> None:
@@ -287,13 +309,13 @@ class ChatServer:
         member = self.room.members.get(connection.member_id)
         if member is not None and isinstance(member.peer, Remote):
             return self.cluster.has_room(connection, member)
-        peer = self.connections.get(member.peer.id) if member and member.peer else None
+        peer = self.connection(member.peer.id) if member and member.peer else None
         return peer is None or peer.outbox.free >= RESERVE
 
     def apply(self, outcome: Outcome) -> None:
         """Carry out what the room decided: events into output rings, members to commit, closes."""
         for member_id, event in outcome.deliveries:
-            connection = self.connections.get(member_id)
+            connection = self.connection(member_id)
             if connection is None or connection.finishing:
                 continue
             try:
@@ -414,6 +436,7 @@ class ChatServer:
 
     def drain(self) -> int:
         """End every client connection on purpose (each gets BYE); the count ended."""
+        self.adoption.adopt_all("a drain ends every connection")
         ending = [member_id for member_id, c in self.connections.items() if not c.finishing]
         for member_id in ending:
             self.apply(Outcome().tell(member_id, Bye()))

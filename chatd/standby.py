@@ -78,7 +78,8 @@ from holderd.client import HolderClient, Lease
 
 from .control import call, instance_sockets
 from .holders import STATE_NAME
-from .journal import Journal
+from .journal import read_owner
+from .prepared import REFRESH, Prepared
 from .server import Role
 
 if TYPE_CHECKING:
@@ -94,13 +95,18 @@ RETRY = 0.2
 OWNER_GRACE = 0.1
 
 
+#: The kernel's flag for a task inside exit() (include/linux/sched.h): it runs no more of its own code.
+PF_EXITING = 0x4
+
+
 def process_identity(pid: int) -> tuple[int, int] | None:
     """(pid, start time in clock ticks since boot), which no later process can share; None if
-    gone, dead or a zombie (not yet reaped by its parent, but serving nobody)."""
+    gone, dead, a zombie (not yet reaped by its parent, but serving nobody), or exiting (killed:
+    closing its files, which is how holderd saw it go, and running none of its code again)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             fields = stat.read().rsplit(b")", 1)[1].split()
-        if fields[0] in (b"Z", b"X", b"x"):
+        if fields[0] in (b"Z", b"X", b"x") or int(fields[6]) & PF_EXITING:
             return None
         return pid, int(fields[19])
     except (OSError, IndexError, ValueError):
@@ -121,6 +127,9 @@ class Turns:
         self._watching = False
         self._yielding = False  # gave the lease back to a live server, and said so
         self._terminating = False  # SIGTERM came while serving: handing over, or stopping
+        #: What this chatd reads while it stands by, for a takeover that need not (chatd.prepared).
+        self.prepared = Prepared(holder_path)
+        self._refreshing = None  # the timer that refreshes it, while standing by
 
     # -- at start -------------------------------------------------------------------
     def start(self, systemd_passed_a_listener: bool) -> bool:
@@ -138,7 +147,7 @@ class Turns:
             return self._serve()
         return self._wait()
 
-    def _serve(self, fresh_allowed: bool = True, may_take_over=None) -> bool:
+    def _serve(self, fresh_allowed: bool = True, may_take_over=None, prepared: Prepared | None = None) -> bool:
         # At the well-known socket before READY=1: once systemd says the unit is active,
         # chatctl reaches it (requests made meanwhile wait in the backlog until it serves).
         try:
@@ -147,10 +156,15 @@ class Turns:
             log.error("cannot answer chatctl at %s as well (%s): `chatctl --control %s` reaches this chatd",
                       self.control_path, exc.strerror or exc, self.control.path)
         try:
-            self.lifecycle.serve(fresh_allowed, may_take_over)
+            self.lifecycle.serve(fresh_allowed, may_take_over, prepared)
         except Error:
             self.control.stop_answering_at(self.control_path)
             return False
+        finally:
+            self.prepared.release()  # used, or half used: read again from the start if it stands by again
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            self._refreshing = None
         self.server.journal.set_owner(*process_identity(os.getpid()))
         self._watch_lease()
         return True
@@ -161,6 +175,7 @@ class Turns:
                 holder.forget_all("this chatd stands by; the one serving keeps its own unit's store")
         self.lifecycle.stand_by()
         log.info("standby: waiting for the lease %r in holderd to serve", LEASE_NAME)
+        self._refreshing = self.server.loop.call_every(REFRESH, self.prepared.refresh, first=0)
         self._watch_lease()
         return True
 
@@ -272,7 +287,8 @@ class Turns:
             holder.retry_now()  # holderd just answered: a failure while it restarted is past
         # Never afresh: a lease that came after waiting with nothing kept means holderd
         # lost what it held (it restarted empty), not that nobody serves.
-        if not self._serve(fresh_allowed=False, may_take_over=self._nobody_else_serves):
+        if not self._serve(fresh_allowed=False, may_take_over=lambda journal: self._nobody_else_serves(journal.owner()),
+                           prepared=self.prepared):
             log.warning("giving the lease back, and waiting")
             self._give_back()
 
@@ -296,25 +312,19 @@ class Turns:
         except Error as exc:
             return f"holderd does not answer ({exc.message})"
         journals = [item.fd for item in kept if item.name == STATE_NAME]
-        close_fds(item.fd for item in kept if item.name != STATE_NAME)
-        if not journals:
-            return "holderd keeps nothing for chatd"
         try:
-            journal = Journal.attach(journals[0])
-        except (Error, OSError, ValueError):
-            close_fds(journals)
-            return None  # the restore makes a new one, and says why
-        try:
-            return None if self._nobody_else_serves(journal, quiet=True) else f"chatd pid {journal.owner()[0]} serves"
+            if not journals:
+                return "holderd keeps nothing for chatd"
+            owner = read_owner(journals[0])  # not a journal this release reads: the restore says why
+            return None if self._nobody_else_serves(owner, quiet=True) else f"chatd pid {owner[0]} serves"
         finally:
-            journal.close()
+            close_fds(item.fd for item in kept)
 
-    def _nobody_else_serves(self, journal: Journal, quiet: bool = False) -> bool:
-        """The journal says who serves from it; a live process other than us means: not us.
+    def _nobody_else_serves(self, owner: tuple[int, int] | None, quiet: bool = False) -> bool:
+        """The journal names who serves from it (``owner``); a live process other than us means: not us.
 
         A process closes its sockets (which passed us the lease) a moment before it
         is a zombie, so an owner that still looks alive gets :data:`OWNER_GRACE` to die."""
-        owner = journal.owner()
         if owner is None or owner == process_identity(os.getpid()):
             return True
         deadline = time.monotonic() + OWNER_GRACE

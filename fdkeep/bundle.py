@@ -106,7 +106,14 @@ class Bundle:
     def read(self) -> list[tuple[int, int]]:
         """Duplicates of every (key, fd) in flight, oldest first; the queue stays as it was.
         The caller owns the fds."""
-        self.reader.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        return self.read_from(0)[0]
+
+    def read_from(self, offset: int) -> tuple[list[tuple[int, int]], int]:
+        """Duplicates of the (key, fd) entries appended since byte ``offset`` of the queue, and
+        the offset after them: a reader that keeps it reads only what is new next time. The
+        queue stays as it was (``SO_PEEK_OFF`` is the socket's, shared by every duplicate of
+        it: one reader at a time)."""
+        self.reader.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
         entries: list[tuple[int, int]] = []
         try:
             while True:
@@ -114,11 +121,12 @@ class Bundle:
                     data, fds = recv_with_fds(self.reader, MESSAGE.size + MAX_FDS * KEY.size,
                                               socket.MSG_PEEK | socket.MSG_DONTWAIT)
                 except BlockingIOError:
-                    return entries
+                    return entries, offset
                 if not data:
                     close_fds(fds)
-                    return entries
+                    return entries, offset
                 entries += self._parse(data, fds)
+                offset += len(data)
         except BaseException:
             close_fds(fd for _, fd in entries)
             raise

@@ -29,9 +29,17 @@ def test_any_nick_value_names_a_host_or_none(value):
 
 
 @examples(200)
-@given(host=st.text(max_size=20), more=st.dictionaries(st.text(max_size=5), json_values(), max_size=3))
+@given(host=st.text(max_size=20), more=st.dictionaries(st.text(max_size=5).filter(lambda key: key != "v"),
+                                                       json_values(), max_size=3))
 def test_a_value_with_a_host_names_it(host, more):
+    """(Without a "v": a value of another version names nobody, as the next test says.)"""
     assert holder(json.dumps({**more, "host": host}).encode()) == host
+
+
+@examples(100)
+@given(host=st.text(max_size=20), version=json_values().filter(lambda v: v != 1))
+def test_a_value_of_another_version_names_nobody(host, version):
+    assert holder(json.dumps({"host": host, "v": version}).encode()) is None
 
 
 @examples(300)
