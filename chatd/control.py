@@ -113,6 +113,8 @@ class ControlServer:
         self._restore_now = restore_now
         #: What ``chatctl handover`` asks for: set by chatd.standby's Turns (``--lease``), else None.
         self.hand_over: Callable[[], dict] | None = None
+        #: Set by chatd.standby: what a standby has read ahead for its takeover (status's "prepared").
+        self.prepared_report: Callable[[], dict | None] = lambda: None
         self.peers: set[FramePeer] = set()
         self.accepting = AcceptPause(server.loop, log, "control socket")
         #: path -> (listening socket, inode of the file it made): only our own file is unlinked.
@@ -164,7 +166,7 @@ class ControlServer:
             peer.send(reply)
 
     def _op_status(self, peer):
-        return {"ok": True, **reports.status(self.server)}
+        return {"ok": True, **reports.status(self.server), "prepared": self.prepared_report()}
 
     def _serving(self) -> None:
         if self.server.role is Role.STANDBY:

@@ -93,6 +93,12 @@ class Prepared:
     def sockets(self) -> int:
         return len(self.inodes)
 
+    def report(self) -> dict:
+        """For `chatctl status`: what this standby holds ready."""
+        ago = None if self.refreshed_at is None else round((time.monotonic() - self.refreshed_at) * 1000)
+        return {"sockets": self.sockets, "records": len(self.records), "bundles": len(self._bundles),
+                "refreshed_ms_ago": ago, "refresh_ms": self.refresh_ms}
+
     # -- while standing by ---------------------------------------------------------------
     def refresh(self) -> None:
         """Read what is new in holderd; on any failure, let go of everything prepared."""

@@ -124,6 +124,7 @@ class Turns:
         self.holder_path = holder_path
         self.lease = Lease(LEASE_NAME, holder_path)
         control.hand_over = self.hand_over
+        control.prepared_report = lambda: self.prepared.report() if self.lifecycle.role is Role.STANDBY else None
         self._watching = False
         self._yielding = False  # gave the lease back to a live server, and said so
         self._terminating = False  # SIGTERM came while serving: handing over, or stopping

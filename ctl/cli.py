@@ -96,7 +96,11 @@ def instances_status(control_path: str) -> list[dict]:
 
 def chatd_line(chat: dict) -> str:
     if chat.get("role") == "standby":
-        return f"pid {chat['pid']}, standby: takes over the moment the one serving dies"
+        ready = chat.get("prepared")
+        ready = (f"; ready: {plural(ready['sockets'], 'client socket')} and {plural(ready['records'], 'record')}, "
+                 f"read {ready['refreshed_ms_ago']} ms ago" if ready and ready.get("refreshed_ms_ago") is not None
+                 else "")
+        return f"pid {chat['pid']}, standby: takes over the moment the one serving dies{ready}"
     if chat.get("awaiting_restore"):
         return f"pid {chat['pid']}, waiting for `chatctl restore`"
     held = chat.get("held", {})
@@ -106,7 +110,8 @@ def chatd_line(chat: dict) -> str:
         for name, ok in chat["holders"].items()
     ) or "none"
     web = f" (web {chat['http_port']})" if chat.get("http_port") else ""
-    return (f"pid {chat['pid']}, serving port {chat['port']}{web}, {plural(chat['clients'], 'client')}, "
+    adopting = f" ({chat['adopting']} restored, still being adopted)" if chat.get("adopting") else ""
+    return (f"pid {chat['pid']}, serving port {chat['port']}{web}, {plural(chat['clients'], 'client')}{adopting}, "
             f"{plural(chat['pairs'], 'pair')}; holders: {holders}")
 
 

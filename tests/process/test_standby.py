@@ -13,6 +13,7 @@ from chatd.control import instance_socket
 from ctl import control
 from ctl.launch import wait_for_answer, wait_until
 from helpers import serving_pid
+from ctl.probe import LineClient
 from testkit import soak
 
 
@@ -262,3 +263,80 @@ def test_sigterm_with_no_standby_stops_and_holderd_keeps_the_clients_for_the_nex
     assert control.call("status", procs.control_socket)["clients"] == 2
     assert restarted.poll() is None
     assert "died handling its command" not in procs.logs() and "ERROR" not in procs.logs(), procs.logs()
+
+
+def named_clients(procs, prefix: str, count: int) -> list[LineClient]:
+    clients = [LineClient(procs.port, timeout=10) for _ in range(count)]
+    for index, client in enumerate(clients):
+        client.send(f"NICK {prefix}{index}")
+    for index, client in enumerate(clients):
+        assert client.line() == f"OK NICK {prefix}{index}"
+    return clients
+
+
+def standby_ready(procs, instance: str, clients: int) -> dict:
+    """Wait until the standby has read every client's record ahead (chatd.prepared)."""
+    path = instance_socket(procs.control_socket, instance)
+
+    def ready():
+        prepared = control.call("status", path)["prepared"]
+        return prepared if prepared and prepared["records"] == clients else None
+
+    return wait_until(ready, 20, f"the standby to have read {clients} records ahead")
+
+
+def test_the_standby_reads_ahead_as_clients_come_and_go_and_takes_over_with_what_is_current(procs):
+    """The standby reads the bundles and records while it waits; clients leave (bundles are
+    rebuilt), come, and change nicks right before the kill: the takeover serves exactly the
+    clients there are, with the nicks they have, whatever the standby had read."""
+    procs.start_holderd()
+    turns = TakingTurns(procs)
+    a, b = procs.pair()
+    old = named_clients(procs, "old", 240)
+    first = standby_ready(procs, "2", 242)
+    assert first["sockets"] >= 242, first
+    for client in old[:180]:  # enough to rebuild every bundle they were in
+        client.send("QUIT")
+        assert client.line() == "BYE"
+        client.close()
+    stay = old[180:]
+    new = named_clients(procs, "new", 30)
+    wait_until(lambda: control.call("status", procs.control_socket)["clients"] == 2 + 60 + 30, 15, "the 180 to leave")
+    for index, client in enumerate(stay[:20]):  # committed after the standby's last read, perhaps
+        client.send(f"NICK renamed{index}")
+        assert client.line() == f"OK NICK renamed{index}"
+    turns.serving.send_signal(signal.SIGKILL)
+    a.send("MSG after")
+    assert b.line() == "FROM A 1 after"
+    status = control.call("status", procs.control_socket)
+    assert status["pid"] == turns.standby.pid and status["clients"] == 2 + 60 + 30, status
+    probe = LineClient(procs.port, timeout=10)
+    for nick, answer in (("renamed3", "ERR nick-taken"), ("old183", "OK NICK old183"),  # renamed: old name free
+                         ("old210", "ERR nick-taken"), ("old239", "ERR nick-taken"), ("new7", "ERR nick-taken"),
+                         ("old5", "OK NICK old5")):  # left: its nick is free
+        probe.send(f"NICK {nick}")
+        assert probe.line().startswith(answer), nick
+    for client in stay + new:
+        client.send("PING")
+    for client in stay + new:
+        assert client.line() == "PONG", "every client still there answers"
+    wait_until(lambda: control.call("status", procs.control_socket)["adopting"] == 0, 15, "every client adopted")
+    assert control.call("status", procs.control_socket)["restore"]["all_adopted_ms"] is not None
+
+
+def test_a_socket_with_input_is_served_at_once_and_the_idle_ones_in_the_next_turns(procs):
+    procs.start_holderd()
+    procs.start_chatd()
+    idle = named_clients(procs, "idle", 200)
+    procs.kill_chatd(signal.SIGKILL)
+    idle[7].send("NICK early")  # waits in the kernel while no chatd serves
+    procs.start_chatd("--restore")
+    assert idle[7].line() == "OK NICK early"
+    restore = procs.control("status")["restore"]
+    assert restore["clients"] == 200 and restore["adopted_at_once"] == 1, restore
+    wait_until(lambda: procs.control("status")["adopting"] == 0, 15, "every client adopted")
+    assert procs.control("status")["restore"]["all_adopted_ms"] is not None
+    for index, client in enumerate(idle):
+        client.send(f"NICK again{index}")
+    for index, client in enumerate(idle):
+        assert client.line() == f"OK NICK again{index}"

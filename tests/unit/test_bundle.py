@@ -100,3 +100,22 @@ def test_closing_both_ends_releases_what_was_in_flight(sockets):
     b.settimeout(2)
     bundle.close()
     assert b.recv(10) == b"", "the last reference went with the bundle: the peer sees the end"
+
+
+def test_a_reader_that_keeps_its_offset_reads_only_what_was_appended_since(sockets):
+    pairs = sockets.pairs(300)
+    bundle = Bundle.create()
+    bundle.append([(key, a.fileno()) for key, (a, _) in enumerate(pairs[:260])])  # two messages
+    first, offset = bundle.read_from(0)
+    assert [key for key, _ in first] == list(range(260))
+    assert bundle.read_from(offset) == ([], offset), "nothing new"
+    for key in range(260, 300):  # one message each, as accepts append them
+        bundle.append([(key, pairs[key][0].fileno())])
+    more, end = bundle.read_from(offset)
+    assert [(key, inode(fd)) for key, fd in more] == [(key, inode(pairs[key][0].fileno())) for key in range(260, 300)]
+    assert end > offset
+    again = bundle.read()  # and from the start, everything, still: peeking consumed nothing
+    assert [key for key, _ in again] == list(range(300))
+    for _, fd in first + more + again:
+        os.close(fd)
+    bundle.close()

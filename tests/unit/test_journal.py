@@ -231,3 +231,25 @@ def test_the_cursor_alone_is_committed_and_survives():
     assert len(again.box_ring(1)) == PAGE
     again.close()
     journal.close()
+
+
+def test_a_reader_beside_the_writer_reads_what_attach_would_and_known_records_are_taken_only_unchanged():
+    from chatd.journal import JournalReader
+
+    journal = Journal.create(6, PAGE, PAGE)
+    journal.commit({slot: Record(slot, "line", f"n{slot}", None, 0) for slot in range(5)})
+    journal.commit({1: Record(1, "line", "one", None, 0), 3: None})
+    reader = JournalReader(journal.fd)
+    known = reader.records()
+    assert {slot: record for slot, (_, record) in known.items()} == dict(Journal.attach(os.dup(journal.fd)).records())
+    assert reader.records() == known and all(reader.records()[s][1] is known[s][1] for s in known), \
+        "unchanged records are not parsed again"
+    journal.commit({2: Record(2, "line", "two", None, 0)})  # after the reader's last look
+    attached = Journal.attach(os.dup(journal.fd))
+    taken = dict(attached.records(known))
+    assert taken[2] == Record(2, "line", "two", None, 0), "a record that changed is read again"
+    assert taken[0] is known[0][1] and taken[1] is known[1][1], "an unchanged one is taken as read"
+    assert 3 not in taken
+    reader.close()
+    attached.close()
+    journal.close()
