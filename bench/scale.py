@@ -1,6 +1,6 @@
 """Crash gap at scale, under the real systemd: idle clients by the thousand, a pair that chats, a kill.
 
-    .venv/bin/python bench/scale.py [--sizes 100,1000,10000,ceiling] [--json PATH] [--plot PATH]
+    .venv/bin/python bench/scale.py [--sizes 100,1000,10000,ceiling] [--crashes 3] [--json PATH] [--plot PATH]
 
 Boots a systemd in a container (tests/systemd/harness.py), provisions it with
 scripts/provision (the units as a user installs them: chatd@1 and chatd@2
@@ -10,14 +10,19 @@ taking turns, holderd), and for each size:
    at most ~20,000 fds here), while a pair chats: A sends B a timestamped
    message every 2 ms. It reports the accept rate, the pair's worst one-way
    delay while the others connect, the CPU systemd's PID 1 spent meanwhile, and
-   memory per client in chatd, holderd and PID 1 (RSS growth / clients);
-2. crashes the chatd serving (``chatctl crash``, a real SIGSEGV) with the warm
-   standby up, then again with it stopped (a cold restart by systemd: the
-   restart timer, a new Python, the restore), and for each reads: kill -> the
-   first message relayed on a restored connection (the pair's), kill -> all
-   restored (the restore's journal line), the restore itself, and for the cold
-   case systemd's restart timer and exec -> READY; then how many clients
-   answer (each sends NICK and waits for OK).
+   memory per client in the chatd serving, the standby, holderd and PID 1 (RSS
+   growth / clients);
+2. crashes the chatd serving (``chatctl crash``, a real SIGSEGV) ``--crashes``
+   times in each of three modes: the standby up (it has read ahead: each crash
+   waits until the new standby has), the standby up while every idle client
+   sends PING the moment the crash is asked for (all of them have work), and the
+   standby stopped (a cold restart by systemd: the restart timer, a new Python,
+   the restore). From systemd's "Main process exited" on, it reads: the first
+   message relayed on a restored connection (the pair's); holderd passing the
+   lease (its journal line); the restore beginning and serving (its summary:
+   the clients with work served, chatd.adoption) and every client adopted; with
+   PING, the last PONG; cold, systemd's restart timer and exec -> READY. Then it
+   checks every client answers (each sends NICK and waits for OK).
 
 It prints a table, writes the figures as JSON and a PNG plot. ``ceiling`` is
 as many clients as chatd's fd limit allows (chatctl status: max_clients), less
@@ -32,6 +37,7 @@ import multiprocessing
 import os
 import resource
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -47,6 +53,9 @@ from ctl.launch import wait_until  # noqa: E402
 from ctl.probe import LineClient  # noqa: E402
 
 CHATCTL = "/opt/process-backup/bin/chatctl"
+#: Each size is crashed this many times in each mode (medians and worst).
+CRASHES = 3
+MODES = ("standby", "standby, every client active", "cold")
 PER_WORKER = 4900
 
 
@@ -76,6 +85,22 @@ def idle_worker(port: int, count: int, commands, results) -> None:
                 except OSError:
                     pass
             results.put(("answered", answered))
+        elif command == "ping":  # every client at once: when has each been answered?
+            for sock in socks:
+                sock.sendall(b"PING\n")
+            answered = 0
+            for sock in socks:
+                try:
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        chunk = sock.recv(100)
+                        if not chunk:
+                            break
+                        data += chunk
+                    answered += data == b"PONG\n"
+                except OSError:
+                    pass
+            results.put(("pinged", answered, time.time()))
         elif command == "quit":
             for sock in socks:
                 sock.sendall(b"QUIT\n")
@@ -186,7 +211,10 @@ def journal_times(machine, since: str) -> list[tuple[float, str, str]]:
     return entries
 
 
-def crash_and_measure(machine, pair: Pair, clients: int, cold: bool) -> dict:
+def crash_and_measure(machine, pair: Pair, clients: int, cold: bool, commands=(), results=None) -> dict:
+    """One crash of the serving chatd (``chatctl crash``: SIGSEGV), standby up or (``cold``) stopped.
+    With ``commands``, every idle client sends PING the moment the crash is asked for, and
+    the time until the last PONG is read (kill -> every client served)."""
     unit = serving_unit(machine)
     standby = "chatd@2" if unit == "chatd@1" else "chatd@1"
     if cold:
@@ -194,6 +222,8 @@ def crash_and_measure(machine, pair: Pair, clients: int, cold: bool) -> dict:
     since = machine.run("date", "+%Y-%m-%d %H:%M:%S.%N").stdout.strip()[:-3]
     old = chatctl(machine, "status")["chatd"]["pid"]
     machine.run(CHATCTL, "crash")
+    for queue in commands:
+        queue.put("ping")
 
     def restored():
         try:
@@ -203,18 +233,29 @@ def crash_and_measure(machine, pair: Pair, clients: int, cold: bool) -> dict:
         return status if status.get("pid") != old and status.get("serving") else None
 
     status = wait_until(restored, 120, "a chatd to serve again", interval=0.05)
+    pinged = [results.get(timeout=300) for _ in commands]
+    status = wait_until(lambda: (lambda s: s if s["restore"].get("all_adopted_ms") is not None else None)(
+        chatctl(machine, "status")["chatd"]), 120, "every client adopted", interval=0.1)
     time.sleep(0.5)
     entries = journal_times(machine, since)
     died = next(stamp for stamp, _, message in entries if "Main process exited" in message)
-    restored_at = next(stamp for stamp, _, message in entries if message.startswith("chatd: INFO restored")
-                       and stamp >= died)
+    restore = status["restore"]
     first = pair.first_after(died)
+    passed = [stamp for stamp, unit_name, message in entries if "lease chatd passes" in message and stamp >= died - 1]
     result = {
         "kill_to_first_relayed_ms": round((first - died) * 1000, 1) if first else None,
-        "kill_to_all_restored_ms": round((restored_at - died) * 1000, 1),
-        "restore_ms": status["restore"]["milliseconds"],
+        "kill_to_served_ms": round((restore["began_at"] + restore["milliseconds"] / 1000 - died) * 1000, 1),
+        "kill_to_all_adopted_ms": round((restore["began_at"] + restore["all_adopted_ms"] / 1000 - died) * 1000, 1),
+        "kill_to_restore_began_ms": round((restore["began_at"] - died) * 1000, 1),
+        "holderd_passed_lease_ms": round((passed[0] - died) * 1000, 1) if passed and not cold else None,
+        "restore_ms": restore["milliseconds"],
+        "restore_parts_ms": restore.get("parts"),
+        "adopted_at_once": restore.get("adopted_at_once"),
         "clients_back": status["clients"],
     }
+    if commands:
+        result["kill_to_every_client_answered_ms"] = round((max(at for _, _, at in pinged) - died) * 1000, 1)
+        result["answered_ping"] = sum(count for _, count, _ in pinged)
     if cold:
         started = [stamp for stamp, _, message in entries if message.startswith("Starting chatd@") and stamp > died]
         ready = [stamp for stamp, _, message in entries if message.startswith("Started chatd@") and stamp > died]
@@ -223,7 +264,16 @@ def crash_and_measure(machine, pair: Pair, clients: int, cold: bool) -> dict:
         machine.systemctl("start", standby)
     wait_until(lambda: all(machine.show(u, "ActiveState") == "active" for u in ("chatd@1", "chatd@2")), 30,
                "both chatd processes up again")
+    if clients:  # the next crash finds a standby that has read ahead, as in steady operation finds a standby that has read ahead, as in steady operation
+        wait_until(lambda: (chatctl(machine, "status").get("instances") or [{}]) and all(
+            (i.get("role") != "standby" or (i.get("prepared") or {}).get("records", 0) >= clients)
+            for i in chatctl(machine, "status").get("instances", [])), 60, "the new standby to have read ahead")
     return result
+
+
+def median_and_worst(values: list) -> dict:
+    values = [v for v in values if v is not None]
+    return {"median": round(statistics.median(values), 1), "worst": max(values)} if values else None
 
 
 def measure_size(machine, port: int, size: int, pair: Pair) -> dict:
@@ -232,7 +282,9 @@ def measure_size(machine, port: int, size: int, pair: Pair) -> dict:
     cpu_before = pid1_cpu(machine)
     serving_pid = host_pid(machine, serving_unit(machine))
     holderd_pid = host_pid(machine, "holderd")
-    rss_before = {"chatd": rss_kib(serving_pid), "holderd": rss_kib(holderd_pid), "pid1": rss_kib(machine.pid1)}
+    standby_pid = host_pid(machine, "chatd@2" if serving_unit(machine) == "chatd@1" else "chatd@1")
+    rss_before = {"chatd": rss_kib(serving_pid), "holderd": rss_kib(holderd_pid), "pid1": rss_kib(machine.pid1),
+                  "standby": rss_kib(standby_pid)}
     began = time.time()
     for start in range(0, size, PER_WORKER):
         queue = multiprocessing.Queue()
@@ -255,13 +307,25 @@ def measure_size(machine, port: int, size: int, pair: Pair) -> dict:
     for name, pid in (("chatd", serving_pid), ("holderd", holderd_pid), ("pid1", machine.pid1)):
         row[f"{name}_bytes_per_client"] = round((rss_kib(pid) - rss_before[name]) * 1024 / size)
     time.sleep(2)  # the bundles get packed in the background (one a 0.2 s)
-    for mode in ("standby", "cold"):
-        crash = crash_and_measure(machine, pair, size, cold=mode == "cold")
-        for queue in commands:
-            queue.put("check")
-        crash["answered"] = sum(results.get(timeout=300)[1] for _ in workers)
-        row[mode] = crash
-        print(f"  {size} clients, {mode}: {crash}", flush=True)
+    standby_pid = host_pid(machine, "chatd@2" if serving_unit(machine) == "chatd@1" else "chatd@1")
+    row["standby_bytes_per_client"] = round((rss_kib(standby_pid) - rss_before["standby"]) * 1024 / size)
+    for mode in MODES:
+        crashes = []
+        for _ in range(CRASHES):
+            crash = crash_and_measure(machine, pair, size, cold=mode == "cold",
+                                      commands=commands if mode == "standby, every client active" else (),
+                                      results=results)
+            if mode != "standby, every client active":
+                for queue in commands:
+                    queue.put("check")
+                crash["answered"] = sum(results.get(timeout=300)[1] for _ in workers)
+            print(f"  {size} clients, {mode}: {crash}", flush=True)
+            crashes.append(crash)
+        row[mode] = {"crashes": crashes, **{key: median_and_worst([c.get(key) for c in crashes]) for key in (
+            "kill_to_first_relayed_ms", "kill_to_served_ms", "kill_to_all_adopted_ms", "kill_to_restore_began_ms",
+            "holderd_passed_lease_ms", "restore_ms", "kill_to_every_client_answered_ms", "restart_timer_ms",
+            "exec_to_ready_ms")}}
+        row[mode]["answered"] = min(c.get("answered", c.get("answered_ping", 0)) for c in crashes)
     for queue in commands:
         queue.put("quit")
     for _ in workers:
@@ -283,9 +347,12 @@ def wheels_dir() -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,1000,10000,ceiling")
+    parser.add_argument("--crashes", type=int, default=CRASHES, help="crashes per size and mode (default %(default)s)")
     parser.add_argument("--json", metavar="PATH", default=str(ROOT / "bench" / "results" / "scale.json"))
     parser.add_argument("--plot", metavar="PATH", default=str(ROOT / "bench" / "results" / "scale.png"))
     args = parser.parse_args()
+    global CRASHES
+    CRASHES = args.crashes
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     port = free_port()
@@ -319,19 +386,37 @@ def main() -> int:
     return 0
 
 
+def _cell(figure: dict | None) -> str:
+    return "-" if not figure else f"{figure['median']:g} ({figure['worst']:g})"
+
+
 def print_table(rows: list[dict]) -> None:
-    print("\n| clients | kill -> first relayed, standby | cold | kill -> all restored, standby | cold | "
-          "restore | restart timer | exec -> READY | answered | PID 1 CPU | accepts/s | pair worst delay "
-          "while others connect | bytes/client chatd, holderd, PID 1 |")
-    print("|" + " --- |" * 14)
+    """Two tables: the crash gap per mode (median, worst in brackets, over the crashes), and
+    the parts of a standby takeover; then the costs of holding the clients."""
+    print("\n| clients | mode | kill -> first relayed | kill -> served (restore done) | kill -> every client "
+          "adopted | kill -> every client answered (all send at once) | answered |")
+    print("|" + " --- |" * 7)
+    for row in rows:
+        for mode in MODES:
+            m = row[mode]
+            print(f"| {row['clients']:,} | {mode} | {_cell(m['kill_to_first_relayed_ms'])} ms "
+                  f"| {_cell(m['kill_to_served_ms'])} ms | {_cell(m['kill_to_all_adopted_ms'])} ms "
+                  f"| {_cell(m['kill_to_every_client_answered_ms'])} ms | {m['answered']:,} |")
+    print("\n| clients | holderd passes the lease | restore begins | restore (served) | cold: restart timer "
+          "| cold: exec -> READY |")
+    print("|" + " --- |" * 6)
     for row in rows:
         standby, cold = row["standby"], row["cold"]
-        print(f"| {row['clients']:,} | {standby['kill_to_first_relayed_ms']} ms | {cold['kill_to_first_relayed_ms']} ms "
-              f"| {standby['kill_to_all_restored_ms']} ms | {cold['kill_to_all_restored_ms']} ms "
-              f"| {standby['restore_ms']} ms | {cold.get('restart_timer_ms')} ms | {cold.get('exec_to_ready_ms')} ms "
-              f"| {standby['answered']:,} / {cold['answered']:,} | {row['pid1_cpu_s']} s | {row['accepts_per_s']:,} "
+        print(f"| {row['clients']:,} | {_cell(standby['holderd_passed_lease_ms'])} ms "
+              f"| {_cell(standby['kill_to_restore_began_ms'])} ms | {_cell(standby['restore_ms'])} ms "
+              f"| {_cell(cold['restart_timer_ms'])} ms | {_cell(cold['exec_to_ready_ms'])} ms |")
+    print("\n| clients | PID 1 CPU while they connect | accepts/s | pair worst delay while others connect "
+          "| bytes/client: chatd serving, standby, holderd, PID 1 |")
+    print("|" + " --- |" * 5)
+    for row in rows:
+        print(f"| {row['clients']:,} | {row['pid1_cpu_s']} s | {row['accepts_per_s']:,} "
               f"| {row['pair_worst_delay_while_connecting_ms']} ms | {row['chatd_bytes_per_client']}, "
-              f"{row['holderd_bytes_per_client']}, {row['pid1_bytes_per_client']} |")
+              f"{row['standby_bytes_per_client']}, {row['holderd_bytes_per_client']}, {row['pid1_bytes_per_client']} |")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -341,17 +426,20 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     clients = [row["clients"] for row in rows]
-    figure, axes = plt.subplots(figsize=(7.5, 4))
-    for mode, style in (("standby", "o-"), ("cold", "s--")):
-        axes.plot(clients, [row[mode]["kill_to_first_relayed_ms"] for row in rows], style,
-                  label=f"kill -> first message relayed ({mode})")
-        axes.plot(clients, [row[mode]["kill_to_all_restored_ms"] for row in rows], style, alpha=0.5,
-                  label=f"kill -> all restored ({mode})")
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    for mode, style in (("standby", "o-"), ("standby, every client active", "^-"), ("cold", "s--")):
+        for key, label, alpha in (("kill_to_first_relayed_ms", "first message relayed", 1.0),
+                                  ("kill_to_all_adopted_ms", "every client adopted", 0.5),
+                                  ("kill_to_every_client_answered_ms", "every client answered", 0.5)):
+            values = [(row[mode][key] or {}).get("median") for row in rows]
+            if any(v is not None for v in values):
+                axes.plot(clients, values, style, alpha=alpha, label=f"kill -> {label} ({mode})")
     axes.set_xscale("log")
+    axes.set_yscale("log")
     axes.set_xlabel("idle clients held")
-    axes.set_ylabel("ms")
-    axes.set_title("chatd crash gap under systemd 252 (warm standby vs cold restart)")
-    axes.legend(fontsize=8)
+    axes.set_ylabel("ms (median of the crashes)")
+    axes.set_title("chatd crash gap under systemd 252 (standby reads ahead vs cold restart)")
+    axes.legend(fontsize=7)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -42,6 +42,17 @@ name's first copy is used and the rest closed.
 
 Clients that connected while no chatd ran wait in the listening socket's
 backlog and are accepted as usual once the loop runs.
+
+**Served first what waits.** Making every socket a connection again is most of
+a restore's time, and almost every client is idle: so only the sockets with work
+(bytes to read, the command the dead chatd died handling, a last word to send)
+and their partners are served before the restore returns; every other one joins
+the room from its record at once and is adopted in the next loop turns, or the
+moment it is needed (:mod:`chatd.adoption`). A standby's restore starts from
+what it read while it waited (:mod:`chatd.prepared`), where that is still current.
+The summary says how many were served at once, and when each step was done
+(``parts``: holders answered, journal attached, bundles read, records read,
+sockets matched, room made, in ms); ``all_adopted_ms`` comes once none waits.
 """
 
 from __future__ import annotations
@@ -174,6 +185,7 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
         "input_replayed": in_flight[0],
         "output_resent": in_flight[1],
         "milliseconds": round((served - began) * 1000, 2),
+        "began_at": time.time() - (time.monotonic() - began),  # wall clock, to line up with other logs
         "adopted_at_once": len(server.connections),
         "all_adopted_ms": None,
         # When each step of the restore was done, in ms from its start (chatd.prepared helps the middle ones).
