@@ -180,6 +180,8 @@ class Holderd:
         #: The processes of the peers that asked for a lease, and those found exited.
         self.processes = ProcessWatch(self.loop, self._process_exited)
         self._exited: set[FramePeer] = set()
+        #: Set by close(): holderd goes, and its leases with it.
+        self.stopping = False
         self._room_grew = False
         self.offences = Offences(log)
         # Anyone may connect; SO_PEERCRED, not file modes, decides who is served.
@@ -253,6 +255,8 @@ class Holderd:
         self.answering.pop(peer, None)
         self.waiting.pop(peer, None)
         self._room_grew = True
+        if self.stopping:
+            return  # no lease passes: every connection reads its end, and asks the next holderd
         by_number = {id(other): other for other in self.peers}
         for number, event in self.core.peer_gone(id(peer)):
             waiter = by_number.get(number)
@@ -381,6 +385,7 @@ class Holderd:
 
     def close(self) -> None:
         self.manager.stopping(f"stopping; {self.status_line()}")
+        self.stopping = True
         # What systemd's store keeps must stay there: a restart passes it back.
         self.mirror.detach()
         for peer in list(self.peers):

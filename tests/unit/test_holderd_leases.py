@@ -38,9 +38,10 @@ class Running:
             self.daemon.loop.run_once(0.02)
 
     def stop(self):
-        self.stopping.set()
-        self.thread.join(5)
-        self.daemon.close()
+        if not self.stopping.is_set():
+            self.stopping.set()
+            self.thread.join(5)
+            self.daemon.close()
 
 
 @pytest.fixture
@@ -112,3 +113,14 @@ def test_without_pidfds_it_says_so_once_and_the_hang_up_alone_passes_the_lease(r
     first.close()
     assert granted(second)
     second.close()
+
+
+def test_no_lease_passes_when_holderd_stops(running):
+    """Its connections end because holderd goes, not their processes: the waiter reads the
+    end ("lost": ask the next holderd), never a grant while the holder lives on."""
+    holder, waiter = Lease("l", running.path), Lease("l", running.path)
+    assert holder.request() is True and waiter.request() is False
+    running.stop()
+    select.select([waiter.fileno()], [], [], 5)
+    assert waiter.poll() == "lost"
+    holder.close()
