@@ -537,11 +537,13 @@ def test_peer_pidfd_is_readable_once_the_process_that_connected_exits_though_its
     listener = listen_unix(path)
     script = ("import os, socket, sys\n"
               f"s = socket.socket(socket.AF_UNIX); s.connect({path!r})\n"
-              "if os.fork() == 0:\n    sys.stdin.read(); os._exit(0)\n"  # a child keeps s
+              # A child keeps s, until our end closes (not reading stdin: the line is the parent's).
+              "if os.fork() == 0:\n    os.close(0); s.recv(1); os._exit(0)\n"
               "sys.stdin.readline()\n")
     connector = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
+    conn = None
     try:
-        listener.setblocking(True)
+        listener.settimeout(10)
         conn, _ = listener.accept()
         pid, _, _ = peer_credentials(conn)
         assert pid == connector.pid
@@ -566,9 +568,10 @@ def test_peer_pidfd_is_readable_once_the_process_that_connected_exits_though_its
             else:
                 assert select.select([late], [], [], 0)[0] == [late]
                 os.close(late)
-        conn.close()
     finally:
+        if conn is not None:
+            conn.close()  # the child reads EOF and exits
         connector.kill()
         connector.wait()
-        connector.stdin.close()  # the child reads EOF and exits
+        connector.stdin.close()
         listener.close()
