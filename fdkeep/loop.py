@@ -22,6 +22,9 @@ for hang-ups only, which is an epoll registration with an empty event mask
 Callbacks run one at a time, in the loop's thread; a callback that raises ends
 :meth:`Loop.run_once` with that exception, so callbacks catch what they expect.
 
+:attr:`Loop.woke_at` is when the turn's wait ended: the moment the turn's events
+were noticed, from which a daemon can measure how long it took to act on one.
+
 Limits: timers fire no earlier than asked, and late by however long the
 callbacks before them took; the loop is single-threaded by design.
 """
@@ -66,6 +69,8 @@ class Loop:
         self._order = itertools.count()
         self._after_events: list[Callable[[], None]] = []
         self.clock = clock
+        #: When the last wait for events ended (``clock()``): when this turn's events were noticed.
+        self.woke_at = clock()
         #: Callbacks a signal handler asked for, and the self-pipe that wakes the loop for them.
         self._signalled: list[Callable[[], None]] = []
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -157,6 +162,7 @@ class Loop:
             events = self._epoll.poll(self._next_timeout(timeout))
         except InterruptedError:
             events = []
+        self.woke_at = self.clock()
         for fd, mask in events:
             callback = self._callbacks.get(fd)
             if callback is not None:

@@ -46,7 +46,9 @@ loop that reads when readable and flushes its output when writable.
 
 :class:`FrameSocket` is the blocking client side, for command-line tools and
 libraries: send a frame, receive frames. :func:`listen_unix` makes the
-listening socket both daemons serve on, the same way for both.
+listening socket both daemons serve on, the same way for both;
+:func:`peer_credentials` says who connected, and :func:`peer_pidfd` hears that
+process exit, whoever keeps its socket.
 """
 
 from __future__ import annotations
@@ -78,6 +80,30 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a UNIX socket."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)
+
+
+#: Linux >= 6.5: a pidfd of the process that connected (77 on x86 and arm; Python 3.11 does not name it).
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+
+def peer_pidfd(sock: socket.socket, pid: int) -> int:
+    """A pidfd (readable once the process has exited) of the process that connected to ``sock``,
+    whose ``SO_PEERCRED`` pid is ``pid``. ``SO_PEERPIDFD`` names that very process, whatever
+    became of its pid since; where the kernel lacks it (before 6.5), ``pidfd_open(pid)``
+    (Linux >= 5.3) does, if the pid was not reused meanwhile: open it while the peer is known to
+    live (it just connected or asked). Raises ProcessLookupError if the process is gone and
+    reaped already, another OSError if no pidfd can be had (ENOSYS: no pidfds here; EINVAL:
+    its pid is not in our pid namespace)."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ESRCH):  # what older kernels say of a reaped peer
+            raise ProcessLookupError(errno.ESRCH, "the process that connected is gone") from None
+        if exc.errno != errno.ENOPROTOOPT:
+            raise
+    if pid <= 0:
+        raise OSError(errno.EINVAL, "the peer's pid is not in our pid namespace")
+    return os.pidfd_open(pid)  # ESRCH is ProcessLookupError
 
 
 def listen_unix(path: str, backlog: int = 128) -> socket.socket:

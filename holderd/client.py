@@ -172,7 +172,8 @@ class Lease:
     """A lease from holderd, on a connection of its own that lives as long as its holder.
 
     holderd grants a lease name (per uid) to the first connection that asks and
-    queues the others; when the holder's connection ends (its process died), the
+    queues the others; when the holder's process exits or its connection ends,
+    whichever is first (a child that keeps the socket does not keep the lease), the
     next in line is told at once. :meth:`request` asks; then :meth:`fileno` goes
     into the caller's event loop and :meth:`poll` says what came: ``"granted"``
     (it is ours now) or ``"lost"`` (holderd went away: ask again once it is back,

@@ -32,6 +32,18 @@ what holderd has (its fds above all):
 
 Every offender is logged with its pid and uid and what it did, at most once a
 minute per uid and offence (:class:`~fdkeep.logs.Offences`).
+
+A lease (``LEASE``) passes when its holder is gone, and the holder is gone at
+the first of two events, heard in the same loop turn that grants the lease on:
+its connection ends (the hang-up: the kernel closed the last copy of its
+socket), or its process exits. The second is needed because a process that
+forked keeps its sockets alive in its children: a dead holder whose child
+lives would otherwise keep the lease for as long as the child does. So a peer
+that asks for a lease has its process watched (:class:`ProcessWatch`, a pidfd
+on the loop), and when that process exits its connection is closed: whatever
+it held or waited for passes on, at once, and once (the connection's end is
+the only path to the core's ``peer_gone``; the pidfd goes with the peer).
+Without pidfds (Linux < 5.3) that is said once and the hang-up alone counts.
 """
 
 from __future__ import annotations
@@ -44,10 +56,11 @@ import socket
 import sys
 
 from fdkeep.errors import Error
+from fdkeep.fdpass import close_fds
 from fdkeep.frames import DEFAULT_MAX_FRAME, MAX_FDS_PER_FRAME
 from fdkeep.logs import Offences
-from fdkeep.loop import AcceptPause, Loop, raise_fd_limit, stop_on_signals
-from fdkeep.peer import FramePeer, listen_unix, peer_credentials, send_frame
+from fdkeep.loop import IN, AcceptPause, Loop, raise_fd_limit, stop_on_signals
+from fdkeep.peer import FramePeer, listen_unix, peer_credentials, peer_pidfd, send_frame
 from fdkeep.systemd import ServiceManager
 
 from .client import default_socket
@@ -79,6 +92,44 @@ class HangupWatcher(Watcher):
         held = self.core.drop_fd(fd)
         if held is not None:
             log.info("dropped %s: its socket hung up", held.name)
+
+
+class ProcessWatch:
+    """Hears the process of a peer exit, though its connection may live on in a child: a pidfd
+    of the process that connected (:func:`~fdkeep.peer.peer_pidfd`) is readable once it has.
+    Owns those pidfds, one per peer watched, until :meth:`forget`."""
+
+    def __init__(self, loop: Loop, on_exit):
+        self.loop = loop
+        self.on_exit = on_exit
+        self.pidfds: dict[FramePeer, int] = {}
+        self._reported: set[int] = set()
+
+    def watch(self, peer: FramePeer) -> bool:
+        """Call ``on_exit(peer)`` when the peer's process exits; False if it is gone already."""
+        if peer in self.pidfds:
+            return True
+        try:
+            pidfd = peer_pidfd(peer.sock, peer.pid)
+        except ProcessLookupError:
+            return False
+        except OSError as exc:
+            if exc.errno not in self._reported:  # once per cause: a kernel without pidfds is for good
+                self._reported.add(exc.errno)
+                log.warning(
+                    "cannot watch the process of %r (%s; pidfds need Linux >= 5.3): its leases pass only "
+                    "when its connection ends, which a child of it that keeps the socket puts off; said "
+                    "once for this error", peer, exc.strerror or exc)
+            return True
+        self.pidfds[peer] = pidfd
+        self.loop.add(pidfd, IN, lambda mask, peer=peer: self.on_exit(peer))
+        return True
+
+    def forget(self, peer: FramePeer) -> None:
+        pidfd = self.pidfds.pop(peer, None)
+        if pidfd is not None:
+            self.loop.remove(pidfd)
+            os.close(pidfd)
 
 
 class Watchers(Watcher):
@@ -126,6 +177,11 @@ class Holderd:
         self.answering: dict[FramePeer, Replies] = {}
         #: Since when each of those waits for room, and whether that was logged.
         self.waiting: dict[FramePeer, list] = {}
+        #: The processes of the peers that asked for a lease, and those found exited.
+        self.processes = ProcessWatch(self.loop, self._process_exited)
+        self._exited: set[FramePeer] = set()
+        #: Set by close(): holderd goes, and its leases with it.
+        self.stopping = False
         self._room_grew = False
         self.offences = Offences(log)
         # Anyone may connect; SO_PEERCRED, not file modes, decides who is served.
@@ -177,7 +233,18 @@ class Holderd:
             pass
         sock.close()
 
+    def _process_exited(self, peer: FramePeer) -> None:
+        """The peer's process is gone: so is the peer, whoever else keeps its socket."""
+        self._exited.add(peer)
+        peer.close()  # -> _peer_closed, now
+
     def _peer_closed(self, peer: FramePeer) -> None:
+        self.processes.forget(peer)
+        if peer in self._exited:
+            self._exited.discard(peer)
+            seen = "its process exited (pidfd)"
+        else:
+            seen = "its connection ended (hang-up)"
         self.peers.discard(peer)
         mine = self.by_uid.get(peer.uid)
         if mine is not None:
@@ -188,12 +255,16 @@ class Holderd:
         self.answering.pop(peer, None)
         self.waiting.pop(peer, None)
         self._room_grew = True
+        if self.stopping:
+            return  # no lease passes: every connection reads its end, and asks the next holderd
         by_number = {id(other): other for other in self.peers}
         for number, event in self.core.peer_gone(id(peer)):
             waiter = by_number.get(number)
             if waiter is not None:
-                log.info("lease %s passes to %r (its holder, pid %d, is gone)", event["lease"], waiter, peer.pid)
                 waiter.send(event)
+                log.info("lease %s passes to %r (its holder, pid %d, is gone: %s first; granted %d us after "
+                         "holderd noticed)", event["lease"], waiter, peer.pid, seen,
+                         (self.loop.clock() - self.loop.woke_at) * 1e6)
 
     def _parked(self, peer: FramePeer) -> Error | None:
         """After a read: the peer is dropped if its uid's connections now park too much."""
@@ -237,6 +308,13 @@ class Holderd:
 
     # -- requests and replies ---------------------------------------------------------
     def _on_frame(self, peer: FramePeer, body: dict, fds: list[int]) -> None:
+        # Watched from its first LEASE on, so that no lease is granted to or kept by a dead process.
+        # (Without SO_PEERPIDFD the pid is looked up: now, just after it asked, is the best time.)
+        if body.get("op") == "LEASE" and not self.processes.watch(peer):
+            close_fds(fds)
+            log.info("%r asked for a lease, but its process is gone (a child keeps its socket): closing it", peer)
+            self._process_exited(peer)
+            return
         self.answering[peer] = self.core.handle(peer.uid, body, fds, id(peer))
         if not self._answer(peer):
             peer.hold(True)  # its next requests wait in its socket meanwhile
@@ -307,6 +385,7 @@ class Holderd:
 
     def close(self) -> None:
         self.manager.stopping(f"stopping; {self.status_line()}")
+        self.stopping = True
         # What systemd's store keeps must stay there: a restart passes it back.
         self.mirror.detach()
         for peer in list(self.peers):

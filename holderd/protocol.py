@@ -40,9 +40,11 @@ waits for fds to be freed, or ends the replies with ``no-resources``
 
 *Leases* let two processes of one uid take turns (chatd and its warm
 standby): ``LEASE`` grants a name to the first connection that asks; the others
-queue. A lease belongs to a connection, not a process: when that connection
-ends (the holder died: the kernel closed its socket), :meth:`HolderCore.peer_gone`
-hands the lease to the next in the queue and says whom to tell, at once.
+queue. A lease belongs to a connection, held while the connection and the
+process that opened it both live: when the daemon finds either gone (the
+kernel closed the socket, or the process exited while a child of it keeps the
+socket), it says so once, and :meth:`HolderCore.peer_gone` hands the lease to
+the next in the queue and says whom to tell, at once.
 """
 
 from __future__ import annotations

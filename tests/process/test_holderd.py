@@ -4,6 +4,8 @@ import array
 import os
 import select
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,7 +15,7 @@ from fdkeep.errors import Error
 from fdkeep.frames import HEADER, encode_frame
 from fdkeep.peer import FrameSocket
 from helpers import OtherUser, needs_root_to_act_as_another_uid, tcp_pair
-from holderd.client import HolderClient
+from holderd.client import HolderClient, Lease
 
 
 def raw_connection(path):
@@ -451,3 +453,104 @@ def test_one_uid_may_have_at_most_256_connections(holder):
     for sock in socks:
         sock.close()
     still_serves(holder)
+
+
+# -- leases: the holder's process dying passes the lease, whatever keeps its socket ---------
+
+FORKING_LEASE_ASKER = """
+import os, sys
+from holderd.client import Lease
+lease = Lease({name!r}, {path!r})
+print("granted" if lease.request() else "waiting", flush=True)
+child = os.fork()  # a child that keeps a copy of every fd, the lease's connection among them
+if child == 0:
+    sys.stdin.read()  # until the test closes our stdin
+    os._exit(0)
+print(child, flush=True)
+sys.stdin.read()
+"""
+
+
+class ForkingLeaseAsker:
+    """A process that asks holderd for a lease, then forks a child that keeps the lease's
+    connection open (a copy of it) for as long as the test keeps this one's stdin open."""
+
+    def __init__(self, procs, name: str):
+        script = FORKING_LEASE_ASKER.format(name=name, path=procs.holder_socket)
+        self.proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=procs.env, text=True)
+        self.answer = self.proc.stdout.readline().strip()
+        self.child = int(self.proc.stdout.readline())
+
+    def child_alive(self) -> bool:
+        try:
+            with open(f"/proc/{self.child}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdin.close()  # the child reads EOF and exits
+        self.proc.stdout.close()
+        wait_until(lambda: not self.child_alive(), 10, "the lease asker's child to exit")
+
+
+@pytest.fixture
+def forking_lease_asker(procs):
+    made = []
+
+    def make(name: str) -> ForkingLeaseAsker:
+        made.append(ForkingLeaseAsker(procs, name))
+        return made[-1]
+
+    yield make
+    for asker in made:
+        asker.close()
+
+
+def lease_granted(lease: Lease, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        select.select([lease.fileno()], [], [], left)
+        answer = lease.poll()
+        if answer is not None:
+            return answer == "granted"
+    return False
+
+
+def test_a_lease_passes_when_its_holder_dies_though_a_child_keeps_its_connection(procs, forking_lease_asker):
+    procs.start_holderd()
+    holder = forking_lease_asker("t-lease")
+    assert holder.answer == "granted"
+    waiter = Lease("t-lease", procs.holder_socket)
+    assert waiter.request() is False
+    killed_at = time.monotonic()
+    holder.proc.kill()
+    assert lease_granted(waiter, 10), "the holder died: the lease is the waiter's, however long its child lives"
+    took = time.monotonic() - killed_at
+    assert holder.child_alive(), "the holder's connection lived on in its child all along"
+    print(f"SIGKILL of the holder -> the waiter granted the lease: {took * 1000:.2f} ms")
+    # holderd logs it after sending the grant: the log may come a moment after.
+    [passed] = wait_until(lambda: [line for line in procs.logs().splitlines() if "passes to" in line], 5,
+                          "holderd to log the lease passing")
+    print(passed)
+    assert f"(its holder, pid {holder.proc.pid}, is gone: its process exited (pidfd) first;" in passed
+    waiter.close()
+
+
+def test_a_waiter_that_dies_leaves_the_line_though_a_child_keeps_its_connection(procs, forking_lease_asker):
+    procs.start_holderd()
+    holder = Lease("t-lease", procs.holder_socket)
+    assert holder.request() is True
+    dead = forking_lease_asker("t-lease")
+    assert dead.answer == "waiting"
+    dead.proc.kill()
+    dead.proc.wait()
+    waiter = Lease("t-lease", procs.holder_socket)
+    assert waiter.request() is False
+    holder.close()
+    assert lease_granted(waiter, 10), "the lease went to the waiter that died before this one"
+    assert dead.child_alive()
+    waiter.close()

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from ctl.launch import wait_until
+from fdkeep import peer as peer_module
 from fdkeep.errors import Error
 from fdkeep.fdpass import recv_with_fds
 from fdkeep.frames import HEADER, FrameDecoder, encode_frame
 from fdkeep.loop import Loop
-from fdkeep.peer import Channel, FramePeer, FrameSocket, OutputQueue, listen_unix, peer_credentials, send_frame
+from fdkeep.peer import (Channel, FramePeer, FrameSocket, OutputQueue, listen_unix, peer_credentials,
+                         peer_pidfd, send_frame)
 from helpers import is_open
 from proptools import open_fds
 
@@ -518,3 +523,55 @@ def test_an_error_reply_is_the_refusal_the_peer_sends(served):
     s.pump()
     assert [frame.body["error"] for frame in s.client.read()] == ["not-allowed", "gone"]
     assert s.peer.closed and s.closes == 1 and s.client.eof
+
+
+@pytest.mark.parametrize("option", ["SO_PEERPIDFD", "pidfd_open"])
+def test_peer_pidfd_is_readable_once_the_process_that_connected_exits_though_its_socket_lives_on(
+        tmp_path, monkeypatch, option):
+    """The pidfd names the peer's process, not its socket: a child that keeps the socket does
+    not put it off. Where the kernel lacks SO_PEERPIDFD (an option it does not know), the
+    SO_PEERCRED pid's pidfd_open does the same."""
+    if option == "pidfd_open":
+        monkeypatch.setattr(peer_module, "SO_PEERPIDFD", 0x7FFF)  # ENOPROTOOPT, as before Linux 6.5
+    path = str(tmp_path / "s.sock")
+    listener = listen_unix(path)
+    script = ("import os, socket, sys\n"
+              f"s = socket.socket(socket.AF_UNIX); s.connect({path!r})\n"
+              # A child keeps s, until our end closes (not reading stdin: the line is the parent's).
+              "if os.fork() == 0:\n    os.close(0); s.recv(1); os._exit(0)\n"
+              "sys.stdin.readline()\n")
+    connector = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
+    conn = None
+    try:
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        pid, _, _ = peer_credentials(conn)
+        assert pid == connector.pid
+        pidfd = peer_pidfd(conn, pid)
+        assert select.select([pidfd], [], [], 0)[0] == [], "it lives"
+        connector.stdin.write(b"exit\n")
+        connector.stdin.flush()
+        assert select.select([pidfd], [], [], 10)[0] == [pidfd], "it exited"
+        conn.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            conn.recv(1)  # no EOF: the child keeps the socket open
+        os.close(pidfd)
+        connector.wait()  # reaped: asked now, there is no pidfd, or one readable at once
+        if option == "pidfd_open":
+            with pytest.raises(ProcessLookupError):
+                peer_pidfd(conn, pid)
+        else:
+            try:
+                late = peer_pidfd(conn, pid)  # newer kernels keep what a reaped peer was
+            except ProcessLookupError:
+                pass
+            else:
+                assert select.select([late], [], [], 0)[0] == [late]
+                os.close(late)
+    finally:
+        if conn is not None:
+            conn.close()  # the child reads EOF and exits
+        connector.kill()
+        connector.wait()
+        connector.stdin.close()
+        listener.close()
