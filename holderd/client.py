@@ -191,7 +191,10 @@ class Lease:
         self.close()
         try:
             self._conn = FrameSocket(self.path, self.timeout)
-            self._conn.send({"id": 1, "op": "LEASE", "lease": self.name})
+            try:
+                self._conn.send({"id": 1, "op": "LEASE", "lease": self.name})
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # holderd may have refused us and hung up first: its reason is there to be read
             reply = self._conn.receive().body
         except (OSError, ConnectionError) as exc:
             self.close()
