@@ -20,6 +20,15 @@ without being written (:class:`chatd.journal.JournalReader`). So a standby
   takeover it tells at once which sockets have bytes to read);
 - it reads the journal's records, parsing only those whose bytes changed.
 
+**One reader at a time.** Reading a bundle without consuming it moves its
+socket's peek offset, which every duplicate of the socket shares: two processes
+reading one bundle at once would each skip or repeat what the other read. A
+chatd reads the bundles in its restore and never again; it names itself the
+journal's owner only once that is done. So a standby reads only while the
+journal names a live owner (not while a chatd starts, takes over or hands over),
+and the one taking over reads alone: the other instance, restarting, finds the
+owner dead until the new one has restored.
+
 At the takeover the restore (:mod:`chatd.restore`) still asks the holders for
 everything, and takes from here only what it can prove current: a bundle whose
 two ends are the very sockets read here (inodes), with what was appended since
@@ -43,6 +52,7 @@ import logging
 import os
 import select
 import time
+from typing import Callable
 
 from fdkeep.bundle import Bundle
 from fdkeep.errors import Error
@@ -52,7 +62,7 @@ from holderd.client import HolderClient
 
 from .bundles import parse_name
 from .holders import PREFIX, STATE_NAME
-from .journal import JournalReader
+from .journal import JournalReader, read_owner
 from .records import Record, member_of
 from .room import Member
 
@@ -74,8 +84,11 @@ class _Read:
 class Prepared:
     """A standby's copies of the client sockets and records; the takeover takes them over."""
 
-    def __init__(self, holder_path: str):
+    def __init__(self, holder_path: str, someone_serves: Callable[[tuple[int, int] | None], bool]):
+        """``someone_serves(owner)``: whether the journal's owner is a live chatd serving (so done
+        with its own restore's reading)."""
         self.holder_path = holder_path
+        self.someone_serves = someone_serves
         self._bundles: dict[tuple[int, int], _Read] = {}  # (shard, generation) -> what was read
         self._journal: tuple[int, int, JournalReader] | None = None  # (inode, fd, reader)
         #: Every client fd held here, in an epoll set of its own, with its socket's inode.
@@ -120,11 +133,12 @@ class Prepared:
         self.refresh_ms = round((self.refreshed_at - began) * 1000, 2)
 
     def _update(self, kept) -> None:
+        journal = next((item for item in kept if item.name == STATE_NAME), None)
+        if journal is None or not self.someone_serves(read_owner(journal.fd)):
+            return  # a chatd may be restoring, reading the bundles itself: see "One reader at a time"
+        self._read_journal(journal)
         ends: dict[tuple[int, int], dict[str, object]] = {}
         for item in kept:
-            if item.name == STATE_NAME:
-                self._read_journal(item)
-                continue
             parsed = parse_name(item.name)
             if parsed is not None:
                 ends.setdefault(parsed[:2], {})[parsed[2]] = item

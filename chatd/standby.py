@@ -137,7 +137,7 @@ class Turns:
         self._yielding = False  # gave the lease back to a live server, and said so
         self._terminating = False  # SIGTERM came while serving: handing over, or stopping
         #: What this chatd reads while it stands by, for a takeover that need not (chatd.prepared).
-        self.prepared = Prepared(holder_path)
+        self.prepared = Prepared(holder_path, lambda owner: owner is not None and process_identity(owner[0]) == owner)
         self._refreshing = None  # the timer that refreshes it, while standing by
 
     # -- at start -------------------------------------------------------------------
