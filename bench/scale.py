@@ -174,18 +174,6 @@ def serving_unit(machine) -> str:
     return next(unit for unit in ("chatd@1", "chatd@2") if int(machine.show(unit, "MainPID")) == pid)
 
 
-def journal_times(machine, since: str) -> list[tuple[float, str, str]]:
-    out = machine.run("journalctl", "-u", "chatd@*", "--since", since, "-o", "json", "--no-pager").stdout
-    entries = []
-    for line in out.splitlines():
-        entry = json.loads(line)
-        message = entry.get("MESSAGE", "")
-        if isinstance(message, list):
-            message = bytes(message).decode(errors="replace")
-        entries.append((int(entry["__REALTIME_TIMESTAMP"]) / 1e6, entry.get("_SYSTEMD_UNIT", ""), message))
-    return entries
-
-
 def crash_and_measure(machine, pair: Pair, clients: int, cold: bool) -> dict:
     unit = serving_unit(machine)
     standby = "chatd@2" if unit == "chatd@1" else "chatd@1"
@@ -204,7 +192,7 @@ def crash_and_measure(machine, pair: Pair, clients: int, cold: bool) -> dict:
 
     status = wait_until(restored, 120, "a chatd to serve again", interval=0.05)
     time.sleep(0.5)
-    entries = journal_times(machine, since)
+    entries = machine.journal_entries("chatd@*", since)
     died = next(stamp for stamp, _, message in entries if "Main process exited" in message)
     restored_at = next(stamp for stamp, _, message in entries if message.startswith("chatd: INFO restored")
                        and stamp >= died)
@@ -280,6 +268,20 @@ def wheels_dir() -> Path:
     return directory
 
 
+def provision(machine, wheels: Path, port: int) -> bool:
+    """scripts/provision in the container, as a user runs it: True once both chatd are up (it
+    returns before they are), False, with its output printed, if it failed."""
+    result = machine.run("bash", str(ROOT / "scripts" / "provision"), "--source", str(ROOT), "--wheels",
+                         str(wheels), "--chatd-options", f"--port {port}", "--no-selftest", check=False,
+                         timeout=900)
+    if result.returncode != 0:
+        print(result.stdout, result.stderr)
+        return False
+    wait_until(lambda: all(machine.show(unit, "SubState") == "running" for unit in ("chatd@1", "chatd@2")), 60,
+               "both chatd up")
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,1000,10000,ceiling")
@@ -292,11 +294,7 @@ def main() -> int:
     wheels = wheels_dir()
     rows = []
     with BootedSystemd(binds=[str(ROOT), str(wheels)], boot_timeout=120) as machine:
-        result = machine.run("bash", str(ROOT / "scripts" / "provision"), "--source", str(ROOT), "--wheels",
-                             str(wheels), "--chatd-options", f"--port {port}", "--no-selftest", check=False,
-                             timeout=900)
-        if result.returncode != 0:
-            print(result.stdout, result.stderr)
+        if not provision(machine, wheels, port):
             return 1
         ceiling = chatctl(machine, "status")["chatd"]["max_clients"] - 10
         pair = Pair(port)

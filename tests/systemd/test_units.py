@@ -163,20 +163,11 @@ def takeover_gap_ms(machine, since: str, end: str = "Main process exited") -> fl
     Each entry is placed at the time it was made where the journal knows it (systemd's own
     lines carry it), else when the journal received it (chatd's stdout): a standby may log its
     restore before PID 1 has written its line about the exit, so the order of lines is no guide."""
-    out = machine.run("journalctl", "-u", "chatd@*", "--since", since, "-o", "json", "--no-pager").stdout
-    entries = []
-    for line in out.splitlines():
-        entry = json.loads(line)
-        message = entry.get("MESSAGE", "")
-        if isinstance(message, list):
-            message = bytes(message).decode(errors="replace")
-        stamp = int(entry.get("_SOURCE_REALTIME_TIMESTAMP") or entry["__REALTIME_TIMESTAMP"]) / 1000
-        entries.append((stamp, message))
-    entries.sort()
+    entries = [(stamp * 1000, message) for stamp, _, message in machine.journal_entries("chatd@*", since)]
     died = next((stamp for stamp, message in entries if end in message), None)
     restored = next((stamp for stamp, message in entries
                      if died is not None and stamp >= died and "restored" in message), None)
-    assert died is not None and restored is not None, out
+    assert died is not None and restored is not None, entries
     return round(restored - died, 1)
 
 
