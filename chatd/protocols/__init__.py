@@ -75,8 +75,8 @@ def web_unavailable() -> str | None:
 
     The line protocol needs nothing beyond the standard library, so chatd (and
     the demo) run from a bare checkout; the web codec is imported only when asked.
-    The two are looked for, not imported: importing them took 25-40 ms of every
-    chatd's start here, as much again as all of chatd's own imports, and a cold
+    The two are looked for, not imported: importing them took 20-40 ms of every
+    chatd's start here (a third more on top of chatd's own imports), and a cold
     restart (no standby) waits for every millisecond of its start. The web codec
     imports them when it is first needed (a web client), or :func:`import_web_codec`
     ahead of time.
