@@ -199,18 +199,6 @@ def serving_unit(machine) -> str:
     return next(unit for unit in ("chatd@1", "chatd@2") if int(machine.show(unit, "MainPID")) == pid)
 
 
-def journal_times(machine, since: str) -> list[tuple[float, str, str]]:
-    out = machine.run("journalctl", "-u", "chatd@*", "--since", since, "-o", "json", "--no-pager").stdout
-    entries = []
-    for line in out.splitlines():
-        entry = json.loads(line)
-        message = entry.get("MESSAGE", "")
-        if isinstance(message, list):
-            message = bytes(message).decode(errors="replace")
-        entries.append((int(entry["__REALTIME_TIMESTAMP"]) / 1e6, entry.get("_SYSTEMD_UNIT", ""), message))
-    return entries
-
-
 def crash_and_measure(machine, pair: Pair, clients: int, cold: bool, commands=(), results=None) -> dict:
     """One crash of the serving chatd (``chatctl crash``: SIGSEGV), standby up or (``cold``) stopped.
     With ``commands``, every idle client sends PING the moment the crash is asked for, and
@@ -237,11 +225,12 @@ def crash_and_measure(machine, pair: Pair, clients: int, cold: bool, commands=()
     status = wait_until(lambda: (lambda s: s if s["restore"].get("all_adopted_ms") is not None else None)(
         chatctl(machine, "status")["chatd"]), 120, "every client adopted", interval=0.1)
     time.sleep(0.5)
-    entries = journal_times(machine, since)
+    entries = machine.journal_entries("chatd@*", since)
     died = next(stamp for stamp, _, message in entries if "Main process exited" in message)
     restore = status["restore"]
     first = pair.first_after(died)
-    passed = [stamp for stamp, unit_name, message in entries if "lease chatd passes" in message and stamp >= died - 1]
+    passed = [stamp for stamp, _, message in machine.journal_entries("holderd", since)
+              if "lease chatd passes" in message and stamp >= died - 1]
     result = {
         "kill_to_first_relayed_ms": round((first - died) * 1000, 1) if first else None,
         "kill_to_served_ms": round((restore["began_at"] + restore["milliseconds"] / 1000 - died) * 1000, 1),
@@ -276,7 +265,7 @@ def median_and_worst(values: list) -> dict:
     return {"median": round(statistics.median(values), 1), "worst": max(values)} if values else None
 
 
-def measure_size(machine, port: int, size: int, pair: Pair) -> dict:
+def measure_size(machine, port: int, size: int, pair: Pair, crashes_each: int = CRASHES) -> dict:
     commands, results = [], multiprocessing.Queue()
     workers = []
     cpu_before = pid1_cpu(machine)
@@ -311,7 +300,7 @@ def measure_size(machine, port: int, size: int, pair: Pair) -> dict:
     row["standby_bytes_per_client"] = round((rss_kib(standby_pid) - rss_before["standby"]) * 1024 / size)
     for mode in MODES:
         crashes = []
-        for _ in range(CRASHES):
+        for _ in range(crashes_each):
             crash = crash_and_measure(machine, pair, size, cold=mode == "cold",
                                       commands=commands if mode == "standby, every client active" else (),
                                       results=results)
@@ -344,6 +333,20 @@ def wheels_dir() -> Path:
     return directory
 
 
+def provision(machine, wheels: Path, port: int) -> bool:
+    """scripts/provision in the container, as a user runs it: True once both chatd are up (it
+    returns before they are), False, with its output printed, if it failed."""
+    result = machine.run("bash", str(ROOT / "scripts" / "provision"), "--source", str(ROOT), "--wheels",
+                         str(wheels), "--chatd-options", f"--port {port}", "--no-selftest", check=False,
+                         timeout=900)
+    if result.returncode != 0:
+        print(result.stdout, result.stderr)
+        return False
+    wait_until(lambda: all(machine.show(unit, "SubState") == "running" for unit in ("chatd@1", "chatd@2")), 60,
+               "both chatd up")
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,1000,10000,ceiling")
@@ -351,19 +354,13 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH", default=str(ROOT / "bench" / "results" / "scale.json"))
     parser.add_argument("--plot", metavar="PATH", default=str(ROOT / "bench" / "results" / "scale.png"))
     args = parser.parse_args()
-    global CRASHES
-    CRASHES = args.crashes
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     port = free_port()
     wheels = wheels_dir()
     rows = []
     with BootedSystemd(binds=[str(ROOT), str(wheels)], boot_timeout=120) as machine:
-        result = machine.run("bash", str(ROOT / "scripts" / "provision"), "--source", str(ROOT), "--wheels",
-                             str(wheels), "--chatd-options", f"--port {port}", "--no-selftest", check=False,
-                             timeout=900)
-        if result.returncode != 0:
-            print(result.stdout, result.stderr)
+        if not provision(machine, wheels, port):
             return 1
         ceiling = chatctl(machine, "status")["chatd"]["max_clients"] - 10
         pair = Pair(port)
@@ -371,7 +368,7 @@ def main() -> int:
             for text in args.sizes.split(","):
                 size = ceiling if text == "ceiling" else int(text)
                 print(f"{size} idle clients ...", flush=True)
-                rows.append(measure_size(machine, port, size, pair))
+                rows.append(measure_size(machine, port, size, pair, args.crashes))
         except BaseException:
             print(machine.run("journalctl", "-u", "chatd@*", "-u", "holderd", "-n", "60", "--no-pager",
                               check=False).stdout)

@@ -20,10 +20,10 @@ from .control import ControlServer, default_socket as control_socket, instance_s
 from .bundles import clients_the_fd_limit_allows
 from .holders import LISTEN_NAME, Holders, HolderdHolder, SystemdHolder
 from .journal import BOX_RING, Journal
-from .protocols import web_unavailable
+from .protocols import import_web_codec, web_unavailable
 from .reports import status_line
 from .lifecycle import HandedOver, Lifecycle, Where
-from .server import STALL_TIMEOUT, ChatServer
+from .server import STALL_TIMEOUT, ChatServer, Role
 from .standby import Turns
 
 log = logging.getLogger("chatd")
@@ -251,6 +251,14 @@ def main(argv=None) -> int:
                 lifecycle.serve()
             except Error:
                 return 1
+        if lifecycle.role in (Role.STANDBY, Role.WAITING) and args.http_port >= 0:
+            # Now, while it waits, rather than in the restore of its first web client: the
+            # start left it out (a cold restart waits for the start, see web_unavailable).
+            try:
+                import_web_codec()
+            except ImportError as exc:
+                log.error("the web chat's libraries are installed but do not import (%s): reinstall "
+                          "process-backup, or pass --http-port -1", exc)
         server.serve_forever()
     except HandedOver:
         # The lease is the successor's, and so is everything else: exit now, without the

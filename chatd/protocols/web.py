@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import struct
-from importlib import resources
 
 import h11
 from wsproto import ConnectionType
@@ -73,6 +72,10 @@ PAGES = {
 
 
 def page(name: str) -> bytes:
+    # Imported here, by the first page asked for: importlib.resources takes 8-15 ms to import,
+    # which a restore of web clients need not spend.
+    from importlib import resources
+
     return resources.files("chatd").joinpath("web", name).read_bytes()
 
 

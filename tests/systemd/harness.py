@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -385,6 +386,26 @@ class BootedSystemd:
         if since is not None:
             argv += ["--since", since]
         return self.run(*argv).stdout
+
+    def journal_entries(self, unit: str, since: str | None = None) -> list[tuple[float, str, str]]:
+        """The journal of ``unit`` (or of a pattern, ``chatd@*``) as (seconds, unit, message), in order.
+
+        Each entry is placed at the time it was made where the journal knows it (systemd's own
+        lines carry it), else when the journal received it (a service's stdout); the unit is
+        the one a line is about, without ``.service`` (PID 1's lines name it in ``UNIT=``)."""
+        argv = ["journalctl", "-u", unit, "-o", "json", "--no-pager"]
+        if since is not None:
+            argv += ["--since", since]
+        entries = []
+        for line in self.run(*argv).stdout.splitlines():
+            entry = json.loads(line)
+            message = entry.get("MESSAGE", "")
+            if isinstance(message, list):  # not UTF-8: the journal gives the bytes
+                message = bytes(message).decode(errors="replace")
+            stamp = int(entry.get("_SOURCE_REALTIME_TIMESTAMP") or entry["__REALTIME_TIMESTAMP"]) / 1e6
+            about = (entry.get("UNIT") or entry.get("_SYSTEMD_UNIT", "")).removesuffix(".service")
+            entries.append((stamp, about, message))
+        return sorted(entries)
 
     def install_unit(self, name: str, text: str) -> None:
         """Write ``/etc/systemd/system/NAME`` in the container and reload systemd."""

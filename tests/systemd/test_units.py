@@ -163,20 +163,11 @@ def takeover_gap_ms(machine, since: str, end: str = "Main process exited") -> fl
     Each entry is placed at the time it was made where the journal knows it (systemd's own
     lines carry it), else when the journal received it (chatd's stdout): a standby may log its
     restore before PID 1 has written its line about the exit, so the order of lines is no guide."""
-    out = machine.run("journalctl", "-u", "chatd@*", "--since", since, "-o", "json", "--no-pager").stdout
-    entries = []
-    for line in out.splitlines():
-        entry = json.loads(line)
-        message = entry.get("MESSAGE", "")
-        if isinstance(message, list):
-            message = bytes(message).decode(errors="replace")
-        stamp = int(entry.get("_SOURCE_REALTIME_TIMESTAMP") or entry["__REALTIME_TIMESTAMP"]) / 1000
-        entries.append((stamp, message))
-    entries.sort()
+    entries = [(stamp * 1000, message) for stamp, _, message in machine.journal_entries("chatd@*", since)]
     died = next((stamp for stamp, message in entries if end in message), None)
     restored = next((stamp for stamp, message in entries
                      if died is not None and stamp >= died and "restored" in message), None)
-    assert died is not None and restored is not None, out
+    assert died is not None and restored is not None, entries
     return round(restored - died, 1)
 
 
@@ -396,6 +387,66 @@ def test_selftest_probes_the_port_chatd_serves(machine):
                and all(machine.show(unit, "ActiveState") == "active" for unit in CHATD_UNITS),
                30, "the crashed instance to stand by again")
     chat(machine.clients, ("ann", "bob"), 15)
+
+
+def test_with_the_standby_stopped_a_crash_is_a_cold_restart_by_systemd(machine):
+    """No standby: systemd restarts the crashed chatd itself (RestartSec=), and it restores."""
+    clients = pair(machine, "cal", "dee")
+    try:
+        chat(clients, ("cal", "dee"), 1)
+        unit, old = serving(machine)
+        standby = other(unit)
+        before = restarts(machine, unit)
+        machine.systemctl("stop", standby)
+        try:
+            since = now(machine)
+            chatctl(machine, "crash")
+            new = wait_active(machine, unit, old)
+            assert serving(machine) == (unit, new)
+            assert restarts(machine, unit) == before + 1
+            journal = chatd_journal(machine, since)
+            assert "Scheduled restart job" in journal and "granted the lease" not in journal, journal
+            print(f"crash to restored, cold (systemd's restart, no standby): {takeover_gap_ms(machine, since)} ms")
+            chat(clients, ("cal", "dee"), 2)  # the same connections: a LineClient never reconnects
+        finally:
+            machine.systemctl("start", standby)
+        wait_until(lambda: machine.show(standby, "ActiveState") == "active", 20, f"{standby} to stand by again")
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_crash_loop_at_start_ends_at_the_start_limit(machine):
+    """The guard against a crash loop: systemd restarts at once (RestartSec=0), yet an instance that
+    fails at every start ends failed (StartLimitBurst= starts in StartLimitIntervalSec=), and
+    the other serves on."""
+    unit, pid = serving(machine)
+    looping = other(unit)
+    drop_in = f"/etc/systemd/system/{looping}.service.d/fail-at-start.conf"
+    machine.run("mkdir", "-p", os.path.dirname(drop_in))
+    # A crash point chatd does not know: it exits 2 at start, after Python and its imports.
+    machine.run("sh", "-c", 'cat > "$1"', "sh", drop_in, input="[Service]\nEnvironment=CHATD_FAULT=no-such-point\n")
+    machine.systemctl("daemon-reload")
+    try:
+        since = now(machine)
+        began = time.monotonic()
+        machine.systemctl("restart", looping, check=False)  # the standby stops; every start fails
+        # Failed after each start, and restarted, until the limit (Result stays "exit-code" in 252).
+        wait_until(lambda: "Start request repeated too quickly" in machine.journal(looping, since), 60,
+                   f"systemd to give {looping} up")
+        took = time.monotonic() - began
+        assert machine.show(looping, "ActiveState") == "failed"
+        starts = machine.journal(looping, since).count("CHATD_FAULT='no-such-point'")
+        print(f"an instance failing at start: {starts} starts in {took:.1f} s, then given up")
+        # At least the burst (more only if the starts took longer than the interval).
+        assert starts >= int(machine.show(looping, "StartLimitBurst"))
+        assert serving(machine) == (unit, pid)
+    finally:
+        machine.run("rm", "-f", drop_in)
+        machine.systemctl("daemon-reload")
+        machine.systemctl("reset-failed", looping)
+        machine.systemctl("start", looping)
+    wait_until(lambda: machine.show(looping, "ActiveState") == "active", 20, f"{looping} to stand by again")
 
 
 def test_drain_ends_every_connection(machine):

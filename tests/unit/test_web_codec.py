@@ -3,6 +3,9 @@
 What every codec promises (splits, resuming, every event encoded) is in test_codec_contract.py."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from wsproto import ConnectionType, WSConnection
@@ -164,3 +167,25 @@ def test_invalid_utf8_is_closed_with_1007_and_binary_with_1003():
     take(codec, client.send(BytesMessage(data=b"\x00\x01")))
     [close] = server_events(codec.take_output())
     assert close.code == 1003
+
+
+def test_a_chatd_starts_without_importing_the_web_libraries_until_asked():
+    # A cold restart waits for every import of chatd's start: h11 and wsproto are looked for
+    # there, and imported by the web codec (or import_web_codec, for a chatd that waits).
+    script = ("import sys; import chatd.main; from chatd.protocols import web_unavailable, import_web_codec; "
+              "assert web_unavailable() is None; print(sorted({'h11', 'wsproto'} & set(sys.modules))); "
+              "import_web_codec(); print(sorted({'h11', 'wsproto', 'chatd.protocols.web'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))).stdout
+    assert out.splitlines() == ["[]", "['chatd.protocols.web', 'h11', 'wsproto']"]
+
+
+def test_a_missing_web_library_is_named(monkeypatch):
+    import importlib.util
+
+    from chatd.protocols import web_unavailable
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wsproto" else found(name))
+    problem = web_unavailable()
+    assert problem.startswith("the web chat needs wsproto, which") and "--http-port -1" in problem
