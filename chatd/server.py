@@ -28,7 +28,9 @@ change to the room and its output together.** So:
 While a command is handled, the journal's marker names it (slot and input
 offset): a chatd whose predecessor died twice handling the same command
 answers ``ERR crashed-server`` instead and goes on (a *poison* line must not
-kill every successor).
+kill every successor), once a child process that tried the command died of
+it too (:mod:`chatd.trial`): two kills from outside can land in the handling
+of one command (two crashes in a row), and that command is no poison.
 
 **Backpressure, not loss.** A command is handled only while the output rings
 it may write to (its sender's and its sender's peer's) have :data:`RESERVE`
@@ -57,7 +59,7 @@ from fdkeep.loop import Loop
 from fdkeep.systemd import ServiceManager
 from fdkeep.text import plural
 
-from . import faults
+from . import faults, trial
 from .across import AcrossHosts, SingleHost
 from .adoption import Adoption
 from .admission import AddressLimit, counted_address
@@ -85,6 +87,9 @@ MAX_EVENT = 132 * 1024
 #: members' commands may send it meanwhile (each of those follows a command of
 #: its own, so they are few).
 RESERVE = MAX_EVENT + 16 * 1024
+#: A command chatd died handling this often is skipped even if a child process survives it
+#: (chatd.trial tries only the room's handling: a poison in the events' encoding must end too).
+SKIP_AFTER_DEATHS = 4
 #: A client that takes nothing of its queued output this long is closed.
 STALL_TIMEOUT = 60.0
 #: How often a bundle of sockets appended one by one is packed (one bundle a time).
@@ -270,10 +275,22 @@ class ChatServer:
 
     def _handle(self, connection: Connection, start: int, command: Command) -> Outcome:
         member_id = connection.member_id
-        if connection.poison_count >= 2 and start == connection.poison_offset:
-            log.error("member %d: the command at input offset %d crashed chatd %d times: answered "
-                      "ERR crashed-server and skipped", member_id, start, connection.poison_count)
-            return Outcome().tell(member_id, Failed("crashed-server"))
+        deaths = connection.poison_count if start == connection.poison_offset else 0
+        if deaths >= 2:
+            # Died handling it twice, but perhaps not of it (two kills in a row can land there):
+            # a poison kills a child that tries it too (chatd.trial).
+            if deaths >= SKIP_AFTER_DEATHS or not trial.survives(lambda: self._handle_in_room(member_id, command)):
+                log.error("member %d: the command at input offset %d crashed chatd %d times: answered "
+                          "ERR crashed-server and skipped", member_id, start, deaths)
+                return Outcome().tell(member_id, Failed("crashed-server"))
+            log.warning("member %d: chatd died %d times while handling the command at input offset %d, but a "
+                        "child process handled it and lived: not a poison (the deaths came from elsewhere, "
+                        "such as kills); handling it", member_id, deaths, start)
+        return self._handle_in_room(member_id, command)
+
+    def _handle_in_room(self, member_id: int, command: Command) -> Outcome:
+        """The room's handling of one command, which touches nothing outside this process (so
+        a child process may try it: chatd.trial)."""
         if isinstance(command, Msg) and faults.poisons(command.text):
             os.abort()
         try:

@@ -140,6 +140,27 @@ def test_a_poison_line_is_skipped_after_two_crashes(paired):
     assert "crashed chatd 2 times" in procs.logs()
 
 
+def test_two_deaths_on_one_line_that_do_not_come_from_it_skip_nothing(paired):
+    """Two chatd in a row die while handling the same line, but not of the line: an armed
+    fault kills each, as two kills from outside can both land there (the one serving killed
+    while handling it, the one taking over killed while handling it again in its restore:
+    seen in two crashes in a row). The third chatd, which the line does not kill, tries it
+    in a child process before it would skip it, and handles it: nothing lost."""
+    procs, a, b = paired
+    restart_with_fault(procs, "poison=boom")
+    a.send("MSG boom")
+    assert procs.chatd.wait(20) == -signal.SIGABRT
+    procs.start_chatd("--restore", env={"CHATD_FAULT": "poison=boom"}, wait=False)  # dies of it again
+    assert procs.chatd.wait(20) == -signal.SIGABRT
+    procs.start_chatd("--restore")  # the line does not kill this one
+    assert b.line() == "FROM A 2 boom", "the line was lost"
+    a.send("MSG after")
+    assert b.line() == "FROM A 3 after"
+    logs = procs.logs()
+    assert "2 deaths there" in logs and "crashed-server" not in logs, logs
+    assert "a child process handled it and lived" in logs, logs
+
+
 def random_kills(procs, *extra: str):
     def crash(rng):
         procs.chatd.send_signal(rng.choice((signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT)))
