@@ -514,6 +514,63 @@ def test_pairs_streaming_through_chatctl_crashes_lose_nothing(machine):
     assert tally.received == tally.sent > 1000
 
 
+def test_two_crashes_in_a_row_lose_nothing(machine):
+    """The serving chatd crashes, and the one taking over crashes too before systemd has
+    restarted the first: both in one ``systemctl kill`` (before the lease reaches the second),
+    the second the moment ``chatctl crash`` returns (in or just after its takeover), or the
+    moment it relays a message (it serves). systemd restarts both; the one granted the lease
+    restores from holderd and its unit's fd store. Every message once, n counting on, every
+    connection kept, both units active again with new processes, one restart each a round."""
+    since = now(machine)
+    clients_before = chatctl(machine, "status")["chatd"]["clients"]
+    probe = pair(machine, "pia", "pip")  # tells the moment a chatd serves: it relays
+    ways = ("both at once", "once chatctl crash returns", "once it relays")
+    relayed, landed = [], []
+
+    def crash_twice(rng):
+        way = ways[len(relayed) % len(ways)]
+        first, first_pid = serving(machine)
+        second = other(first)
+        second_pid = main_pid(machine, second)
+        before = {unit: restarts(machine, unit) for unit in CHATD_UNITS}
+        if way == "both at once":
+            machine.systemctl("kill", "--kill-whom=main", "--signal=SIGSEGV", f"{first}.service", f"{second}.service")
+        else:
+            chatctl(machine, "crash")
+            if way == "once it relays":
+                probe[0].send(f"MSG {len(relayed) + 1}")
+                assert probe[1].line() == f"FROM pia {len(relayed) + 1} {len(relayed) + 1}"
+            machine.systemctl("kill", "--kill-whom=main", "--signal=SIGSEGV", f"{second}.service")
+        wait_active(machine, first, first_pid)
+        wait_active(machine, second, second_pid)
+        wait_until(lambda: serving_other_than(machine, first_pid), 30, "a chatd to serve")
+        assert {unit: restarts(machine, unit) for unit in CHATD_UNITS} == {unit: n + 1 for unit, n in before.items()}
+        said = "\n".join(line for line in chatd_journal(machine, since).splitlines() if f"chatd[{second_pid}]" in line)
+        landed.append(f"{way}: " + ("after its restore" if "restored " in said else
+                                    "in its restore" if "granted the lease" in said else "before the lease"))
+        if way != "once it relays":
+            probe[0].send(f"MSG {len(relayed) + 1}")
+            assert probe[1].line() == f"FROM pia {len(relayed) + 1} {len(relayed) + 1}"
+        relayed.append(way)
+
+    try:
+        tally = soak.run(machine.port, pairs=10, crashes=6, crash=crash_twice, interval=(0.2, 0.5))
+        print("two crashes in a row under systemd:", tally.row(), "; the second crash landed:", "; ".join(landed))
+        assert tally.crashes == 6 and tally.problems() == 0, (tally.row(), tally.notes)
+        assert tally.received == tally.sent > 300
+        journal = chatd_journal(machine, since)
+        assert journal.count("status=11/SEGV") == 12, journal
+        assert "crashed-server" not in journal and "ERROR" not in journal, journal
+        # The soak's clients have closed: the probe's two are the ones left besides those before.
+        wait_until(lambda: chatctl(machine, "status")["chatd"]["clients"] == clients_before + 2, 30,
+                   "the soak's connections to close")
+        probe[1].send("MSG back")
+        assert probe[0].line() == "FROM pip 1 back"
+    finally:
+        for client in probe:
+            client.close()
+
+
 def test_the_readme_upgrade_hands_over_with_pairs_streaming_and_loses_nothing(machine, wheels):
     """README, Upgrading: the new release installed over the running one (scripts/provision
     with --no-selftest), then chatctl upgrade, twice, while pairs stream and ann and bob chat:
