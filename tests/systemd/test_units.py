@@ -209,7 +209,9 @@ def test_crash_restarts_and_restores_by_itself(machine):
 def test_holderd_crash_loses_nothing(machine):
     old = main_pid(machine, "holderd")
     before = restarts(machine, "holderd")
-    machine.systemctl("kill", "--signal=SIGSEGV", "holderd")
+    # The main process only: the default (all of the unit's processes) fails now and then with
+    # "Failed to send signal SIGSEGV to auxiliary processes: Input/output error" (seen here).
+    machine.systemctl("kill", "--kill-whom=main", "--signal=SIGSEGV", "holderd")
     wait_active(machine, "holderd", old)
     assert restarts(machine, "holderd") == before + 1
     assert "took back" in machine.journal("holderd")
