@@ -29,10 +29,12 @@ never takes chatd down.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import logging
 import os
 import signal
+import time
 from typing import TYPE_CHECKING, Callable
 
 from fdkeep.errors import Error
@@ -209,10 +211,26 @@ class ControlServer:
         peer.sock.setblocking(True)
         peer.close_after_flush()
 
-    def answer_also_at(self, path: str) -> None:
-        """Listen at ``path`` too (the well-known socket, once this chatd serves)."""
-        if path not in self.listeners:
-            self._listen(path)
+    def answer_also_at(self, path: str, grace: float = 0.0) -> None:
+        """Listen at ``path`` too (the well-known socket, once this chatd serves). A process
+        listening there is given ``grace`` seconds to stop before this fails (OSError
+        EADDRINUSE): a killed predecessor passes the lease on as its files close, and its
+        listener here may be among the last to (chatd.standby)."""
+        if path in self.listeners:
+            return
+        began = time.monotonic()
+        deadline = began + grace
+        while True:
+            try:
+                self._listen(path)
+                if time.monotonic() > began + 0.002:
+                    log.info("answering at %s too, after %.1f ms in which another process still listened there",
+                             path, (time.monotonic() - began) * 1000)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.002)
 
     def stop_answering_at(self, path: str) -> None:
         if path not in self.listeners:

@@ -160,7 +160,7 @@ class Turns:
         # At the well-known socket before READY=1: once systemd says the unit is active,
         # chatctl reaches it (requests made meanwhile wait in the backlog until it serves).
         try:
-            self.control.answer_also_at(self.control_path)
+            self.control.answer_also_at(self.control_path, grace=OWNER_GRACE)
         except OSError as exc:  # serve anyway: chatctl still reaches this chatd at its own socket
             log.error("cannot answer chatctl at %s as well (%s): `chatctl --control %s` reaches this chatd",
                       self.control_path, exc.strerror or exc, self.control.path)
