@@ -14,8 +14,8 @@ connected (so the restore has some work). Each round of a row:
 - ``two crashes, +D ms``: the serving chatd is SIGKILLed, then D ms later the
   one taking over is SIGKILLed too: before the lease reaches it, in its restore,
   or just after, depending on D. Nobody stands by now: a fresh ``chatd --lease``
-  is started ``--restart-delay`` ms after the second kill (0: at once; systemd
-  waits ``RestartSec=100ms`` plus up to 250 ms of timer slack) and restores
+  is started ``--restart-delay`` ms after the second kill (0: at once, as systemd
+  does with chatd@'s ``RestartSec=0``, some 16 ms after the exit) and restores
   from what holderd keeps.
 
 Right after the last kill A sends one message; the gap is from the first kill
@@ -93,7 +93,7 @@ def main() -> int:
                         help="ms from the first kill to the second, comma-separated (default %(default)s)")
     parser.add_argument("--restart-delay", type=float, default=0.0,
                         help="ms from the second kill to the fresh chatd's start (default %(default)s: at once; "
-                             "systemd's is RestartSec=100ms plus 0-250 ms)")
+                             "chatd@'s RestartSec=0 restarts some 16 ms after the exit)")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON here")
     args = parser.parse_args()
     delays = [float(d) for d in args.delays.split(",") if d]
