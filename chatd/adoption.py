@@ -20,9 +20,10 @@ journal and its fd in its bundle, but it has no connection yet. It is adopted:
   that set in the loop; a readable one is served in the turn that sees it;
 - **when someone needs it**: the room delivers to it, or a sender asks whether
   its output ring has room (:meth:`chatd.server.ChatServer.connection`);
-- **in the background**: :data:`PER_TURN` a loop turn, the ones whose record says
-  output may be left unsent first, until none waits (``chatctl status``:
-  ``adopting``, and the restore's ``all_adopted_ms``);
+- **in the background**: the ones whose record says output may be left unsent
+  first, until none waits (``chatctl status``:
+  ``adopting``, and the restore's ``all_adopted_ms``), :data:`TURN_BUDGET` of
+  each turn at most, so a client that does have work waits no longer for it;
 - **all at once** before anything that looks at every client (a drain, the cluster).
 
 What is decided at adoption is what the restore would have decided: the kernel's
@@ -58,9 +59,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chatd")
 
-#: Waiting sockets adopted a loop turn in the background: some 10 ms of work, so that
-#: a turn's clients are never held up for long.
-PER_TURN = 300
+#: How long (s) a loop turn spends adopting in the background: a client with work, whose
+#: events wait for the turn to end, is held up no longer than this.
+TURN_BUDGET = 0.002
 
 
 class Adoption:
@@ -75,6 +76,7 @@ class Adoption:
         self._registered: dict[int, int] = {}  # fd -> inode, in the epoll set before begin()
         #: Adopted because another needed them (:meth:`adopt`): their input is taken next turn.
         self._unread: set[int] = set()
+        self._order: list[int] | None = None  # the background's order, made at its first turn
         #: The crash this restore follows: (slot, offset) of a command being handled, or None.
         self._dying = None
         self._began = 0.0
@@ -185,9 +187,13 @@ class Adoption:
                 self._serve(slot)
 
     def _background(self) -> None:
-        # Output a crash may have left unsent first: those clients wait for it.
-        slots = sorted(self._waiting, key=lambda s: self._waiting[s][1].out_end <= self._waiting[s][1].out_start)
-        for slot in slots[:PER_TURN]:
+        if self._order is None:  # output a crash may have left unsent first: those clients wait for it
+            waiting = self._waiting
+            self._order = sorted(waiting, key=lambda slot: waiting[slot][1].out_end <= waiting[slot][1].out_start,
+                                 reverse=True)  # popped from the end
+        until = time.monotonic() + TURN_BUDGET
+        while self._order and time.monotonic() < until:
+            slot = self._order.pop()
             if slot in self._waiting:
                 self._serve(slot)
         if self._waiting:
