@@ -17,7 +17,8 @@ taking turns, holderd), and for each size:
    waits until the new standby has), the standby up while every idle client
    sends PING the moment the crash is asked for (all of them have work), and the
    standby stopped (a cold restart by systemd: the restart timer, a new Python,
-   the restore). From systemd's "Main process exited" on, it reads: the first
+   the restore). From the kill on (the earliest of chatd's "crash requested" line just before
+   its SIGSEGV, holderd passing the lease, systemd's "Main process exited"), it reads: the first
    message relayed on a restored connection (the pair's); holderd passing the
    lease (its journal line); the restore beginning and serving (its summary:
    the clients with work served, chatd.adoption) and every client adopted; with
@@ -59,47 +60,41 @@ MODES = ("standby", "standby, every client active", "cold")
 PER_WORKER = 4900
 
 
+def ask_each(socks: list[socket.socket], line_of, answer_of) -> int:
+    """Send each socket its line, all before any answer is read; how many answered as expected."""
+    for index, sock in enumerate(socks):
+        sock.sendall(line_of(index))
+    answered = 0
+    for index, sock in enumerate(socks):
+        try:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(100)
+                if not chunk:
+                    break
+                data += chunk
+            answered += data == answer_of(index)
+        except OSError:
+            pass
+    return answered
+
+
 def idle_worker(port: int, count: int, commands, results) -> None:
-    """Hold ``count`` idle connections; on "check", each sends NICK and waits for OK."""
+    """Hold ``count`` idle connections; on "check", each sends NICK and waits for OK; on "ping",
+    each sends PING at once, and the time the last PONG was read is reported."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     socks = []
     for _ in range(count):
         socks.append(socket.create_connection(("127.0.0.1", port), timeout=60))
     results.put(("connected", count))
+    tag = os.getpid()
     while True:
         command = commands.get()
         if command == "check":
-            tag = os.getpid()
-            for index, sock in enumerate(socks):
-                sock.sendall(f"NICK w{tag}x{index}\n".encode())
-            answered = 0
-            for index, sock in enumerate(socks):
-                try:
-                    data = b""
-                    while not data.endswith(b"\n"):
-                        chunk = sock.recv(100)
-                        if not chunk:
-                            break
-                        data += chunk
-                    answered += data == f"OK NICK w{tag}x{index}\n".encode()
-                except OSError:
-                    pass
-            results.put(("answered", answered))
-        elif command == "ping":  # every client at once: when has each been answered?
-            for sock in socks:
-                sock.sendall(b"PING\n")
-            answered = 0
-            for sock in socks:
-                try:
-                    data = b""
-                    while not data.endswith(b"\n"):
-                        chunk = sock.recv(100)
-                        if not chunk:
-                            break
-                        data += chunk
-                    answered += data == b"PONG\n"
-                except OSError:
-                    pass
+            results.put(("answered", ask_each(socks, lambda i: f"NICK w{tag}x{i}\n".encode(),
+                                              lambda i: f"OK NICK w{tag}x{i}\n".encode())))
+        elif command == "ping":
+            answered = ask_each(socks, lambda i: b"PING\n", lambda i: b"PONG\n")
             results.put(("pinged", answered, time.time()))
         elif command == "quit":
             for sock in socks:
@@ -226,11 +221,16 @@ def crash_and_measure(machine, pair: Pair, clients: int, cold: bool, commands=()
         chatctl(machine, "status")["chatd"]), 120, "every client adopted", interval=0.1)
     time.sleep(0.5)
     entries = machine.journal_entries("chatd@*", since)
-    died = next(stamp for stamp, _, message in entries if "Main process exited" in message)
+    # The kill: the first sign of it. chatd's own line just before its SIGSEGV, holderd passing the
+    # lease as its sockets close, systemd's "Main process exited" (only once it is reaped): each is
+    # stamped when the journal got it, so the earliest is the nearest to the kill.
+    exited = next(stamp for stamp, _, message in entries if "Main process exited" in message)
+    passed = [stamp for stamp, _, message in machine.journal_entries("holderd", since)
+              if "lease chatd passes" in message and stamp >= exited - 1]
+    asked = [stamp for stamp, _, message in entries if "crash requested" in message]
+    died = min([exited, *passed[:1], *asked[:1]])
     restore = status["restore"]
     first = pair.first_after(died)
-    passed = [stamp for stamp, _, message in machine.journal_entries("holderd", since)
-              if "lease chatd passes" in message and stamp >= died - 1]
     result = {
         "kill_to_first_relayed_ms": round((first - died) * 1000, 1) if first else None,
         "kill_to_served_ms": round((restore["began_at"] + restore["milliseconds"] / 1000 - died) * 1000, 1),
@@ -246,7 +246,7 @@ def crash_and_measure(machine, pair: Pair, clients: int, cold: bool, commands=()
         result["kill_to_every_client_answered_ms"] = round((max(at for _, _, at in pinged) - died) * 1000, 1)
         result["answered_ping"] = sum(count for _, count, _ in pinged)
     if cold:
-        started = [stamp for stamp, _, message in entries if message.startswith("Starting chatd@") and stamp > died]
+        started = [stamp for stamp, _, message in entries if message.startswith("Starting chatd@") and stamp > exited]
         ready = [stamp for stamp, _, message in entries if message.startswith("Started chatd@") and stamp > died]
         result["restart_timer_ms"] = round((started[0] - died) * 1000, 1) if started else None
         result["exec_to_ready_ms"] = round((ready[0] - started[0]) * 1000, 1) if started and ready else None

@@ -7,6 +7,7 @@ import random
 import re
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,3 +191,42 @@ def serving_pid(procs) -> int | None:
     except Error:
         return None
     return status["pid"] if status.get("role") == "serving" else None
+
+
+class RunningHolderd:
+    """A real Holderd in this process, its loop run on a thread until :meth:`stop` (twice is fine)."""
+
+    def __init__(self, path: str):
+        import threading
+
+        from holderd.daemon import Holderd
+        from holderd.protocol import Limits
+
+        self.path = path
+        self.daemon = Holderd(path, {os.geteuid()}, Limits(), 1 << 20)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopping.is_set():
+            self.daemon.loop.run_once(0.02)
+
+    def stop(self):
+        if not self.stopping.is_set():
+            self.stopping.set()
+            self.thread.join(5)
+            self.daemon.close()
+
+
+def lease_granted(lease, timeout: float = 5) -> bool:
+    """Whether holderd grants ``lease`` (a holderd.client.Lease waiting in line) within ``timeout``."""
+    import select
+
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        select.select([lease.fileno()], [], [], left)
+        answer = lease.poll()
+        if answer is not None:
+            return answer == "granted"
+    return False

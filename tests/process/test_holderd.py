@@ -14,7 +14,7 @@ from ctl.launch import wait_until
 from fdkeep.errors import Error
 from fdkeep.frames import HEADER, encode_frame
 from fdkeep.peer import FrameSocket
-from helpers import OtherUser, needs_root_to_act_as_another_uid, tcp_pair
+from helpers import OtherUser, lease_granted, needs_root_to_act_as_another_uid, tcp_pair
 from holderd.client import HolderClient, Lease
 
 
@@ -509,15 +509,6 @@ def forking_lease_asker(procs):
     for asker in made:
         asker.close()
 
-
-def lease_granted(lease: Lease, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        select.select([lease.fileno()], [], [], left)
-        answer = lease.poll()
-        if answer is not None:
-            return answer == "granted"
-    return False
 
 
 def test_a_lease_passes_when_its_holder_dies_though_a_child_keeps_its_connection(procs, forking_lease_asker):

@@ -9,8 +9,6 @@ import errno
 import logging
 import os
 import select
-import threading
-import time
 
 import pytest
 
@@ -18,30 +16,11 @@ import holderd.daemon
 from ctl.launch import wait_until
 from fdkeep.errors import Error
 from holderd.client import Lease
-from holderd.daemon import Holderd
-from holderd.protocol import Limits
+from helpers import RunningHolderd, lease_granted
 from proptools import open_fds
 
 
-class Running:
-    """A Holderd whose loop runs on a thread until stopped."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.daemon = Holderd(path, {os.geteuid()}, Limits(), 1 << 20)
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while not self.stopping.is_set():
-            self.daemon.loop.run_once(0.02)
-
-    def stop(self):
-        if not self.stopping.is_set():
-            self.stopping.set()
-            self.thread.join(5)
-            self.daemon.close()
+Running = RunningHolderd  # a real Holderd on a thread (tests/helpers.py)
 
 
 @pytest.fixture
@@ -51,14 +30,7 @@ def running(tmp_path):
     made.stop()
 
 
-def granted(lease: Lease, timeout: float = 5) -> bool:
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        select.select([lease.fileno()], [], [], left)
-        answer = lease.poll()
-        if answer is not None:
-            return answer == "granted"
-    return False
+granted = lease_granted  # tests/helpers.py
 
 
 def test_a_peer_that_asks_for_a_lease_is_watched_and_its_pidfd_goes_with_it(running):

@@ -5,31 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 from chatd.holders import Holder, HolderdHolder, Holders, SystemdHolder
 from fdkeep.systemd import ServiceManager
-from holderd.daemon import Holderd
-from holderd.protocol import Limits
+from helpers import RunningHolderd
 
 
-class Running:
-    """A Holderd whose loop runs on a thread until stopped."""
-
-    def __init__(self, path: str):
-        self.daemon = Holderd(path, {os.geteuid()}, Limits(), 1 << 20)
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while not self.stopping.is_set():
-            self.daemon.loop.run_once(0.02)
-
-    def stop(self):
-        self.stopping.set()
-        self.thread.join(5)
-        self.daemon.close()
+Running = RunningHolderd  # a real Holderd on a thread (tests/helpers.py)
 
 
 def inode(fd: int) -> int:
