@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import socket
 import time
 from typing import Callable
 
@@ -58,6 +59,7 @@ from fdkeep.bundle import Bundle
 from fdkeep.errors import Error
 from fdkeep.fdpass import close_fds
 from fdkeep.loop import IN
+from fdkeep.tcpcount import CLOSE_WAIT, ESTABLISHED
 from holderd.client import HolderClient
 
 from .bundles import parse_name
@@ -72,6 +74,18 @@ log = logging.getLogger("chatd")
 REFRESH = 0.5
 
 
+def _shut_down(fd: int) -> bool:
+    """Whether this client socket was shut down (by chatd: it is dead weight in its bundle), as a
+    restore judges it (chatd.adoption.take_back): neither established nor closed by its peer only."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] not in (ESTABLISHED, CLOSE_WAIT)
+    except OSError:
+        return False  # not for this check to decide: the restore does
+    finally:
+        sock.detach()
+
+
 class _Read:
     """A bundle read here: its two ends' inodes, how far it was read, and what it held."""
 
@@ -79,6 +93,7 @@ class _Read:
         self.inodes = inodes
         self.offset = 0
         self.entries: list[tuple[int, int]] = []  # (slot, fd), oldest first; the fds are Prepared's
+        self.dead = 0  # entries of sockets chatd shut down, closed here as soon as read
 
 
 class Prepared:
@@ -99,6 +114,7 @@ class Prepared:
         self.records: dict[int, tuple[bytes, Record]] = {}
         #: The member each of those records makes (chatd.records.member_of), by slot.
         self.members: dict[int, tuple[Record, Member]] = {}
+        self._failing = False  # the last refresh failed, and it was said
         self.refreshed_at: float | None = None
         self.refresh_ms: float | None = None
 
@@ -124,9 +140,15 @@ class Prepared:
         try:
             self._update(kept)
         except (OSError, Error) as exc:
-            log.warning("standby: cannot prepare the takeover (%s): letting go of what was prepared; the "
-                        "takeover reads everything then", exc)
+            if not self._failing:  # once, not every refresh
+                log.warning("standby: cannot prepare the takeover (%s): letting go of what was prepared (the "
+                            "takeover reads everything then), trying again every %g s", exc, REFRESH)
+            self._failing = True
             self.release()
+        else:
+            if self._failing:
+                log.info("standby: prepares the takeover again")
+            self._failing = False
         finally:
             close_fds(item.fd for item in kept)
         self.refreshed_at = time.monotonic()
@@ -162,9 +184,15 @@ class Prepared:
         finally:
             bundle.close()
         for slot, fd in entries:
-            self.inodes[fd] = os.fstat(fd).st_ino
+            inode = os.fstat(fd).st_ino
+            known = self.records.get(slot)
+            if (known is None or known[1].inode != inode) and _shut_down(fd):
+                os.close(fd)  # dead weight in flight: held here it would cost an fd the server does not spend
+                read.dead += 1
+                continue
+            self.inodes[fd] = inode
             self.epoll.register(fd, IN)
-        read.entries += entries
+            read.entries.append((slot, fd))
 
     def _read_journal(self, item) -> None:
         if self._journal is None or self._journal[0] != item.ino:
@@ -201,9 +229,10 @@ class Prepared:
         self.records, self.members = {}, {}
 
     # -- at the takeover -------------------------------------------------------------------
-    def entries_of(self, shard: int, generation: int, bundle: Bundle) -> list[tuple[int, int]] | None:
+    def entries_of(self, shard: int, generation: int, bundle: Bundle) -> tuple[list[tuple[int, int]], int] | None:
         """The (slot, fd) entries of this bundle, which the holders gave back: what was read here
-        and what was appended since, now the caller's; None if it is not the bundle read here."""
+        and what was appended since, now the caller's, and how many dead ones were left out; None
+        if it is not the bundle read here."""
         read = self._bundles.pop((shard, generation), None)
         if read is None:
             return None
@@ -217,7 +246,7 @@ class Prepared:
         entries, _ = bundle.read_from(read.offset)
         for _, fd in read.entries:
             self.handed[fd] = self.inodes.pop(fd)  # the caller's now, and still in the epoll set
-        return read.entries + entries
+        return read.entries + entries, read.dead
 
     def records_for(self, journal_fd: int | None) -> tuple[dict[int, tuple[bytes, Record]],
                                                            dict[int, tuple[Record, Member]]]:

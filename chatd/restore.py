@@ -130,10 +130,10 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
         used_fds.update(bundle.fds())
     # Before the bundles' sockets come in: at the fd limit's edge every spare fd counts.
     close_fds(item.fd for item in retrieved if item.fd not in used_fds)
-    entries = {}
+    entries, dead = {}, {}
     for number, (generation, bundle) in bundles.items():
         held = prepared.entries_of(number, generation, bundle) if prepared is not None else None
-        entries[number] = bundle.read() if held is None else held
+        entries[number], dead[number] = (bundle.read(), 0) if held is None else held
     parts["bundles_ms"] = time.monotonic()
     known, ready = prepared.records_for(journal_fd) if prepared is not None else ({}, {})
     records = dict(server.journal.records(known))
@@ -143,6 +143,7 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
     members, in_flight = [], adoption.in_flight
     for number, (generation, bundle) in sorted(bundles.items()):
         shard = Shard(number, bundle, generation)
+        shard.dead = dead[number]  # closed by the standby as it read them (chatd.prepared)
         for slot, fd in entries[number]:
             record = records.get(slot)
             if adoption.can_wait(slot, record, fd):
