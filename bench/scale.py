@@ -369,6 +369,9 @@ def main() -> int:
                 size = ceiling if text == "ceiling" else int(text)
                 print(f"{size} idle clients ...", flush=True)
                 rows.append(measure_size(machine, port, size, pair, args.crashes))
+                os.makedirs(os.path.dirname(args.json), exist_ok=True)
+                with open(args.json, "w") as out:  # after each size: a later failure keeps what was measured
+                    json.dump(rows, out, indent=2)
         except BaseException:
             print(machine.run("journalctl", "-u", "chatd@*", "-u", "holderd", "-n", "60", "--no-pager",
                               check=False).stdout)

@@ -41,6 +41,11 @@ each chatd unit has the same limit and the server holds as many); the kernel
 shares the socket itself, so the duplicate costs a file table entry and a few
 hundred bytes of Python. A refresh at 10,000 idle clients takes a few ms.
 
+At the ceiling of clients the standby holds as many sockets as the server,
+and needs the same room besides (every bundle's two ends, its own fds) for the
+takeover: it leaves a bundle unread (the takeover reads it) rather than hold a
+socket more than that room allows.
+
 Limits: the records read here are used only if unchanged at the takeover; a
 busy standby whose refresh fails (holderd away, out of fds) gives up what it had
 prepared and the takeover reads everything, as without it.
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import select
 import socket
 import time
@@ -62,7 +68,7 @@ from fdkeep.loop import IN
 from fdkeep.tcpcount import CLOSE_WAIT, ESTABLISHED
 from holderd.client import HolderClient
 
-from .bundles import parse_name
+from .bundles import OWN_FDS, SHARD_SLOTS, parse_name
 from .holders import PREFIX, STATE_NAME
 from .journal import JournalReader, read_owner
 from .records import Record, member_of
@@ -115,6 +121,7 @@ class Prepared:
         #: The member each of those records makes (chatd.records.member_of), by slot.
         self.members: dict[int, tuple[Record, Member]] = {}
         self._failing = False  # the last refresh failed, and it was said
+        self._full = False  # a bundle was left for the takeover for want of fds, and it was said
         self.refreshed_at: float | None = None
         self.refresh_ms: float | None = None
 
@@ -166,14 +173,23 @@ class Prepared:
                 ends.setdefault(parsed[:2], {})[parsed[2]] = item
         for key in [key for key in self._bundles if key not in ends]:
             self._drop(key)  # holderd no longer keeps it: replaced, or its shard is gone
-        for key, pair in ends.items():
+        # Room for what a takeover holds besides: every bundle's two ends, chatd's own fds.
+        room = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - OWN_FDS - 2 * len(ends)
+        for key, pair in sorted(ends.items()):
             if set(pair) != {"w", "r"}:
                 continue
             inodes = (pair["w"].ino, pair["r"].ino)
             read = self._bundles.get(key)
-            if read is None or read.inodes != inodes:
-                if read is not None:
-                    self._drop(key)
+            if read is not None and read.inodes != inodes:
+                self._drop(key)
+                read = None
+            if read is None:
+                if len(self.inodes) + SHARD_SLOTS > room:  # the takeover reads this one itself
+                    if not self._full:
+                        log.info("standby: holds %d client sockets, no room for a bundle more under its fd "
+                                 "limit (the takeover needs some): the takeover reads the rest", len(self.inodes))
+                    self._full = True
+                    continue
                 read = self._bundles[key] = _Read(inodes)
             self._read_more(read, pair["w"].fd, pair["r"].fd)
 

@@ -312,6 +312,9 @@ def test_the_standby_reads_ahead_as_clients_come_and_go_and_takes_over_with_what
     stay = old[180:]
     new = named_clients(procs, "new", 30)
     wait_until(lambda: control.call("status", procs.control_socket)["clients"] == 2 + 60 + 30, 15, "the 180 to leave")
+    # The standby holds a socket only for a client there is: no more fds than the server spends.
+    wait_until(lambda: control.call("status", instance_socket(procs.control_socket, "2"))["prepared"]["sockets"]
+               == 2 + 60 + 30, 15, "the standby to let go of the sockets of the clients that left")
     for index, client in enumerate(stay[:20]):  # committed after the standby's last read, perhaps
         client.send(f"NICK renamed{index}")
         assert client.line() == f"OK NICK renamed{index}"
