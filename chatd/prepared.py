@@ -174,7 +174,8 @@ class Prepared:
         for key in [key for key in self._bundles if key not in ends]:
             self._drop(key)  # holderd no longer keeps it: replaced, or its shard is gone
         # Room for what a takeover holds besides: every bundle's two ends, chatd's own fds.
-        room = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - OWN_FDS - 2 * len(ends)
+        # (And a margin of two bundles: the takeover's restore must never find its process full.)
+        room = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - OWN_FDS - 2 * len(ends) - 2 * SHARD_SLOTS
         for key, pair in sorted(ends.items()):
             if set(pair) != {"w", "r"}:
                 continue
