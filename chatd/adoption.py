@@ -44,7 +44,7 @@ import os
 import select
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fdkeep.loop import IN
 from fdkeep.tcpcount import CLOSE_WAIT, ESTABLISHED, stream_positions
@@ -55,7 +55,6 @@ from .room import Member
 
 if TYPE_CHECKING:
     from .connection import Connection
-    from .server import ChatServer
 
 log = logging.getLogger("chatd")
 
@@ -64,10 +63,26 @@ log = logging.getLogger("chatd")
 TURN_BUDGET = 0.002
 
 
+class Served(Protocol):
+    """What adopting a socket uses of the server that owns the connections (chatd.server.ChatServer
+    is one): its loop, journal and connections, and the one way each kind of change is made."""
+
+    loop: Any  # fdkeep.loop.Loop
+    journal: Any  # chatd.journal.Journal
+    connections: dict[int, "Connection"]
+    replay: bool
+    restore_summary: dict | None
+
+    def adopt(self, sock: socket.socket, member_id: int, record: Record | None = None, read: int = 0,
+              written: int = 0, inode: int | None = None) -> "Connection": ...
+    def take_input(self, connection: "Connection") -> None: ...
+    def let_go(self, member_id: int, reason: str) -> None: ...
+
+
 class Adoption:
     """The restored sockets not served yet, and the one way each comes to be served."""
 
-    def __init__(self, server: "ChatServer"):
+    def __init__(self, server: Served):
         self.server = server
         #: slot -> (fd, record, inode) of each waiting socket.
         self._waiting: dict[int, tuple[int, Record, int]] = {}
@@ -218,7 +233,7 @@ class Adoption:
                  plural(self.in_flight[1], "byte"))
 
 
-def take_back(server: "ChatServer", slot: int, sock: socket.socket, record: Record | None, dying,
+def take_back(server: Served, slot: int, sock: socket.socket, record: Record | None, dying,
               in_flight: list[int], inode: int | None = None):
     """Serve a socket found in a bundle: its member, True for one with no place in the room
     (it said its last word), or None if it is not to be served (closed here)."""

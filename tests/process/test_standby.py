@@ -22,6 +22,13 @@ from testkit import soak
 IDLE_CLIENTS = 300
 
 
+def streamed_exactly_once(tally, crashes: int, more_than: int) -> None:
+    """Every crash (or handover) happened, enough was sent, and every message arrived once."""
+    assert tally.crashes == crashes and tally.sent > more_than
+    assert tally.problems() == 0, (tally.row(), tally.notes)
+    assert tally.received == tally.sent
+
+
 def start_lease_chatd(procs, standby: bool, instance: str):
     """A chatd with --lease; wait until it answers on its own socket in the role it should take
     (and, serving, on the well-known one too)."""
@@ -164,9 +171,7 @@ def test_pairs_streaming_through_handovers_lose_nothing(procs):
 
     tally = soak.run(procs.port, pairs=10, crashes=8, crash=hand_over_and_restart, interval=(0.1, 0.4))
     print("handovers:", tally.row(), "; request -> serving:", ", ".join(f"{ms:.0f} ms" for ms in took))
-    assert tally.crashes == 8 and tally.sent > 500
-    assert tally.problems() == 0, (tally.row(), tally.notes)
-    assert tally.received == tally.sent
+    streamed_exactly_once(tally, 8, more_than=500)
     logs = procs.logs()
     assert logs.count("handed over to the standby") == 8 and "died handling its command" not in logs
     assert "ERROR" not in logs, logs
@@ -237,9 +242,7 @@ def test_sigterm_of_the_serving_chatd_is_a_planned_handover_with_pairs_streaming
 
     tally = soak.run(procs.port, pairs=10, crashes=6, crash=terminate_and_restart, interval=(0.1, 0.4))
     print("SIGTERM handovers:", tally.row(), "; SIGTERM -> serving:", ", ".join(f"{ms:.0f} ms" for ms in took))
-    assert tally.crashes == 6 and tally.sent > 300
-    assert tally.problems() == 0, (tally.row(), tally.notes)
-    assert tally.received == tally.sent
+    streamed_exactly_once(tally, 6, more_than=300)
     logs = procs.logs()
     assert logs.count("SIGTERM: a planned handover") == 6, logs
     assert logs.count("handed over to the standby") == 6 and "died handling its command" not in logs, logs
