@@ -57,8 +57,12 @@ so there is nothing to undo.
 
 The *handling marker* in the header says which command chatd is handling
 (slot and stream offset) while it handles it. A chatd that finds it set knows
-its predecessor died of that command; after two such deaths on one offset the
-command is skipped (a *poison* line must not kill every successor).
+its predecessor died *while* handling that command; whether it died *of* it,
+the dead process's last words tell (:mod:`chatd.lastwords`): only a crash of
+its own counts against the command, a kill from outside never does, and a
+command is skipped only once it has crashed chatd twice and a child process
+that tries it too (:mod:`chatd.server`, :mod:`chatd.trial`): a *poison* line
+must not kill every successor, and a good line must never be dropped.
 
 Layout (little-endian)::
 
@@ -365,7 +369,7 @@ class Journal:
         self._map[MARKER_OFFSET] = 0
 
     def handling(self) -> tuple[int, int] | None:
-        """(slot, offset) of the command a predecessor died handling, if it did."""
+        """(slot, offset) of the command a predecessor died while handling, if it did."""
         valid, slot, offset = MARKER.unpack_from(self._map, MARKER_OFFSET)
         return (slot, offset) if valid == 1 and slot < self.slots else None
 

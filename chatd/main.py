@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import logging
 import os
 import re
@@ -15,7 +14,7 @@ from fdkeep.loop import raise_fd_limit, stop_on_signals
 from fdkeep.systemd import ServiceManager
 from holderd.client import default_socket as holderd_socket
 
-from . import faults
+from . import faults, lastwords
 from .control import ControlServer, default_socket as control_socket, instance_socket
 from .bundles import clients_the_fd_limit_allows
 from .holders import LISTEN_NAME, Holders, HolderdHolder, SystemdHolder
@@ -189,8 +188,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="chatd: %(levelname)s %(message)s", stream=sys.stderr)
-    # A fatal signal (the watchdog's SIGABRT among them) prints where chatd was.
-    faulthandler.enable()
+    # A fatal signal, or the watchdog's SIGQUIT, prints where chatd was; once it serves, into
+    # its last words for its successor (chatd.lastwords).
+    lastwords.to_stderr()
     try:
         faults.arm()
     except Error as exc:

@@ -29,9 +29,14 @@ name's first copy is used and the rest closed.
   read and not handled, which is handled now, once; and the output ring what
   was committed and not sent, which is sent now, from the very byte where the
   dead process stopped (half a line is finished, not repeated).
-- If the dead chatd died while handling a command (the journal's marker says
-  which), that command's count of crashes goes up, committed before it is
-  handled again; at two it will be skipped.
+- The last words (:mod:`chatd.lastwords`) say how the dead chatd died; they
+  are logged, and the file is emptied and this process's from now on. If it
+  died while handling a command (the journal's marker says which), and of a
+  crash of its own (a fatal signal faulthandler caught), that command's count
+  of crashes goes up, committed before it is handled again (chatd.server then
+  tries it in a child process, or skips it); if the watchdog killed it there,
+  the command is tried in a child before it is handled; if it left no words
+  (SIGKILL from outside), nothing is counted.
 - A socket without a record, still connected, was accepted and kept just
   before the crash, before its first commit: a new client in its slot. One
   chatd had shut down (closed on purpose) is dead weight in its bundle: closed
@@ -69,8 +74,9 @@ from fdkeep.fdpass import close_fds
 from fdkeep.text import plural
 
 from .bundles import parse_name
-from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME
+from .holders import LAST_WORDS_NAME, LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME
 from .journal import UNKNOWN_FORMAT, Journal
+from .lastwords import Dying, LastWords, death_of
 from .adoption import take_back
 from .records import CLOSING, member_of
 from .room import Member
@@ -124,7 +130,10 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
         server.listeners.adopt(socket.socket(fileno=by_name[LISTEN_WEB_NAME][0].fd), "websocket")
     if journal_fd is not None:
         used_fds.add(journal_fd)
-    dying = server.journal.handling()
+    # The words first, then the marker: both before any command is handled, which may kill us too.
+    words = _take_last_words(server, by_name.get(LAST_WORDS_NAME, []))
+    used_fds.add(server.last_words.fd)
+    dying = _the_death(server.journal.handling(), words)
     server.journal.clear_handling()
     bundles, stale = _newest_bundles(by_name)
     for _, bundle in bundles.values():
@@ -226,6 +235,30 @@ def _attach_journal(candidates, slots: int) -> tuple[Journal, int | None]:
     return Journal.create(slots), None
 
 
+def _take_last_words(server: "ChatServer", candidates) -> bytes:
+    """The held last-words file becomes this process's (a new one if none is held: the holders
+    get it with the rest); what the dead process wrote in it."""
+    server.last_words = LastWords(candidates[0].fd) if candidates else LastWords.create()
+    try:
+        words = server.last_words.take()
+    except OSError as exc:  # not a file we can read (a holder gave something else): start anew
+        log.warning("the held last words cannot be read (%s): starting a new file", exc.strerror or exc)
+        server.last_words = LastWords.create()
+        words = b""
+    server.last_words.listen()
+    return words
+
+
+def _the_death(marker: tuple[int, int] | None, words: bytes) -> Dying | None:
+    """How the dead chatd died, and the command it was handling then (None if none): its words logged."""
+    death, how = death_of(words)
+    if words:
+        log.warning("the chatd before this one died of %s %s; its last words:\n%s", how,
+                    "while handling a command" if marker is not None else "outside the handling of any command",
+                    words.decode("utf-8", "replace").rstrip())
+    return Dying(marker[0], marker[1], death, how) if marker is not None else None
+
+
 def _newest_bundles(by_name: dict[str, list]) -> tuple[dict[int, tuple[int, Bundle]], set[str]]:
     """Each shard's newest generation whose two ends came back, as a Bundle; and every
     other bundle name (older generations, half bundles), to be forgotten."""
@@ -234,7 +267,7 @@ def _newest_bundles(by_name: dict[str, list]) -> tuple[dict[int, tuple[int, Bund
     for name, items in by_name.items():
         parsed = parse_name(name)
         if parsed is None:
-            if name not in (LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME):
+            if name not in (LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME, LAST_WORDS_NAME):
                 log.warning("the holders keep %s, which this chatd does not know: forgetting it", name)
                 names_seen.add(name)
             continue

@@ -122,14 +122,14 @@ def test_without_the_journal_clients_keep_their_connections_as_new_members():
         a, b = chatting_pair(first)
         leaver.send("QUIT")
         assert leaver.line() == "BYE"
-    assert holder.held().keys() == {"chatd/listen", "chatd/state", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}
+    assert holder.held().keys() == {"chatd/listen", "chatd/state", "chatd/last-words", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}
     die(first)
     holder.remove(["chatd/state"])  # the journal is lost: the sockets are all that is left
 
     second = ChatServer(Holders([holder]), 8)
     summary = restore(second)
     assert (summary["clients"], summary["pairs"]) == (2, 0), "the connections, not their chat state"
-    assert holder.held().keys() == {"chatd/listen", "chatd/state", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}, \
+    assert holder.held().keys() == {"chatd/listen", "chatd/state", "chatd/last-words", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}, \
         "a new journal is kept in its place"
     with serving(second):
         a.send("NICK A", "PAIR B")
