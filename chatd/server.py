@@ -47,7 +47,9 @@ enough. A client that takes nothing of what is queued for it for
 
 A client closed on purpose (QUIT, drain) gets its last word (BYE), leaves the
 room at once, and is closed once that word is sent; it leaves the journal and
-every holder then. Starting from what the holders kept after a crash is
+every holder then. A client with a session (:mod:`chatd.sessions`) whose
+connection ends any other way stays in the room, detached: its slot, record
+and output ring wait for it to resume on a new connection. Starting from what the holders kept after a crash is
 :mod:`chatd.restore`'s job; chatctl's requests are :mod:`chatd.control`'s.
 Timers send systemd the status line, ping its watchdog, and audit the holders.
 """
