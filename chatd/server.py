@@ -72,6 +72,7 @@ from .listeners import Listeners, refuse
 from .records import Record, record_of
 from .rings import RingFull
 from .room import Bye, Command, Failed, Member, Msg, Outcome, Remote, Room
+from .statedir import StateDir, new_journal
 
 log = logging.getLogger("chatd")
 
@@ -137,6 +138,8 @@ class ChatServer:
         #: (each slot then has an outbox).
         self.cluster: AcrossHosts = SingleHost()
         self.box_size = 0
+        #: Where the journal lives on disk (``--state-dir``, chatd.statedir); None: a memfd.
+        self.state_dir: StateDir | None = None
         self.started = time.time()
         self.restored_at: float | None = None
         #: The summary of the restore this process started with (chatd.restore).
@@ -163,7 +166,7 @@ class ChatServer:
     def bind(self, host: str, port: int, http_port: int | None = None) -> None:
         """Start afresh: a new journal and listening sockets, kept in every holder."""
         self.listeners.open(host, port, http_port)
-        self.journal = Journal.create(self.max_clients, box_size=self.box_size)
+        self.journal = new_journal(self)
         self.backup.store_server_items()
         web = f", web on port {self.http_port}" if self.http_port else ""
         log.info("listening on %s:%d%s (fresh start)", host, self.port, web)
