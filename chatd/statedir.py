@@ -168,7 +168,7 @@ def settle_held_journal(server: "ChatServer", journal: Journal, journal_fd: int 
     held = os.fstat(journal_fd)
     if state_dir.identity() == (held.st_dev, held.st_ino):
         return journal, journal_fd
-    what = "a memfd (the chatd before ran without --state-dir)" if not journal.on_disk else \
+    what = "a memfd (the chatd before ran without --state-dir)" if journal_module.is_memfd(journal_fd) else \
         f"another file ({os.readlink(f'/proc/self/fd/{journal_fd}')})"
     began = time.monotonic()
     try:

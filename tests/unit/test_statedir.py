@@ -96,12 +96,37 @@ def test_a_state_dir_that_is_a_file_is_refused_with_the_fix(tmp_path):
     assert caught.value.code == "state-dir" and "--state-dir" in caught.value.message
 
 
-def test_a_slot_handed_out_has_its_blocks_reserved_and_a_full_disk_refuses_it_not_chatd(state_dir, monkeypatch,
-                                                                                        caplog):
+@pytest.fixture
+def on_disk(monkeypatch):
+    """Files here are taken for files on a disk even where the tests' temporary directory is a
+    tmpfs (the reservations are made either way: fallocate works there too)."""
+    monkeypatch.setattr(journal_module, "_in_memory", lambda fd: False)
+
+
+def test_what_lives_in_memory_is_told_from_what_lives_on_a_disk(tmp_path):
+    memfd = os.memfd_create("test")
+    assert journal_module._in_memory(memfd) and journal_module.is_memfd(memfd)
+    os.close(memfd)
+    if os.path.isdir("/dev/shm"):
+        fd = os.open("/dev/shm", os.O_RDONLY)
+        assert journal_module._in_memory(fd) and not journal_module.is_memfd(fd)
+        os.close(fd)
+    checkout = os.open(os.path.dirname(__file__), os.O_RDONLY)  # a source checkout is on a disk
+    assert not journal_module._in_memory(checkout)
+    os.close(checkout)
+
+
+def test_a_slot_handed_out_has_its_blocks_reserved_and_a_full_disk_refuses_it_not_chatd(state_dir, on_disk,
+                                                                                        monkeypatch, caplog):
     journal = Journal.create(4, path=state_dir.journal_path)
     before = os.stat(state_dir.journal_path).st_blocks
     slot = journal.allocate()
-    assert os.stat(state_dir.journal_path).st_blocks * 512 - before * 512 >= journal.in_size + journal.out_size
+    reserved = os.stat(state_dir.journal_path).st_blocks
+    assert (reserved - before) * 512 >= journal.in_size + journal.out_size
+    journal.commit({slot: Record(1, "line", None, None, 0)})
+    journal.commit({slot: None})
+    assert os.stat(state_dir.journal_path).st_blocks == reserved, "kept for the next client"
+    assert journal.allocate() == slot
     journal.commit({slot: None})
 
     def full(fd, offset, length):
@@ -117,11 +142,16 @@ def test_a_slot_handed_out_has_its_blocks_reserved_and_a_full_disk_refuses_it_no
     journal.close()
 
 
-def test_a_memfd_reserves_nothing():
+def test_a_memfd_reserves_nothing_and_gives_a_freed_slots_pages_back():
     journal = Journal.create(4)
     assert not journal.on_disk
-    journal.allocate()
-    assert os.fstat(journal.fd).st_blocks == 0 or os.fstat(journal.fd).st_blocks * 512 < journal.in_size
+    slot = journal.allocate()
+    empty = os.fstat(journal.fd).st_blocks
+    journal.out_ring(slot)[:] = b"x" * journal.out_size
+    journal.commit({slot: Record(1, "line", None, None, 0)})
+    assert (os.fstat(journal.fd).st_blocks - empty) * 512 >= journal.out_size
+    journal.commit({slot: None})
+    assert os.fstat(journal.fd).st_blocks <= empty + 8
     journal.close()
 
 
@@ -136,7 +166,7 @@ def test_attach_finds_the_boot_that_wrote_it(state_dir, monkeypatch):
     assert Journal.attach(state_dir.journal_path).boot_found == b"\x42" * 16, "stamped by the last attach"
 
 
-def test_a_seal_holds_until_the_next_writer_which_clears_it_on_disk_first(state_dir):
+def test_a_seal_holds_until_the_next_writer_which_clears_it_on_disk_first(state_dir, on_disk):
     journal = written(state_dir.journal_path)
     journal.seal()
     assert SEAL.unpack(os.pread(journal.fd, SEAL.size, SEAL_OFFSET)) == (1, journal.committed)
@@ -156,7 +186,7 @@ def test_a_seal_at_an_older_commit_is_no_seal(state_dir):
     assert not Journal.attach(state_dir.journal_path).sealed
 
 
-def test_chatd_seal_seals_a_journal_nobody_serves_from_and_refuses_one_a_live_chatd_does(state_dir):
+def test_chatd_seal_seals_a_journal_nobody_serves_from_and_refuses_one_a_live_chatd_does(state_dir, on_disk):
     journal = written(state_dir.journal_path)
     journal.set_owner(os.getpid(), _start_time(os.getpid()))
     with pytest.raises(Error) as caught:
@@ -199,7 +229,7 @@ def test_a_journal_written_in_this_boot_is_served_from(state_dir, caplog):
     journal.close()
 
 
-def test_after_a_reboot_a_sealed_journal_is_served_from(state_dir, monkeypatch):
+def test_after_a_reboot_a_sealed_journal_is_served_from(state_dir, on_disk, monkeypatch):
     journal = written(state_dir.journal_path)
     journal.seal()
     journal.close()
@@ -209,8 +239,8 @@ def test_after_a_reboot_a_sealed_journal_is_served_from(state_dir, monkeypatch):
     journal.close()
 
 
-def test_after_a_power_loss_an_unsealed_journal_is_set_aside_and_chatd_starts_afresh(state_dir, monkeypatch,
-                                                                                     caplog):
+def test_after_a_power_loss_an_unsealed_journal_is_set_aside_and_chatd_starts_afresh(state_dir, on_disk,
+                                                                                     monkeypatch, caplog):
     journal = written(state_dir.journal_path)
     journal.seal()
     journal.commit({1: RECORD})  # written after the seal: the seal no longer holds
@@ -263,7 +293,7 @@ def test_the_held_journal_that_is_the_file_is_served_as_it_is(state_dir):
     journal.close()
 
 
-def test_a_held_memfd_is_copied_into_the_state_dir_and_the_holders_keep_the_copy(state_dir):
+def test_a_held_memfd_is_copied_into_the_state_dir_and_the_holders_keep_the_copy(state_dir, on_disk):
     held = Journal.create(4)
     slot = held.allocate()
     held.commit({slot: RECORD})
