@@ -253,10 +253,9 @@ def is_memfd(fd: int) -> bool:
         return False
 
 
-def _copy_data(source: int, target: int, size: int, chunk: int = 1 << 20) -> None:
-    """The written parts of ``source`` into ``target`` at the same offsets, holes left holes
-    (``SEEK_DATA``/``SEEK_HOLE``; every byte, where the file system cannot say)."""
-    zeros = bytes(chunk)
+def _copy_data(source: int, view: memoryview, target: int, size: int) -> None:
+    """The written parts of ``source`` (mapped as ``view``) into ``target`` at the same offsets,
+    holes left holes (``SEEK_DATA``/``SEEK_HOLE``; every byte, where the file system cannot say)."""
     offset = 0
     while offset < size:
         try:
@@ -267,12 +266,7 @@ def _copy_data(source: int, target: int, size: int, chunk: int = 1 << 20) -> Non
                 return
             start, end = offset, size
         while start < end:
-            data = os.pread(source, min(chunk, end - start), start)
-            if not data:
-                return
-            if data != zeros[:len(data)]:
-                os.pwrite(target, data, start)
-            start += len(data)
+            start += os.pwrite(target, view[start:end], start)
         offset = end
 
 
@@ -483,7 +477,7 @@ class Journal:
     def copy_to(self, path: str) -> "Journal":
         """A copy of this journal in a new file at ``path`` (made as :meth:`create` makes one:
         whole under a temporary name, then renamed), attached; only the pages written are
-        copied, and the used slots' blocks reserved. Nothing may write this one meanwhile.
+        copied, and the used slots' blocks reserved (on a disk). Nothing may write this one meanwhile.
         Error ``state-dir`` if the file cannot be made."""
         try:
             fd, temporary = _temporary_file(path)
@@ -493,11 +487,13 @@ class Journal:
             size = os.fstat(self.fd).st_size
             os.ftruncate(fd, size)
             if not _in_memory(fd):
-                _fallocate(fd, 0, self._rings)
-                for slot in itertools.compress(range(self.slots), self._used):
-                    self._reserve(slot, fd)
-            _copy_data(self.fd, fd, size)
-            os.fsync(fd)
+                # Header, records and every slot's rings up to the last used one, in one call: the
+                # slots are handed out from the first, so the used ones are nearly all of those.
+                used = [slot for slot in itertools.compress(range(self.slots), self._used)]
+                _fallocate(fd, 0, self._ring_offset(used[-1] + 1) if used else self._rings)
+            _copy_data(self.fd, self._view, fd, size)
+            # No fsync (a third of a second at 10,000 clients, in a takeover): within this boot the
+            # page cache is the file, and after a reboot an unsealed journal is not trusted anyway.
             os.rename(temporary, path)
             _sync_directory(path)
             copy = Journal.attach(fd)
