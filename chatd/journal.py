@@ -449,7 +449,7 @@ class Journal:
         sealed, sealed_at = SEAL.unpack_from(mapping, SEAL_OFFSET)
         if sealed:
             # Before any other write, and on disk before it: a seal on disk must mean that
-            # nothing was written after it (the class's docstring).
+            # nothing was written after it (the module docstring: the boot and the seal).
             SEAL.pack_into(mapping, SEAL_OFFSET, 0, 0)
             mapping.flush(0, PAGE)
         journal = cls(fd, slots, in_size, out_size, box_size, mapping, path)
@@ -578,6 +578,10 @@ class Journal:
             if record is None and was_taken:
                 self._free.append(slot)
                 self._release_rings(slot)
+
+    def used(self) -> int:
+        """How many slots have a record."""
+        return self._used.count(1)
 
     def read(self, slot: int) -> Record | None:
         return unpack(self._map, self._copy_offset(slot, self._current[slot]))

@@ -36,9 +36,9 @@ Every way to begin serving goes through :meth:`Lifecycle.serve`: at start, when
 the standby takes over, and on ``chatctl restore``. It restores what the holders
 keep (:mod:`chatd.restore`; with ``--state-dir`` and nothing kept, from the
 journal on disk, on new listeners: :mod:`chatd.statedir`), else, where a fresh
-start is allowed, binds new listeners; listens where the options say; joins the cluster (``--cluster``);
-tells systemd it is ready; and lets the test crash points count. So ``--cluster``
-goes with ``--wait`` like any other start.
+start is allowed, binds new listeners; listens where the options say; joins the
+cluster (``--cluster``); tells systemd it is ready; and lets the test crash
+points count. So ``--cluster`` goes with ``--wait`` like any other start.
 """
 
 from __future__ import annotations
@@ -144,9 +144,13 @@ class Lifecycle:
 
     def _serve(self, fresh_allowed: bool, may_take_over, prepared) -> None:
         where = self.where
+
+        def listen_anew() -> None:
+            """For a restore from the state directory's journal: its listeners died with the holders."""
+            self.server.listeners.open(where.host, where.port, where.http_port)
+
         try:
-            listen = lambda: self.server.listeners.open(where.host, where.port, where.http_port)  # noqa: E731
-            if restore(self.server, may_take_over, prepared, listen) is None:
+            if restore(self.server, may_take_over, prepared, listen_anew) is None:
                 if where.restore_only or not fresh_allowed:
                     raise Error("nothing-held", "the holders keep no listening socket for chatd: nothing to "
                                                 "restore (start chatd without --restore to begin afresh)")

@@ -29,9 +29,10 @@ without it. The file only adds a home that outlives the holders:
   after). Otherwise the machine went down without a stop (power loss, kernel
   crash): what reached the disk may be old or torn, so the file is set aside
   as ``DIR/journal.previous`` and chatd starts afresh, rather than serve a
-  state nobody committed. A damaged file is set aside too; a file of a version
-  this release does not read is refused (Error ``unknown-format``; chatd
-  exits, nothing touched), like a held one.
+  state nobody committed. A damaged file is set aside too, and a single host's
+  (no outboxes) when chatd now joins a cluster (it could not serve from it); a
+  file of a version this release does not read is refused (Error
+  ``unknown-format``; chatd exits, nothing touched), like a held one.
 
 **Sealing.** A chatd that stops (SIGTERM, not a handover) seals the journal
 it served from. Under systemd, ``chatd.service`` also runs ``chatd --seal``
@@ -139,6 +140,11 @@ def journal_kept_on_disk(server: "ChatServer", held: list) -> tuple[Journal, int
     except (OSError, ValueError) as exc:
         state_dir.set_aside(f"it cannot be read ({exc}); chatd starts afresh")
         return None
+    if server.box_size and not journal.box_size:
+        journal.close()
+        state_dir.set_aside("it is a single host's journal (no outboxes) and chatd now joins a cluster "
+                            "(--cluster), which it cannot from that journal: chatd starts afresh, with outboxes")
+        return None
     if journal.boot_found == journal_module.boot_id():
         why = "written in this boot, so exactly as the last chatd left it"
     elif journal.sealed:
@@ -150,7 +156,11 @@ def journal_kept_on_disk(server: "ChatServer", held: list) -> tuple[Journal, int
                             "reached the disk may be old, or torn across pages. chatd starts afresh: the sessions "
                             "it kept are lost")
         return None
-    records = sum(1 for _ in journal.records())
+    if journal.slots < server.max_clients:
+        log.warning("%s has room for %s, fewer than chatd may serve now (--max-clients, or the fd limit): "
+                    "%d at most until a fresh start (`chatd --fresh`, which sets it aside)", path,
+                    plural(journal.slots, "client"), journal.slots)
+    records = journal.used()
     log.info("the holders keep nothing for chatd (holderd and the fd store were stopped or killed, or the machine "
              "restarted): starting from %s, %s; the connections of its %s are gone; listening anew",
              path, why, plural(records, "client"))

@@ -272,6 +272,20 @@ def test_a_journal_of_another_version_is_refused_and_left_untouched(state_dir):
     os.close(fd)
 
 
+def test_a_single_hosts_journal_is_set_aside_when_chatd_now_joins_a_cluster(state_dir):
+    from chatd.journal import BOX_RING
+
+    written(state_dir.journal_path).close()
+    server = FakeServer(state_dir)
+    server.box_size = BOX_RING
+    assert journal_kept_on_disk(server, []) is None
+    assert os.listdir(state_dir.directory) == ["journal.previous"]
+    Journal.create(4, box_size=BOX_RING, path=state_dir.journal_path).close()
+    journal, _ = journal_kept_on_disk(server, [])
+    assert journal.box_size == BOX_RING
+    journal.close()
+
+
 def test_a_journal_on_disk_that_the_holders_kept_another_one_of_is_stale(state_dir):
     written(state_dir.journal_path).close()
     other = Journal.create(4)
