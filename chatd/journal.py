@@ -202,7 +202,7 @@ def _fallocate(fd: int, offset: int, length: int) -> None:
     os.posix_fallocate(fd, offset, length)
 
 
-def _sync_directory(path: str) -> None:
+def sync_directory(path: str) -> None:
     """Make a rename in ``path``'s directory durable."""
     directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -398,7 +398,7 @@ class Journal:
                     _fallocate(fd, 0, cls.rings_offset(slots))
                 os.fsync(fd)
                 os.rename(temporary, path)
-                _sync_directory(path)
+                sync_directory(path)
             except OSError as exc:
                 journal.close()
                 _unlink(temporary)
@@ -495,7 +495,7 @@ class Journal:
             # No fsync (a third of a second at 10,000 clients, in a takeover): within this boot the
             # page cache is the file, and after a reboot an unsealed journal is not trusted anyway.
             os.rename(temporary, path)
-            _sync_directory(path)
+            sync_directory(path)
             copy = Journal.attach(fd)
         except OSError as exc:
             os.close(fd)

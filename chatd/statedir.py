@@ -103,9 +103,13 @@ class StateDir:
         """Move the journal out of the way (to ``journal.previous``), saying ``why``."""
         try:
             os.replace(self.journal_path, self.set_aside_path)
+            journal_module.sync_directory(self.journal_path)
         except FileNotFoundError:
             return
-        journal_module._sync_directory(self.journal_path)
+        except OSError as exc:
+            log.error("%s must be set aside (%s), but cannot be (%s): a new journal replaces it, if it can be "
+                      "made there", self.journal_path, why, exc.strerror or exc)
+            return
         log.warning("%s set aside as %s: %s", self.journal_path, self.set_aside_path, why)
 
 
