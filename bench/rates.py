@@ -8,7 +8,8 @@ Each *target* is started in turn in a scratch directory and given the same
 loads. Relay: ``--pairs`` pairs of line clients (in this process, on a
 selector), each keeping ``--window`` messages of ``--size`` bytes on their way
 to its partner; after a second of warm-up, the ``FROM`` lines received in
-``--seconds`` are counted. Accept: ``--accepts`` new clients, from three
+``--seconds`` are counted, and divided by the CPU time the relaying process
+used meanwhile too (per CPU second: steadier on a busy machine). Accept: ``--accepts`` new clients, from three
 processes at once with up to 64 connects in flight each, each client
 connecting, sending NICK and waiting for its OK, then gone; the rate is
 clients answered per second. Targets:
@@ -128,10 +129,18 @@ def file_system(directory: str) -> str:
     return best[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) process ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_target(name: str, launcher: Launcher, revision_root: str | None, journal_dir: str | None = None) -> int:
-    """Start the target; its port. ``journal_dir``: where its journal file goes (--state-dir)."""
+    """Start the target; its port (the relaying process is ``launcher.chatd``).
+    ``journal_dir``: where its journal file goes (--state-dir)."""
     if name == "asyncio":
-        proc = launcher.spawn("asyncio", "bench.asyncio_relay", "0")
+        proc = launcher.chatd = launcher.spawn("asyncio", "bench.asyncio_relay", "0")
         return int(wait_until(lambda: _first_line(launcher, proc), 10, "the asyncio relay"))
     if revision_root:
         # Another revision's daemons: its own code first on the path.
@@ -161,18 +170,22 @@ def _first_line(launcher: Launcher, proc) -> str | None:
     return line if line.isdigit() else None
 
 
-def measure(name: str, args, revision_root: str | None, journal_dir: str | None = None) -> tuple[float, float]:
-    """(messages relayed a second, clients accepted and answered a second)."""
+def measure(name: str, args, revision_root: str | None, journal_dir: str | None = None) -> tuple[float, float, float]:
+    """(messages relayed a second, the same per second of the relay's own CPU time, clients
+    accepted and answered a second). Per CPU second: what the work costs, whatever share of the
+    cores a busy machine leaves the relay (a rate alone swings with the neighbours)."""
     with Launcher() as launcher:
         try:
             port = start_target(name, launcher, revision_root, journal_dir)
             load = Load(port, args.pairs, args.size, args.window)
             try:
                 load.run(1.0)
-                relayed = load.run(args.seconds) / args.seconds
+                cpu = cpu_seconds(launcher.chatd.pid)
+                delivered = load.run(args.seconds)
+                cpu = cpu_seconds(launcher.chatd.pid) - cpu
             finally:
                 load.close()
-            return relayed, accept_rate(port, args.accepts)
+            return delivered / args.seconds, delivered / max(cpu, 0.01), accept_rate(port, args.accepts)
         finally:
             launcher.close()  # before its state directory goes: chatd seals its journal as it stops
             if journal_dir is not None:
@@ -269,16 +282,18 @@ def main() -> int:
         journal_dirs[name] = directory
         targets.append(name)
     rates: dict[str, list[float]] = {name: [] for name in targets}
+    per_cpu: dict[str, list[float]] = {name: [] for name in targets}
     accepts: dict[str, list[float]] = {name: [] for name in targets}
     try:
         for round_number in range(args.rounds):
             for name in targets:
-                relayed, accepted = measure(name, args, revision_root if "@" in name else None,
-                                            journal_dirs.get(name))
+                relayed, relayed_per_cpu, accepted = measure(name, args, revision_root if "@" in name else None,
+                                                             journal_dirs.get(name))
                 rates[name].append(relayed)
+                per_cpu[name].append(relayed_per_cpu)
                 accepts[name].append(accepted)
-                print(f"round {round_number + 1}: {name:>28}: {relayed:10,.0f} messages/s, "
-                      f"{accepted:8,.0f} accepts/s", flush=True)
+                print(f"round {round_number + 1}: {name:>28}: {relayed:10,.0f} messages/s "
+                      f"({relayed_per_cpu:,.0f} per CPU second), {accepted:8,.0f} accepts/s", flush=True)
     finally:
         if revision_root:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", revision_root], capture_output=True)
@@ -294,19 +309,22 @@ def main() -> int:
               f"| {accept:,.0f} | {accept / accept_medians['asyncio']:.2f}x | {accept / accept_medians['chatd']:.2f}x |")
     if journal_dirs:
         # Round by round, each file against the memfd of the same round: the neighbours' noise shared.
-        memfd = rates["chatd+holderd"]
-        print("\n| journal | relay vs memfd, per round | median | accepts vs memfd, median |")
-        print("| --- | --- | --- | --- |")
+        def ratios(of: dict[str, list[float]], name: str) -> list[float]:
+            return [file / memfd for file, memfd in zip(of[name], of["chatd+holderd"])]
+
+        print("\n| journal | relay vs memfd, per round | median | per CPU second vs memfd, per round | median "
+              "| accepts vs memfd, median |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for name in journal_dirs:
-            ratios = [file / base for file, base in zip(rates[name], memfd)]
-            accept_ratios = [file / base for file, base in zip(accepts[name], accepts["chatd+holderd"])]
-            print(f"| {name.split(', ', 1)[1]} | {', '.join(f'{r:.2f}' for r in ratios)} | "
-                  f"{statistics.median(ratios):.2f}x | {statistics.median(accept_ratios):.2f}x |")
+            relay, cpu = ratios(rates, name), ratios(per_cpu, name)
+            print(f"| {name.split(', ', 1)[1]} | {', '.join(f'{r:.2f}' for r in relay)} | "
+                  f"{statistics.median(relay):.2f}x | {', '.join(f'{r:.2f}' for r in cpu)} | "
+                  f"{statistics.median(cpu):.2f}x | {statistics.median(ratios(accepts, name)):.2f}x |")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as out:
-            json.dump({"args": vars(args), "relay": rates, "relay_medians": medians, "accepts": accepts,
-                       "accept_medians": accept_medians}, out, indent=2)
+            json.dump({"args": vars(args), "relay": rates, "relay_medians": medians, "relay_per_cpu_second": per_cpu,
+                       "accepts": accepts, "accept_medians": accept_medians}, out, indent=2)
     if args.plot:
         import matplotlib
 
