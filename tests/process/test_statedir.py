@@ -1,15 +1,12 @@
 """The journal on disk (``--state-dir``): chatd and holderd both killed, everything they kept
 gone with them, and a new chatd starts from the file."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 
 import pytest
-
-from ctl.launch import wait_until
 
 
 def kill(proc) -> None:
@@ -55,8 +52,8 @@ def test_chatd_and_holderd_killed_with_clients_paired_a_new_chatd_starts_from_th
     assert status["journal"] == f"{state_dir}/journal"
     text = chatctl(procs, "status")
     assert text.returncode == 0 and f"started from {state_dir}/journal, the holders having kept nothing" in text.stdout
-    # Without a session (sessions are not here yet), a record whose socket is gone is freed:
-    # its nick can be taken again, its pairing is gone, the count starts over.
+    # A and B asked for no session: their records went as those whose sockets did not come
+    # back, freed: the nicks can be taken again, the pairing is gone, the count starts over.
     c, d = procs.pair("A", "B")
     c.send("MSG again")
     assert d.line() == "FROM A 1 again"
