@@ -36,6 +36,8 @@ def status(server: "ChatServer") -> dict:
         "started": server.started,
         "restored_at": server.restored_at,
         "restore": server.restore_summary,
+        # The journal's file on disk (--state-dir), None for a memfd.
+        "journal": server.state_dir.journal_path if server.state_dir is not None else None,
         "holders": working,
         "held": held,
         "cluster": server.cluster.status(),

@@ -9,8 +9,12 @@ name's first copy is used and the rest closed.
 
 - No listening socket held: nothing to restore. Whatever else came back is
   closed and forgotten (it cannot be served without its listener and state).
-- The journal (``chatd/state``) is attached if one comes back whole, else a new
-  one is made (every client then comes back as new, with its connection but
+  With a state directory (``--state-dir``, :mod:`chatd.statedir`) whose journal
+  can be trusted, that journal is served from, on new listeners: the restore
+  goes on as one in which no socket came back.
+- The journal (``chatd/state``) is attached if one comes back whole (with a
+  state directory, served from its file: copied there if it is not that file),
+  else a new one is made (every client then comes back as new, with its connection but
   without its nick, pairing or count). A journal of a version this release does
   not read (:data:`chatd.journal.VERSION`; a newer release wrote it) is not
   damage: the restore is refused before anything is touched (Error
@@ -80,6 +84,7 @@ from .lastwords import Dying, LastWords, death_of
 from .adoption import take_back
 from .records import CLOSING, member_of
 from .room import Member
+from .statedir import journal_kept_on_disk, new_journal, settle_held_journal
 
 if TYPE_CHECKING:
     from .prepared import Prepared
@@ -88,10 +93,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("chatd")
 
 
-def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None" = None) -> dict | None:
+def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None" = None,
+            listen=None) -> dict | None:
     """Serve what the holders kept; a summary, or None if they keep no listening socket, or if
     ``may_take_over(journal)`` says another chatd serves from the journal they keep (chatd.standby).
     ``prepared``: what a standby read while it waited (chatd.prepared), used where still current.
+    With a state directory (chatd.statedir) and no listening socket held, its journal is served
+    from, its records as those whose sockets did not come back, on listeners ``listen()`` binds.
 
     With ``server.replay`` false (``chatd --no-replay``), what was in flight
     (input read and not handled, output committed and not sent) is thrown away
@@ -106,14 +114,18 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
     for item in retrieved:
         by_name.setdefault(item.name, []).append(item)
     listeners = by_name.get(LISTEN_NAME)
+    on_disk = None
     if not listeners:
         close_fds(item.fd for item in retrieved)
         if retrieved:
             log.warning("the holders keep %d fds for chatd but no listening socket: dropping them", len(retrieved))
             server.holders.forget_all("useless without the listening socket")
-        return None
+        on_disk = journal_kept_on_disk(server, by_name.get(STATE_NAME, []))
+        if on_disk is None:
+            return None
+        retrieved, by_name = [], {}  # what they kept is closed: the rest is a restore with no sockets
     try:
-        journal, journal_fd = _attach_journal(by_name.get(STATE_NAME, []), server.max_clients)
+        journal, journal_fd = on_disk or _attach_journal(by_name.get(STATE_NAME, []), server)
     except Error:
         close_fds(item.fd for item in retrieved)  # our duplicates; the holders keep theirs
         raise
@@ -121,10 +133,16 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
         journal.close()
         close_fds(item.fd for item in retrieved if item.fd != journal_fd)
         return None
+    journal_from = "state-dir" if on_disk else "held" if journal_fd is not None else "new"
+    journal, journal_fd = settle_held_journal(server, journal, journal_fd)
     server.journal = journal
     parts = {"holders_ms": retrieved_at, "journal_ms": time.monotonic()}
-    used_fds = {listeners[0].fd}
-    server.listeners.adopt(socket.socket(fileno=listeners[0].fd), "line")
+    if on_disk is not None:
+        listen()  # the listening sockets died with the holders
+        used_fds = set()
+    else:
+        used_fds = {listeners[0].fd}
+        server.listeners.adopt(socket.socket(fileno=listeners[0].fd), "line")
     if by_name.get(LISTEN_WEB_NAME):
         used_fds.add(by_name[LISTEN_WEB_NAME][0].fd)
         server.listeners.adopt(socket.socket(fileno=by_name[LISTEN_WEB_NAME][0].fd), "websocket")
@@ -201,6 +219,7 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
         "clients": len(server.connections) + len(adoption),
         "pairs": len(server.room.pairs()),
         "port": server.port,
+        "journal": journal_from,  # held by the holders, the state directory's (nothing held), or new
         "input_replayed": in_flight[0],
         "output_resent": in_flight[1],
         "milliseconds": round((served - began) * 1000, 2),
@@ -219,7 +238,7 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
     return summary
 
 
-def _attach_journal(candidates, slots: int) -> tuple[Journal, int | None]:
+def _attach_journal(candidates, server: "ChatServer") -> tuple[Journal, int | None]:
     """The held journal, attached; a new one if none is held or what is held is damaged.
     Raises Error ``unknown-format`` for one this release cannot read (another version):
     serving from a new journal would lose every nick, pairing and count it keeps."""
@@ -232,7 +251,7 @@ def _attach_journal(candidates, slots: int) -> tuple[Journal, int | None]:
             log.warning("held journal unusable (%s); starting a new one", exc)
         except (OSError, ValueError) as exc:
             log.warning("held journal unusable (%s); starting a new one", exc)
-    return Journal.create(slots), None
+    return new_journal(server), None
 
 
 def _take_last_words(server: "ChatServer", candidates) -> bytes:

@@ -81,6 +81,7 @@ from .records import Record, record_of
 from .rings import RingFull
 from .room import SESSION_COMMANDS, Bye, Command, Failed, Member, Msg, Outcome, Remote, Room
 from .sessions import GRACE, Detached, Sessions
+from .statedir import StateDir, new_journal
 
 log = logging.getLogger("chatd")
 
@@ -153,6 +154,8 @@ class ChatServer:
         #: (each slot then has an outbox).
         self.cluster: AcrossHosts = SingleHost()
         self.box_size = 0
+        #: Where the journal lives on disk (``--state-dir``, chatd.statedir); None: a memfd.
+        self.state_dir: StateDir | None = None
         self.started = time.time()
         self.restored_at: float | None = None
         #: The summary of the restore this process started with (chatd.restore).
@@ -179,7 +182,7 @@ class ChatServer:
     def bind(self, host: str, port: int, http_port: int | None = None) -> None:
         """Start afresh: a new journal and listening sockets, kept in every holder."""
         self.listeners.open(host, port, http_port)
-        self.journal = Journal.create(self.max_clients, box_size=self.box_size)
+        self.journal = new_journal(self)
         self.last_words = LastWords.create()
         self.last_words.listen()
         self.backup.store_server_items()

@@ -111,8 +111,11 @@ def chatd_line(chat: dict) -> str:
     ) or "none"
     web = f" (web {chat['http_port']})" if chat.get("http_port") else ""
     adopting = f" ({chat['adopting']} restored, still being adopted)" if chat.get("adopting") else ""
+    started = ""
+    if (chat.get("restore") or {}).get("journal") == "state-dir":
+        started = f"; started from {chat['journal']}, the holders having kept nothing"
     return (f"pid {chat['pid']}, serving port {chat['port']}{web}, {plural(chat['clients'], 'client')}{adopting}, "
-            f"{plural(chat['pairs'], 'pair')}; holders: {holders}")
+            f"{plural(chat['pairs'], 'pair')}; holders: {holders}{started}")
 
 
 def holderd_holds(holder: dict, chat: dict) -> str:

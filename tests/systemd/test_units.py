@@ -521,6 +521,49 @@ def test_drain_ends_every_connection(machine):
     assert chatctl(machine, "status")["chatd"]["clients"] == 0
 
 
+def test_with_holderd_chatd_and_their_fd_stores_gone_chatd_starts_again_from_its_journal_file(machine):
+    """`systemctl stop chatd holderd`: both instances, holderd, and every fd store (a stop empties
+    a unit's store) gone, so the connections end; chatd.service seals the journal once both
+    instances are down, and the chatd that serves next starts from /var/lib/chatd/journal."""
+    clients = pair(machine, "flo", "gus")
+    try:
+        chat(clients, ("flo", "gus"), 1)
+        chat(clients, ("flo", "gus"), 2)
+        assert chatctl(machine, "status")["chatd"]["journal"] == "/var/lib/chatd/journal"
+        modes = machine.run("stat", "-c", "%a %U", "/var/lib/chatd", "/var/lib/chatd/journal").stdout.split("\n")
+        assert modes[:2] == ["700 chatd", "600 chatd"], modes
+        since = now(machine)
+        machine.systemctl("stop", "chatd", "holderd")
+        states = [machine.show(unit, "ActiveState") for unit in (*CHATD_UNITS, "chatd", "holderd")]
+        assert set(states) == {"inactive"}, states
+        for client in clients:
+            with pytest.raises((EOFError, ConnectionResetError)):
+                client.line()  # the last copy of each socket is gone
+        assert "sealed /var/lib/chatd/journal at commit" in machine.journal("chatd", since)
+        machine.systemctl("start", "chatd")
+        unit, _ = wait_until(lambda: serving_other_than(machine, 0), 30, "a chatd to serve")
+    finally:
+        for client in clients:
+            client.close()
+    journal = chatd_journal(machine, since)
+    assert "the holders keep nothing for chatd" in journal and "starting from /var/lib/chatd/journal" in journal, \
+        journal
+    status = chatctl(machine, "status")["chatd"]
+    assert (status["restore"]["journal"], status["clients"]) == ("state-dir", 0), status
+    assert "started from /var/lib/chatd/journal" in machine.run(CHATCTL, "status").stdout
+    # Their records had no session: freed, so their nicks are free and their count starts over.
+    clients = pair(machine, "flo", "gus")
+    try:
+        chat(clients, ("flo", "gus"), 1)
+        # And the holders keep the file itself again: a crash is restored from it as before.
+        crash_chatd(machine)
+        chat(clients, ("flo", "gus"), 2)
+        assert chatctl(machine, "status")["chatd"]["restore"]["journal"] == "held"
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_ten_thousand_idle_connections_survive_a_crash(machine):
     count = 10_000
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
