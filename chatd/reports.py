@@ -31,6 +31,8 @@ def status(server: "ChatServer") -> dict:
         "awaiting_restore": server.role is Role.WAITING,
         "clients": server.client_count(),
         "adopting": len(server.adoption),
+        #: Sessions whose connection ended, waiting for their clients to resume (chatd.sessions).
+        "detached": len(server.sessions),
         "max_clients": server.max_clients,
         "pairs": len(server.room.pairs()),
         "started": server.started,

@@ -199,6 +199,9 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
         else:
             gone[slot] = None
     server.journal.commit(gone)  # their sockets are gone: those clients left meanwhile
+    if len(server.sessions):
+        log.info("%s wait for their clients to resume them (their connections did not come back)",
+                 plural(len(server.sessions), "session"))
     server.room.restore(members)
     server.holders.store_what_each_lacks(server.backup.items(), kept)
     if stale:

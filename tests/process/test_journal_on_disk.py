@@ -99,3 +99,37 @@ def head(path: str) -> bytes:
     """The header and every record of a journal (its rings are gigabytes of holes)."""
     with open(path, "rb") as journal:
         return journal.read(16 << 20)
+
+
+def test_everything_killed_keeps_every_session_and_its_clients_resume_exactly_once(procs, state_dir):
+    """Sessions survive what the journal on disk survives: chatd and holderd SIGKILLed (the
+    connections end with them); the new chatd starts from the file with every session
+    detached, and each client resumes: its pairing, the messages it lacked, its count."""
+    procs.start_holderd()
+    procs.start_chatd("--state-dir", state_dir)
+    a, b = procs.pair()
+    tokens = {}
+    for name, client in (("A", a), ("B", b)):
+        client.send("SESSION")
+        word, tokens[name], _ = client.line().split()
+    a.send("MSG seen")
+    assert b.line() == "FROM A 1 seen"
+    b.sock.sendall(b"ACK 1\n")
+    assert b.line() == "HANDLED 0"
+    a.send("MSG never read", "ACK 0")  # sent to B's socket, which B never reads: it dies with the host
+    assert a.line() == "HANDLED 2"
+    b.send("MSG to A")
+    assert a.line() == "FROM B 1 to A"
+    kill(procs.chatd)
+    kill(procs.holderd)
+    procs.start_holderd()
+    procs.start_chatd("--state-dir", state_dir)
+    assert procs.control("status")["detached"] == 2, "every session waits for its client"
+    b2 = procs.client()
+    b2.send(f"RESUME {tokens['B']} 1")
+    assert b2.lines(2) == ["RESUMED B A 1", "FROM A 2 never read"]
+    a2 = procs.client()
+    a2.send(f"RESUME {tokens['A']} 1")
+    assert a2.line() == "RESUMED A B 2"
+    a2.send("MSG after the host came back")
+    assert b2.line() == "FROM A 3 after the host came back"
