@@ -227,7 +227,7 @@ def test_with_nothing_held_the_state_dirs_journal_is_served_its_records_as_those
     summary = restore(second, listen=lambda: second.listeners.open("127.0.0.1", 0, None))
     assert (summary["journal"], summary["clients"], summary["pairs"]) == ("state-dir", 0, 0)
     assert second.journal.path == str(tmp_path / "journal") and list(second.journal.records()) == []
-    assert holder.held().keys() == {"chatd/listen", "chatd/state"}, "the holders keep the new listener and the file"
+    assert holder.held().keys() == {"chatd/listen", "chatd/state", "chatd/last-words"}, "the holders keep the new listener and the file"
     with serving(second):
         again = connect(second.port, "A", "B")  # the nick is free again
         again.close()
