@@ -134,10 +134,11 @@ class CuttingProxy:
                     elif key.data == "wake":
                         self._wake()
                     else:
+                        # A cut earlier in this batch may have closed this side already.
                         link, side = key.data
-                        if events & selectors.EVENT_READ:
+                        if events & selectors.EVENT_READ and self._live(link, side):
                             self._read(link, side)
-                        if events & selectors.EVENT_WRITE and link in self._links:
+                        if events & selectors.EVENT_WRITE and self._live(link, side):
                             self._write(link, side)
         finally:
             for link in list(self._links):
@@ -145,6 +146,9 @@ class CuttingProxy:
             self._selector.close()
             self.listener.close()
             self._wake_reader.close()
+
+    def _live(self, link: _Link, side: _Side) -> bool:
+        return link in self._links and side.sock.fileno() >= 0
 
     def _wake(self) -> None:
         try:

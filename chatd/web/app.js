@@ -25,7 +25,7 @@
 // pings included, as chatd counts them) and keeps each message, nick, pair and who in
 // `outbox` until chatd has handled it: a pong handles everything sent before its ping,
 // and {"type":"handled","count":h} (the answer to the acks the page sends after every
-// ACK_EVERY messages received, or ACK_IDLE ms after the last activity) everything up to
+// ACK_EVERY messages shown or sent, or ACK_IDLE ms after the last) everything up to
 // h. On a new connection the page sends {"type":"resume","token":T,"n":<the n of the
 // last message shown>}; chatd answers {"type":"resumed",…,"handled":h} and sends again
 // every message after n, once. The page then sends again what is in the outbox after h
@@ -58,7 +58,7 @@ const HEARTBEAT = setting("heartbeat_ms", 10000); // an idle page pings this oft
 // one: longer than a restore of chatd takes (a crash must not cost a reconnection), short
 // enough that a half-open connection does not keep the user waiting long.
 const DEAD = setting("dead_ms", 20000);
-const ACK_EVERY = 16;                             // messages received between acks
+const ACK_EVERY = 16;                             // messages shown and commands sent between acks
 const ACK_IDLE = 2000;                            // or this long after the last activity
 const STORE = "chat.session";                     // the sessionStorage key
 
@@ -99,7 +99,7 @@ const session = {
   numbered: 0,         // the number of the last chat command sent (or kept) since the session began
   lastN: 0,            // the n of the last message shown
   ackedN: 0,           // the n of the last ack sent
-  unacked: 0,          // messages shown since the last ack
+  unacked: 0,          // messages shown and commands sent since the last ack
   ackTimer: null,
 };
 let sequence = 0;      // every command's place in order, for pongs (which know no numbers)
@@ -217,7 +217,7 @@ function send(message, item) {
   if (link.phase === "open") {
     transmit(message);
     entry.transmitted = true;
-    activity();
+    if (message.type !== "ping") activity();
   }
   window.chat.sent = session.numbered;
   countPending();
@@ -272,9 +272,13 @@ function watch() {
 setInterval(watch, Math.min(250, ANSWER / 4));
 
 // -- acknowledging what was shown ----------------------------------------------------------
+// Something was shown or sent: an ack after ACK_EVERY of them, or once things are quiet
+// (so chatd forgets what was shown, and the page what chatd handled).
 function activity() {
   clearTimeout(session.ackTimer);
-  if (session.token) session.ackTimer = setTimeout(ack, ACK_IDLE);
+  if (!session.token) return;
+  session.unacked += 1;
+  if (session.unacked >= ACK_EVERY) ack(); else session.ackTimer = setTimeout(ack, ACK_IDLE);
 }
 
 function ack() {
@@ -306,8 +310,7 @@ function handle(message) {
       item.scrollIntoView({ block: "end" });
       if (session.token) {
         remember();
-        session.unacked += 1;
-        if (session.unacked >= ACK_EVERY) ack(); else activity();
+        activity();
       }
       break;
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -121,3 +122,39 @@ def test_server_silent_closes_the_client_side_and_the_server_hears_nothing(echo,
     echo.conns[0].sendall(b"into the void")  # read and thrown away by the proxy
     echo.conns[0].shutdown(socket.SHUT_WR)   # the server lets go: so does the proxy
     assert echo.wait_ended(1) == ["eof"]
+
+
+def test_a_silent_cut_in_the_middle_of_traffic_stays_silent(echo, proxy):
+    """Cut while bytes flow both ways on many connections: no silenced side is closed or reset (a
+    cut once closed them too, by handling an event of the side it had just closed)."""
+    for _ in range(3):
+        clients = [connect(proxy) for _ in range(8)]
+        stop = threading.Event()
+
+        def chatter(client):
+            try:
+                while not stop.is_set():
+                    client.sendall(b"x" * 4096)
+                    client.recv(65536)
+            except OSError:
+                pass
+
+        threads = [threading.Thread(target=chatter, args=(client,), daemon=True) for client in clients]
+        for client, thread in zip(clients, threads):
+            client.settimeout(0.3)  # after the cut, a chatter's recv waits this long for nothing
+            thread.start()
+        time.sleep(0.05)
+        assert proxy.cut(Cut.CLIENT_SILENT) == 8
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+        time.sleep(0.2)  # a close would have come by now
+        for client in clients:
+            client.settimeout(0.02)
+            try:
+                while client.recv(65536):  # what was on its way before the cut
+                    pass
+                raise AssertionError("a client's side was closed")
+            except socket.timeout:
+                pass  # silent, as it should be
+            client.close()
