@@ -36,6 +36,10 @@ log = logging.getLogger("chatd")
 class AcrossHosts(Protocol):
     """What the server asks of the other hosts (see the module's docstring)."""
 
+    #: Whether clients may have sessions (chatd.sessions): on one host; a session kept in the
+    #: cluster, for any host to take back, is not built yet.
+    keeps_sessions: bool
+
     @property
     def cursor(self) -> int | None:
         """The stream sequence up to which every message for this host is handled, for the
@@ -80,6 +84,7 @@ class SingleHost:
     """One chatd host alone: no other host to wait for, tell or hear from."""
 
     cursor = None
+    keeps_sessions = True
 
     def start(self, journal: "Journal") -> None:
         pass

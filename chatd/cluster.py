@@ -99,6 +99,8 @@ HOST_ID_RE = NAME_RE
 class Cluster:
     """The server's hooks across hosts (:class:`~chatd.across.AcrossHosts`), and the bus's results."""
 
+    keeps_sessions = False  # not yet: a session kept in the cluster (issue 24)
+
     def __init__(self, bus: Bus, host_id: str, room: Room, members: "ServerMembers", loop: Loop, *,
                  outbox: bool = True, cursor: bool = True):
         self.bus = bus

@@ -32,8 +32,9 @@ Beside the state, one fact: :attr:`input_ended` (the client's EOF was read). It
 goes with ``OPEN``, ``BLOCKED`` and ``PARKED`` alike: what the client sent before
 its EOF is still handled, and only then is it closed. Reading from the socket
 follows from the state (:meth:`update_reading`): only an ``OPEN`` connection
-whose input has not ended and whose input ring has room reads; otherwise TCP's
-own flow control slows the client down, and nothing is dropped.
+whose input has not ended and whose input ring has room reads (and a ``BLOCKED``
+one with a session, so that its ACKs come in: :mod:`chatd.sessions`); otherwise
+TCP's own flow control slows the client down, and nothing is dropped.
 
 :meth:`Connection.close` shuts the socket down before closing it: the holders
 still have duplicates of it, and only ``shutdown()`` ends the TCP connection
@@ -130,7 +131,7 @@ class Connection(Channel):
         ``written`` are the socket's counts; what was read and not handled is fed again."""
         in_view, out_view, box_view = rings
         inbox = InRing(in_view, record.in_handled, read)
-        outbox = OutRing(out_view, written, record.out_end)
+        outbox = OutRing(out_view, written, record.out_end, kept=record.out_start if record.token else None)
         forwards = Outbox(box_view, record.box_start, record.box_end) if box_view is not None else None
         codec = codec_for(record.protocol, record.in_handled, record.codec)
         if read > record.in_handled:
@@ -194,7 +195,10 @@ class Connection(Channel):
     def update_reading(self) -> None:
         """Read while it is OPEN, its input has not ended and its input ring has room (called
         on every change of state, and by the owner once a commit frees input ring room)."""
-        self.set_reading(self.state is OPEN and not self.input_ended and self.inbox.free > 0)
+        # A session's client reads on while its commands wait for room: the room may be its own
+        # ring's or its peer's, kept until an ACK that follows in its input (chatd.sessions).
+        wanted = self.state is OPEN or (self.state is BLOCKED and self.outbox.retaining)
+        self.set_reading(wanted and not self.input_ended and self.inbox.free > 0)
 
     # -- reports ------------------------------------------------------------------------
     @property

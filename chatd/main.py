@@ -24,6 +24,7 @@ from .protocols import import_web_codec, web_unavailable
 from .reports import status_line
 from .lifecycle import HandedOver, Lifecycle, Where
 from .server import STALL_TIMEOUT, ChatServer, Role
+from .sessions import GRACE, RESUME_BURST, RESUME_RATE, ResumeGate
 from .standby import Turns
 
 log = logging.getLogger("chatd")
@@ -110,6 +111,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="close a client that takes none of its queued output for this long (default %(default)s)",
     )
     parser.add_argument(
+        "--session-grace", type=float, default=GRACE, metavar="SECONDS",
+        help="how long the session of a client whose connection ended without QUIT waits for it to "
+        "RESUME: its nick and pairing are kept and what its peer sends waits (default %(default)g: a phone "
+        "changing networks, a laptop waking, a proxy restarting)",
+    )
+    parser.add_argument(
+        "--resume-rate", type=float, default=RESUME_RATE, metavar="PER_SECOND",
+        help=f"resumes admitted per second when a crowd comes back at once (after {RESUME_BURST} at once); the "
+        "others hear ERR busy <seconds> and come back then (default %(default)g)",
+    )
+    parser.add_argument(
         "--no-journal", action="store_true",
         help="write no crash-surviving state, only to measure what the journal costs (bench/rates.py): "
         "a crash then loses what was in flight and every count",
@@ -167,6 +179,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--max-per-address must be 0 (no limit) or more")
     if args.max_clients < 0:
         parser.error("--max-clients must be 0 (as many as the fd limit allows) or more")
+    if not args.session_grace > 0:
+        parser.error("--session-grace must be more than 0 seconds")
+    if not args.resume_rate > 0:
+        parser.error("--resume-rate must be more than 0")
     return args
 
 
@@ -206,7 +222,8 @@ def main(argv=None) -> int:
         Journal.durable = False
         log.warning("--no-journal: nothing in flight survives a crash (a benchmark setting)")
     server = ChatServer(Holders(holders), args.max_clients, manager, args.stall_timeout, replay=not args.no_replay,
-                        max_per_address=args.max_per_address)
+                        max_per_address=args.max_per_address, session_grace=args.session_grace)
+    server.sessions.gate = ResumeGate(args.resume_rate)
     if args.cluster:
         server.box_size = BOX_RING
     server.instance = args.instance

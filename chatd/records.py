@@ -70,6 +70,10 @@ class Record:
     #: Stream offsets of the outbox's forwards not yet acknowledged: [box_start, box_end).
     box_start: int = 0
     box_end: int = 0
+    #: A session (chatd.sessions): its token's hash (b"": none), and the client's chat
+    #: commands handled since it began.
+    token: bytes = b""
+    handled: int = 0
 
 
 def state_error(message: str) -> Error:
@@ -110,7 +114,7 @@ FIELDS = (
     Field("protocol", "B", PROTOCOLS.index, lambda index: PROTOCOLS[index] if index < len(PROTOCOLS) else "line"),
     Field("flags", "B"),
     Field("poison_count", "B", lambda count: min(count, 255)),
-    Field(None, "4x"),
+    Field("handled", "I", lambda count: count & 0xFFFFFFFF),
     Field("inode", "Q"),
     Field("received", "Q"),
     Field("in_handled", "Q"),
@@ -126,7 +130,7 @@ FIELDS = (
     Field("last_k", "Q"),
     Field("box_start", "Q"),
     Field("box_end", "Q"),
-    Field(None, "16x"),
+    Field("token", "16s", bytes, lambda raw: raw if any(raw) else b""),
 )
 _VALUES = tuple(field for field in FIELDS if field.name is not None)
 
@@ -134,7 +138,12 @@ _VALUES = tuple(field for field in FIELDS if field.name is not None)
 RECORD = struct.Struct("<QB" + "".join(field.code for field in FIELDS))
 #: The layout journal version 3 was written with; a change here is a new journal version.
 LAYOUT_V3 = "<QBBBB4xQQQQQQ32s32s16sQQQQQQ16x"
-assert RECORD.format == LAYOUT_V3 and RECORD.size == 208, \
+#: Version 3 with a session's two fields in what was padding (``handled`` in the 4 bytes, ``token``
+#: in the 16): the same bytes where every field of version 3 is, and zero where a release that
+#: knows no sessions wrote padding, which reads as "no session". So each release reads what the
+#: other wrote (an older one drops the sessions, nothing else), and the version stays 3.
+LAYOUT_V3_SESSIONS = "<QBBBBIQQQQQQ32s32s16sQQQQQQ16s"
+assert RECORD.format == LAYOUT_V3_SESSIONS and RECORD.size == struct.calcsize(LAYOUT_V3) == 208, \
     "a record's layout changed: raise the journal's VERSION and read the old one (chatd.journal)"
 assert {field.name for field in _VALUES} == {field.name for field in fields(Record)}, \
     "every field of Record has its place in FIELDS, and nothing else does"
@@ -158,7 +167,8 @@ def unpack(buffer, offset: int) -> Record | None:
 
 
 #: The fields a member and its record share, by the same names.
-MEMBER_FIELDS = ("protocol", "nick", "target", "received", "incarnation", "sent", "peer_incarnation", "last_k")
+MEMBER_FIELDS = ("protocol", "nick", "target", "received", "incarnation", "sent", "peer_incarnation", "last_k",
+                 "token", "handled")
 
 
 class Kept(Protocol):
@@ -181,7 +191,7 @@ def record_of(member: Member, connection: Kept) -> Record:
         **{name: getattr(member, name) for name in MEMBER_FIELDS},
         inode=connection.inode,
         in_handled=connection.inbox.handled,
-        out_start=connection.outbox.sent,
+        out_start=connection.outbox.kept,
         out_end=connection.outbox.end,
         flags=(CLOSING if connection.finishing else 0) | (REMOTE_PAIRED if member.remote_paired else 0),
         codec=connection.codec.state,

@@ -58,8 +58,20 @@ def clients(server: "ChatServer") -> list[dict]:
                 "remote": connection.remote,
                 "queued": connection.outbox.pending,
                 "held": None if held is None else server.bundles.held_in(member_id, held),
+                "session": bool(member and member.token),
+                # Sent and kept until the client ACKs it (a session's: chatd.sessions).
+                "kept": connection.outbox.sent - connection.outbox.kept,
+                "state": connection.state.value,
             }
         )
+    for member_id, detached in sorted(server.sessions.detached.items()):
+        member = server.room.members.get(member_id)
+        rows.append({"id": member_id, "nick": member.nick if member else None,
+                     "target": member.target if member else None,
+                     "peer": member.peer.nick if member and member.peer else None,
+                     "received": member.received if member else 0, "protocol": detached.codec.protocol,
+                     "remote": None, "queued": detached.outbox.end - detached.outbox.kept, "held": None,
+                     "session": True, "kept": detached.outbox.end - detached.outbox.kept, "state": "detached"})
     return rows
 
 

@@ -37,7 +37,8 @@ name's first copy is used and the rest closed.
   chatd had shut down (closed on purpose) is dead weight in its bundle: closed
   here, and counted towards that bundle's rebuild.
 - A journal record whose socket did not come back is freed: the client left
-  while no chatd ran.
+  while no chatd ran; unless it has a session, which waits for its client to
+  resume it (:mod:`chatd.sessions`).
 - Each holder gets what only another kept, so either alone suffices again.
 
 Clients that connected while no chatd ran wait in the listening socket's
@@ -71,7 +72,7 @@ from .bundles import parse_name
 from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME
 from .journal import UNKNOWN_FORMAT, Journal
 from .adoption import take_back
-from .records import member_of
+from .records import CLOSING, member_of
 from .room import Member
 
 if TYPE_CHECKING:
@@ -161,7 +162,15 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
                 members.append(member)
         server.bundles.adopt(shard)
     parts["sockets_ms"] = time.monotonic()
-    gone = {slot: None for slot in records if slot not in server.connections and slot not in adoption}
+    gone = {}
+    for slot, record in records.items():
+        if slot in server.connections or slot in adoption:
+            continue
+        if record.token and not record.flags & CLOSING:  # a session: it waits for its client
+            members.append(member_of(slot, record))
+            server.sessions.detach_restored(slot, record)
+        else:
+            gone[slot] = None
     server.journal.commit(gone)  # their sockets are gone: those clients left meanwhile
     server.room.restore(members)
     server.holders.store_what_each_lacks(server.backup.items(), kept)

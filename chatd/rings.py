@@ -14,12 +14,16 @@ commands are handled and is committed with their effects. Until it is
 committed, the bytes it passed over stay untouched: the room after them is
 free only up to the committed ``handled``, so a crash finds them to handle again.
 
-:class:`OutRing` holds ``[sent, end)``: events are encoded straight into it
+:class:`OutRing` holds ``[kept, end)``: events are encoded straight into it
 (:meth:`OutRing.append`), and :meth:`OutRing.commit` marks everything appended
 so far as committed (the journal record's ``out_end``, committed in the same
 step). :meth:`OutRing.flush` sends committed bytes only, so nothing reaches a
 client before the journal says it was to be sent; ``sent`` is what the kernel
-counts as written.
+counts as written. ``kept`` follows ``sent``, except for a client with a session
+(:meth:`OutRing.retain`, :mod:`chatd.sessions`): written is not received, and a
+connection cut loses what was in flight, so its output is kept until the client
+says it has it (:meth:`OutRing.release_to`), and a resume sends again what it lacks.
+The record's ``out_start`` is ``kept``.
 
 :class:`Outbox` (across hosts only) holds ``[published, end)``: forwards to
 members of other hosts, each a length-prefixed payload, appended and committed
@@ -86,14 +90,22 @@ class InRing:
 
 
 class OutRing:
-    def __init__(self, view: memoryview, sent: int = 0, end: int = 0):
-        if not 0 <= end - sent <= len(view):
-            raise ValueError(f"output window [{sent}, {end}) does not fit a ring of {len(view)}")
+    def __init__(self, view: memoryview, sent: int = 0, end: int = 0, kept: int | None = None):
+        """``kept``: where a session's kept output begins (at most ``sent``); None: no session."""
+        retaining, kept = kept is not None, sent if kept is None else kept
+        if not 0 <= sent - kept <= end - kept <= len(view):
+            raise ValueError(f"output window [{kept}, {sent}, {end}) does not fit a ring of {len(view)}")
         self.view = view
         self.size = len(view)
         self.sent = sent
         self.end = end
         self.committed = end
+        #: Output before this is given up; ``sent`` itself unless the output is retained.
+        self.kept = kept
+        self.retaining = retaining
+        #: ``kept`` as the journal last committed it: a crash goes back to it, so with a
+        #: session the room before it only is free (as InRing's ``committed``).
+        self.kept_committed = kept
 
     @property
     def pending(self) -> int:
@@ -102,10 +114,27 @@ class OutRing:
 
     @property
     def free(self) -> int:
-        return self.size - (self.end - self.sent)
+        return self.size - (self.end - (self.kept_committed if self.retaining else self.kept))
 
     def __bool__(self) -> bool:
         return self.committed > self.sent
+
+    def retain(self) -> None:
+        """Keep what is sent from now on until :meth:`release_to` gives it up (a session)."""
+        self.retaining = True
+
+    def release_to(self, offset: int) -> None:
+        """The client has everything before ``offset`` (at most what was sent): its room is free."""
+        if not self.kept <= offset <= self.sent:
+            raise ValueError(f"cannot release up to {offset}: [{self.kept}, {self.sent}) is kept")
+        self.kept = offset
+
+    def kept_bytes(self) -> bytes:
+        """A copy of the kept output ``[kept, end)``, sent or not."""
+        a, b = self.kept % self.size, self.end - self.kept
+        if a + b <= self.size:
+            return bytes(self.view[a:a + b])
+        return bytes(self.view[a:]) + bytes(self.view[:b - (self.size - a)])
 
     def append(self, data: bytes) -> None:
         if len(data) > self.free:
@@ -121,6 +150,7 @@ class OutRing:
         """All appended bytes may be sent now; True if there were new ones."""
         new = self.end > self.committed
         self.committed = self.end
+        self.kept_committed = self.kept
         return new
 
     def flush(self, sock: socket.socket) -> bool:
@@ -135,6 +165,8 @@ class OutRing:
             except (BlockingIOError, InterruptedError):
                 return False
             self.sent += count
+            if not self.retaining:
+                self.kept = self.sent
             if count < b:
                 return False
         return True
@@ -142,6 +174,8 @@ class OutRing:
     def clear(self) -> None:
         """Give up on what is unsent (the client is gone)."""
         self.sent = self.committed = self.end
+        if not self.retaining:
+            self.kept = self.sent
 
 
 class Outbox:

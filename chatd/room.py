@@ -53,6 +53,12 @@ The rules:
   commands again (the web page tells its user when chatd does not answer)
 - ``Quit()`` → ``Bye``, then the member is closed; its peer gets ``Unpaired``
 - ``Invalid(code)`` → ``Failed(code)``
+
+Sessions (:mod:`chatd.sessions` carries out their commands; the room keeps their state):
+a member with a session has its token's hash (``token``) and counts its chat commands
+handled (``handled``, every command above but the session's own); its ``n`` counts the
+whole session's messages, not one pairing's. :meth:`Room.resume` moves a session's member
+to a new member id (a new connection's), so its peer sees nothing at all.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ ERROR_CODES = (
     "unknown-command", "line-too-long", "bad-encoding",  # what a codec cannot parse
     "crashed-server", "internal-error",  # chatd itself, not what the command said
     "server-full", "too-many-connections",  # a connection refused
+    "unknown-session", "no-session", "sessions-off", "busy",  # SESSION, RESUME, ACK
 )
 
 
@@ -111,13 +118,36 @@ class Quit:
 
 
 @dataclass(frozen=True)
+class StartSession:
+    """``SESSION``: make this member's state a session its client can take back (chatd.sessions)."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """``RESUME <token> <n>``: take back the session ``token`` names; ``n`` is the last FROM seen."""
+
+    token: str
+    n: int
+
+
+@dataclass(frozen=True)
+class Ack:
+    """``ACK <n>``: the client has every FROM up to ``n``; it asks how many commands were handled."""
+
+    n: int
+
+
+@dataclass(frozen=True)
 class Invalid:
     """What a codec could not turn into a command; ``code`` names why (``unknown-command``…)."""
 
     code: str
 
 
-Command = Nick | Pair | Msg | Who | Ping | Quit | Invalid
+Command = Nick | Pair | Msg | Who | Ping | Quit | Invalid | StartSession | Resume | Ack
+#: The commands about the session itself, which chatd.sessions carries out (the rest are the chat's,
+#: and a session counts them: ``Member.handled``).
+SESSION_COMMANDS = (StartSession, Resume, Ack)
 
 
 # -- events: what a member is told --------------------------------------------------------
@@ -165,7 +195,32 @@ class Failed:
     code: str
 
 
-Event = Ok | Paired | Unpaired | From | Users | Pong | Bye | Failed
+@dataclass(frozen=True)
+class SessionStarted:
+    token: str
+    handled: int
+
+
+@dataclass(frozen=True)
+class Resumed:
+    nick: str | None
+    peer: str | None
+    handled: int
+
+
+@dataclass(frozen=True)
+class Handled:
+    count: int
+
+
+@dataclass(frozen=True)
+class Busy:
+    """A resume refused for now (too many at once): try again after ``seconds``."""
+
+    seconds: int
+
+
+Event = Ok | Paired | Unpaired | From | Users | Pong | Bye | Failed | SessionStarted | Resumed | Handled | Busy
 
 
 @dataclass
@@ -187,6 +242,12 @@ class Member:
     #: Paired with a remote member when last committed: a restore re-pairs it silently
     #: once the directory shows that member again (see Room.restore).
     remote_paired: bool = False
+    #: A session (chatd.sessions): the hash of its token (b"": none), and how many of the
+    #: client's chat commands were handled since it began. A member with a session counts
+    #: ``received`` over the whole session: a new pairing does not start it again, so the
+    #: ``n`` a client resumes from names one message.
+    token: bytes = b""
+    handled: int = 0
 
 
 @dataclass
@@ -240,6 +301,8 @@ class Room:
         self.remote: dict[str, Remote] = {}
         #: Restored members paired with a remote one, until the directory shows it again.
         self._awaiting: dict[str, Member] = {}
+        #: Members with a session, by the hash of its token.
+        self._by_token: dict[bytes, Member] = {}
 
     # -- membership ---------------------------------------------------------------------
     def join(self, member_id: int, protocol: str = "line") -> Outcome:
@@ -256,6 +319,8 @@ class Room:
                 else:
                     self._by_nick[member.nick] = member
             self.members[member.id] = member
+            if member.token:
+                self._by_token[member.token] = member
         for member in members:
             if member.peer is None:
                 peer = self._mutual_target(member)
@@ -274,6 +339,8 @@ class Room:
         if member.nick is not None:
             del self._by_nick[member.nick]
             self._awaiting.pop(member.nick, None)
+        if member.token:
+            del self._by_token[member.token]
         outcome.changed.discard(member_id)
         return outcome
 
@@ -351,7 +418,7 @@ class Room:
         outcome = Outcome()
         for member in self._awaiting.values():
             member.remote_paired = False
-            member.received = 0
+            self._count_anew(member)
             outcome.changed.add(member.id)
             if member.target is not None:
                 outcome.tell(member.id, Unpaired(member.target))
@@ -361,7 +428,7 @@ class Room:
     def _remote_left(self, remote: Remote, outcome: Outcome) -> None:
         member = remote.peer
         remote.peer = member.peer = None
-        member.received = 0
+        self._count_anew(member)
         member.remote_paired = False
         outcome.changed.add(member.id)
         outcome.tell(member.id, Unpaired(remote.nick))
@@ -404,7 +471,49 @@ class Room:
             outcome.tell(member.id, Failed(command.code))
         else:
             raise TypeError(f"not a command: {command!r}")
+        self.count_handled(member_id, outcome)
         return outcome
+
+    # -- sessions (chatd.sessions carries out the commands; the room keeps the state) -------
+    def count_handled(self, member_id: int, outcome: Outcome) -> None:
+        """One more of this member's chat commands is handled (a session counts them)."""
+        member = self.members.get(member_id)
+        if member is not None and member.token:
+            member.handled += 1
+            outcome.changed.add(member_id)
+
+    def start_session(self, member_id: int, token: str, digest: bytes) -> Outcome:
+        """The member's state becomes a session its token (whose hash is ``digest``) takes
+        back; a session it had is now named by the new token only."""
+        member = self.members[member_id]
+        if member.token:
+            del self._by_token[member.token]
+        else:
+            member.handled = 0
+        member.token = digest
+        self._by_token[digest] = member
+        return Outcome(changed={member_id}).tell(member_id, SessionStarted(token, member.handled))
+
+    def session(self, digest: bytes) -> Member | None:
+        """The member whose session's token hashes to ``digest``."""
+        return self._by_token.get(digest)
+
+    def resume(self, member_id: int, session_id: int) -> Outcome:
+        """Member ``member_id`` (a new connection's) takes back the session member ``session_id``
+        holds: what ``member_id`` was leaves the room, and the session's member goes on under
+        ``member_id``, with its nick, pairing and counts (its peer sees nothing)."""
+        if session_id == member_id:  # it holds the session already
+            member = self.members[member_id]
+            return Outcome().tell(member_id, Resumed(member.nick, member.peer.nick if member.peer else None,
+                                                     member.handled))
+        outcome = self.leave(member_id)
+        member = self.members.pop(session_id)
+        member.id = member_id
+        self.members[member_id] = member
+        peer = member.peer
+        outcome.changed.add(member_id)
+        return outcome.tell(member_id, Resumed(member.nick, peer.nick if peer is not None else None,
+                                               member.handled))
 
     def users(self) -> Users:
         named = [m for m in self.members.values() if m.nick is not None] + list(self.remote.values())
@@ -477,6 +586,13 @@ class Room:
         outcome.tell(peer.id, From(member.nick, peer.received, text))
 
     # -- pairing ------------------------------------------------------------------------
+    @staticmethod
+    def _count_anew(member: Member) -> None:
+        """A pairing began or ended: ``n`` counts from 1 again, except over a session (whose
+        client resumes from an ``n`` that must name one message)."""
+        if not member.token:
+            member.received = 0
+
     def _mutual_target(self, member: Member) -> Member | Remote | None:
         if member.nick is None or member.target is None:
             return None
@@ -493,7 +609,7 @@ class Room:
             if other.peer is not None:
                 self._remote_left(other, outcome)
             member.peer, other.peer = other, member
-            member.received = 0
+            self._count_anew(member)
             member.remote_paired = True
             outcome.changed.add(member.id)
             outcome.tell(member.id, Paired(other.nick))
@@ -501,7 +617,8 @@ class Room:
         if other.peer:
             self._unpair(other, outcome)
         member.peer, other.peer = other, member
-        member.received = other.received = 0
+        self._count_anew(member)
+        self._count_anew(other)
         outcome.changed.update((member.id, other.id))
         outcome.tell(member.id, Paired(other.nick)).tell(other.id, Paired(member.nick))
 
@@ -510,11 +627,11 @@ class Room:
         when the directory shows it what changed here)."""
         other = member.peer
         member.peer = other.peer = None
-        member.received = 0
+        self._count_anew(member)
         member.remote_paired = False
         outcome.changed.add(member.id)
         if isinstance(other, Member):
-            other.received = 0
+            self._count_anew(other)
             outcome.changed.add(other.id)
             outcome.tell(other.id, Unpaired(member.nick))
 

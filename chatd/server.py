@@ -71,7 +71,8 @@ from .journal import Journal
 from .listeners import Listeners, refuse
 from .records import Record, record_of
 from .rings import RingFull
-from .room import Bye, Command, Failed, Member, Msg, Outcome, Remote, Room
+from .room import SESSION_COMMANDS, Bye, Command, Failed, Member, Msg, Outcome, Remote, Room
+from .sessions import GRACE, Detached, Sessions
 
 log = logging.getLogger("chatd")
 
@@ -112,7 +113,8 @@ class Role(enum.Enum):
 
 class ChatServer:
     def __init__(self, holders: Holders, max_clients: int, manager: ServiceManager | None = None,
-                 stall_timeout: float = STALL_TIMEOUT, replay: bool = True, max_per_address: int = 0):
+                 stall_timeout: float = STALL_TIMEOUT, replay: bool = True, max_per_address: int = 0,
+                 session_grace: float = GRACE):
         self.loop = Loop()
         self.manager = manager or ServiceManager({})
         self.room = Room()
@@ -127,6 +129,8 @@ class ChatServer:
         self.connections: dict[int, Connection] = {}
         #: Restored sockets not served yet (chatd.adoption): :meth:`connection` serves one when needed.
         self.adoption = Adoption(self)
+        #: Sessions (chatd.sessions): their commands, and the detached ones (a member, no connection).
+        self.sessions = Sessions(self, session_grace)
         #: The listening sockets, by the protocol their clients speak: "line", and "websocket" (the web port).
         self.listeners = Listeners(self.loop, holders, self._admit,
                                    lambda: plural(self.client_count(), "client"), self.manager.watchdog)
@@ -189,7 +193,8 @@ class ChatServer:
         return connection
 
     def client_count(self) -> int:
-        """Every client served, or restored and still waiting to be (chatd.adoption)."""
+        """Every client served, or restored and still waiting to be (chatd.adoption); not the
+        detached sessions."""
         return len(self.connections) + len(self.adoption)
 
     def connection(self, member_id: int) -> Connection | None:
@@ -201,11 +206,21 @@ class ChatServer:
 
     def let_go(self, member_id: int, reason: str) -> None:
         """A restored member whose socket did not come back alive: out of the room, the journal
-        and the holders, as if it had left while no chatd served."""
-        log.info("member %d let go: %s", member_id, reason)
+        and the holders, as if it had left while no chatd served; a session waits for its client."""
         self.bundles.forget(member_id)
+        member = self.room.members.get(member_id)
+        if member is not None and member.token:
+            self.sessions.detach_restored(member_id, self.journal.read(member_id))
+            return
+        log.info("member %d let go: %s", member_id, reason)
         self._freed.add(member_id)
-        self._leave_room(member_id)
+        self.leave_room(member_id)
+
+    def free_slot(self, member_id: int) -> None:
+        """The member's journal slot is free at the next commit (its record goes with it)."""
+        self._freed.add(member_id)
+        self._dirty.discard(member_id)
+        self._wake.discard(member_id)
 
     # -- clients ----------------------------------------------------------------------
     def _admit(self, sock: socket.socket, peer, protocol: str) -> None:
@@ -241,6 +256,7 @@ class ChatServer:
         while connection.takes_commands:
             if not self._has_room(connection):
                 connection.block()
+                self.sessions.release_ahead(connection)  # an ACK behind may make the room
                 break
             if self.cluster.holds_back(connection):
                 break  # paired across hosts before a crash: its commands wait for the directory
@@ -256,7 +272,10 @@ class ChatServer:
                 break
             self.journal.mark_handling(connection.member_id, start)
             try:
-                self.apply(self._handle(connection, start, command))
+                if isinstance(command, SESSION_COMMANDS):
+                    self.apply(self.sessions.handle(connection, command))
+                else:
+                    self.apply(self._handle(connection, start, command))
             finally:
                 self.journal.clear_handling()
             self._send_protocol_output(connection)
@@ -282,7 +301,9 @@ class ChatServer:
             if deaths >= SKIP_AFTER_DEATHS or not trial.survives(lambda: self._handle_in_room(member_id, command)):
                 log.error("member %d: the command at input offset %d crashed chatd %d times: answered "
                           "ERR crashed-server and skipped", member_id, start, deaths)
-                return Outcome().tell(member_id, Failed("crashed-server"))
+                outcome = Outcome().tell(member_id, Failed("crashed-server"))
+                self.room.count_handled(member_id, outcome)  # a session's client must not send it again
+                return outcome
             log.warning("member %d: chatd died %d times while handling the command at input offset %d, but a "
                         "child process handled it and lived: not a poison (the deaths came from elsewhere, "
                         "such as kills); handling it", member_id, deaths, start)
@@ -326,25 +347,34 @@ class ChatServer:
         member = self.room.members.get(connection.member_id)
         if member is not None and isinstance(member.peer, Remote):
             return self.cluster.has_room(connection, member)
-        peer = self.connection(member.peer.id) if member and member.peer else None
+        peer = self._output(member.peer.id) if member and member.peer else None
         return peer is None or peer.outbox.free >= RESERVE
+
+    def _output(self, member_id: int) -> Connection | Detached | None:
+        """Where the member's events go: its connection, or its detached session's output ring."""
+        return self.sessions.detached.get(member_id) or self.connection(member_id)
 
     def apply(self, outcome: Outcome) -> None:
         """Carry out what the room decided: events into output rings, members to commit, closes."""
         for member_id, event in outcome.deliveries:
-            connection = self.connection(member_id)
+            connection = self._output(member_id)
             if connection is None or connection.finishing:
                 continue
             try:
                 connection.send(event)
             except RingFull:
+                if isinstance(connection, Detached):  # held back by _has_room: a bug if it comes
+                    log.error("member %d: its detached session's output ring has no room for %r: dropped",
+                              member_id, event)
+                    continue
                 self.close_client(member_id, f"does not read: its output ring has no room for {event!r}")
                 continue
             except Exception:  # a bug in an encoder: not the reader's fault, and no reason to die
                 log.exception("member %d: encoding %r failed; the event is dropped", member_id, event)
                 continue
             self._dirty.add(member_id)
-        self._dirty |= {member_id for member_id in outcome.changed if member_id in self.connections}
+        self._dirty |= {member_id for member_id in outcome.changed
+                        if member_id in self.connections or member_id in self.sessions.detached}
         for forward in outcome.forwards:
             self.cluster.forward(forward)
         if outcome.closes:
@@ -359,9 +389,10 @@ class ChatServer:
             connection.finish()
             self._dirty.add(connection.member_id)
         for connection in ending:
-            self._leave_room(connection.member_id)
+            self.leave_room(connection.member_id)
 
-    def _leave_room(self, member_id: int) -> None:
+    def leave_room(self, member_id: int) -> None:
+        """The member leaves the room (its peer is told); its connection, if any, is another matter."""
         member = self.room.members.get(member_id)
         if member is None:
             return
@@ -373,21 +404,33 @@ class ChatServer:
         self.close_client(connection.member_id, reason)
 
     def close_client(self, member_id: int, reason: str) -> None:
-        """Close a client on purpose: it leaves the room, the journal and every holder."""
-        connection = self.connections.pop(member_id, None)
+        """Close a client: it leaves the room, the journal and every holder; unless it has a
+        session and did not say QUIT: then its session waits for it (chatd.sessions)."""
+        member = self.room.members.get(member_id)
+        connection = self.drop_connection(member_id, reason)
         if connection is None:
             return
+        if member is not None and member.token and not connection.finishing:
+            self.sessions.detach(connection, reason)
+            return
+        self.free_slot(member_id)
+        self.leave_room(member_id)
+
+    def drop_connection(self, member_id: int, reason: str) -> Connection | None:
+        """Shut the member's connection down and forget its socket (the member is another matter)."""
+        connection = self.connections.pop(member_id, None)
+        if connection is None:
+            return None
         # One line per client in the journal would be thousands a second at scale: only
         # the unexpected ends are worth an info line.
         (log.debug if reason in ROUTINE_ENDS else log.info)("member %d closed: %s", member_id, reason)
         connection.close()  # shut down first: the copy in its bundle ends with it
         self.address_limit.left(connection)
         self.bundles.forget(member_id)
-        self._freed.add(member_id)
         self._dirty.discard(member_id)
         self._wake.discard(member_id)
         self.cluster.closed(connection)
-        self._leave_room(member_id)
+        return connection
 
     def output_moved(self, connection: Connection) -> None:
         """Some of the connection's output was sent: room for those waiting on it, or its end."""
@@ -415,7 +458,8 @@ class ChatServer:
             if not self._dirty and not self._freed:
                 return
             changes: dict[int, Record | None] = {slot: None for slot in self._freed}
-            committed = [self.connections[m] for m in self._dirty if m in self.connections]
+            committed = [self.connections.get(m) or self.sessions.detached[m] for m in self._dirty
+                         if m in self.connections or m in self.sessions.detached]
             for connection in committed:
                 member = self.room.members.get(connection.member_id) or Member(connection.member_id)
                 changes[connection.member_id] = record_of(member, connection)
@@ -424,7 +468,12 @@ class ChatServer:
             self._freed.clear()
             for connection in committed:
                 connection.inbox.committed = connection.inbox.handled
+                released = connection.outbox.kept_committed
                 connection.outbox.commit()
+                if connection.closed:  # a detached session: nothing to send, nobody to read
+                    continue
+                if connection.outbox.kept_committed != released:  # a session's ACK made room: now it is free
+                    self.output_moved(connection)
                 if connection.forwards is not None:
                     connection.forwards.commit()  # forwards to other hosts: now the cluster's to publish
                 if connection.outbox or connection.finishing:  # new output, or output a crash left
@@ -432,7 +481,7 @@ class ChatServer:
                     self._send(connection)
                 if not connection.closed:
                     connection.update_reading()  # the commit freed room in its input ring
-            self.cluster.committed(committed)
+            self.cluster.committed([c for c in committed if not isinstance(c, Detached)])
             faults.reached("after-commit")
 
     def _send(self, connection: Connection) -> None:
@@ -454,6 +503,7 @@ class ChatServer:
     def drain(self) -> int:
         """End every client connection on purpose (each gets BYE); the count ended."""
         self.adoption.adopt_all("a drain ends every connection")
+        self.sessions.end_all("the operator drained chatd")
         ending = [member_id for member_id, c in self.connections.items() if not c.finishing]
         for member_id in ending:
             self.apply(Outcome().tell(member_id, Bye()))

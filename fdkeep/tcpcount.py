@@ -23,7 +23,12 @@ kernel's ``tcp_get_info``/``tcp_ioctl``: once the peer's FIN has arrived the
 read side counts one byte more (the FIN's sequence number), which is taken
 off here; once our own FIN is acknowledged the write side counts one more
 (only sockets we shut down ourselves, which nobody takes over). A socket
-still in a SYN state reads 0 both ways.
+still in a SYN state reads 0 both ways. In ``CLOSE`` the state does not say
+whether a FIN came before the end: a reset alone (the peer closed with unread
+data, or with ``SO_LINGER`` 0) leaves ``tcpi_bytes_received`` without it, while
+the data before the reset can still be read. The socket's pending error tells
+them apart (``ECONNRESET``: a reset, no FIN), and reading it clears it: a later
+read sees an end of file instead of the reset, which is the same to its reader.
 
 Checked on loopback over thousands of random reads and writes in both
 directions (tests/unit/test_tcpcount.py does it on every run).
@@ -32,6 +37,7 @@ directions (tests/unit/test_tcpcount.py does it on every run).
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import socket
 import struct
@@ -45,7 +51,7 @@ TCP_INFO_SIZE = 232
 BYTE_COUNTS = struct.Struct("<QQ")
 BYTE_COUNTS_OFFSET = 120
 
-ESTABLISHED, CLOSE_WAIT = 1, 8
+ESTABLISHED, CLOSE, CLOSE_WAIT = 1, 7, 8
 #: States in which the peer's FIN has arrived (and counts as a byte read).
 FIN_RECEIVED = {6, 7, 8, 9, 11}  # TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
 STATE_NAMES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
@@ -86,5 +92,8 @@ def stream_positions(sock: socket.socket, attempts: int = 1000) -> Positions:
         raise OSError(f"TCP_INFO of fd {fd} never held still over {attempts} samples")
     state = after[0]
     acked, received = BYTE_COUNTS.unpack_from(after, BYTE_COUNTS_OFFSET)
-    read = received - inq - (1 if state in FIN_RECEIVED else 0)
+    fin = state in FIN_RECEIVED
+    if state == CLOSE and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET:
+        fin = False  # reset without a FIN: nothing to take off
+    read = received - inq - (1 if fin else 0)
     return Positions(max(read, 0), acked + outq, state)

@@ -57,6 +57,16 @@ def codec_for(protocol: str, consumed: int = 0, state: bytes = b"") -> Codec:
     return LineCodec(consumed=consumed, state=state)
 
 
+def froms_in(protocol: str, data: bytes):
+    """(start, end, From) of each message to a client found in output its codec wrote
+    (chatd.sessions sends again what a resuming client lacks)."""
+    if protocol == "websocket":
+        from .web import froms_in as found
+    else:
+        from .line import froms_in as found
+    return found(data)
+
+
 def refusal(protocol: str, code: str) -> bytes:
     """What a client chatd will not serve gets before its connection is closed: the
     line protocol's ``ERR <code>``, or an HTTP 503 naming it on the web port."""

@@ -26,14 +26,23 @@ event                    line(s)
 ``Pong()``               ``PONG``
 ``Bye()``                ``BYE``
 ``Failed(code)``         ``ERR <code>``
+``SessionStarted(t, h)`` ``SESSION <token> <handled>``
+``Resumed(nick, peer, h)`` ``RESUMED <nick-or--> <peer-or--> <handled>``
+``Handled(count)``       ``HANDLED <count>``
+``Busy(seconds)``        ``ERR busy <seconds>``
 =======================  ===================================================
+
+The session's commands (:mod:`chatd.sessions`): ``SESSION``; ``RESUME <token> <n>`` (a
+malformed one is ``Resume("", 0)``, which no session has); ``ACK <n>``.
+:func:`froms_in` finds the ``FROM`` lines in output this codec wrote (a resume sends
+again those a client lacks).
 """
 
 from __future__ import annotations
 
 
-from ..room import (Bye, Command, Event, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Ping, Pong, Quit, Unpaired,
-                    Users, Who)
+from ..room import (Ack, Busy, Bye, Command, Event, Failed, From, Handled, Invalid, Msg, Nick, Ok, Pair, Paired, Ping,
+                    Pong, Quit, Resume, Resumed, SessionStarted, StartSession, Unpaired, Users, Who)
 
 MAX_LINE = 64 * 1024
 DISCARDING = b"\x01"
@@ -63,6 +72,14 @@ def parse_line(line: bytes) -> Command:
         return Ping()
     if verb == "QUIT":
         return Quit()
+    if verb == "SESSION":
+        return StartSession()
+    if verb == "RESUME":
+        token, _, n = (argument or "").partition(" ")
+        return Resume(token, int(n)) if n.isascii() and n.isdigit() and len(n) < 20 else Resume("", 0)
+    if verb == "ACK":
+        n = argument or ""
+        return Ack(int(n)) if n.isascii() and n.isdigit() and len(n) < 20 else Invalid("unknown-command")
     return Invalid("unknown-command")
 
 
@@ -83,9 +100,31 @@ def encode_event(event: Event) -> bytes:
         text = "BYE"
     elif isinstance(event, Failed):
         text = f"ERR {event.code}"
+    elif isinstance(event, SessionStarted):
+        text = f"SESSION {event.token} {event.handled}"
+    elif isinstance(event, Resumed):
+        text = f"RESUMED {event.nick or '-'} {event.peer or '-'} {event.handled}"
+    elif isinstance(event, Handled):
+        text = f"HANDLED {event.count}"
+    elif isinstance(event, Busy):
+        text = f"ERR busy {event.seconds}"
     else:
         raise TypeError(f"not an event: {event!r}")
     return text.encode("utf-8") + b"\n"
+
+
+def froms_in(data: bytes) -> list[tuple[int, int, From]]:
+    """(start, end, event) of each whole ``FROM`` line in ``data`` (output of :func:`encode_event`)."""
+    found, start = [], 0
+    while True:
+        end = data.find(b"\n", start) + 1
+        if not end:
+            return found
+        if data.startswith(b"FROM ", start):
+            parts = data[start + 5:end - 1].split(b" ", 2)
+            if len(parts) == 3 and parts[1].isdigit():
+                found.append((start, end, From(parts[0].decode(), int(parts[1]), parts[2].decode("utf-8", "replace"))))
+        start = end
 
 
 class LineCodec:

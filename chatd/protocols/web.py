@@ -58,8 +58,8 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
-from ..room import (Bye, Command, Event, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Ping, Pong, Quit, Unpaired,
-                    Users, Who)
+from ..room import (Ack, Busy, Bye, Command, Event, Failed, From, Handled, Invalid, Msg, Nick, Ok, Pair, Paired, Ping,
+                    Pong, Quit, Resume, Resumed, SessionStarted, StartSession, Unpaired, Users, Who)
 
 MAX_HEAD = 16 * 1024
 MAX_MESSAGE = 64 * 1024
@@ -136,6 +136,15 @@ def parse_command(text: str) -> Command:
         return Ping()
     if kind == "quit":
         return Quit()
+    if kind == "session":
+        return StartSession()
+    if kind == "resume":
+        token, n = message.get("token"), message.get("n")
+        good = isinstance(token, str) and type(n) is int and 0 <= n < 2 ** 63
+        return Resume(token, n) if good else Resume("", 0)
+    if kind == "ack":
+        n = message.get("n")
+        return Ack(n) if type(n) is int and 0 <= n < 2 ** 63 else Invalid("unknown-command")
     return Invalid("unknown-command")
 
 
@@ -156,7 +165,43 @@ def event_json(event: Event) -> dict:
         return {"type": "bye"}
     if isinstance(event, Failed):
         return {"type": "error", "code": event.code}
+    if isinstance(event, SessionStarted):
+        return {"type": "session", "token": event.token, "handled": event.handled}
+    if isinstance(event, Resumed):
+        return {"type": "resumed", "nick": event.nick, "peer": event.peer, "handled": event.handled}
+    if isinstance(event, Handled):
+        return {"type": "handled", "count": event.count}
+    if isinstance(event, Busy):
+        return {"type": "error", "code": "busy", "retry_after": event.seconds}
     raise TypeError(f"not an event: {event!r}")
+
+
+def froms_in(data: bytes) -> list[tuple[int, int, From]]:
+    """(start, end, event) of each whole ``from`` message in ``data``: output of
+    :meth:`WebCodec.encode` (unmasked frames, one per message), perhaps after the HTTP 101."""
+    found, start = [], 0
+    if data.startswith(b"HTTP/"):
+        start = data.find(b"\r\n\r\n") + 4
+        if start < 4:
+            return found
+    while start + 2 <= len(data):
+        length, at = data[start + 1] & 0x7F, start + 2
+        if length >= 126:
+            size = 2 if length == 126 else 8
+            if at + size > len(data):
+                break
+            length, at = int.from_bytes(data[at:at + size], "big"), at + size
+        end = at + length
+        if end > len(data):
+            break
+        if data[start] & 0x0F == 1 and data.startswith(b'{"type":"from"', at):
+            try:
+                message = json.loads(data[at:end])
+                found.append((start, end, From(message["from"], message["n"], message["text"])))
+            except (ValueError, KeyError, TypeError):
+                pass
+        start = end
+    return found
 
 
 class WebCodec:

@@ -30,8 +30,8 @@ from wsproto.events import CloseConnection, TextMessage
 from chatd.protocols import codec_for
 from chatd.protocols.line import MAX_LINE
 from chatd.protocols.web import MAX_MESSAGE
-from chatd.room import (Bye, Command, Event, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Ping, Pong, Quit,
-                        Unpaired, Users, Who)
+from chatd.room import (Ack, Bye, Command, Event, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Ping, Pong, Quit,
+                        Busy, Handled, Resume, Resumed, SessionStarted, StartSession, Unpaired, Users, Who)
 from testkit.fuzz import ws_frame
 from proptools import WS_HANDSHAKE, feed_in_pieces, take
 
@@ -86,9 +86,11 @@ SPEAKERS = [
     Speaker(
         protocol="line",
         opening=b"",
-        sample=b"NICK ann\npair bob\r\nMSG h\xc3\xa9 there\nWHO\nPING\nDANCE\n\nQUIT\n",
+        sample=(b"NICK ann\npair bob\r\nMSG h\xc3\xa9 there\nWHO\nPING\nDANCE\n\nSESSION\nACK 7\n"
+                b"RESUME 00ff 12\nRESUME 00ff\nQUIT\n"),
         sample_commands=[Nick("ann"), Pair("bob"), Msg("hé there"), Who(), Ping(), Invalid("unknown-command"),
-                         Invalid("unknown-command"), Quit()],
+                         Invalid("unknown-command"), StartSession(), Ack(7), Resume("00ff", 12), Resume("", 0),
+                         Quit()],
         sample_replies=b"",
         long=b"MSG " + b"x" * (MAX_LINE + 4096) + b"\nWHO\n" + b"MSG " + b"y" * (MAX_LINE - 4) + b"\r\n",
         long_commands=[Invalid("line-too-long"), Who(), Msg("y" * (MAX_LINE - 4))],
@@ -102,9 +104,12 @@ SPEAKERS = [
                 + frame(TEXT, FRAGMENTED[:9], fin=False) + frame(PING, b"there?") + frame(CONTINUATION, FRAGMENTED[9:20], fin=False)
                 + frame(CONTINUATION, FRAGMENTED[20:]) + message({"type": "who"}) + frame(PONG, b"")
                 + message({"type": "ping"}) + message({"type": "dance"}) + frame(TEXT, b"not json")
+                + message({"type": "session"}) + message({"type": "ack", "n": 7})
+                + message({"type": "resume", "token": "00ff", "n": 12}) + message({"type": "resume", "n": "12"})
                 + message({"type": "quit"})),
         sample_commands=[Nick("ann"), Pair("bob"), Msg('hé, in "three" parts'), Who(), Ping(),
-                         Invalid("unknown-command"), Invalid("unknown-command"), Quit()],
+                         Invalid("unknown-command"), Invalid("unknown-command"), StartSession(), Ack(7),
+                         Resume("00ff", 12), Resume("", 0), Quit()],
         sample_replies=ws_frame(PONG, b"there?", mask=None),
         long=(frame(TEXT, BIG_BODY[:30000], fin=False) + frame(PING, b"") + frame(CONTINUATION, BIG_BODY[30000:])
               + message({"type": "who"})),
@@ -225,6 +230,12 @@ EVENTS = [
     (Users(()), ["END"], [{"type": "users", "users": []}]),
     (Pong(), ["PONG"], [{"type": "pong"}]),
     (Failed("not-paired"), ["ERR not-paired"], [{"type": "error", "code": "not-paired"}]),
+    (SessionStarted("0a" * 16, 0), ["SESSION " + "0a" * 16 + " 0"],
+     [{"type": "session", "token": "0a" * 16, "handled": 0}]),
+    (Resumed("a", "b", 12), ["RESUMED a b 12"], [{"type": "resumed", "nick": "a", "peer": "b", "handled": 12}]),
+    (Resumed(None, None, 0), ["RESUMED - - 0"], [{"type": "resumed", "nick": None, "peer": None, "handled": 0}]),
+    (Handled(3), ["HANDLED 3"], [{"type": "handled", "count": 3}]),
+    (Busy(2), ["ERR busy 2"], [{"type": "error", "code": "busy", "retry_after": 2}]),
     (Bye(), ["BYE"], [{"type": "bye"}]),  # last: on the WebSocket, a close follows it
 ]
 
@@ -241,6 +252,23 @@ def test_every_event_encodes_to_what_the_client_reads(speaker):
         assert speaker.read(encoded) == row[column], row[0]
     if speaker.protocol == "line":  # each event is whole lines: a client reads it with readline
         assert all(codec.encode(row[0]).endswith(b"\n") for row in EVENTS)
+
+
+def test_the_messages_a_codec_wrote_are_found_again_in_its_output(speaker):
+    """A resume sends again what a client lacks: chatd finds each FROM in the output its codec
+    wrote (chatd.protocols.froms_in), among every other event, where it begins and ends."""
+    from chatd.protocols import froms_in
+
+    codec, opening_output = opened(speaker)
+    events = [row[0] for row in EVENTS if not isinstance(row[0], Bye)]
+    output, expected = bytearray(opening_output), []
+    for number, event in enumerate(events + [From("b", 8, "FROM x 9 not a line of its own"), From("c", 9, "")]):
+        encoded = codec.encode(event)
+        if isinstance(event, From):
+            expected.append((len(output), len(output) + len(encoded), event))
+        output += encoded
+    assert froms_in(speaker.protocol, bytes(output)) == expected
+    assert froms_in(speaker.protocol, bytes(output[:expected[-1][1] - 1])) == expected[:-1], "only whole ones"
 
 
 def test_what_is_not_an_event_is_not_encoded(speaker):

@@ -10,6 +10,8 @@ from chatd.room import ERROR_CODES
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: The calls that make a client-facing error, and which argument is its code.
 CODE_ARGUMENT = {"Failed": 0, "Invalid": 0, "refusal": 1, "refuse": 2}
+#: The calls that make an error of one code always (``ERR busy <seconds>``).
+FIXED_CODE = {"Busy": "busy"}
 
 
 def codes_made(path: pathlib.Path) -> set[str]:
@@ -20,6 +22,8 @@ def codes_made(path: pathlib.Path) -> set[str]:
         if not isinstance(node, ast.Call):
             continue
         name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+        if name in FIXED_CODE:
+            made.add(FIXED_CODE[name])
         if name not in CODE_ARGUMENT:
             continue
         arguments = {keyword.arg: keyword.value for keyword in node.keywords}

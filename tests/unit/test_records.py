@@ -1,9 +1,11 @@
 """A client's record: every field the room keeps of a member goes to the journal and comes back,
 and the bytes keep the layout journal version 3 was written with."""
 
+import re
+import struct
 from dataclasses import fields
 
-from chatd.records import (FIELDS, LAYOUT_V3, MEMBER_FIELDS, RECORD, REMOTE_PAIRED, Record, member_of, pack,
+from chatd.records import (FIELDS, LAYOUT_V3, LAYOUT_V3_SESSIONS, MEMBER_FIELDS, RECORD, REMOTE_PAIRED, Record, member_of, pack,
                            unpack)
 from chatd.room import Member
 
@@ -32,5 +34,18 @@ def test_a_record_through_its_bytes_and_back_to_a_member():
 
 
 def test_the_layout_is_version_3s():
-    assert RECORD.format == LAYOUT_V3 and RECORD.size == 208
+    assert RECORD.format == LAYOUT_V3_SESSIONS and RECORD.size == struct.calcsize(LAYOUT_V3) == 208
+    # A session's fields are where version 3 had padding; every other field is where it was.
+    v3 = re.findall(r"\d*[a-zA-Z]", LAYOUT_V3[1:])
+    now = re.findall(r"\d*[a-zA-Z]", LAYOUT_V3_SESSIONS[1:])
+    assert [(a, b) for a, b in zip(v3, now) if a != b] == [("4x", "I"), ("16x", "16s")]
+
+
+def test_a_record_a_release_without_sessions_wrote_reads_as_one_without_a_session():
+    record = Record(inode=7, nick="ann", received=3)
+    written_by_0_1_0 = struct.pack(LAYOUT_V3, 5, 1, 0, 0, 0, 7, 3, 0, 0, 0, 0, b"ann", b"", b"", 0, 0, 0, 0, 0, 0)
+    assert unpack(written_by_0_1_0, 0) == record
+    # ... and the other way: a release without sessions reads one with a session as without it.
+    with_session = pack(6, Record(inode=7, nick="ann", received=3, token=b"\x01" * 16, handled=9))
+    assert struct.unpack(LAYOUT_V3, with_session) == struct.unpack(LAYOUT_V3, pack(6, record))
     assert [field.name for field in FIELDS if field.name][:3] == ["protocol", "flags", "poison_count"]
