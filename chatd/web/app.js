@@ -90,6 +90,7 @@ const link = {
   retryTimer: null,
   floor: 0,            // ms: the next try waits at least this (chatd said busy)
   resumeAt: 0,         // when the resume was sent
+  heardAt: 0,          // when the socket last brought anything
 };
 
 // -- the session and what is kept: one owner, written to sessionStorage ---------------------
@@ -101,6 +102,7 @@ const session = {
   ackedN: 0,           // the n of the last ack sent
   unacked: 0,          // messages shown and commands sent since the last ack
   ackTimer: null,
+  off: false,          // chatd keeps no sessions (a cluster): this page is a plain client
 };
 let sequence = 0;      // every command's place in order, for pongs (which know no numbers)
 // Commands not known handled, oldest first: {seq, number, message, item, transmitted}
@@ -109,11 +111,18 @@ let outbox = [];
 let pings = [];        // unanswered pings, oldest first: {at, seq}
 let lastPing = 0;
 
+// The session's record, written when the outbox or the pairing changes; the n of the last
+// message shown has a key of its own, written at each message (a number, not the outbox).
 function remember() {
   try {
-    if (!session.token) { sessionStorage.removeItem(STORE); return; }
+    if (!session.token) {
+      sessionStorage.removeItem(STORE);
+      sessionStorage.removeItem(STORE + ".n");
+      return;
+    }
+    sessionStorage.setItem(STORE + ".n", String(session.lastN));
     sessionStorage.setItem(STORE, JSON.stringify({
-      token: session.token, lastN: session.lastN,
+      token: session.token,
       nick: window.chat.nick, peer: window.chat.peer, paired: window.chat.paired,
       outbox: outbox.filter((entry) => entry.number !== null)
                     .map((entry) => ({ number: entry.number, message: entry.message,
@@ -124,13 +133,21 @@ function remember() {
   }
 }
 
+function rememberShown() {
+  try {
+    sessionStorage.setItem(STORE + ".n", String(session.lastN));
+  } catch (error) {
+    // as in remember()
+  }
+}
+
 function recall() {
   let saved = null;
   try { saved = JSON.parse(sessionStorage.getItem(STORE)); } catch (error) { saved = null; }
   if (!saved || typeof saved.token !== "string") return;
   session.token = saved.token;
   session.asked = true;
-  session.lastN = session.ackedN = Number(saved.lastN) || 0;
+  session.lastN = session.ackedN = Number(sessionStorage.getItem(STORE + ".n")) || 0;
   // Shown until chatd says otherwise (resumed), and taken again should it not know the session.
   window.chat.nick = saved.nick || null;
   window.chat.peer = saved.peer || null;
@@ -191,7 +208,7 @@ function showPairing() {
   const paired = window.chat.paired;
   const connected = ["open", "waiting"].includes(window.chat.state);
   // With a session, the pairing outlives the connection: typing goes on, and is sent on resume.
-  const kept = Boolean(session.token) && window.chat.state === "lost";
+  const kept = Boolean(session.token) && ["lost", "offline"].includes(window.chat.state);
   $("pairing").textContent = paired ? "paired with " + paired : !connected ? "not paired (not connected)" :
     "not paired" + (window.chat.peer ? " (waiting for " + window.chat.peer + " to pair with you)" : "");
   $("pairing").className = paired ? "pairing paired" : "pairing";
@@ -256,11 +273,17 @@ function late(limit) {
   return pings.length > 0 && Date.now() - pings[0].at >= limit;
 }
 
+// Unanswered that long, and nothing at all heard for as long: a pong may wait long behind a
+// flood held back by a slow reader, but messages still come then.
+function dead() {
+  return late(DEAD) && Date.now() - link.heardAt >= DEAD;
+}
+
 function watch() {
   const socket = link.socket;
   if (!socket || socket.readyState !== WebSocket.OPEN || link.phase === "ended") return;
-  if (session.token && late(DEAD)) {
-    abandon("nothing came back for " + DEAD / 1000 + " s");
+  if (session.token && dead()) {
+    abandon("nothing came back for " + DEAD / 1000 + " s", true);
   } else if (link.phase !== "open" || !["open", "waiting"].includes(window.chat.state)) {
     return;
   } else if (window.chat.state === "open" && late(ANSWER)) {
@@ -309,7 +332,7 @@ function handle(message) {
       $("log").appendChild(item);
       item.scrollIntoView({ block: "end" });
       if (session.token) {
-        remember();
+        rememberShown();
         activity();
       }
       break;
@@ -318,7 +341,7 @@ function handle(message) {
       if (message.command === "nick") {
         window.chat.nick = message.name;
         note("you are " + message.name);
-        if (!session.asked) askForSession();
+        if (!session.asked && !session.off) askForSession();
       }
       if (message.command === "pair") { window.chat.peer = message.name; }
       showPairing();
@@ -359,12 +382,14 @@ function handle(message) {
       note("the server said goodbye: the chat ended");
       break;
     case "error":
-      if (message.code === "unknown-session" || message.code === "no-session") {
+      if (message.code === "sessions-off") {
+        sessionsOff();
+      } else if (message.code === "unknown-session" || message.code === "no-session") {
         newClient("The server no longer has this chat (" + message.code + ")");
       } else if (message.code === "busy" && link.phase === "resuming") {
         window.chat.busy += 1;
         link.floor = 1000 * (Number(message.retry_after) || 0);
-        abandon("the server is busy");
+        abandon("the server is busy", false);
       } else {
         window.chat.errors.push(message.code);
         note("error: " + message.code, "error");
@@ -377,6 +402,15 @@ function askForSession() {
   session.asked = true;
   session.numbered = 0;
   transmit({ type: "session" });
+}
+
+// chatd keeps no sessions here (across hosts, so far): what was numbered is not counted.
+function sessionsOff() {
+  session.off = true;
+  session.asked = false;
+  session.numbered = 0;
+  outbox.forEach((entry) => { entry.number = null; });
+  note("this server keeps no sessions: a connection lost is a new client");
 }
 
 // Taken back: chatd handled our commands up to `handled`; what is kept after that is sent
@@ -452,6 +486,7 @@ function connect() {
              RETRIES + ")…");
   }
   current.onopen = () => {
+    link.heardAt = Date.now();
     window.chat.opens += 1;
     pings = [];
     if (session.token) {
@@ -466,7 +501,10 @@ function connect() {
     setState("open");
     greet();
   };
-  current.onmessage = (event) => handle(JSON.parse(event.data));
+  current.onmessage = (event) => {
+    link.heardAt = Date.now();
+    handle(JSON.parse(event.data));
+  };
   current.onclose = () => lost(current);
 }
 
@@ -503,13 +541,16 @@ function lost(current) {
   retry();
 }
 
-// Give a socket up without waiting for its close (a half-open one may never close).
-function abandon(why) {
+// Give a socket up without waiting for its close (a half-open one may never close). A socket
+// that holds the session is not closed from here: its close frame, should it reach chatd
+// after all (chatd was only slow), would end the session; the resume on the next socket
+// closes it instead. One that does not hold it (a resume refused as busy) is closed.
+function abandon(why, holdsSession) {
   const current = link.socket;
   window.chat.abandoned += 1;
-  current.onopen = current.onmessage = current.onclose = null;
-  try { current.close(); } catch (error) { /* closing a dead socket: nothing to do */ }
   window.chat.lastAbandon = why;
+  current.onopen = current.onmessage = current.onclose = null;
+  if (!holdsSession) current.close();
   lost(current);
 }
 
@@ -551,6 +592,16 @@ $("msg-form").addEventListener("submit", (event) => {
   send({ type: "msg", text: text }, showOut(text));
   $("text").value = "";
   if (link.phase === "open") ping();
+});
+// Leaving (a reload, another page): what arrives from now on is not shown, so it is not
+// counted as shown either; the next page of this tab resumes from the last one shown.
+addEventListener("pagehide", () => {
+  if (link.socket) link.socket.onmessage = link.socket.onclose = null;
+  clearTimeout(link.retryTimer);
+  remember();
+});
+addEventListener("pageshow", (event) => {
+  if (event.persisted) connect();  // back from the back-forward cache: a new socket, the session resumed
 });
 recall();
 window.chat.session = Boolean(session.token);
