@@ -11,8 +11,9 @@
 //   page marks those messages as waiting until they are confirmed.
 // - lost (badge "reconnecting…"): the socket closed without a goodbye (a proxy
 //   restarted, the network changed, holderd and chatd both gone), or, with a session,
-//   nothing came back for `dead_ms` (a half-open connection looks just like a stopped
-//   chatd, so only a silence longer than any restore gives the socket up). The page
+//   a ping unanswered and nothing at all heard for `dead_ms` (a half-open connection
+//   looks just like a stopped chatd, so only a silence longer than any restore gives
+//   the socket up; it is left unclosed: a close frame would end the session). The page
 //   reconnects by itself with full-jitter exponential backoff: try k waits
 //   random(0, min(cap, base * 2^k)), and no less than a `retry_after` chatd asked for
 //   (`busy`); after `retries` tries it stops, with a button to try again (offline).
@@ -35,6 +36,8 @@
 // session chatd no longer knows (`unknown-session`: its grace ran out, or chatd's journal
 // was lost with holderd) falls back to a new client, which takes the name and the
 // pairing again and a new session; the log says so and marks what was not confirmed.
+// A page being left (pagehide) shows nothing more, so the next page of the tab resumes
+// from the last message this one really showed.
 //
 // State: `link` owns the socket and the connection's phase, `session` the token and the
 // numbering, `outbox` the commands not yet handled; `remember()` writes the last two to
@@ -54,8 +57,8 @@ const BACKOFF = setting("backoff_ms", 1000);      // the first try waits up to t
 const BACKOFF_CAP = setting("backoff_cap_ms", 15000);
 const ANSWER = setting("answer_ms", 2500);        // a ping unanswered this long: waiting
 const HEARTBEAT = setting("heartbeat_ms", 10000); // an idle page pings this often
-// Unanswered this long, a session's socket is given up and the session resumed on a new
-// one: longer than a restore of chatd takes (a crash must not cost a reconnection), short
+// Unanswered and silent this long, a session's socket is given up and the session resumed
+// on a new one: longer than a restore of chatd takes (a crash must not cost a reconnection), short
 // enough that a half-open connection does not keep the user waiting long.
 const DEAD = setting("dead_ms", 20000);
 const ACK_EVERY = 16;                             // messages shown and commands sent between acks
