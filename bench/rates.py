@@ -1,13 +1,15 @@
 """Relay and accept rates: chatd with and without its backups, against a plain relay, in one run.
 
     .venv/bin/python bench/rates.py [--pairs 10] [--seconds 5] [--size 100] [--rounds 3]
-                                    [--accepts 6000] [--compare-rev REV] [--json PATH] [--plot PATH]
+                                    [--accepts 6000] [--compare-rev REV] [--journal-file DIR ...]
+                                    [--json PATH] [--plot PATH]
 
 Each *target* is started in turn in a scratch directory and given the same
 loads. Relay: ``--pairs`` pairs of line clients (in this process, on a
 selector), each keeping ``--window`` messages of ``--size`` bytes on their way
 to its partner; after a second of warm-up, the ``FROM`` lines received in
-``--seconds`` are counted. Accept: ``--accepts`` new clients, from three
+``--seconds`` are counted, and divided by the CPU time the relaying process
+used meanwhile too (per CPU second: steadier on a busy machine). Accept: ``--accepts`` new clients, from three
 processes at once with up to 64 connects in flight each, each client
 connecting, sending NICK and waiting for its OK, then gone; the rate is
 clients answered per second. Targets:
@@ -18,7 +20,10 @@ clients answered per second. Targets:
   (``--no-journal``): what the journal costs;
 - ``asyncio``: bench/asyncio_relay.py, a minimal relay with no backup at all;
 - ``chatd@REV+holderd``: with ``--compare-rev``, chatd and holderd of another
-  revision (a git worktree of it), e.g. the one before a change.
+  revision (a git worktree of it), e.g. the one before a change;
+- ``chatd+holderd, journal file on FS``: with ``--journal-file DIR`` (once per
+  directory), the journal a file (``--state-dir``, a new directory in DIR each
+  round) instead of a memfd; FS is the file system DIR is on (tmpfs, ext4 ...).
 
 Rounds alternate the targets so that a noisy neighbour hurts all alike; the
 table shows each target's median and its ratio to ``asyncio`` and to
@@ -31,6 +36,7 @@ import argparse
 import json
 import os
 import selectors
+import shutil
 import socket
 import statistics
 import struct
@@ -111,10 +117,30 @@ class Load:
             sock.close()
 
 
-def start_target(name: str, launcher: Launcher, revision_root: str | None) -> int:
-    """Start the target; its port."""
+def file_system(directory: str) -> str:
+    """The type of the file system ``directory`` is on (the longest mount point above it)."""
+    path, best = os.path.realpath(directory), ("", "?")
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            _, point, kind = line.split()[:3]
+            point = point.replace("\\040", " ")
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+                best = (point, kind)
+    return best[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) process ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_target(name: str, launcher: Launcher, revision_root: str | None, journal_dir: str | None = None) -> int:
+    """Start the target; its port (the relaying process is ``launcher.chatd``).
+    ``journal_dir``: where its journal file goes (--state-dir)."""
     if name == "asyncio":
-        proc = launcher.spawn("asyncio", "bench.asyncio_relay", "0")
+        proc = launcher.chatd = launcher.spawn("asyncio", "bench.asyncio_relay", "0")
         return int(wait_until(lambda: _first_line(launcher, proc), 10, "the asyncio relay"))
     if revision_root:
         # Another revision's daemons: its own code first on the path.
@@ -126,7 +152,10 @@ def start_target(name: str, launcher: Launcher, revision_root: str | None) -> in
         return launcher.wait_chatd()["port"]
     if name.startswith("chatd+holderd"):
         launcher.start_holderd()
-        launcher.start_chatd(*(["--no-journal"] if "no journal" in name else []))
+        options = ["--no-journal"] if "no journal" in name else []
+        if journal_dir is not None:
+            options += ["--state-dir", tempfile.mkdtemp(prefix="chatd-state-", dir=journal_dir)]
+        launcher.start_chatd(*options)
     else:
         launcher.start_chatd("--no-holderd")
     return launcher.port
@@ -141,17 +170,28 @@ def _first_line(launcher: Launcher, proc) -> str | None:
     return line if line.isdigit() else None
 
 
-def measure(name: str, args, revision_root: str | None) -> tuple[float, float]:
-    """(messages relayed a second, clients accepted and answered a second)."""
+def measure(name: str, args, revision_root: str | None, journal_dir: str | None = None) -> tuple[float, float, float]:
+    """(messages relayed a second, the same per second of the relay's own CPU time, clients
+    accepted and answered a second). Per CPU second: what the work costs, whatever share of the
+    cores a busy machine leaves the relay (a rate alone swings with the neighbours)."""
     with Launcher() as launcher:
-        port = start_target(name, launcher, revision_root)
-        load = Load(port, args.pairs, args.size, args.window)
         try:
-            load.run(1.0)
-            relayed = load.run(args.seconds) / args.seconds
+            port = start_target(name, launcher, revision_root, journal_dir)
+            load = Load(port, args.pairs, args.size, args.window)
+            try:
+                load.run(1.0)
+                cpu = cpu_seconds(launcher.chatd.pid)
+                delivered = load.run(args.seconds)
+                cpu = cpu_seconds(launcher.chatd.pid) - cpu
+            finally:
+                load.close()
+            return delivered / args.seconds, delivered / max(cpu, 0.01), accept_rate(port, args.accepts)
         finally:
-            load.close()
-        return relayed, accept_rate(port, args.accepts)
+            launcher.close()  # before its state directory goes: chatd seals its journal as it stops
+            if journal_dir is not None:
+                for made in os.listdir(journal_dir):
+                    if made.startswith("chatd-state-"):
+                        shutil.rmtree(os.path.join(journal_dir, made), ignore_errors=True)
 
 
 def _accept_worker(port: int, count: int, tag: int, ready, go, results) -> None:
@@ -224,6 +264,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--accepts", type=int, default=6000, help="clients a round of the accept test connects")
     parser.add_argument("--compare-rev", metavar="REV", help="also run chatd and holderd of this git revision")
+    parser.add_argument("--journal-file", metavar="DIR", action="append", default=[],
+                        help="also run chatd+holderd with its journal a file in a new directory in DIR "
+                        "(--state-dir); once per directory, e.g. /dev/shm (tmpfs) and /var/lib (the units')")
     parser.add_argument("--json", metavar="PATH", default=os.path.join(ROOT, "bench", "results", "rates.json"))
     parser.add_argument("--plot", metavar="PATH", default=os.path.join(ROOT, "bench", "results", "rates.png"),
                         help="a bar chart of the medians")
@@ -233,16 +276,24 @@ def main() -> int:
     if args.compare_rev:
         revision_root = worktree(args.compare_rev)
         targets.append(f"chatd@{args.compare_rev}+holderd")
+    journal_dirs = {}
+    for directory in args.journal_file:
+        name = f"chatd+holderd, journal file on {file_system(directory)} ({directory})"
+        journal_dirs[name] = directory
+        targets.append(name)
     rates: dict[str, list[float]] = {name: [] for name in targets}
+    per_cpu: dict[str, list[float]] = {name: [] for name in targets}
     accepts: dict[str, list[float]] = {name: [] for name in targets}
     try:
         for round_number in range(args.rounds):
             for name in targets:
-                relayed, accepted = measure(name, args, revision_root if "@" in name else None)
+                relayed, relayed_per_cpu, accepted = measure(name, args, revision_root if "@" in name else None,
+                                                             journal_dirs.get(name))
                 rates[name].append(relayed)
+                per_cpu[name].append(relayed_per_cpu)
                 accepts[name].append(accepted)
-                print(f"round {round_number + 1}: {name:>28}: {relayed:10,.0f} messages/s, "
-                      f"{accepted:8,.0f} accepts/s", flush=True)
+                print(f"round {round_number + 1}: {name:>28}: {relayed:10,.0f} messages/s "
+                      f"({relayed_per_cpu:,.0f} per CPU second), {accepted:8,.0f} accepts/s", flush=True)
     finally:
         if revision_root:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", revision_root], capture_output=True)
@@ -256,11 +307,24 @@ def main() -> int:
         accept = accept_medians[name]
         print(f"| {name} | {median:,.0f} | {median / medians['asyncio']:.2f}x | {median / medians['chatd']:.2f}x "
               f"| {accept:,.0f} | {accept / accept_medians['asyncio']:.2f}x | {accept / accept_medians['chatd']:.2f}x |")
+    if journal_dirs:
+        # Round by round, each file against the memfd of the same round: the neighbours' noise shared.
+        def ratios(of: dict[str, list[float]], name: str) -> list[float]:
+            return [file / memfd for file, memfd in zip(of[name], of["chatd+holderd"])]
+
+        print("\n| journal | relay vs memfd, per round | median | per CPU second vs memfd, per round | median "
+              "| accepts vs memfd, median |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for name in journal_dirs:
+            relay, cpu = ratios(rates, name), ratios(per_cpu, name)
+            print(f"| {name.split(', ', 1)[1]} | {', '.join(f'{r:.2f}' for r in relay)} | "
+                  f"{statistics.median(relay):.2f}x | {', '.join(f'{r:.2f}' for r in cpu)} | "
+                  f"{statistics.median(cpu):.2f}x | {statistics.median(ratios(accepts, name)):.2f}x |")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as out:
-            json.dump({"args": vars(args), "relay": rates, "relay_medians": medians, "accepts": accepts,
-                       "accept_medians": accept_medians}, out, indent=2)
+            json.dump({"args": vars(args), "relay": rates, "relay_medians": medians, "relay_per_cpu_second": per_cpu,
+                       "accepts": accepts, "accept_medians": accept_medians}, out, indent=2)
     if args.plot:
         import matplotlib
 

@@ -1,6 +1,7 @@
 """Soak: pairs stream numbered messages while chatd is killed at random, a thousand times and more.
 
     .venv/bin/python bench/soak.py [--crashes 1000] [--pairs 20] [--seed 1] [--json out.json]
+    .venv/bin/python bench/soak.py --cuts 1000 --crashes 100   # the resume soak: sessions, cut at random
 
 Starts holderd and chatd in a scratch directory (ctl.launch), streams between
 the pairs (testkit.soak: some messages near 64 KiB, some written in pieces, some
@@ -9,6 +10,11 @@ instants, starting the next `chatd --restore` at once, as systemd would. At the
 end it prints one table row: messages sent and received, crashes, and the
 problems, each of which should be 0: lost, repeated, garbled, n gaps, n
 repeats, dropped connections. Exits 1 if any is not.
+
+With ``--cuts`` every client has a session (chatd.sessions) and, among the
+crashes, connections are cut at random (``--cuts`` times 1-3 clients: a reset, a
+close, or a client gone silent), and the clients resume: the row adds the cuts
+and resumes, and the problems must still be 0.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ctl.launch import Launcher  # noqa: E402
 
 SIGNALS = (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT)
 COLUMNS = ("sent", "received", "crashes", "lost", "repeated", "garbled", "n_gaps", "n_repeats", "dropped")
+SESSION_COLUMNS = ("cuts", "resumes", "busy")
 
 
 def main() -> int:
@@ -39,9 +46,13 @@ def main() -> int:
                         help="seeds the random choices: when to crash and with which signal, which readers "
                         "are slow, which lines are written in pieces (default %(default)s)")
     parser.add_argument("--no-replay", action="store_true", help="run chatd with --no-replay (to see loss)")
+    parser.add_argument("--cuts", type=int, default=0,
+                        help="with sessions: cut 1-3 clients' connections this many times among the crashes, "
+                        "and the clients resume (default %(default)s: no sessions)")
     parser.add_argument("--json", metavar="PATH", help="write the totals as JSON here")
     args = parser.parse_args()
     extra = ["--no-replay"] if args.no_replay else []
+    columns = COLUMNS + (SESSION_COLUMNS if args.cuts else ())
     began = time.monotonic()
     with Launcher() as launcher:
         launcher.start_holderd()
@@ -53,15 +64,15 @@ def main() -> int:
             launcher.start_chatd("--restore", *extra, wait=False)
 
         def progress(tally):
-            print(f"  [{time.monotonic() - began:6.0f}s] " + " ".join(f"{c}={getattr(tally, c)}" for c in COLUMNS),
+            print(f"  [{time.monotonic() - began:6.0f}s] " + " ".join(f"{c}={getattr(tally, c)}" for c in columns),
                   flush=True)
 
         tally = soak.run(launcher.port, args.pairs, args.crashes, crash, seed=args.seed, progress=progress,
-                         settle=120)
+                         settle=120, sessions=bool(args.cuts), cuts=args.cuts)
     seconds = time.monotonic() - began
-    print(f"\n| {' | '.join(COLUMNS)} | seconds |")
-    print("|" + " --- |" * (len(COLUMNS) + 1))
-    print("| " + " | ".join(f"{getattr(tally, c):,}" for c in COLUMNS) + f" | {seconds:.0f} |")
+    print(f"\n| {' | '.join(columns)} | seconds |")
+    print("|" + " --- |" * (len(columns) + 1))
+    print("| " + " | ".join(f"{getattr(tally, c):,}" for c in columns) + f" | {seconds:.0f} |")
     for note in tally.notes:
         print("  ", note)
     if args.json:

@@ -50,6 +50,8 @@ from fdkeep.loop import IN
 from fdkeep.tcpcount import CLOSE_WAIT, ESTABLISHED, stream_positions
 from fdkeep.text import plural
 
+from .lastwords import HUNG, KILLED, Dying
+from .protocols import codec_for
 from .records import CLOSING, Record, member_of
 from .room import Member
 
@@ -92,8 +94,8 @@ class Adoption:
         #: Adopted because another needed them (:meth:`adopt`): their input is taken next turn.
         self._unread: set[int] = set()
         self._order: list[int] | None = None  # the background's order, made at its first turn
-        #: The crash this restore follows: (slot, offset) of a command being handled, or None.
-        self._dying = None
+        #: The command the dead chatd died handling, and how it died (chatd.lastwords), or None.
+        self._dying: Dying | None = None
         self._began = 0.0
         self.in_flight = [0, 0]  # bytes read and not handled, committed and not sent: found so far
         #: When the last waiting socket was adopted (time.monotonic()), once none waits.
@@ -106,9 +108,10 @@ class Adoption:
         return slot in self._waiting
 
     # -- during the restore ------------------------------------------------------------
-    def begin(self, dying, began: float, prepared: "tuple[select.epoll, dict[int, int]] | None" = None) -> None:
-        """A restore begins: ``dying`` the marker it found, ``prepared`` a standby's epoll set
-        and the inodes of the fds already in it (chatd.prepared)."""
+    def begin(self, dying: Dying | None, began: float,
+              prepared: "tuple[select.epoll, dict[int, int]] | None" = None) -> None:
+        """A restore begins: ``dying`` the marker it found (and how the chatd before died),
+        ``prepared`` a standby's epoll set and the inodes of the fds already in it (chatd.prepared)."""
         self._dying, self._began = dying, began
         if prepared is not None:
             self._epoll, self._registered = prepared
@@ -126,7 +129,7 @@ class Adoption:
             except OSError:
                 inode = None
         if (record is None or inode != record.inode or slot in self._waiting or record.flags & CLOSING
-                or (self._dying and self._dying[0] == slot)):
+                or (self._dying and self._dying.slot == slot)):
             if registered:
                 self._epoll.unregister(fd)  # served at once, in the loop's own set
             return False
@@ -173,6 +176,15 @@ class Adoption:
             self.server.loop.call_later(0, self._take_unread)
         self._unread.add(slot)
         return self.server.connections.get(slot)
+
+    def codec_of(self, slot: int):
+        """A waiting socket's codec, as adopting it would make it; None if it does not wait. A
+        child process that tries a command encodes its events with it (chatd.trial)."""
+        waiting = self._waiting.get(slot)
+        if waiting is None:
+            return None
+        record = waiting[1]
+        return codec_for(record.protocol, record.in_handled, record.codec)
 
     def adopt_all(self, why: str) -> None:
         if self._waiting:
@@ -233,7 +245,7 @@ class Adoption:
                  plural(self.in_flight[1], "byte"))
 
 
-def take_back(server: Served, slot: int, sock: socket.socket, record: Record | None, dying,
+def take_back(server: Served, slot: int, sock: socket.socket, record: Record | None, dying: Dying | None,
               in_flight: list[int], inode: int | None = None):
     """Serve a socket found in a bundle: its member, True for one with no place in the room
     (it said its last word), or None if it is not to be served (closed here)."""
@@ -249,14 +261,15 @@ def take_back(server: Served, slot: int, sock: socket.socket, record: Record | N
         sock.close()
         return None
     if record is not None and record.inode == inode:
-        if dying is not None and dying[0] == slot:
-            _count_the_crash(slot, record, dying[1])
+        if dying is not None and dying.slot == slot and _count_the_crash(slot, record, dying):
             server.journal.commit({slot: record})  # before handling it again, which may kill us too
         read, written = _in_flight(slot, record, positions.read, positions.written, server.replay,
                                    server.journal.in_size)
         in_flight[0] += read - record.in_handled
         in_flight[1] += record.out_end - written
-        server.adopt(sock, slot, record, read, written, inode)
+        connection = server.adopt(sock, slot, record, read, written, inode)
+        if dying is not None and dying.slot == slot and dying.death == HUNG:
+            connection.hung_at = dying.offset  # tried in a child before it is handled (chatd.server)
         if record.flags & CLOSING:
             return True
         return member_of(slot, record)
@@ -270,13 +283,25 @@ def take_back(server: Served, slot: int, sock: socket.socket, record: Record | N
     return Member(slot)
 
 
-def _count_the_crash(slot: int, record: Record, offset: int) -> None:
-    if record.poison_offset == offset:
+def _count_the_crash(slot: int, record: Record, dying: Dying) -> bool:
+    """Count the death against the command if the command may have caused it (chatd.lastwords):
+    a crash; True if the record changed."""
+    if dying.death == KILLED:
+        log.warning("member %d: chatd died while handling its command at input offset %d, with %s: not "
+                    "counted against the command, which is handled again", slot, dying.offset, dying.how)
+        return False
+    if dying.death == HUNG:
+        log.warning("member %d: chatd died while handling its command at input offset %d, of %s (it had stopped "
+                    "answering there): not counted; a child process tries the command before it is handled "
+                    "again (it is skipped only if it hangs the child too)", slot, dying.offset, dying.how)
+        return False
+    if record.poison_offset == dying.offset:
         record.poison_count += 1
     else:
-        record.poison_offset, record.poison_count = offset, 1
-    log.warning("member %d: chatd died handling its command at input offset %d (%s there)", slot, offset,
-                plural(record.poison_count, "death"))
+        record.poison_offset, record.poison_count = dying.offset, 1
+    log.warning("member %d: chatd died while handling its command at input offset %d, of %s: %s there", slot,
+                dying.offset, dying.how, "1 crash" if record.poison_count == 1 else f"{record.poison_count} crashes")
+    return True
 
 
 def _in_flight(slot: int, record: Record, read: int, written: int, replay: bool, in_size: int) -> tuple[int, int]:

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 chatd keeps a few names in every holder (:mod:`chatd.holders`): the listeners'
-(:mod:`chatd.listeners`), the journal's, and the two ends of each bundle of
-client sockets (:mod:`chatd.bundles`). :class:`Backup` lists them
+(:mod:`chatd.listeners`), the journal's, the last words' (:mod:`chatd.lastwords`),
+and the two ends of each bundle of client sockets (:mod:`chatd.bundles`). :class:`Backup` lists them
 (:meth:`Backup.items`), stores them again in bulk on request (``chatctl backup``:
 every bundle repacked, then each holder asked what it keeps, so the report is
 the holders' word, not chatd's hope), and audits the holders now and then: a
@@ -19,20 +19,25 @@ from typing import Callable
 from .bundles import ClientBundles
 from .holders import STATE_NAME, Holders, Item
 from .journal import Journal
+from .lastwords import LastWords
 from .listeners import Listeners
 
 
 class Backup:
     def __init__(self, holders: Holders, listeners: Listeners, bundles: ClientBundles,
-                 journal: Callable[[], Journal | None]):
+                 journal: Callable[[], Journal | None], last_words: Callable[[], LastWords | None]):
         self.holders = holders
         self.listeners = listeners
         self.bundles = bundles
         self._journal = journal
+        self._last_words = last_words
 
     def server_items(self) -> list[Item]:
-        """The listeners and the journal (the bundles keep themselves as clients come and go)."""
-        return self.listeners.items() + [(STATE_NAME, b"{}", self._journal().fd)]
+        """The listeners, the journal and the last words (the bundles keep themselves as clients
+        come and go)."""
+        last_words = self._last_words()
+        return (self.listeners.items() + [(STATE_NAME, b"{}", self._journal().fd)]
+                + ([last_words.item()] if last_words is not None else []))
 
     def items(self) -> list[Item]:
         return self.server_items() + self.bundles.items()

@@ -106,9 +106,12 @@ class Connection(Channel):
         self.input_ended = False
         #: Since when queued output waits for the client to take some (None: nothing waits).
         self.progress_at: float | None = None
-        #: The input offset a predecessor died handling, and how many times.
+        #: The input offset a predecessor crashed handling, and how many times (chatd.lastwords).
         self.poison_offset = 0
         self.poison_count = 0
+        #: The input offset a predecessor hung handling (the watchdog killed it there), if one did:
+        #: that command is tried in a child process before it is handled (chatd.server).
+        self.hung_at: int | None = None
         #: The client's address, as counted against --max-per-address; "" if exempt (loopback)
         #: or not counted, None until known (a restored connection: learned soon after).
         self.address: str | None = None

@@ -15,7 +15,8 @@ once, when the holder goes from working to failing, and its recovery likewise.
 
 Names: ``chatd/listen`` and ``chatd/listen-web`` (the listening sockets of the
 line and the web port), ``chatd/state`` (the journal
-memfd) and ``chatd/bundle/<shard>/<generation>/w`` and ``/r``, the two ends of
+memfd), ``chatd/last-words`` (how the serving chatd died, :mod:`chatd.lastwords`)
+and ``chatd/bundle/<shard>/<generation>/w`` and ``/r``, the two ends of
 each bundle of client sockets (:mod:`chatd.bundles`): a few names, whatever the
 count of clients.
 """
@@ -40,6 +41,7 @@ PREFIX = "chatd/"
 LISTEN_NAME = PREFIX + "listen"
 LISTEN_WEB_NAME = PREFIX + "listen-web"
 STATE_NAME = PREFIX + "state"
+LAST_WORDS_NAME = PREFIX + "last-words"
 
 #: (name, metadata, fd): what a holder keeps.
 Item = tuple[str, bytes, int]

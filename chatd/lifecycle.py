@@ -34,15 +34,17 @@ any stop, every client kept in the holders for the next chatd.
 
 Every way to begin serving goes through :meth:`Lifecycle.serve`: at start, when
 the standby takes over, and on ``chatctl restore``. It restores what the holders
-keep (:mod:`chatd.restore`), else, where a fresh start is allowed, binds new
-listeners; listens where the options say; joins the cluster (``--cluster``);
-tells systemd it is ready; and lets the test crash points count. So ``--cluster``
-goes with ``--wait`` like any other start.
+keep (:mod:`chatd.restore`; with ``--state-dir`` and nothing kept, from the
+journal on disk, on new listeners: :mod:`chatd.statedir`), else, where a fresh
+start is allowed, binds new listeners; listens where the options say; joins the
+cluster (``--cluster``); tells systemd it is ready; and lets the test crash
+points count. So ``--cluster`` goes with ``--wait`` like any other start.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -53,6 +55,7 @@ from . import faults
 from .reports import status_line
 from .restore import restore
 from .server import Role
+from .standby import process_identity
 
 if TYPE_CHECKING:
     from .journal import Journal
@@ -141,8 +144,13 @@ class Lifecycle:
 
     def _serve(self, fresh_allowed: bool, may_take_over, prepared) -> None:
         where = self.where
+
+        def listen_anew() -> None:
+            """For a restore from the state directory's journal: its listeners died with the holders."""
+            self.server.listeners.open(where.host, where.port, where.http_port)
+
         try:
-            if restore(self.server, may_take_over, prepared) is None:
+            if restore(self.server, may_take_over, prepared, listen_anew) is None:
                 if where.restore_only or not fresh_allowed:
                     raise Error("nothing-held", "the holders keep no listening socket for chatd: nothing to "
                                                 "restore (start chatd without --restore to begin afresh)")
@@ -157,6 +165,8 @@ class Lifecycle:
         if self.server.journal.box_size:  # a cluster's journal: the cluster looks at every client at once
             self.server.adoption.adopt_all("the cluster starts from every client's record")
         self.server.cluster.start(self.server.journal)
+        # Who serves from the journal: a standby (chatd.standby) and `chatd --seal` (chatd.statedir) ask.
+        self.server.journal.set_owner(*process_identity(os.getpid()))
         self._to(Role.SERVING)
         self.announce_ready()
         faults.start_counting()  # test crash points count from here: not in chatd's own restore

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import logging
 import os
 import re
@@ -15,7 +14,7 @@ from fdkeep.loop import raise_fd_limit, stop_on_signals
 from fdkeep.systemd import ServiceManager
 from holderd.client import default_socket as holderd_socket
 
-from . import faults
+from . import faults, lastwords
 from .control import ControlServer, default_socket as control_socket, instance_socket
 from .bundles import clients_the_fd_limit_allows
 from .holders import LISTEN_NAME, Holders, HolderdHolder, SystemdHolder
@@ -26,6 +25,7 @@ from .lifecycle import HandedOver, Lifecycle, Where
 from .server import STALL_TIMEOUT, ChatServer, Role
 from .sessions import GRACE, RESUME_BURST, RESUME_RATE, ResumeGate
 from .standby import Turns
+from .statedir import StateDir, seal_file
 
 log = logging.getLogger("chatd")
 
@@ -92,6 +92,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fresh",
         action="store_true",
         help="drop whatever the holders keep for chatd and start afresh (ends those connections)",
+    )
+    parser.add_argument(
+        "--state-dir", metavar="DIR",
+        help="keep the journal (every client's nick, pairing, counts and bytes in flight) in the file DIR/journal "
+        "instead of in memory (DIR is made, mode 0700, if missing): then chatd starts from it even when the "
+        "holders keep nothing (holderd and its fd store stopped or killed with chatd, or a reboot); the "
+        "connections are gone then, not the records. The units pass /var/lib/chatd. See README.md, "
+        "\"The state directory\"",
+    )
+    parser.add_argument(
+        "--seal", action="store_true",
+        help="with --state-dir, and nothing else: put DIR/journal on disk and mark it so (chatd.service runs "
+        "this once both chatd instances have stopped), so that chatd trusts it after a reboot; refused while "
+        "a chatd serves from it. A chatd that stops seals its journal itself",
     )
     parser.add_argument(
         "--max-clients", type=int, default=0,
@@ -183,14 +197,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--session-grace must be more than 0 seconds")
     if not args.resume_rate > 0:
         parser.error("--resume-rate must be more than 0")
+    if args.seal and not args.state_dir:
+        parser.error("--seal needs --state-dir")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="chatd: %(levelname)s %(message)s", stream=sys.stderr)
-    # A fatal signal (the watchdog's SIGABRT among them) prints where chatd was.
-    faulthandler.enable()
+    state_dir = StateDir(args.state_dir) if args.state_dir else None
+    if args.seal:
+        try:
+            log.info("%s", seal_file(state_dir.journal_path))
+        except Error as exc:
+            log.error("%s", exc.message)
+            return 1
+        return 0
+    # A fatal signal, or the watchdog's SIGQUIT, prints where chatd was; once it serves, into
+    # its last words for its successor (chatd.lastwords).
+    lastwords.to_stderr()
     try:
         faults.arm()
     except Error as exc:
@@ -227,8 +252,17 @@ def main(argv=None) -> int:
     if args.cluster:
         server.box_size = BOX_RING
     server.instance = args.instance
+    if state_dir is not None:
+        try:
+            state_dir.prepare()
+        except Error as exc:
+            log.error("%s", exc.message)
+            return 1
+        server.state_dir = state_dir
     if args.fresh:
         server.holders.forget_all("--fresh")
+        if state_dir is not None:
+            state_dir.set_aside("--fresh")
     # With --lease each process answers at its own socket, and at args.control once it serves.
     own_control = instance_socket(args.control, args.instance) if args.lease else args.control
     lifecycle = Lifecycle(server, Where(args.host, args.port, None if args.http_port < 0 else args.http_port,
@@ -287,7 +321,22 @@ def main(argv=None) -> int:
         if exc.code:
             return exc.code
     finally:
+        if lifecycle.role is Role.SERVING:
+            seal(server)
         manager.stopping(f"stopping; {status_line(server)}")
         control.close()
         server.cluster.close()
     return 0
+
+
+def seal(server: ChatServer) -> None:
+    """A chatd that served and stops (not a handover: that exits before) seals its journal: a file
+    on disk is then trusted after a reboot (chatd.statedir). A memfd has nothing to seal."""
+    try:
+        server.journal.seal()
+    except OSError as exc:
+        log.error("could not seal the journal as chatd stops (%s): after a reboot it will be set aside, and the "
+                  "sessions in it lost, unless `chatd --state-dir DIR --seal` succeeds before", exc.strerror or exc)
+        return
+    if server.journal.on_disk:
+        log.info("journal sealed at commit %d: on disk as it is now", server.journal.committed)

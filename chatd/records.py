@@ -58,7 +58,7 @@ class Record:
     flags: int = 0
     #: The codec's parse state at ``in_handled`` (see chatd.protocols).
     codec: bytes = b""
-    #: The input offset a predecessor died handling, and how many times.
+    #: The input offset a predecessor crashed handling, and how many times (chatd.lastwords).
     poison_offset: int = 0
     poison_count: int = 0
     #: Across hosts (see chatd.room.Member): the nick's incarnation and the k of the last

@@ -31,11 +31,15 @@ def status(server: "ChatServer") -> dict:
         "awaiting_restore": server.role is Role.WAITING,
         "clients": server.client_count(),
         "adopting": len(server.adoption),
+        #: Sessions whose connection ended, waiting for their clients to resume (chatd.sessions).
+        "detached": len(server.sessions),
         "max_clients": server.max_clients,
         "pairs": len(server.room.pairs()),
         "started": server.started,
         "restored_at": server.restored_at,
         "restore": server.restore_summary,
+        # The journal's file on disk (--state-dir), None for a memfd.
+        "journal": server.state_dir.journal_path if server.state_dir is not None else None,
         "holders": working,
         "held": held,
         "cluster": server.cluster.status(),

@@ -9,8 +9,12 @@ name's first copy is used and the rest closed.
 
 - No listening socket held: nothing to restore. Whatever else came back is
   closed and forgotten (it cannot be served without its listener and state).
-- The journal (``chatd/state``) is attached if one comes back whole, else a new
-  one is made (every client then comes back as new, with its connection but
+  With a state directory (``--state-dir``, :mod:`chatd.statedir`) whose journal
+  can be trusted, that journal is served from, on new listeners: the restore
+  goes on as one in which no socket came back.
+- The journal (``chatd/state``) is attached if one comes back whole (with a
+  state directory, served from its file: copied there if it is not that file),
+  else a new one is made (every client then comes back as new, with its connection but
   without its nick, pairing or count). A journal of a version this release does
   not read (:data:`chatd.journal.VERSION`; a newer release wrote it) is not
   damage: the restore is refused before anything is touched (Error
@@ -29,9 +33,14 @@ name's first copy is used and the rest closed.
   read and not handled, which is handled now, once; and the output ring what
   was committed and not sent, which is sent now, from the very byte where the
   dead process stopped (half a line is finished, not repeated).
-- If the dead chatd died while handling a command (the journal's marker says
-  which), that command's count of crashes goes up, committed before it is
-  handled again; at two it will be skipped.
+- The last words (:mod:`chatd.lastwords`) say how the dead chatd died; they
+  are logged, and the file is emptied and this process's from now on. If it
+  died while handling a command (the journal's marker says which), and of a
+  crash of its own (a fatal signal faulthandler caught), that command's count
+  of crashes goes up, committed before it is handled again (chatd.server then
+  tries it in a child process, or skips it); if the watchdog killed it there,
+  the command is tried in a child before it is handled; if it left no words
+  (SIGKILL from outside), nothing is counted.
 - A socket without a record, still connected, was accepted and kept just
   before the crash, before its first commit: a new client in its slot. One
   chatd had shut down (closed on purpose) is dead weight in its bundle: closed
@@ -69,11 +78,13 @@ from fdkeep.fdpass import close_fds
 from fdkeep.text import plural
 
 from .bundles import parse_name
-from .holders import LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME
+from .holders import LAST_WORDS_NAME, LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME
 from .journal import UNKNOWN_FORMAT, Journal
+from .lastwords import Dying, LastWords, death_of
 from .adoption import take_back
 from .records import CLOSING, member_of
 from .room import Member
+from .statedir import journal_kept_on_disk, new_journal, settle_held_journal
 
 if TYPE_CHECKING:
     from .prepared import Prepared
@@ -82,10 +93,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("chatd")
 
 
-def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None" = None) -> dict | None:
+def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None" = None,
+            listen=None) -> dict | None:
     """Serve what the holders kept; a summary, or None if they keep no listening socket, or if
     ``may_take_over(journal)`` says another chatd serves from the journal they keep (chatd.standby).
     ``prepared``: what a standby read while it waited (chatd.prepared), used where still current.
+    With a state directory (chatd.statedir) and no listening socket held, its journal is served
+    from, its records as those whose sockets did not come back, on listeners ``listen()`` binds.
 
     With ``server.replay`` false (``chatd --no-replay``), what was in flight
     (input read and not handled, output committed and not sent) is thrown away
@@ -100,14 +114,18 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
     for item in retrieved:
         by_name.setdefault(item.name, []).append(item)
     listeners = by_name.get(LISTEN_NAME)
+    on_disk = None
     if not listeners:
         close_fds(item.fd for item in retrieved)
         if retrieved:
             log.warning("the holders keep %d fds for chatd but no listening socket: dropping them", len(retrieved))
             server.holders.forget_all("useless without the listening socket")
-        return None
+        on_disk = journal_kept_on_disk(server, by_name.get(STATE_NAME, []))
+        if on_disk is None:
+            return None
+        retrieved, by_name = [], {}  # what they kept is closed: the rest is a restore with no sockets
     try:
-        journal, journal_fd = _attach_journal(by_name.get(STATE_NAME, []), server.max_clients)
+        journal, journal_fd = on_disk or _attach_journal(by_name.get(STATE_NAME, []), server)
     except Error:
         close_fds(item.fd for item in retrieved)  # our duplicates; the holders keep theirs
         raise
@@ -115,16 +133,25 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
         journal.close()
         close_fds(item.fd for item in retrieved if item.fd != journal_fd)
         return None
+    journal_from = "state-dir" if on_disk else "held" if journal_fd is not None else "new"
+    journal, journal_fd = settle_held_journal(server, journal, journal_fd)
     server.journal = journal
     parts = {"holders_ms": retrieved_at, "journal_ms": time.monotonic()}
-    used_fds = {listeners[0].fd}
-    server.listeners.adopt(socket.socket(fileno=listeners[0].fd), "line")
+    if on_disk is not None:
+        listen()  # the listening sockets died with the holders
+        used_fds = set()
+    else:
+        used_fds = {listeners[0].fd}
+        server.listeners.adopt(socket.socket(fileno=listeners[0].fd), "line")
     if by_name.get(LISTEN_WEB_NAME):
         used_fds.add(by_name[LISTEN_WEB_NAME][0].fd)
         server.listeners.adopt(socket.socket(fileno=by_name[LISTEN_WEB_NAME][0].fd), "websocket")
     if journal_fd is not None:
         used_fds.add(journal_fd)
-    dying = server.journal.handling()
+    # The words first, then the marker: both before any command is handled, which may kill us too.
+    words = _take_last_words(server, by_name.get(LAST_WORDS_NAME, []))
+    used_fds.add(server.last_words.fd)
+    dying = _the_death(server.journal.handling(), words)
     server.journal.clear_handling()
     bundles, stale = _newest_bundles(by_name)
     for _, bundle in bundles.values():
@@ -172,6 +199,9 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
         else:
             gone[slot] = None
     server.journal.commit(gone)  # their sockets are gone: those clients left meanwhile
+    if len(server.sessions):
+        log.info("%s wait for their clients to resume them (their connections did not come back)",
+                 plural(len(server.sessions), "session"))
     server.room.restore(members)
     server.holders.store_what_each_lacks(server.backup.items(), kept)
     if stale:
@@ -192,6 +222,7 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
         "clients": len(server.connections) + len(adoption),
         "pairs": len(server.room.pairs()),
         "port": server.port,
+        "journal": journal_from,  # held by the holders, the state directory's (nothing held), or new
         "input_replayed": in_flight[0],
         "output_resent": in_flight[1],
         "milliseconds": round((served - began) * 1000, 2),
@@ -210,7 +241,7 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
     return summary
 
 
-def _attach_journal(candidates, slots: int) -> tuple[Journal, int | None]:
+def _attach_journal(candidates, server: "ChatServer") -> tuple[Journal, int | None]:
     """The held journal, attached; a new one if none is held or what is held is damaged.
     Raises Error ``unknown-format`` for one this release cannot read (another version):
     serving from a new journal would lose every nick, pairing and count it keeps."""
@@ -223,7 +254,31 @@ def _attach_journal(candidates, slots: int) -> tuple[Journal, int | None]:
             log.warning("held journal unusable (%s); starting a new one", exc)
         except (OSError, ValueError) as exc:
             log.warning("held journal unusable (%s); starting a new one", exc)
-    return Journal.create(slots), None
+    return new_journal(server), None
+
+
+def _take_last_words(server: "ChatServer", candidates) -> bytes:
+    """The held last-words file becomes this process's (a new one if none is held: the holders
+    get it with the rest); what the dead process wrote in it."""
+    server.last_words = LastWords(candidates[0].fd) if candidates else LastWords.create()
+    try:
+        words = server.last_words.take()
+    except OSError as exc:  # not a file we can read (a holder gave something else): start anew
+        log.warning("the held last words cannot be read (%s): starting a new file", exc.strerror or exc)
+        server.last_words = LastWords.create()
+        words = b""
+    server.last_words.listen()
+    return words
+
+
+def _the_death(marker: tuple[int, int] | None, words: bytes) -> Dying | None:
+    """How the dead chatd died, and the command it was handling then (None if none): its words logged."""
+    death, how = death_of(words)
+    if words:
+        log.warning("the chatd before this one died of %s %s; its last words:\n%s", how,
+                    "while handling a command" if marker is not None else "outside the handling of any command",
+                    words.decode("utf-8", "replace").rstrip())
+    return Dying(marker[0], marker[1], death, how) if marker is not None else None
 
 
 def _newest_bundles(by_name: dict[str, list]) -> tuple[dict[int, tuple[int, Bundle]], set[str]]:
@@ -234,7 +289,7 @@ def _newest_bundles(by_name: dict[str, list]) -> tuple[dict[int, tuple[int, Bund
     for name, items in by_name.items():
         parsed = parse_name(name)
         if parsed is None:
-            if name not in (LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME):
+            if name not in (LISTEN_NAME, LISTEN_WEB_NAME, STATE_NAME, LAST_WORDS_NAME):
                 log.warning("the holders keep %s, which this chatd does not know: forgetting it", name)
                 names_seen.add(name)
             continue

@@ -26,11 +26,17 @@ change to the room and its output together.** So:
    new chatd sends what the kernel says was not sent.
 
 While a command is handled, the journal's marker names it (slot and input
-offset): a chatd whose predecessor died twice handling the same command
-answers ``ERR crashed-server`` instead and goes on (a *poison* line must not
-kill every successor), once a child process that tried the command died of
-it too (:mod:`chatd.trial`): two kills from outside can land in the handling
-of one command (two crashes in a row), and that command is no poison.
+offset), and the process's last words (:mod:`chatd.lastwords`) say how it
+died: a *poison* line must not kill every successor, and a kill from outside
+must never drop a line. So only a crash of chatd's own (a fatal signal raised
+in it) counts against the command it was handling; a SIGKILL (``kill -9``, the
+OOM killer) counts nothing. A command chatd crashed handling twice, or hung in
+(the watchdog killed it there), is first tried in a child process
+(:mod:`chatd.trial`): one that kills or hangs the child too is answered
+``ERR crashed-server`` and skipped, and chatd goes on; one the child survives
+is handled (what crashed or stalled chatd was something else). After
+:data:`SKIP_AFTER_DEATHS` crashes on it a command is skipped whatever the child
+did: the child tries the room's handling and the events' encoding, not all of it.
 
 **Backpressure, not loss.** A command is handled only while the output rings
 it may write to (its sender's and its sender's peer's) have :data:`RESERVE`
@@ -41,7 +47,9 @@ enough. A client that takes nothing of what is queued for it for
 
 A client closed on purpose (QUIT, drain) gets its last word (BYE), leaves the
 room at once, and is closed once that word is sent; it leaves the journal and
-every holder then. Starting from what the holders kept after a crash is
+every holder then. A client with a session (:mod:`chatd.sessions`) whose
+connection ends any other way stays in the room, detached: its slot, record
+and output ring wait for it to resume on a new connection. Starting from what the holders kept after a crash is
 :mod:`chatd.restore`'s job; chatctl's requests are :mod:`chatd.control`'s.
 Timers send systemd the status line, ping its watchdog, and audit the holders.
 """
@@ -50,7 +58,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import socket
 import time
 
@@ -68,11 +75,13 @@ from .bundles import ClientBundles
 from .connection import Connection
 from .holders import Holders
 from .journal import Journal
+from .lastwords import LastWords
 from .listeners import Listeners, refuse
 from .records import Record, record_of
 from .rings import RingFull
 from .room import SESSION_COMMANDS, Bye, Command, Failed, Member, Msg, Outcome, Remote, Room
 from .sessions import GRACE, Detached, Sessions
+from .statedir import StateDir, new_journal
 
 log = logging.getLogger("chatd")
 
@@ -88,8 +97,10 @@ MAX_EVENT = 132 * 1024
 #: members' commands may send it meanwhile (each of those follows a command of
 #: its own, so they are few).
 RESERVE = MAX_EVENT + 16 * 1024
-#: A command chatd died handling this often is skipped even if a child process survives it
-#: (chatd.trial tries only the room's handling: a poison in the events' encoding must end too).
+#: A command chatd crashed handling this often is skipped even if a child process survives it
+#: (chatd.trial tries the room's handling and the encoding, not the writes into the rings nor what
+#: goes to other hosts: a poison there must end too). Only crashes count (chatd.lastwords): a
+#: SIGKILL and the watchdog's SIGQUIT never do, so they can never drop a command.
 SKIP_AFTER_DEATHS = 4
 #: A client that takes nothing of its queued output this long is closed.
 STALL_TIMEOUT = 60.0
@@ -135,12 +146,16 @@ class ChatServer:
         self.listeners = Listeners(self.loop, holders, self._admit,
                                    lambda: plural(self.client_count(), "client"), self.manager.watchdog)
         #: What the holders keep for chatd, as one (backup on request, the audit).
-        self.backup = Backup(holders, self.listeners, self.bundles, lambda: self.journal)
+        self.backup = Backup(holders, self.listeners, self.bundles, lambda: self.journal, lambda: self.last_words)
         self.journal: Journal | None = None
+        #: Where this process's faulthandler writes once it serves: how it died, for its successor.
+        self.last_words: LastWords | None = None
         #: The other chatd hosts (chatd.across): none by default; with --cluster, chatd.cluster's
         #: (each slot then has an outbox).
         self.cluster: AcrossHosts = SingleHost()
         self.box_size = 0
+        #: Where the journal lives on disk (``--state-dir``, chatd.statedir); None: a memfd.
+        self.state_dir: StateDir | None = None
         self.started = time.time()
         self.restored_at: float | None = None
         #: The summary of the restore this process started with (chatd.restore).
@@ -167,7 +182,9 @@ class ChatServer:
     def bind(self, host: str, port: int, http_port: int | None = None) -> None:
         """Start afresh: a new journal and listening sockets, kept in every holder."""
         self.listeners.open(host, port, http_port)
-        self.journal = Journal.create(self.max_clients, box_size=self.box_size)
+        self.journal = new_journal(self)
+        self.last_words = LastWords.create()
+        self.last_words.listen()
         self.backup.store_server_items()
         web = f", web on port {self.http_port}" if self.http_port else ""
         log.info("listening on %s:%d%s (fresh start)", host, self.port, web)
@@ -294,26 +311,50 @@ class ChatServer:
 
     def _handle(self, connection: Connection, start: int, command: Command) -> Outcome:
         member_id = connection.member_id
-        deaths = connection.poison_count if start == connection.poison_offset else 0
-        if deaths >= 2:
-            # Died handling it twice, but perhaps not of it (two kills in a row can land there):
-            # a poison kills a child that tries it too (chatd.trial).
-            if deaths >= SKIP_AFTER_DEATHS or not trial.survives(lambda: self._handle_in_room(member_id, command)):
-                log.error("member %d: the command at input offset %d crashed chatd %d times: answered "
-                          "ERR crashed-server and skipped", member_id, start, deaths)
-                outcome = Outcome().tell(member_id, Failed("crashed-server"))
-                self.room.count_handled(member_id, outcome)  # a session's client must not send it again
-                return outcome
-            log.warning("member %d: chatd died %d times while handling the command at input offset %d, but a "
-                        "child process handled it and lived: not a poison (the deaths came from elsewhere, "
-                        "such as kills); handling it", member_id, deaths, start)
+        crashes = connection.poison_count if start == connection.poison_offset else 0
+        hung = connection.hung_at == start
+        if hung:
+            connection.hung_at = None
+        if crashes >= 2 or hung:
+            # Crashed chatd twice, or hung it: perhaps of it, perhaps not (a SIGSEGV sent from
+            # outside, a stalled process): a poison kills or hangs a child that tries it too.
+            why = " and ".join(filter(None, (f"crashed chatd {crashes} times" if crashes else "",
+                                             "hung chatd" if hung else "")))
+            if crashes >= SKIP_AFTER_DEATHS:
+                log.error("member %d: the command at input offset %d %s: answered ERR crashed-server and "
+                          "skipped", member_id, start, why)
+                return self._skipped(member_id)
+            if not trial.survives(lambda: self._try(member_id, command)):
+                log.error("member %d: the command at input offset %d %s, and killed or hung a child process "
+                          "that tried it: answered ERR crashed-server and skipped", member_id, start, why)
+                return self._skipped(member_id)
+            log.warning("member %d: the command at input offset %d %s, but a child process handled it and "
+                        "lived: not a poison (what stopped chatd came from elsewhere); handling it",
+                        member_id, start, why)
         return self._handle_in_room(member_id, command)
+
+    def _skipped(self, member_id: int) -> Outcome:
+        """A command skipped as a poison: answered so, and counted handled (a session's client
+        must not send it again)."""
+        outcome = Outcome().tell(member_id, Failed("crashed-server"))
+        self.room.count_handled(member_id, outcome)
+        return outcome
+
+    def _try(self, member_id: int, command: Command) -> None:
+        """What a child process tries (chatd.trial): the room's handling of the command and the
+        encoding of every event it sends, into bytes that go nowhere: nothing is written that the
+        parent shares (the journal's rings, the sockets, the loop's epoll set)."""
+        for recipient, event in self._handle_in_room(member_id, command).deliveries:
+            connection = self.connections.get(recipient)
+            codec = connection.codec if connection is not None else self.adoption.codec_of(recipient)
+            if codec is not None:
+                codec.encode(event)
 
     def _handle_in_room(self, member_id: int, command: Command) -> Outcome:
         """The room's handling of one command, which touches nothing outside this process (so
         a child process may try it: chatd.trial)."""
-        if isinstance(command, Msg) and faults.poisons(command.text):
-            os.abort()
+        if isinstance(command, Msg):
+            faults.handling_message(command.text)
         try:
             return self.room.handle(member_id, command)
         except Exception:  # a bug must not take every client down with it

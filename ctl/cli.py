@@ -111,8 +111,11 @@ def chatd_line(chat: dict) -> str:
     ) or "none"
     web = f" (web {chat['http_port']})" if chat.get("http_port") else ""
     adopting = f" ({chat['adopting']} restored, still being adopted)" if chat.get("adopting") else ""
+    started = ""
+    if (chat.get("restore") or {}).get("journal") == "state-dir":
+        started = f"; started from {chat['journal']}, the holders having kept nothing"
     return (f"pid {chat['pid']}, serving port {chat['port']}{web}, {plural(chat['clients'], 'client')}{adopting}, "
-            f"{plural(chat['pairs'], 'pair')}; holders: {holders}")
+            f"{plural(chat['pairs'], 'pair')}; holders: {holders}{started}")
 
 
 def holderd_holds(holder: dict, chat: dict) -> str:
@@ -325,7 +328,9 @@ def cmd_selftest(args) -> int:
 
 
 def cmd_client(args) -> int:
-    return lineclient.run(args.host, args.port, args.nick, args.pair)
+    return lineclient.run(args.host, args.port, args.nick, args.pair, sessions=not args.no_session,
+                          session_file=args.session_file, retries=args.retries, backoff=args.backoff,
+                          backoff_cap=args.backoff_cap, dead_after=args.dead_after)
 
 
 def cmd_demo(args) -> int:
@@ -553,13 +558,40 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--timeout", type=float, default=30, help="seconds to wait for the new chatd (default %(default)s)")
     client = add("client", cmd_client, "A line-protocol client: each line typed is a message, a line "
                  "starting with / a command (/who, /pair NAME, /quit, /port: the local port); it prints "
-                 "what arrives, numbering messages #1, #2, … The end of input sends QUIT. It exits as soon "
-                 "as chatd ends the connection (BYE or EOF), never reconnects.", json_flag=False)
+                 "what arrives, numbering messages #1, #2, … The end of input sends QUIT. It keeps a "
+                 "session (SESSION, right after connecting): when its connection ends without BYE it says "
+                 "'reconnecting…' on stderr, connects again with full-jitter exponential backoff and takes "
+                 "the session back (RESUME): the messages go on where they were, none shown twice, and "
+                 "what was typed meanwhile is sent once. If chatd no longer has the session (its grace ran "
+                 "out) it says so and goes on as a new client (NICK and PAIR again). It exits when chatd "
+                 "says BYE, or after --retries tries in a row without taking the session back.",
+                 json_flag=False)
     client.epilog = f"exit status: {lineclient.EXIT_STATUS}"
     client.add_argument("--host", default="127.0.0.1", help="chatd's address (default %(default)s)")
     client.add_argument("--port", type=int, default=5001, help="chatd's line port (default %(default)s)")
     client.add_argument("--nick", help="send NICK with this name on connecting")
     client.add_argument("--pair", help="send PAIR with this name on connecting")
+    kept = client.add_mutually_exclusive_group()
+    kept.add_argument("--no-session", action="store_true",
+                      help="ask for no session: a lost connection ends the client (exit 3), as on a chatd "
+                      "in a cluster (ERR sessions-off); /session, /resume and /ack are then sent as typed")
+    kept.add_argument("--session-file", metavar="FILE",
+                      help="keep the session in FILE too (created mode 0600; refused if others may read it): "
+                      "the token, the n of the last message shown and the commands not yet handled, so that "
+                      "a client started again with this file (within chatd's --session-grace, 120 s by "
+                      "default) takes the session back, nick and pairing included, instead of starting anew. "
+                      "One client at a time per file; emptied when the session ends (BYE)")
+    client.add_argument("--retries", type=int, default=lineclient.RETRIES, metavar="N",
+                        help="tries to take the session back before giving up, exit 3 (default %(default)s)")
+    client.add_argument("--backoff", type=float, default=lineclient.BACKOFF, metavar="SECONDS",
+                        help="try k waits random(0, min(CAP, SECONDS*2^k)), k from 0, and never less than "
+                        "an ERR busy <seconds> asked (default %(default)g)")
+    client.add_argument("--backoff-cap", type=float, default=lineclient.BACKOFF_CAP, metavar="CAP",
+                        help="the most one try waits, before the jitter (default %(default)g)")
+    client.add_argument("--dead-after", type=float, default=lineclient.DEAD_AFTER, metavar="SECONDS",
+                        help="with a session, give a connection up when chatd sends nothing for this long "
+                        "though asked (an ACK after half of it): a half-open connection never ends by "
+                        "itself; longer than a crashed chatd's takeover; 0: never (default %(default)g)")
     return parser
 
 

@@ -46,7 +46,10 @@ class ClientProcess:
         self._lock = threading.Lock()
         self._echo = echo
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ctl.cli", "client", "--port", str(port), "--nick", nick, "--pair", pair],
+            # --no-session: the story tells the truth about one TCP connection each, and what a crash
+            # without holderd does to it; a client that took its session back would hide that.
+            [sys.executable, "-m", "ctl.cli", "client", "--port", str(port), "--nick", nick, "--pair", pair,
+             "--no-session"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -39,8 +39,8 @@ def test_crash_after_backup_and_restore_keeps_connections_pairs_and_counters(run
     exchange(a, b, 1, 1, "before")
     exchange(a, b, 2, 2, "before")
     backup = running.control("backup")
-    # three clients; the two listeners (line, web), the journal, a bundle's two ends
-    assert (backup["sockets"], backup["fds"], backup["kept_whole_by"]) == (3, 5, ["holderd"])
+    # three clients; the two listeners (line, web), the journal, the last words, a bundle's two ends
+    assert (backup["sockets"], backup["fds"], backup["kept_whole_by"]) == (3, 6, ["holderd"])
     running.kill_chatd(sig)
     a.send("MSG while down")  # waits in the kernel until a chatd reads it
     running.start_chatd("--restore")
@@ -93,7 +93,8 @@ def test_closing_on_purpose_removes_from_holderd_and_peer_hears(running):
     assert b.line() == "UNPAIRED A"
     from holderd.client import HolderClient
     names = {i["name"] for i in HolderClient(running.holder_socket).list()}
-    assert names == {"chatd/listen", "chatd/listen-web", "chatd/state", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}
+    assert names == {"chatd/listen", "chatd/listen-web", "chatd/state", "chatd/last-words", "chatd/bundle/0/1/w",
+                     "chatd/bundle/0/1/r"}
     rows = running.control("clients")["clients"]
     assert [(row["nick"], row["held"]) for row in rows] == [("B", True)]
 
@@ -308,15 +309,15 @@ def test_backup_with_no_holderd_says_so_and_a_holderd_started_later_gets_everyth
     out = chatctl(procs, "backup", "--json")
     assert out.returncode == 1
     reply = json.loads(out.stdout)
-    assert (reply["sockets"], reply["fds"], reply["kept_whole_by"]) == (2, 5, [])
+    assert (reply["sockets"], reply["fds"], reply["kept_whole_by"]) == (2, 6, [])
     [holderd] = reply["holders"]
-    assert (holderd["holder"], holderd["answered"], holderd["keeps"], len(holderd["missing"])) == ("holderd", False, 0, 5)
+    assert (holderd["holder"], holderd["answered"], holderd["keeps"], len(holderd["missing"])) == ("holderd", False, 0, 6)
     assert "holderd unavailable, retrieving skipped (asked every 0.1 s until it answers)" in procs.logs()
 
     procs.start_holderd()
     started = time.monotonic()
-    wait_until(lambda: len(held_names(procs)) == 5, 3, "chatd to store everything in the new holderd")
-    print(f"holderd started -> chatd's 5 fds stored in it: {(time.monotonic() - started) * 1000:.0f} ms")
+    wait_until(lambda: len(held_names(procs)) == 6, 3, "chatd to store everything in the new holderd")
+    print(f"holderd started -> chatd's 6 fds stored in it: {(time.monotonic() - started) * 1000:.0f} ms")
 
     out = chatctl(procs, "backup", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -324,8 +325,8 @@ def test_backup_with_no_holderd_says_so_and_a_holderd_started_later_gets_everyth
     names = held_names(procs)
     assert reply["holders"] == [{"holder": "holderd", "answered": True, "listed": True, "keeps": len(names),
                                  "missing": [], "error": None}]
-    assert len(names) == reply["fds"] == 5 and reply["kept_whole_by"] == ["holderd"]
-    assert "holderd: keeps all 5 (by its own list)" in chatctl(procs, "backup").stdout
+    assert len(names) == reply["fds"] == 6 and reply["kept_whole_by"] == ["holderd"]
+    assert "holderd: keeps all 6 (by its own list)" in chatctl(procs, "backup").stdout
     procs.kill_chatd(signal.SIGSEGV)  # what holderd keeps is real: the pair lives on
     a.send("MSG after")
     procs.start_chatd("--restore")
@@ -333,7 +334,7 @@ def test_backup_with_no_holderd_says_so_and_a_holderd_started_later_gets_everyth
 
 
 def test_backup_names_the_copies_a_holder_refused(procs):
-    procs.start_holderd("--max-fds-per-uid", "3")  # the listeners and the journal fit, a bundle does not
+    procs.start_holderd("--max-fds-per-uid", "4")  # the listeners, the journal and the last words fit, a bundle does not
     procs.start_chatd()
     procs.pair()
     out = chatctl(procs, "backup", "--json")
@@ -341,13 +342,13 @@ def test_backup_names_the_copies_a_holder_refused(procs):
     reply = json.loads(out.stdout)
     [holderd] = reply["holders"]
     names = held_names(procs)
-    assert names == {"chatd/listen", "chatd/listen-web", "chatd/state"}
-    assert holderd["answered"] and holderd["keeps"] == len(names) == 3 and reply["kept_whole_by"] == []
+    assert names == {"chatd/listen", "chatd/listen-web", "chatd/state", "chatd/last-words"}
+    assert holderd["answered"] and holderd["keeps"] == len(names) == 4 and reply["kept_whole_by"] == []
     assert len(holderd["missing"]) == 2 and not set(holderd["missing"]) & names
     assert all(name.startswith("chatd/bundle/0/") for name in holderd["missing"])
-    assert "may hold at most 3 fds" in holderd["error"]
+    assert "may hold at most 4 fds" in holderd["error"]
     text = chatctl(procs, "backup").stdout
-    assert "holderd: keeps 3 of 5 (by its own list); no copy of chatd/bundle/0/" in text and "NOT backed up" in text
+    assert "holderd: keeps 4 of 6 (by its own list); no copy of chatd/bundle/0/" in text and "NOT backed up" in text
 
 
 def refuses(port: int) -> bool:
@@ -405,8 +406,9 @@ def test_a_restore_with_http_port_minus_one_closes_the_web_port(running):
     web_port = running.http_port
     running.kill_chatd(signal.SIGKILL)
     status = running.start_chatd("--restore", "--http-port", "-1") and running.wait_chatd()
-    # The line listener, the journal and a bundle's two ends: the web listener is gone from holderd too.
-    assert status["http_port"] is None and status["held"]["holderd"] == 4
+    # The line listener, the journal, the last words and a bundle's two ends: the web listener is gone
+    # from holderd too.
+    assert status["http_port"] is None and status["held"]["holderd"] == 5
     assert f"no longer listening for the web on 127.0.0.1:{web_port} (--http-port -1)" in running.logs()
     wait_until(lambda: refuses(web_port), 5, f"web port {web_port} to be closed")
     exchange(a, b, 1, 1, "on the line port")

@@ -130,20 +130,20 @@ def check_seed_story(console: Console) -> None:
         0: "C2 received: #1 FROM C1 1 message 1 from C1",
         1: "C1 received: #1 FROM C2 1 message 2 from C2",
         2: "holderd started",
-        3: "holderd: keeps all 5 (by its own list)",
+        3: "holderd: keeps all 6 (by its own list)",
         4: "C2 received: #2 FROM C1 2 message 3 from C1",
-        5: "died of SIGSEGV; holderd keeps its 5 fds: the clients' connections stay open",
+        5: "died of SIGSEGV; holderd keeps its 6 fds: the clients' connections stay open",
         6: "C1 sent 'message 4 from C1' (chatd is down: it waits in the kernel",
         7: "in restore mode, waiting for `restore`",
         8: "restore: 2 clients and 1 pair back on port",
         9: "C2 received: #4 FROM C1 4 message 5 from C1",
         10: "C1 received: #2 FROM C2 2 message 6 from C2",
-        11: "2 clients, 1 pair; holders: holderd ok (5 fds)",
+        11: "2 clients, 1 pair; holders: holderd ok (6 fds)",
     }
     for index, text in expected.items():
         assert text in answers[index], f"{SEED_STORY[index]!r} answered {answers[index]!r}, not {text!r}"
     assert "NOT backed up" not in answers[3]
-    assert "holderd: protocol 1, holds 5 fds" in answers[11]
+    assert "holderd: protocol 1, holds 6 fds" in answers[11]
     # The message sent while chatd was down came after the restore, numbered on; no message
     # twice, none lost, and no connection ended before `exit` ended them.
     assert received(output, "C2") == [(k, k, f"message {m} from C1") for k, m in enumerate([1, 3, 4, 5], 1)]
@@ -168,8 +168,8 @@ def test_the_seed_story_typed_a_second_apart_with_backup_checked_against_holderd
     console.type_one_by_one(SEED_STORY, pause=1.0, after_prompt=ask_holderd)
     check_seed_story(console)
     said = int(re.search(r"holderd: keeps all (\d+) \(by its own list\)", console.answers()[3])[1])
-    assert said == len(listed["backup"]) == 5
-    assert {"chatd/listen", "chatd/state"} <= listed["backup"] == listed["crash"]
+    assert said == len(listed["backup"]) == 6
+    assert {"chatd/listen", "chatd/state", "chatd/last-words"} <= listed["backup"] == listed["crash"]
 
 
 def test_backup_before_create_and_right_after_it_say_what_holderd_keeps(console):
@@ -187,8 +187,8 @@ def test_backup_before_create_and_right_after_it_say_what_holderd_keeps(console)
     assert "holderd: keeps NOTHING, it did not answer: cannot reach holderd" in answers[0]
     assert "NOT backed up" in answers[0] and "type create, then backup" in answers[0]
     said = int(re.search(r"holderd: keeps all (\d+) \(by its own list\)", answers[2])[1])
-    assert said == len(listed["after"]) == 5 and "NOT backed up" not in answers[2]
-    assert "holderd keeps its 5 fds: the clients' connections stay open" in answers[3]
+    assert said == len(listed["after"]) == 6 and "NOT backed up" not in answers[2]
+    assert "holderd keeps its 6 fds: the clients' connections stay open" in answers[3]
     assert "it waits in the kernel" in answers[4]
     assert "restore: 2 clients and 1 pair" in answers[6]
     assert "C1 received: #1 FROM C2 1 message 2 from C2" in answers[7]

@@ -194,3 +194,82 @@ def test_pairs_streaming_through_random_cuts_and_crashes_lose_nothing(procs):
     assert tally.sent > 1000
     assert tally.problems() == 0, (tally.row(), tally.notes)
     assert tally.received == tally.sent
+
+
+def test_a_crowd_resuming_at_once_is_admitted_at_a_rate_and_told_when_to_come_back(procs):
+    """300 sessions come back at once past --resume-rate: the ones over the burst hear ERR busy
+    with a wait, and come back then; every one resumes; a pair chats on meanwhile."""
+    import random
+    import selectors
+
+    started(procs, "--resume-rate", "40")
+    a, b = procs.pair()
+    crowd, tokens = [], []
+    for _ in range(300):
+        client = procs.client()
+        tokens.append(session(client))
+        crowd.append(client)
+    for client in crowd:
+        client.sock.close()
+    selector = selectors.DefaultSelector()
+    waiting = {}
+    for index, token in enumerate(tokens):
+        sock = socket.create_connection(("127.0.0.1", procs.port), timeout=10)
+        sock.sendall(f"RESUME {token} 0\n".encode())
+        selector.register(sock, selectors.EVENT_READ, index)
+        waiting[index] = sock
+    rng, retry_at, buffers, busy, resumed = random.Random(1), {}, {}, 0, set()
+    sent_by_a = 0
+    deadline = time.monotonic() + 120
+    while len(resumed) < len(tokens) and time.monotonic() < deadline:
+        for key, _ in selector.select(0.05):
+            index = key.data
+            data = key.fileobj.recv(4096)
+            assert data, f"session {index}'s connection ended"
+            buffers[index] = buffers.get(index, b"") + data
+            while b"\n" in buffers[index]:
+                line, _, buffers[index] = buffers[index].partition(b"\n")
+                if line.startswith(b"ERR busy "):
+                    busy += 1
+                    retry_at[index] = time.monotonic() + rng.uniform(0, int(line.split()[2]))
+                else:
+                    assert line == b"RESUMED - - 0", line
+                    resumed.add(index)
+        now = time.monotonic()
+        for index, when in list(retry_at.items()):
+            if now >= when:
+                del retry_at[index]
+                waiting[index].sendall(f"RESUME {tokens[index]} 0\n".encode())
+        sent_by_a += 1
+        a.send(f"MSG {sent_by_a}")
+        assert b.line() == f"FROM A {sent_by_a} {sent_by_a}", "the pair chats on while the crowd comes back"
+    assert len(resumed) == len(tokens), f"{len(resumed)} of {len(tokens)} resumed"
+    assert busy > 0, "past the burst, some were told to come back"
+    for sock in waiting.values():
+        sock.close()
+
+
+def test_a_resume_racing_the_old_connection_s_last_commands_handles_each_once(procs):
+    """The old connection's last commands are still on their way (unread, half read, or read and
+    not handled) when the resume comes on a new one: RESUMED's count says exactly which were
+    handled, and the client sends the rest again. Every message once, in order."""
+    started(procs)
+    holder, b = procs.pair()
+    token = session(holder)
+    sent = 0
+    for race in range(20):
+        burst = [f"MSG {sent + k + 1}" for k in range(race % 5 + 1)]
+        holder.sock.sendall("".join(line + "\n" for line in burst).encode()[:-(race % 3)] if race % 3 else
+                            "".join(line + "\n" for line in burst).encode())
+        old = holder
+        holder = procs.client()
+        holder.send(f"RESUME {token} 0")
+        word, nick, peer, handled = holder.line().split()
+        assert (word, nick, peer) == ("RESUMED", "A", "B")
+        handled = int(handled)
+        assert sent <= handled <= sent + len(burst), (sent, handled, burst)
+        holder.send(*(f"MSG {k}" for k in range(handled + 1, sent + len(burst) + 1)))
+        sent += len(burst)
+        old.sock.close()
+    assert b.lines(sent) == [f"FROM A {k} {k}" for k in range(1, sent + 1)]
+    assert b.silent_for(0.3)

@@ -154,7 +154,7 @@ def test_a_handover_passes_every_client_to_the_standby_and_exits_0(procs):
         assert status["clients"] == 2 and status["pairs"] == 1
         turns.swap()  # what `chatctl upgrade` does under systemd: the instance that handed over starts again
     logs = procs.logs()
-    assert "handed over to the standby" in logs and "died handling its command" not in logs, logs
+    assert "handed over to the standby" in logs and "died while handling its command" not in logs, logs
     assert "ERROR" not in logs, logs
 
 
@@ -173,7 +173,7 @@ def test_pairs_streaming_through_handovers_lose_nothing(procs):
     print("handovers:", tally.row(), "; request -> serving:", ", ".join(f"{ms:.0f} ms" for ms in took))
     streamed_exactly_once(tally, 8, more_than=500)
     logs = procs.logs()
-    assert logs.count("handed over to the standby") == 8 and "died handling its command" not in logs
+    assert logs.count("handed over to the standby") == 8 and "died while handling its command" not in logs
     assert "ERROR" not in logs, logs
 
 
@@ -221,7 +221,7 @@ def test_the_gap_of_a_handover_against_a_crash_in_one_run(procs):
             sock.close()
     print(f"with {IDLE_CLIENTS + 2} clients, ms until the next message is relayed:",
           "; ".join(f"{way} {', '.join(f'{ms:.0f}' for ms in taken)}" for way, taken in gaps.items()))
-    assert "died handling its command" not in procs.logs()
+    assert "died while handling its command" not in procs.logs()
 
 
 def test_sigterm_of_the_serving_chatd_is_a_planned_handover_with_pairs_streaming(procs):
@@ -245,7 +245,7 @@ def test_sigterm_of_the_serving_chatd_is_a_planned_handover_with_pairs_streaming
     streamed_exactly_once(tally, 6, more_than=300)
     logs = procs.logs()
     assert logs.count("SIGTERM: a planned handover") == 6, logs
-    assert logs.count("handed over to the standby") == 6 and "died handling its command" not in logs, logs
+    assert logs.count("handed over to the standby") == 6 and "died while handling its command" not in logs, logs
     assert "SIGTERM: stopping" not in logs and "ERROR" not in logs, logs
 
 
@@ -275,7 +275,7 @@ def test_sigterm_with_no_standby_stops_and_holderd_keeps_the_clients_for_the_nex
     assert a.line() == "FROM B 1 back"
     assert control.call("status", procs.control_socket)["clients"] == 2
     assert restarted.poll() is None
-    assert "died handling its command" not in procs.logs() and "ERROR" not in procs.logs(), procs.logs()
+    assert "died while handling its command" not in procs.logs() and "ERROR" not in procs.logs(), procs.logs()
 
 
 def named_clients(procs, prefix: str, count: int) -> list[LineClient]:

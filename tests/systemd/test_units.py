@@ -250,10 +250,62 @@ def test_a_hung_chatd_is_killed_by_the_watchdog_and_restored(machine):
     wait_active(machine, unit, old)
     assert restarts(machine, unit) == before + 1
     assert "Watchdog timeout" in machine.journal(unit, since), machine.journal(unit, since)
-    # Not SIGKILL TimeoutAbortSec later: systemd sends SIGCONT with the SIGABRT (the unit's comment).
-    assert "status=6/ABRT" in machine.journal(unit, since), machine.journal(unit, since)
+    # Not SIGKILL TimeoutAbortSec later: systemd sends SIGCONT with the SIGQUIT (the unit's comment).
+    assert "status=3/QUIT" in machine.journal(unit, since), machine.journal(unit, since)
     assert "restored 2 clients and 1 pair" in chatd_journal(machine, since)
     chat(machine.clients, ("ann", "bob"), 6)
+
+
+def test_the_watchdog_killing_a_chatd_stalled_in_a_message_drops_nothing(machine):
+    """The serving chatd stops itself (SIGSTOP) in the middle of handling a message, as a
+    process stalled from outside would (``CHATD_FAULT=stall=TEXT``, in that unit only). systemd's
+    watchdog kills it (SIGQUIT, with a SIGCONT); its last words say it hung there, so the standby
+    tries the message in a child process first, which handles it and lives: the message arrives
+    once, and nothing is skipped."""
+    armed, _ = serving(machine)
+    drop_in = f"/etc/systemd/system/{armed}.service.d/stall.conf"
+    machine.run("mkdir", "-p", os.path.dirname(drop_in))
+    machine.run("sh", "-c", 'cat > "$1"', "sh", drop_in,
+                input="[Service]\nEnvironment=CHATD_FAULT=stall=stalled-here\n")
+    machine.systemctl("daemon-reload")
+    clients = ()
+    try:
+        old = main_pid(machine, armed)
+        machine.systemctl("restart", armed)  # serving: a handover; it comes back armed, as the standby
+        wait_active(machine, armed, old)
+        wait_until(lambda: serving_other_than(machine, old), 10, "the other chatd to serve")
+        chatctl(machine, "handover")  # the armed one serves
+        wait_until(lambda: serving(machine)[0] == armed, 20, f"{armed} to serve")
+        machine.systemctl("start", other(armed))  # it exited 0 (a handover): the standby again
+        wait_until(lambda: machine.show(other(armed), "ActiveState") == "active", 20, "the standby")
+        _, stalled_pid = serving(machine)
+        clients = pair(machine, "sia", "sib")
+        since = now(machine)
+        clients[1].sock.settimeout(30)  # the watchdog waits WatchdogSec=5s for a ping first
+        sent = time.monotonic()
+        clients[0].send("MSG stalled-here")
+        assert clients[1].line() == "FROM sia 1 stalled-here"
+        print(f"a message chatd stalled in, delivered after the watchdog's kill: {time.monotonic() - sent:.1f} s "
+              "after it was sent (WatchdogSec=5s)")
+        clients[1].sock.settimeout(clients[1].timeout)
+        clients[0].send("MSG after")
+        assert clients[1].line() == "FROM sia 2 after"
+        assert clients[0].silent_for(0.3) and clients[1].silent_for(0.3), "an answer or a message came twice"
+        wait_active(machine, armed, stalled_pid)
+        assert "status=3/QUIT" in machine.journal(armed, since), machine.journal(armed, since)
+        journal = chatd_journal(machine, since)
+        assert "died of the watchdog's SIGQUIT while handling a command" in journal, journal
+        assert "hung chatd, but a child process handled it and lived" in journal, journal
+        assert "crashed-server" not in journal, journal
+    finally:
+        for client in clients:
+            client.close()
+        machine.run("rm", "-f", drop_in)
+        machine.systemctl("daemon-reload")
+        machine.systemctl("restart", armed)  # unarmed now (serving, it hands over first)
+        machine.systemctl("start", other(armed))  # if a handover left it stopped
+        for unit in CHATD_UNITS:
+            wait_until(lambda: machine.show(unit, "ActiveState") == "active", 20, f"{unit} to be active again")
 
 
 def test_systemctl_restart_keeps_the_clients(machine):
@@ -462,11 +514,54 @@ def test_drain_ends_every_connection(machine):
         client.close()
     status = chatctl(machine, "status")["chatd"]
     assert status["clients"] == 0
-    # Only the listening sockets (line, web) and the state file are left in either holder.
-    assert status["held"] == {"holderd": 3, "systemd": 3}
+    # Only the listening sockets (line, web), the state file and the last words are left in either holder.
+    assert status["held"] == {"holderd": 4, "systemd": 4}
     # And really forgotten: a crash now restores no client.
     crash_chatd(machine)
     assert chatctl(machine, "status")["chatd"]["clients"] == 0
+
+
+def test_with_holderd_chatd_and_their_fd_stores_gone_chatd_starts_again_from_its_journal_file(machine):
+    """`systemctl stop chatd holderd`: both instances, holderd, and every fd store (a stop empties
+    a unit's store) gone, so the connections end; chatd.service seals the journal once both
+    instances are down, and the chatd that serves next starts from /var/lib/chatd/journal."""
+    clients = pair(machine, "flo", "gus")
+    try:
+        chat(clients, ("flo", "gus"), 1)
+        chat(clients, ("flo", "gus"), 2)
+        assert chatctl(machine, "status")["chatd"]["journal"] == "/var/lib/chatd/journal"
+        modes = machine.run("stat", "-c", "%a %U", "/var/lib/chatd", "/var/lib/chatd/journal").stdout.split("\n")
+        assert modes[:2] == ["700 chatd", "600 chatd"], modes
+        since = now(machine)
+        machine.systemctl("stop", "chatd", "holderd")
+        states = [machine.show(unit, "ActiveState") for unit in (*CHATD_UNITS, "chatd", "holderd")]
+        assert set(states) == {"inactive"}, states
+        for client in clients:
+            with pytest.raises((EOFError, ConnectionResetError)):
+                client.line()  # the last copy of each socket is gone
+        assert "sealed /var/lib/chatd/journal at commit" in machine.journal("chatd", since)
+        machine.systemctl("start", "chatd")
+        unit, _ = wait_until(lambda: serving_other_than(machine, 0), 30, "a chatd to serve")
+    finally:
+        for client in clients:
+            client.close()
+    journal = chatd_journal(machine, since)
+    assert "the holders keep nothing for chatd" in journal and "starting from /var/lib/chatd/journal" in journal, \
+        journal
+    status = chatctl(machine, "status")["chatd"]
+    assert (status["restore"]["journal"], status["clients"]) == ("state-dir", 0), status
+    assert "started from /var/lib/chatd/journal" in machine.run(CHATCTL, "status").stdout
+    # Their records had no session: freed, so their nicks are free and their count starts over.
+    clients = pair(machine, "flo", "gus")
+    try:
+        chat(clients, ("flo", "gus"), 1)
+        # And the holders keep the file itself again: a crash is restored from it as before.
+        crash_chatd(machine)
+        chat(clients, ("flo", "gus"), 2)
+        assert chatctl(machine, "status")["chatd"]["restore"]["journal"] == "held"
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_ten_thousand_idle_connections_survive_a_crash(machine):
@@ -613,7 +708,8 @@ def test_the_readme_upgrade_hands_over_with_pairs_streaming_and_loses_nothing(ma
     assert tally.received == tally.sent > 100
     assert all(main_pid(machine, unit) not in (0, pid) for unit, pid in before.items())
     journal = chatd_journal(machine, since)
-    assert journal.count("handed over to the standby") == 2 and "died handling its command" not in journal, journal
+    assert journal.count("handed over to the standby") == 2, journal
+    assert "died while handling its command" not in journal, journal
     # The one that handed over exited 0: not a failure, so systemd restarted nothing by itself.
     assert "Scheduled restart job" not in journal and "status=" not in journal, journal
     try:
@@ -840,6 +936,6 @@ def test_the_readme_upgrade_from_the_previous_release_loses_nothing(previous_mac
     roles = sorted(row["role"] for row in report["instances"])
     assert roles == ["serving", "standby"], report  # instance sockets: the new release's chatd, both
     journal = chatd_journal(machine, since)
-    assert "handed over to the standby" in journal and "died handling its command" not in journal, journal
+    assert "handed over to the standby" in journal and "died while handling its command" not in journal, journal
     assert " ERROR " not in journal and "nothing to restore" not in journal, journal
     assert "took back" in machine.journal("holderd", since), machine.journal("holderd", since)

@@ -9,12 +9,16 @@ FDSTOREREMOVE drops a name.
 from __future__ import annotations
 
 import array
+import faulthandler
 import os
 import select
 import socket
+import sys
 import threading
 
 import pytest
+
+from chatd.lastwords import WATCHDOG_SIGNAL
 
 
 class SocketPairs:
@@ -120,3 +124,12 @@ def notify_socket(tmp_path, monkeypatch):
     store.close()
 
 
+
+
+@pytest.fixture(autouse=True)
+def faulthandler_back_to_stderr():
+    """A ChatServer that serves in a test points this process's faulthandler at its last words
+    (chatd.lastwords), a memfd the test may close: pointed back at stderr after the test."""
+    yield
+    faulthandler.unregister(WATCHDOG_SIGNAL)
+    faulthandler.enable(file=sys.stderr, all_threads=True)

@@ -122,14 +122,14 @@ def test_without_the_journal_clients_keep_their_connections_as_new_members():
         a, b = chatting_pair(first)
         leaver.send("QUIT")
         assert leaver.line() == "BYE"
-    assert holder.held().keys() == {"chatd/listen", "chatd/state", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}
+    assert holder.held().keys() == {"chatd/listen", "chatd/state", "chatd/last-words", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}
     die(first)
     holder.remove(["chatd/state"])  # the journal is lost: the sockets are all that is left
 
     second = ChatServer(Holders([holder]), 8)
     summary = restore(second)
     assert (summary["clients"], summary["pairs"]) == (2, 0), "the connections, not their chat state"
-    assert holder.held().keys() == {"chatd/listen", "chatd/state", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}, \
+    assert holder.held().keys() == {"chatd/listen", "chatd/state", "chatd/last-words", "chatd/bundle/0/1/w", "chatd/bundle/0/1/r"}, \
         "a new journal is kept in its place"
     with serving(second):
         a.send("NICK A", "PAIR B")
@@ -200,3 +200,62 @@ def test_a_crash_during_a_restore_loses_nothing():
 def test_nothing_held_means_nothing_to_restore():
     holder = MemoryHolder()
     assert restore(ChatServer(Holders([holder]), 8)) is None
+
+
+def with_state_dir(server: ChatServer, directory) -> ChatServer:
+    from chatd.statedir import StateDir
+
+    server.state_dir = StateDir(str(directory))
+    server.state_dir.prepare()
+    return server
+
+
+def test_with_nothing_held_the_state_dirs_journal_is_served_its_records_as_those_whose_sockets_are_gone(tmp_path):
+    """holderd and the fd store gone with chatd: the journal on disk is attached, new listeners
+    bound, and every record goes as one whose socket did not come back (freed: its nick free)."""
+    holder = MemoryHolder()
+    first = with_state_dir(ChatServer(Holders([holder]), 8), tmp_path)
+    first.bind("127.0.0.1", 0)
+    assert os.fstat(holder.items["chatd/state"][1]).st_ino == os.stat(tmp_path / "journal").st_ino
+    with serving(first):
+        a, b = chatting_pair(first)
+    die(first)
+    holder.forget_all()  # the holders are gone too
+    a.close(), b.close()
+
+    second = with_state_dir(ChatServer(Holders([holder]), 8), tmp_path)
+    summary = restore(second, listen=lambda: second.listeners.open("127.0.0.1", 0, None))
+    assert (summary["journal"], summary["clients"], summary["pairs"]) == ("state-dir", 0, 0)
+    assert second.journal.path == str(tmp_path / "journal") and list(second.journal.records()) == []
+    assert holder.held().keys() == {"chatd/listen", "chatd/state"}, "the holders keep the new listener and the file"
+    with serving(second):
+        again = connect(second.port, "A", "B")  # the nick is free again
+        again.close()
+    second.listeners.line.close()
+    second.journal.close()
+    holder.forget_all()
+
+
+def test_a_held_memfd_is_moved_into_the_state_dir_at_the_restore(tmp_path):
+    holder = MemoryHolder()
+    first = ChatServer(Holders([holder]), 8)  # no state directory: a memfd
+    first.bind("127.0.0.1", 0)
+    with serving(first):
+        a, b = chatting_pair(first)
+    die(first)
+
+    second = with_state_dir(ChatServer(Holders([holder]), 8), tmp_path)
+    summary = restore(second)
+    assert (summary["journal"], summary["clients"], summary["pairs"]) == ("held", 2, 1)
+    assert holder.held()["chatd/state"] == os.stat(tmp_path / "journal").st_ino, "the holders keep the file"
+    with serving(second):
+        a.send("MSG two")
+        assert b.line() == "FROM A 2 two", "the count went on: the copy is the journal"
+    die(second)
+    third = ChatServer(Holders([holder]), 8)
+    assert restore(third)["pairs"] == 1, "and a crash now restores from the file"
+    with serving(third):
+        a.send("MSG three")
+        assert b.line() == "FROM A 3 three"
+    a.close(), b.close()
+    holder.forget_all()
