@@ -298,7 +298,13 @@ class ChatServer:
             self._send_protocol_output(connection)
             faults.reached("after-handle")
         if connection.codec.finished and not connection.closed and not connection.finishing:
-            self.finish([connection.member_id], "its protocol ended it")
+            member = self.room.members.get(connection.member_id)
+            if member is not None and member.token:
+                # A page that goes (a reload, a closed tab) closes its WebSocket: not a QUIT, so
+                # its session waits for it (chatd.sessions), as on any other end of the connection.
+                self.close_client(connection.member_id, "its WebSocket was closed")
+            else:
+                self.finish([connection.member_id], "its protocol ended it")
         elif connection.input_done():
             self.close_client(connection.member_id, "client closed the connection")
 

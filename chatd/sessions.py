@@ -26,7 +26,8 @@ What a session promises, and how:
   ``HANDLED`` (the answer to ``ACK``) say it, and the client resends only the
   commands after that count. Input the old connection had read and not handled
   is dropped with it: the count says it was not handled.
-- **A detached session waits.** A connection that ends without ``QUIT`` leaves
+- **A detached session waits.** A connection that ends without ``QUIT`` (a
+  WebSocket's close frame too: a page being reloaded sends one) leaves
   its session :class:`Detached` for the *grace* (``--session-grace``): the member
   stays in the room with its nick and pairing, what its peer sends goes into its
   output ring (when that has no room, the peer is held back, as by a slow reader),
@@ -59,6 +60,10 @@ from typing import TYPE_CHECKING
 from fdkeep.loop import Loop
 
 from .protocols import Codec, codec_for, froms_in
+
+#: A web codec's state with its WebSocket open (chatd.protocols.web): a detached page's own
+#: codec may have closed, and what waits for it must still be encoded.
+OPEN_WEBSOCKET = b"W"
 from .records import Record
 from .rings import InRing, OutRing
 from .room import Ack, Busy, Failed, Handled, Outcome, Resume, StartSession
@@ -263,7 +268,10 @@ class Sessions:
         log.info("member %d detached (%s): its session waits %g s for its client", member_id, reason, self.grace)
         inbox = connection.inbox
         inbox.consume(inbox.received)  # read and not handled: dropped; the handled count says so
-        self._wait(Detached(member_id, inbox, connection.outbox, connection.codec, connection.forwards))
+        codec = connection.codec
+        if codec.finished:  # a WebSocket closed by its page: what waits is still encoded, for the resume
+            codec = codec_for(codec.protocol, codec.consumed, OPEN_WEBSOCKET)
+        self._wait(Detached(member_id, inbox, connection.outbox, codec, connection.forwards))
 
     def detach_restored(self, slot: int, record: Record) -> None:
         """After a crash: a session whose socket did not come back waits for its client anew."""

@@ -443,10 +443,6 @@ PAGE_LOG_ON_UNLOAD = """() => addEventListener("pagehide", () => sessionStorage.
     JSON.stringify((JSON.parse(sessionStorage.getItem("test.log")) || []).concat(window.chat.messages))))"""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chatd ends a session when its WebSocket gets a close frame, as if it said quit, and a reload makes the "
-    "browser send one (1001, going away): the reloaded page hears unknown-session. chatd should detach the "
-    "session (as on EOF), with a codec that still encodes what waits for it; then drop this mark"))
 def test_a_page_reloaded_by_the_user_resumes_from_its_tabs_token(browser, web, proxies):
     ann, bob, _, _ = session_pair(browser, web, proxies)
     bob.evaluate(TYPE, "b")
