@@ -41,6 +41,17 @@ class Processes(Launcher):
 
 
 @pytest.fixture
+def paired(procs):
+    """holderd, chatd and a pair A-B that has chatted once, ready for a crash."""
+    procs.start_holderd()
+    procs.start_chatd()
+    a, b = procs.pair()
+    a.send("MSG warm-up")
+    assert b.line() == "FROM A 1 warm-up"
+    return procs, a, b
+
+
+@pytest.fixture
 def procs(tmp_path, request):
     processes = Processes(tmp_path)
     yield processes

@@ -28,17 +28,6 @@ from holderd.client import HolderClient
 KILLS = SKIP_AFTER_DEATHS + 1
 
 
-@pytest.fixture
-def paired(procs):
-    """holderd, chatd and a pair A-B that has chatted once."""
-    procs.start_holderd()
-    procs.start_chatd()
-    a, b = procs.pair()
-    a.send("MSG warm-up")
-    assert b.line() == "FROM A 1 warm-up"
-    return procs, a, b
-
-
 def stopped(proc) -> bool:
     with open(f"/proc/{proc.pid}/stat", "rb") as stat:
         return stat.read().rsplit(b")", 1)[1].split()[0] == b"T"

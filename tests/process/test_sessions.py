@@ -24,6 +24,13 @@ def session(client) -> str:
     return token
 
 
+def paired_with_a_session(procs, *extra):
+    """holderd and chatd (with ``extra``), and a pair A-B, A with a session: (A, B, A's token)."""
+    started(procs, *extra)
+    a, b = procs.pair()
+    return a, b, session(a)
+
+
 def started(procs, *extra):
     procs.start_holderd()
     procs.start_chatd(*extra)
@@ -31,9 +38,7 @@ def started(procs, *extra):
 
 
 def test_a_cut_session_resumes_with_every_message_after_its_n_exactly_once(procs):
-    started(procs)
-    a, b = procs.pair()
-    token = session(a)
+    a, b, token = paired_with_a_session(procs)
     b.send("MSG one", "MSG two", "MSG three")
     assert a.lines(3) == ["FROM B 1 one", "FROM B 2 two", "FROM B 3 three"]
     a.send("ACK 1")
@@ -56,9 +61,7 @@ def test_a_cut_session_resumes_with_every_message_after_its_n_exactly_once(procs
 
 
 def test_the_handled_count_says_which_commands_to_send_again(procs):
-    started(procs)
-    a, b = procs.pair()
-    token = session(a)
+    a, b, token = paired_with_a_session(procs)
     a.send("MSG 1", "MSG 2", "PING")
     assert b.lines(2) == ["FROM A 1 1", "FROM A 2 2"]
     assert a.line() == "PONG"
@@ -77,9 +80,7 @@ def test_the_handled_count_says_which_commands_to_send_again(procs):
 
 
 def test_a_wrong_token_is_refused_and_the_connection_goes_on_as_a_new_client(procs):
-    started(procs)
-    a, b = procs.pair()
-    token = session(a)
+    a, b, token = paired_with_a_session(procs)
     stranger = procs.client()
     for attempt in (f"RESUME {token[:-1]}0 0" if token[-1] != "0" else f"RESUME {token[:-1]}1 0",
                     "RESUME nothing 0", "RESUME", f"RESUME {token} x", f"RESUME {token.upper()} 0"):
@@ -96,9 +97,7 @@ def test_a_wrong_token_is_refused_and_the_connection_goes_on_as_a_new_client(pro
 
 
 def test_a_token_resumed_on_two_connections_ends_with_the_last_one_holding_it(procs):
-    started(procs)
-    a, b = procs.pair()
-    token = session(a)
+    a, b, token = paired_with_a_session(procs)
     first, second = procs.client(), procs.client()
     first.send(f"RESUME {token} 0")
     assert first.line() == "RESUMED A B 0"
@@ -113,9 +112,7 @@ def test_a_token_resumed_on_two_connections_ends_with_the_last_one_holding_it(pr
 
 
 def test_a_session_that_never_comes_back_ends_after_its_grace(procs):
-    started(procs, "--session-grace", "1")
-    a, b = procs.pair()
-    token = session(a)
+    a, b, token = paired_with_a_session(procs, "--session-grace", "1")
     a.sock.close()
     time.sleep(0.5)
     b.send("MSG are you there")
@@ -129,9 +126,7 @@ def test_a_session_that_never_comes_back_ends_after_its_grace(procs):
 
 
 def test_quit_ends_a_session_at_once(procs):
-    started(procs)
-    a, b = procs.pair()
-    token = session(a)
+    a, b, token = paired_with_a_session(procs)
     a.send("QUIT")
     assert a.line() == "BYE"
     assert b.line() == "UNPAIRED A"
@@ -141,9 +136,7 @@ def test_quit_ends_a_session_at_once(procs):
 
 
 def test_a_detached_session_survives_a_chatd_crash_with_what_waits_for_it(procs):
-    started(procs)
-    a, b = procs.pair()
-    token = session(a)
+    a, b, token = paired_with_a_session(procs)
     b.send("MSG before")
     assert a.line() == "FROM B 1 before"
     a.sock.close()
@@ -158,9 +151,7 @@ def test_a_detached_session_survives_a_chatd_crash_with_what_waits_for_it(procs)
 
 
 def test_a_session_s_connection_comes_back_from_a_crash_still_holding_it(procs):
-    started(procs)
-    a, b = procs.pair()
-    token = session(a)
+    a, b, token = paired_with_a_session(procs)
     b.send("MSG one")
     assert a.line() == "FROM B 1 one"
     procs.kill_chatd(signal.SIGKILL)

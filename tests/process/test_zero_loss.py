@@ -25,17 +25,6 @@ from ctl.launch import wait_until
 from ctl.probe import LineClient
 
 
-@pytest.fixture
-def paired(procs):
-    """holderd, chatd and a pair A-B that has chatted once, ready for a crash."""
-    procs.start_holderd()
-    procs.start_chatd()
-    a, b = procs.pair()
-    a.send("MSG warm-up")
-    assert b.line() == "FROM A 1 warm-up"
-    return procs, a, b
-
-
 def restart_with_fault(procs, fault: str):
     """Kill chatd, start the next with ``fault`` armed (it restores first, then serves)."""
     procs.kill_chatd(signal.SIGKILL)
