@@ -454,23 +454,25 @@ class ChatServer:
         """Close a client: it leaves the room, the journal and every holder; unless it has a
         session and did not say QUIT: then its session waits for it (chatd.sessions)."""
         member = self.room.members.get(member_id)
-        connection = self.drop_connection(member_id, reason)
+        detaching = member is not None and bool(member.token)
+        connection = self.drop_connection(member_id, reason, quiet=detaching)
         if connection is None:
             return
-        if member is not None and member.token and not connection.finishing:
+        if detaching and not connection.finishing:
             self.sessions.detach(connection, reason)
             return
         self.free_slot(member_id)
         self.leave_room(member_id)
 
-    def drop_connection(self, member_id: int, reason: str) -> Connection | None:
-        """Shut the member's connection down and forget its socket (the member is another matter)."""
+    def drop_connection(self, member_id: int, reason: str, quiet: bool = False) -> Connection | None:
+        """Shut the member's connection down and forget its socket (the member is another matter);
+        ``quiet``: its end is logged by whoever goes on with the member (a session)."""
         connection = self.connections.pop(member_id, None)
         if connection is None:
             return None
         # One line per client in the journal would be thousands a second at scale: only
         # the unexpected ends are worth an info line.
-        (log.debug if reason in ROUTINE_ENDS else log.info)("member %d closed: %s", member_id, reason)
+        (log.debug if reason in ROUTINE_ENDS or quiet else log.info)("member %d closed: %s", member_id, reason)
         connection.close()  # shut down first: the copy in its bundle ends with it
         self.address_limit.left(connection)
         self.bundles.forget(member_id)

@@ -218,7 +218,7 @@ class Sessions:
         room = self.server.room
         session = room.session(digest(command.token)) if command.token else None
         if session is None or not hmac.compare_digest(session.token, digest(command.token)):
-            log.info("member %d: RESUME with an unknown session %s", member_id, shown(command.token))
+            log.debug("member %d: RESUME with an unknown session %s", member_id, shown(command.token))
             return Outcome().tell(member_id, Failed("unknown-session"))
         wait = self.gate.admit()
         if wait:
@@ -237,7 +237,7 @@ class Sessions:
         self._let_go_of(old)
         outcome = room.resume(member_id, old)
         connection.outbox.retain()
-        log.info("member %d resumed the session of member %d (%s): %d messages sent again from n %d",
+        log.debug("member %d resumed the session of member %d (%s): %d messages sent again from n %d",
                  member_id, old, shown(command.token), len(replay), command.n)
         # The replayed messages follow RESUMED: the server appends them once it delivered that.
         self.server.apply(outcome)
@@ -265,7 +265,8 @@ class Sessions:
     def detach(self, connection: "Connection", reason: str) -> None:
         """The session's connection ended without QUIT: it waits for its client, for the grace."""
         member_id = connection.member_id
-        log.info("member %d detached (%s): its session waits %g s for its client", member_id, reason, self.grace)
+        # At debug level, as a client's coming and going: a proxy's reload detaches thousands at once.
+        log.debug("member %d detached (%s): its session waits %g s for its client", member_id, reason, self.grace)
         inbox = connection.inbox
         inbox.consume(inbox.received)  # read and not handled: dropped; the handled count says so
         codec = connection.codec
