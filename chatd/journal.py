@@ -679,6 +679,24 @@ class Journal:
             os.close(self.fd)
 
 
+#: The kernel's flag for a task inside exit() (include/linux/sched.h): it runs no more of its own code.
+PF_EXITING = 0x4
+
+
+def process_identity(pid: int) -> tuple[int, int] | None:
+    """(pid, start time in clock ticks since boot), which no later process can share; None if
+    gone, dead, a zombie (not yet reaped by its parent, but serving nobody), or exiting (killed:
+    closing its files, which is how holderd saw it go, and running none of its code again)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X", b"x") or int(fields[6]) & PF_EXITING:
+            return None
+        return pid, int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def read_owner(fd: int) -> tuple[int, int] | None:
     """The owner a journal file names (:meth:`Journal.owner`), read without mapping it;
     None if nobody serves from it, or if it is not a journal this release reads."""

@@ -52,10 +52,10 @@ from fdkeep.errors import Error
 from fdkeep.text import plural
 
 from . import faults
+from .journal import process_identity
 from .reports import status_line
 from .restore import restore
 from .server import Role
-from .standby import process_identity
 
 if TYPE_CHECKING:
     from .journal import Journal

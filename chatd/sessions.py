@@ -55,7 +55,7 @@ import logging
 import math
 import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from fdkeep.loop import Loop
 
@@ -69,8 +69,10 @@ from .rings import InRing, OutRing
 from .room import Ack, Busy, Failed, Handled, Outcome, Resume, StartSession
 
 if TYPE_CHECKING:
+    from .across import AcrossHosts
     from .connection import Connection
-    from .server import ChatServer
+    from .journal import Journal
+    from .room import Room
 
 log = logging.getLogger("chatd")
 
@@ -121,6 +123,23 @@ class ResumeGate:
         return max(1, math.ceil((1 - self._tokens) / self.rate + self.burst / self.rate))
 
 
+class Served(Protocol):
+    """What sessions use of the server that owns the connections (chatd.server.ChatServer is
+    one): its loop, room, journal and other hosts, and the one way each kind of change is made."""
+
+    loop: Loop
+    room: "Room"
+    journal: "Journal"
+    cluster: "AcrossHosts"
+
+    def connection(self, member_id: int) -> "Connection | None": ...
+    def apply(self, outcome: Outcome) -> None: ...
+    def changed(self, *member_ids: int) -> None: ...
+    def free_slot(self, member_id: int) -> None: ...
+    def leave_room(self, member_id: int) -> None: ...
+    def drop_connection(self, member_id: int, reason: str, quiet: bool = False) -> "Connection | None": ...
+
+
 class Detached:
     """A session's member without a connection: its rings and codec, until it is resumed or
     its grace runs out. What a record keeps of it is what it keeps of a connection, inode 0."""
@@ -147,7 +166,7 @@ class Sessions:
     """The server's sessions: carries out ``SESSION``, ``RESUME`` and ``ACK``, and owns the
     detached ones. The room keeps each session's state; the server its connections."""
 
-    def __init__(self, server: "ChatServer", grace: float = GRACE, gate: ResumeGate | None = None):
+    def __init__(self, server: Served, grace: float = GRACE, gate: ResumeGate | None = None):
         self.server = server
         self.grace = grace
         self.gate = gate or ResumeGate()

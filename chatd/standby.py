@@ -86,7 +86,7 @@ from holderd.client import HolderClient, Lease
 
 from .control import call, instance_sockets
 from .holders import STATE_NAME
-from .journal import read_owner
+from .journal import process_identity, read_owner
 from .prepared import REFRESH, Prepared
 from .server import Role
 
@@ -101,24 +101,6 @@ LEASE_NAME = "chatd"
 RETRY = 0.2
 #: How long a standby given the lease waits for the previous owner to finish dying.
 OWNER_GRACE = 0.1
-
-
-#: The kernel's flag for a task inside exit() (include/linux/sched.h): it runs no more of its own code.
-PF_EXITING = 0x4
-
-
-def process_identity(pid: int) -> tuple[int, int] | None:
-    """(pid, start time in clock ticks since boot), which no later process can share; None if
-    gone, dead, a zombie (not yet reaped by its parent, but serving nobody), or exiting (killed:
-    closing its files, which is how holderd saw it go, and running none of its code again)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        if fields[0] in (b"Z", b"X", b"x") or int(fields[6]) & PF_EXITING:
-            return None
-        return pid, int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 class Turns:

@@ -48,7 +48,7 @@ import logging
 import os
 import stat
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from fdkeep.errors import Error
 from fdkeep.text import plural
@@ -56,10 +56,20 @@ from fdkeep.text import plural
 from . import journal as journal_module
 from .holders import STATE_NAME
 from .journal import (HEADER, MAGIC, OWNER, OWNER_OFFSET, ROOT, ROOT_OFFSETS, SEAL, SEAL_OFFSET,
-                      SELECTOR_OFFSET, UNKNOWN_FORMAT, VERSION, Journal, format_error)
+                      SELECTOR_OFFSET, UNKNOWN_FORMAT, VERSION, Journal, format_error, process_identity)
 
 if TYPE_CHECKING:
-    from .server import ChatServer
+    from .holders import Holders
+
+
+class Starting(Protocol):
+    """What making or finding the journal uses of the server that will serve from it
+    (chatd.server.ChatServer is one)."""
+
+    state_dir: "StateDir | None"
+    max_clients: int
+    box_size: int
+    holders: "Holders"
 
 log = logging.getLogger("chatd")
 
@@ -113,14 +123,14 @@ class StateDir:
         log.warning("%s set aside as %s: %s", self.journal_path, self.set_aside_path, why)
 
 
-def new_journal(server: "ChatServer") -> Journal:
+def new_journal(server: Starting) -> Journal:
     """A new journal for ``server``: ``DIR/journal`` with a state directory, else a memfd."""
     if server.state_dir is None:
         return Journal.create(server.max_clients, box_size=server.box_size)
     return Journal.create(server.max_clients, box_size=server.box_size, path=server.state_dir.journal_path)
 
 
-def journal_kept_on_disk(server: "ChatServer", held: list) -> tuple[Journal, int] | None:
+def journal_kept_on_disk(server: Starting, held: list) -> tuple[Journal, int] | None:
     """The holders keep no listening socket: the state directory's journal, attached, and its
     fd, if one is there and can be trusted (the module's docstring); else None (a fresh start).
     ``held``: the journals the holders kept anyway (useless without a listener); if the file is
@@ -171,7 +181,7 @@ def journal_kept_on_disk(server: "ChatServer", held: list) -> tuple[Journal, int
     return journal, journal.fd
 
 
-def settle_held_journal(server: "ChatServer", journal: Journal, journal_fd: int | None) -> tuple[Journal, int | None]:
+def settle_held_journal(server: Starting, journal: Journal, journal_fd: int | None) -> tuple[Journal, int | None]:
     """The journal the holders kept is current; with a state directory, it is served from
     ``DIR/journal``: as it is if it is that file, else copied there and the copy given to the
     holders in its place (the held ``journal`` is then unmapped; its fd stays the caller's).
@@ -204,7 +214,6 @@ def seal_file(path: str) -> str:
     """``chatd --seal``: put the journal at ``path`` on disk and seal it, for the next boot
     (:meth:`chatd.journal.Journal.seal`, without mapping it: nothing is written but the seal).
     What was done, in words; Error if it cannot be, or must not be (a live chatd serves from it)."""
-    from .standby import process_identity
 
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

@@ -16,7 +16,7 @@ import sys
 import time
 
 from chatd.control import default_socket as control_socket, instance_sockets
-from chatd.standby import process_identity
+from chatd.journal import process_identity
 from fdkeep.errors import Error
 from fdkeep.peer import someone_listens
 from fdkeep.text import plural

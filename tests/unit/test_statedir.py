@@ -209,7 +209,7 @@ def test_chatd_seal_refuses_a_journal_of_another_version(state_dir):
 
 
 def _start_time(pid: int) -> int:
-    from chatd.standby import process_identity
+    from chatd.journal import process_identity
 
     return process_identity(pid)[1]
 
