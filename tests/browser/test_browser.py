@@ -152,7 +152,7 @@ def test_a_browser_pair_streaming_through_random_kills_loses_and_repeats_nothing
         page.evaluate("clearInterval(window.streaming)")
     for page, other in ((ann, bob), (bob, ann)):
         sent = other.evaluate("window.streamed")
-        page.wait_for_function(f"window.chat.messages.length >= {sent}", timeout=20000)
+        page.wait_for_function(f"window.chat.messages.length >= {sent}", timeout=90000)  # a bound, not a speed target: a loaded machine draws slowly
         got = received(page)
         assert [m["text"] for m in got] == [f"k:{k}" for k in range(1, sent + 1)], "each once, in order"
         assert [m["n"] for m in got] == list(range(1, sent + 1))
