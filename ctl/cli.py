@@ -338,12 +338,15 @@ def cmd_demo(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    from .hosts import CrashLoop, Hosts, missing_for_cluster
+    from .haproxy import HAProxy, missing_haproxy
+    from .hosts import Hosts, missing_for_cluster
 
     if args.hosts < 1 or args.nats_nodes < 1 or args.lease <= 0:
         print("chatctl cluster: --hosts and --nats-nodes must be 1 or more, --lease more than 0", file=sys.stderr)
         return 2
     missing = missing_for_cluster()
+    if args.haproxy and missing_haproxy():
+        missing = " and ".join(filter(None, [missing, missing_haproxy()]))
     if missing:
         print(f"chatctl cluster: needs {missing}", file=sys.stderr)
         return 2
@@ -363,25 +366,90 @@ def cmd_cluster(args) -> int:
             print(f"h{index}: line port {host.port}, web port {host.http_port or '-'}; chatctl for it: "
                   f"{chatctl} --control {host.control_socket} --holder {host.holder_socket}")
         print(f"NATS JetStream: {', '.join(hosts.nats.urls)}; everything in {hosts.workdir}")
+        balancer = None
+        if args.haproxy:
+            line_port, web_port = args.haproxy
+            if any(host.http_port is None for host in hosts.hosts):
+                print("chatctl cluster: --haproxy needs each host's web port, and this Python lacks h11 or "
+                      "wsproto (pip install -e '.[test]')", file=sys.stderr)
+                return 2
+            balancer = HAProxy(os.path.join(hosts.workdir, "haproxy"),
+                               [(host.port, host.http_port) for host in hosts.hosts], line_port, web_port)
+        try:
+            return _run_cluster(args, hosts, balancer, chatctl)
+        finally:
+            if balancer is not None:
+                balancer.close()
+
+
+def _run_cluster(args, hosts, balancer, chatctl: str) -> int:
+    """The hosts started: start HAProxy in front of them (if asked), say how to reach them, and
+    restart what dies until Ctrl-C, SIGTERM or a crash loop."""
+    from .hosts import CrashLoop, RestartLimit, how_it_ended
+
+    haproxy_limit = RestartLimit()
+    first, last = hosts.hosts[0], hosts.hosts[-1]
+    try:
+        if balancer is not None:
+            try:
+                balancer.start()
+            except Error as exc:
+                print(f"chatctl cluster: could not start haproxy: {exc.message}", file=sys.stderr)
+                return 1
+            print(f"HAProxy in front of every host: line port {balancer.line_port}, web port "
+                  f"{balancer.web_port} (http://127.0.0.1:{balancer.web_port}/); its config "
+                  f"{balancer.config_path}, its log {balancer.log_path}")
         if args.demo:
             return _cluster_demo(hosts)
-        first, last = hosts.hosts[0], hosts.hosts[-1]
-        try:  # before the last line: whoever reads it may stop us at once
-            print(f"chat across hosts: {chatctl} client --port {first.port} --nick ann --pair bob  and  "
-                  f"{chatctl} client --port {last.port} --nick bob --pair ann\n"
-                  f"see one host: {chatctl} --control {first.control_socket} --holder {first.holder_socket} "
-                  "status\nA chatd or NATS node that dies is restarted (a chatd takes its clients back from its "
-                  "holderd and journal); Ctrl-C stops everything.")
-            while True:
-                for line in hosts.revive():
-                    print(line)
-                time.sleep(0.2)
-        except CrashLoop as exc:
-            print(f"chatctl cluster: {exc}\nstopping every host and NATS", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt as exc:
-            print(f"{exc.args[0] if exc.args else 'SIGINT'}: stopping every host and NATS")
-            return 0
+        # Before the last line: whoever reads it may stop us at once.
+        if balancer is not None:
+            print(f"through HAProxy: {chatctl} client --port {balancer.line_port} --nick ann --pair bob  and  "
+                  f"{chatctl} client --port {balancer.line_port} --nick bob --pair ann")
+        print(f"chat across hosts: {chatctl} client --port {first.port} --nick ann --pair bob  and  "
+              f"{chatctl} client --port {last.port} --nick bob --pair ann\n"
+              f"see one host: {chatctl} --control {first.control_socket} --holder {first.holder_socket} "
+              "status\nA chatd or NATS node that dies is restarted (a chatd takes its clients back from its "
+              "holderd and journal); Ctrl-C stops everything.")
+        while True:
+            for line in hosts.revive():
+                print(line)
+            if balancer is not None and balancer.proc.poll() is not None:
+                print(_revive_haproxy(balancer, haproxy_limit, how_it_ended))
+            time.sleep(0.2)
+    except CrashLoop as exc:
+        print(f"chatctl cluster: {exc}\nstopping every host and NATS", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(f"{exc.args[0] if exc.args else 'SIGINT'}: stopping every host and NATS")
+        return 0
+
+
+def _port_pair(text: str) -> tuple[int, int]:
+    try:
+        line, web = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two ports, the line port and the web port: 5000,8000") \
+            from None
+    if not (0 < line < 65536 and 0 < web < 65536) or line == web:
+        raise argparse.ArgumentTypeError(f"{text!r}: two different ports, each 1 to 65535")
+    return line, web
+
+
+def _revive_haproxy(balancer, limit, how_it_ended) -> str:
+    """Start haproxy again, as systemd's Restart= would; CrashLoop past systemd's start limit."""
+    from .hosts import CrashLoop
+
+    dead = balancer.proc
+    if limit.died(time.monotonic()):
+        raise CrashLoop(f"haproxy (pid {dead.pid}) {how_it_ended(dead.returncode)}, its {limit.burst}th death "
+                        f"within {limit.interval:g} s: a crash loop, not restarted again. The end of its log "
+                        f"{balancer.log_path}:\n{balancer.log_tail()}")
+    try:
+        balancer.start()
+    except Error as exc:
+        return f"haproxy (pid {dead.pid}) {how_it_ended(dead.returncode)}; restarting it FAILED: {exc.message}"
+    return (f"haproxy (pid {dead.pid}) {how_it_ended(dead.returncode)}; restarted as pid {balancer.proc.pid} "
+            "(its clients' connections died with it: they connect again)")
 
 
 def _interrupt(signum, frame):
@@ -519,6 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--lease", type=float, default=10.0,
                          help="seconds a lost host keeps its nicks (default %(default)s)")
     cluster.add_argument("--demo", action="store_true", help="play the crash story across hosts and exit")
+    cluster.add_argument("--haproxy", type=_port_pair, metavar="PORT,WEBPORT",
+                         help="also run HAProxy (Debian's haproxy) on 127.0.0.1 in front of every host: one line "
+                         "port and one web port for all clients, a host taken out when its chatd's /healthz "
+                         "fails (its config and log in the scratch directory; README: Behind HAProxy)")
     add("shell", cmd_shell, "The master console: crash and restore a chatd by hand. It starts its own chatd "
         "and two paired clients in a scratch directory (not a chatd you run), and holderd on `create`; type "
         "1to2, 2to1, create, backup, crash, restart, restore, status, help, exit.", json_flag=False)

@@ -146,6 +146,19 @@ def require_nats() -> None:
         pytest.skip(reason)
 
 
+def require_haproxy() -> None:
+    """Skip where haproxy is missing; under CI, fail instead: scripts/test installs it."""
+    import pytest
+
+    from ctl.haproxy import missing_haproxy
+
+    missing = missing_haproxy()
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"needs {missing}; CI=true, so the HAProxy tests must not be skipped")
+        pytest.skip(f"needs {missing}")
+
+
 def previous_release(into: Path, parts: tuple[str, ...] = ("chatd", "fdkeep", "holderd")) -> tuple[str, Path]:
     """(version, tree) of the release CHANGELOG.md names before this one, out of git history
     (its ``parts``, extracted into ``into``: run chatd, fdkeep and holderd with PYTHONPATH=tree;

@@ -21,7 +21,9 @@ import threading
 import pytest
 
 from ctl.launch import SOURCE_ROOT, wait_until
-from helpers import line_client, require_nats
+import urllib.request
+
+from helpers import free_port, line_client, require_haproxy, require_nats
 
 #: Longer than a NATS leader election after a node dies (4-9 s on 2.9): no live host is taken for dead.
 LEASE = "20"
@@ -224,3 +226,44 @@ def test_kill_pid_of_chatctl_cluster_stops_everything_it_started(cluster_command
     assert "SIGTERM: stopping every host and NATS" in command.rest()
     no_process_left(command)
     assert not os.listdir(command.scratch)
+
+
+def test_chatctl_cluster_with_haproxy_gives_every_client_one_address(cluster_command):
+    require_haproxy()
+    line_port = free_port()
+    web_port = free_port()
+    while web_port == line_port:
+        web_port = free_port()
+    command = cluster_command("--hosts", "2", "--nats-nodes", "1", "--haproxy", f"{line_port},{web_port}")
+    started(command, 2)
+    said = command.expect(r"^HAProxy in front of every host: line port (\d+), web port (\d+) "
+                          r"\(http://127.0.0.1:\d+/\); its config (\S+), its log (\S+)$")
+    assert (int(said[1]), int(said[2])) == (line_port, web_port)
+    with open(said[3]) as f:
+        config = f.read()
+    assert "balance leastconn" in config and "check port" in config and "timeout tunnel" in config
+    command.expect(rf"^through HAProxy: .* client --port {line_port} --nick ann --pair bob")
+    command.expect(r"Ctrl-C stops everything")
+
+    ann = line_client(line_port, "ann", "bob", CLIENT_TIMEOUT)
+    bob = line_client(line_port, "bob", "ann", CLIENT_TIMEOUT)
+    assert ann.line() == "PAIRED bob" and bob.line() == "PAIRED ann"
+    ann.send("MSG through HAProxy")
+    assert bob.line() == "FROM ann 1 through HAProxy"
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=CLIENT_TIMEOUT) as response:
+        assert response.read() == b"ok\n"
+
+    # HAProxy dies: said, restarted on the same ports; its clients' connections died with it.
+    haproxy = next(line for line in command.processes() if "haproxy -db" in line)
+    os.kill(int(haproxy.split()[0]), signal.SIGKILL)
+    command.expect(r"^haproxy \(pid \d+\) killed by SIGKILL; restarted as pid \d+")
+    with pytest.raises((EOFError, ConnectionError)):
+        ann.line()
+    cal = line_client(line_port, "cal", None, CLIENT_TIMEOUT)
+    cal.close()
+
+    command.interrupt()
+    assert command.proc.wait(60) == 0
+    assert "SIGINT: stopping every host and NATS" in command.rest()
+    no_process_left(command)
+    assert not os.listdir(command.scratch), "the scratch directory is removed, HAProxy's files too"

@@ -1,0 +1,210 @@
+"""chatd hosts behind a real HAProxy (Debian's haproxy, ctl.haproxy): one address for every client.
+
+Three chatd hosts (each its own holderd and journal) over a real 3-node NATS
+JetStream cluster, a real haproxy in front with the configuration the README
+shows (faster checks, so that the test is short). Clients connect to HAProxy's
+two ports only: line clients, `chatctl client` as a process, a WebSocket like
+the page's, and /healthz. A host is lost whole (its chatd and holderd
+SIGKILLed): HAProxy's checks of chatd's /healthz take it out (its stats socket
+says DOWN, its log says why), and the clients that were on it come back
+through the same address, to a live host, as new clients (a chatd in a
+cluster keeps no sessions yet: ERR sessions-off; issue 24's later items).
+Where the test needs a client on a given host, it drains the other hosts
+for that one connection through HAProxy's admin socket (``set server …
+state drain``), as an operator steers traffic; the hosts are all ``ready``
+again before the loss. Every process is ended after the test, failed or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+import types
+import urllib.request
+
+import pytest
+
+from ctl.haproxy import LINE_BACKEND, WEB_BACKEND, HAProxy
+from ctl.hosts import Hosts
+from ctl.launch import wait_until
+from ctl.lineclient import LOST
+from ctl.probe import LineClient, WebSocketClient
+from fdkeep.errors import Error
+from helpers import free_port, line_client, require_haproxy, require_nats
+from test_lineclient import ClientProcess
+
+#: Seconds a lost host keeps its nicks: short, so that its clients' nicks come free soon.
+LEASE = 2.0
+#: Checks every 300 ms, out after 2 failures, back after 2 successes (the README's: 2 s, 3, 2).
+INTER_MS, FALL, RISE = 300, 2, 2
+TIMEOUT = 15
+
+
+@pytest.fixture
+def behind_haproxy(tmp_path, request):
+    require_nats()
+    require_haproxy()
+    cluster = Hosts(3, 3, lease=LEASE, workdir=str(tmp_path / "hosts"))
+    proxy = None
+    try:
+        cluster.start()
+        line_port = free_port()
+        web_port = free_port()
+        while web_port == line_port:
+            web_port = free_port()
+        proxy = HAProxy(str(tmp_path / "haproxy"), [(host.port, host.http_port) for host in cluster.hosts],
+                        line_port, web_port, inter_ms=INTER_MS, fall=FALL, rise=RISE).start()
+        wait_until(lambda: set(proxy.states().values()) == {"UP"}, TIMEOUT, "HAProxy to see every host UP")
+        yield cluster, proxy
+    finally:
+        if hasattr(request.node, "rep_call") and request.node.rep_call.failed:
+            print(cluster.logs()[-20000:])
+            if proxy is not None:
+                print(f"=== haproxy\n{proxy.log_tail(8000)}")
+        if proxy is not None:
+            proxy.close()
+        cluster.close()
+
+
+@contextlib.contextmanager
+def only(proxy: HAProxy, backend: str, index: int):
+    """New connections to ``backend`` go to host ``index`` alone while inside (the others drained)."""
+    others = [server for server in proxy.servers if server != f"h{index}"]
+    for server in others:
+        proxy.command(f"set server {backend}/{server} state drain")
+    try:
+        yield
+    finally:
+        for server in others:
+            proxy.command(f"set server {backend}/{server} state ready")
+
+
+def host_of(cluster: Hosts, nick: str) -> int | None:
+    """The host whose chatd has a client named ``nick`` (hosts that do not answer are skipped)."""
+    for index, host in enumerate(cluster.hosts):
+        try:
+            rows = host.control("clients")["clients"]
+        except Error:
+            continue
+        if any(row["nick"] == nick for row in rows):
+            return index
+    return None
+
+
+def through(proxy: HAProxy, nick: str, pair: str | None = None) -> LineClient:
+    return line_client(proxy.line_port, nick, pair, timeout=TIMEOUT)
+
+
+def healthz(proxy: HAProxy) -> tuple[int, bytes]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.web_port}/healthz", timeout=TIMEOUT) as response:
+        return response.status, response.read()
+
+
+def page(proxy: HAProxy, nick: str, pair: str) -> WebSocketClient:
+    """A WebSocket to /ws through HAProxy's web port, as the page opens it, named and paired."""
+    socket = WebSocketClient(proxy.web_port, timeout=TIMEOUT)
+    socket.send({"type": "nick", "name": nick}, {"type": "pair", "peer": pair})
+    assert [m["type"] for m in socket.messages(2)] == ["ok", "ok"]
+    return socket
+
+
+def test_clients_chat_through_haproxy_and_come_back_through_it_to_a_live_host_after_a_host_is_lost(
+        behind_haproxy):
+    cluster, proxy = behind_haproxy
+    carl_again = None
+    assert healthz(proxy) == (200, b"ok\n"), "chatd's /healthz answers through HAProxy's web port"
+    chatctl_env = types.SimpleNamespace(port=proxy.line_port, env=cluster.hosts[0].env)
+
+    # On h0, the host to be lost: carl (`chatctl client`, a process) and wanda (a page's WebSocket).
+    with only(proxy, LINE_BACKEND, 0):
+        carl = ClientProcess(chatctl_env, "pipe", "carl", "--pair", "dana", ready="[carl] < OK NICK carl")
+    with only(proxy, WEB_BACKEND, 0):
+        wanda = page(proxy, "wanda", "lee")
+    # Their peers on h1 and h2; ann and bob, on h1 and h2 too, chat through it all.
+    with only(proxy, LINE_BACKEND, 1):
+        dana = through(proxy, "dana", "carl")
+        ann = through(proxy, "ann", "bob")
+    with only(proxy, LINE_BACKEND, 2):
+        lee = through(proxy, "lee", "wanda")
+        bob = through(proxy, "bob", "ann")
+    placed = {nick: host_of(cluster, nick) for nick in ("carl", "wanda", "dana", "ann", "lee", "bob")}
+    assert placed == {"carl": 0, "wanda": 0, "dana": 1, "ann": 1, "lee": 2, "bob": 2}, placed
+    try:
+        assert dana.line() == "PAIRED carl" and lee.line() == "PAIRED wanda" and ann.line() == "PAIRED bob"
+        assert bob.line() == "PAIRED ann" and wanda.messages(1) == [{"type": "paired", "peer": "lee"}]
+        carl.wait_for("[carl] < PAIRED dana", timeout=TIMEOUT)
+        carl.type("hello dana")
+        assert dana.line() == "FROM carl 1 hello dana"
+        dana.send("MSG hello carl")
+        carl.wait_for_count("FROM dana 1 hello carl", 1, timeout=TIMEOUT)
+        wanda.send({"type": "msg", "text": "from the page"})
+        assert lee.line() == "FROM wanda 1 from the page"
+        lee.send("MSG to the page")
+        assert wanda.messages(1) == [{"type": "from", "from": "lee", "n": 1, "text": "to the page"}]
+        ann.send("MSG before")
+        assert bob.line() == "FROM ann 1 before"
+        assert set(proxy.states().values()) == {"UP"}, "every host ready again after the steering"
+
+        # h0 is lost whole: its chatd and its holderd die together, and with them its connections.
+        for proc in (cluster.hosts[0].chatd, cluster.hosts[0].holderd):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        lost = time.monotonic()
+        assert carl.exit_status() == LOST, carl.output()
+        with pytest.raises((EOFError, ConnectionError)):
+            wanda.message()
+        wait_until(lambda: proxy.host_state(0) == {"DOWN"}, TIMEOUT, "HAProxy's checks to take h0 out")
+        taken_out = time.monotonic() - lost
+        assert proxy.host_state(1) == proxy.host_state(2) == {"UP"}, proxy.states()
+        log = proxy.log_tail(100_000)
+        for backend in (LINE_BACKEND, WEB_BACKEND):
+            assert f"Server {backend}/h0 is DOWN" in log, f"HAProxy's log says {backend}'s h0 is out"
+
+        # The pair on the live hosts chats on; the peers of h0's clients hear them gone after the lease.
+        ann.send("MSG after h0 is lost")
+        assert bob.line() == "FROM ann 2 after h0 is lost"
+        assert dana.line() == "UNPAIRED carl" and lee.line() == "UNPAIRED wanda"
+
+        # Through the same two addresses, h0's clients come back, to a live host, as new clients:
+        # the same nicks once h0's lease let them go, the same pairs, n from 1 (no session kept yet).
+        assert healthz(proxy) == (200, b"ok\n")
+        carl_again = ClientProcess(chatctl_env, "pipe", None, ready="connected local-port=…")
+
+        def nick_taken_back() -> bool:
+            before = carl_again.count("< OK NICK carl") + carl_again.count("< ERR nick-taken")
+            carl_again.type("/nick carl")
+            wait_until(lambda: carl_again.count("< OK NICK carl") + carl_again.count("< ERR nick-taken") > before,
+                       TIMEOUT, "chatd's answer to NICK carl")
+            return carl_again.count("< OK NICK carl") > 0
+
+        wait_until(nick_taken_back, LEASE * 8, "carl's nick to come free, then be taken again", interval=0.3)
+        carl_again.type("/pair dana")
+        carl_again.wait_for_count("< PAIRED dana", 1, timeout=TIMEOUT)
+        assert dana.line() == "PAIRED carl"
+        wanda_again = page(proxy, "wanda", "lee")
+        assert wanda_again.messages(1) == [{"type": "paired", "peer": "lee"}] and lee.line() == "PAIRED wanda"
+        assert host_of(cluster, "carl") in (1, 2) and host_of(cluster, "wanda") in (1, 2)
+        print(f"h0 out of HAProxy {taken_out * 1000:.0f} ms after its loss (checks every {INTER_MS} ms, fall "
+              f"{FALL}); carl and wanda paired again through it {time.monotonic() - lost:.1f} s after it "
+              f"(lease {LEASE:g} s)")
+
+        carl_again.type("back through HAProxy")
+        assert dana.line() == "FROM carl 1 back through HAProxy"
+        dana.send("MSG welcome back")
+        carl_again.wait_for_count("FROM dana 1 welcome back", 1, timeout=TIMEOUT)
+        wanda_again.send({"type": "msg", "text": "back too"})
+        assert lee.line() == "FROM wanda 1 back too"
+        lee.send("MSG welcome back")
+        assert wanda_again.messages(1) == [{"type": "from", "from": "lee", "n": 1, "text": "welcome back"}]
+
+        # Every new connection lands on a live host while h0 is out.
+        for number in range(6):
+            probe = through(proxy, f"probe{number}")
+            assert host_of(cluster, f"probe{number}") in (1, 2)
+            probe.close()
+    finally:
+        for process in filter(None, (carl, carl_again)):
+            process.close()
+        for client in (dana, ann, lee, bob):
+            client.close()
