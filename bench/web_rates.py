@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/web_rates.py [--pairs 12] [--loads 3] [--sizes 100 16384] [--seconds 4]
                                         [--rounds 3] [--window 32] [--compare-rev REV] [--targets NAME ...]
-                                        [--json PATH]
+                                        [--py-spy DIR] [--json PATH]
 
 Each *target* is started in turn in a scratch directory and given the same
 load: ``--pairs`` pairs of clients spread over ``--loads`` processes (so that
@@ -28,7 +28,9 @@ Targets:
 Rounds alternate the targets (and the sizes) so that a noisy neighbour hurts all
 alike; the tables show each target's median, range, and its ratios to
 ``websockets`` and to ``chatd line``, measured in the same run; the JSON keeps
-every round.
+every round. With ``--py-spy DIR``, ``py-spy record`` samples the relaying
+process through each measurement (its collapsed stacks in DIR, one file a
+target, size and round): where the time goes.
 """
 
 from __future__ import annotations
@@ -50,6 +52,27 @@ from bench.rates import cpu_seconds, worktree  # noqa: E402
 from ctl.launch import Launcher, wait_until  # noqa: E402
 
 TARGETS = ["chatd web", "chatd line", "websockets", "asyncio line"]
+#: py-spy beside this Python (the venv's), else the one on the PATH.
+PY_SPY = next((path for path in (os.path.join(os.path.dirname(sys.executable), "py-spy"),) if os.path.exists(path)),
+              "py-spy")
+#: Where a sample's innermost Python frame is, by file: the parts the time is told by.
+PARTS = (("(wsproto/", "wsproto"), ("(h11/", "h11"), ("(json/", "JSON"), ("chatd/rings.py", "journal"),
+         ("chatd/journal.py", "journal"), ("chatd/protocols/web.py", "web codec"),
+         ("chatd/protocols/line.py", "line codec"), ("chatd/room.py", "room"), ("fdkeep/", "fdkeep (I/O)"))
+
+
+def where_time_goes(path: str) -> dict[str, float]:
+    """Share of py-spy's samples (collapsed stacks) by the part their innermost frame is in
+    (a C function counts for the Python that called it: json.loads's work is JSON's)."""
+    parts, total = {}, 0
+    with open(path) as samples:
+        for line in samples:
+            stack, _, count = line.rstrip().rpartition(" ")
+            innermost = stack.rsplit(";", 1)[-1]
+            part = next((name for marker, name in PARTS if marker in innermost), "other (chatd's server, loop)")
+            parts[part] = parts.get(part, 0) + int(count)
+            total += int(count)
+    return {part: count / total for part, count in sorted(parts.items(), key=lambda item: -item[1])}
 
 
 # -- the load (each in its own process) -----------------------------------------------------------
@@ -142,8 +165,9 @@ def load_process(kind: str, port: int, pairs: list[int], size: int, window: int,
     asyncio.run(run())
 
 
-def measure(kind: str, port: int, server_pid: int, args, size: int) -> tuple[float, float]:
-    """(messages delivered a second, per second of the relaying process's CPU time)."""
+def measure(kind: str, port: int, server_pid: int, args, size: int, profile: str | None = None) -> tuple[float, float]:
+    """(messages delivered a second, per second of the relaying process's CPU time); with
+    ``profile`` (a path), py-spy's samples of the relaying process meanwhile."""
     ready, results = multiprocessing.Queue(), multiprocessing.Queue()
     starts = [multiprocessing.Queue() for _ in range(args.loads)]
     procs = [multiprocessing.Process(target=load_process, daemon=True, args=(
@@ -159,10 +183,17 @@ def measure(kind: str, port: int, server_pid: int, args, size: int) -> tuple[flo
         for start in starts:
             start.put((begin, end))
         time.sleep(max(begin - time.monotonic(), 0))
+        spy = None
+        if profile:
+            spy = subprocess.Popen([PY_SPY, "record", "--pid", str(server_pid), "--duration", str(int(args.seconds)),
+                                    "--rate", "200", "--format", "raw", "--nonblocking", "--output", profile],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu = cpu_seconds(server_pid)
         time.sleep(max(end - time.monotonic(), 0))
         cpu = cpu_seconds(server_pid) - cpu
         delivered = sum(results.get(timeout=60) for _ in procs)
+        if spy is not None:
+            spy.wait(30)
     finally:
         for proc in procs:
             proc.join(10)
@@ -181,7 +212,8 @@ def _printed_port(launcher: Launcher, proc, prefix: str) -> int | None:
     return int(line) if line.isdigit() else None
 
 
-def run_target(name: str, args, size: int, revision_root: str | None) -> tuple[float, float]:
+def run_target(name: str, args, size: int, revision_root: str | None, profile: str | None = None
+               ) -> tuple[float, float]:
     with Launcher() as launcher:
         if name in ("websockets", "asyncio line"):
             module = "websockets_relay" if name == "websockets" else "asyncio_relay"
@@ -194,7 +226,7 @@ def run_target(name: str, args, size: int, revision_root: str | None) -> tuple[f
             launcher.start_chatd()
             port = launcher.http_port if name.endswith("web") else launcher.port
         kind = "web" if name in ("websockets",) or name.endswith("web") else "line"
-        return measure(kind, port, launcher.chatd.pid, args, size)
+        return measure(kind, port, launcher.chatd.pid, args, size, profile)
 
 
 def summary(values: list[float]) -> str:
@@ -212,6 +244,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compare-rev", metavar="REV", help="also run chatd and holderd of this revision (web)")
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=TARGETS)
+    parser.add_argument("--py-spy", metavar="DIR", help="profile the relay of each measurement into DIR (py-spy, "
+                        "on the PATH)")
     parser.add_argument("--json", metavar="PATH", default=os.path.join(ROOT, "bench", "results", "web-rates.json"))
     args = parser.parse_args()
     targets = list(args.targets)
@@ -227,7 +261,12 @@ def main() -> int:
             order = targets[round_number % len(targets):] + targets[:round_number % len(targets)]
             for size in args.sizes:
                 for name in order:
-                    rate, rate_per_cpu = run_target(name, args, size, revision_root if "@" in name else None)
+                    profile = None
+                    if args.py_spy:
+                        os.makedirs(args.py_spy, exist_ok=True)
+                        profile = os.path.join(args.py_spy, f"{name.replace(' ', '-')}-{size}-{round_number + 1}.txt")
+                    rate, rate_per_cpu = run_target(name, args, size, revision_root if "@" in name else None,
+                                                    profile)
                     rates[size][name].append(rate)
                     per_cpu[size][name].append(rate_per_cpu)
                     print(f"round {round_number + 1}: {size:>6} B {name:>20}: {rate:9,.0f} messages/s "
@@ -252,10 +291,27 @@ def main() -> int:
         for name in targets:
             print(f"| {size:,} B | {name} | {summary(rates[size][name])} | {summary(per_cpu[size][name])} "
                   f"| {ratio(name, 'websockets')} | {ratio(name, 'chatd line')} |")
+    profiles = {}
+    if args.py_spy:
+        print("\n| size | target | where the relay's time goes (py-spy samples, all rounds) |\n| --- | --- | --- |")
+        for size in args.sizes:
+            for name in targets:
+                if not name.startswith("chatd"):
+                    continue
+                stem = os.path.join(args.py_spy, f"{name.replace(' ', '-')}-{size}-")
+                shares = {}
+                for round_number in range(args.rounds):
+                    if os.path.exists(f"{stem}{round_number + 1}.txt"):
+                        for part, share in where_time_goes(f"{stem}{round_number + 1}.txt").items():
+                            shares[part] = shares.get(part, 0) + share / args.rounds
+                profiles[f"{size} {name}"] = shares
+                print(f"| {size:,} B | {name} | " + ", ".join(f"{part} {share:.0%}" for part, share in shares.items())
+                      + " |")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as out:
-            json.dump({"args": vars(args), "relay": rates, "relay_per_cpu_second": per_cpu}, out, indent=2)
+            json.dump({"args": vars(args), "relay": rates, "relay_per_cpu_second": per_cpu, "profiles": profiles},
+                      out, indent=2)
     return 0
 
 
