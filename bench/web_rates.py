@@ -22,8 +22,8 @@ Targets:
 - ``websockets``: bench/websockets_relay.py, a minimal relay on the ``websockets``
   library speaking the same JSON messages, no backup;
 - ``asyncio line``: bench/asyncio_relay.py, the line baseline of bench/rates.py;
-- ``chatd@REV web``: with ``--compare-rev``, chatd and holderd of another
-  revision (a git worktree of it): a change's before and after in one run.
+- ``chatd@REV web``, ``chatd@REV line``: with ``--compare-rev``, chatd and holderd
+  of another revision (a git worktree of it): a change's before and after in one run.
 
 Rounds alternate the targets (and the sizes) so that a noisy neighbour hurts all
 alike; the tables show each target's median, range, and its ratios to
@@ -242,7 +242,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4)
     parser.add_argument("--warmup", type=float, default=1)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compare-rev", metavar="REV", help="also run chatd and holderd of this revision (web)")
+    parser.add_argument("--compare-rev", metavar="REV", help="also run chatd and holderd of this revision")
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=TARGETS)
     parser.add_argument("--py-spy", metavar="DIR", help="profile the relay of each measurement into DIR (py-spy, "
                         "on the PATH)")
@@ -252,7 +252,7 @@ def main() -> int:
     revision_root = None
     if args.compare_rev:
         revision_root = worktree(args.compare_rev)
-        targets.append(f"chatd@{args.compare_rev} web")
+        targets += [f"chatd@{args.compare_rev} web", f"chatd@{args.compare_rev} line"]
     rates = {size: {name: [] for name in targets} for size in args.sizes}
     per_cpu = {size: {name: [] for name in targets} for size in args.sizes}
     try:
