@@ -72,6 +72,18 @@ NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
 MAX_USERS = 1000
 #: What message text may not contain: C0 controls but tab, DEL, C1 controls.
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+#: CONTROL's characters in ASCII, for bytes.translate to delete.
+CONTROL_ASCII = bytes([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])
+
+
+def has_control(text: str) -> bool:
+    """Whether ``text`` has a CONTROL character. ASCII text (most) is checked by deleting them
+    from its bytes, 5x faster than the regex at 16 KiB, where the regex was a third of the
+    relay's CPU time (bench/web_rates.py --py-spy)."""
+    if text.isascii():
+        data = text.encode("ascii")
+        return len(data.translate(None, CONTROL_ASCII)) != len(data)
+    return CONTROL.search(text) is not None
 #: Every error code chatd sends a client: the line protocol's ``ERR <code>``, the web
 #: chat's ``{"type": "error", "code": <code>}``, and the refusal of a connection (``ERR``,
 #: or an HTTP 503 naming it). The room, the codecs and the server send these and no
@@ -568,7 +580,7 @@ class Room:
         if not text:
             outcome.tell(member.id, Failed("empty-message"))
             return
-        if CONTROL.search(text):
+        if has_control(text):
             outcome.tell(member.id, Failed("bad-text"))
             return
         peer = member.peer

@@ -140,6 +140,17 @@ def test_message_text_with_control_characters_is_refused_and_the_peer_gets_nothi
     assert texts(say(room, 1, "MSG tab\there, caf\u00e9, \u212a")) == [(2, "FROM A 1 tab\there, caf\u00e9, \u212a")]
 
 
+def test_the_fast_control_check_agrees_with_the_regex_on_every_character():
+    """has_control checks ASCII text by its bytes: each character alone, at the start, middle
+    and end of ASCII and of non-ASCII text, answers as CONTROL does."""
+    from chatd.room import CONTROL, has_control
+
+    for code in range(0x3000):
+        char = chr(code)
+        for text in (char, "ab" + char, char + "cd" * 100, "é" + char, char + "é"):
+            assert has_control(text) == (CONTROL.search(text) is not None), (code, text)
+
+
 def test_a_message_with_no_text_is_refused_and_the_peer_gets_nothing():
     room, _ = paired_room()
     for line in ("MSG", "MSG ", "msg"):

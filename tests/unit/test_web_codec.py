@@ -103,6 +103,34 @@ def test_messages_become_commands():
     assert codec.consumed == len(WS_HANDSHAKE) + len(frames)
 
 
+def test_whole_text_frames_of_every_length_encoding_parse_as_wsproto_would():
+    """A whole masked text frame is parsed without wsproto (the fast path): at each length
+    encoding's edges, the text comes out exactly; a frame whose length is not in its shortest
+    encoding still goes to wsproto, which closes it with 1002 as before."""
+    codec, client = opened()
+    texts = ["", "é" * 50, "x" * (125 - 28), "x" * (126 - 28), "x" * (65535 - 28), "x" * (MAX_MESSAGE - 28)]
+    frames = b"".join(text(client, {"type": "msg", "text": body}) for body in texts)
+    assert take(codec, frames) == [Msg(body) for body in texts]
+    assert codec.consumed == len(WS_HANDSHAKE) + len(frames)
+    codec, _ = opened()
+    payload = b'{"type":"who"}'
+    long_form = bytes((0x81, 0x80 | 126)) + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload
+    assert take(codec, long_form) == []
+    [close] = server_events(codec.take_output())
+    assert close.code == 1002 and codec.finished
+
+
+def test_a_from_is_framed_as_wsproto_would_frame_it():
+    codec, _ = opened()
+    for text_sent in ("hi", 'hé "there" \\ \u2028', "x" * 200, "x" * 70000):
+        event = room.From("ann", 7, text_sent)
+        expected = Connection(ConnectionType.SERVER).send(TextMessage(data=json.dumps(
+            {"type": "from", "from": "ann", "n": 7, "text": text_sent}, ensure_ascii=False, separators=(",", ":"))))
+        assert codec.encode(event) == expected
+        [message] = server_events(expected)
+        assert json.loads(message.data)["text"] == text_sent
+
+
 def test_bye_is_a_message_then_a_close():
     codec, _ = opened()
     events = server_events(codec.encode(Bye()))
