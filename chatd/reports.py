@@ -46,37 +46,34 @@ def status(server: "ChatServer") -> dict:
     }
 
 def clients(server: "ChatServer") -> list[dict]:
-    """One row per client, for `chatctl clients`."""
+    """One row per client, for `chatctl clients`: those connected, then the detached sessions."""
     held = next((holder.held() for holder in server.holders if holder.label == "holderd"), None)
     rows = []
     for member_id, connection in sorted(server.connections.items()):
-        member = server.room.members.get(member_id)
-        rows.append(
-            {
-                "id": member_id,
-                "nick": member.nick if member else None,
-                "target": member.target if member else None,
-                "peer": member.peer.nick if member and member.peer else None,
-                "received": member.received if member else 0,
-                "protocol": connection.codec.protocol,
-                "remote": connection.remote,
-                "queued": connection.outbox.pending,
-                "held": None if held is None else server.bundles.held_in(member_id, held),
-                "session": bool(member and member.token),
-                # Sent and kept until the client ACKs it (a session's: chatd.sessions).
-                "kept": connection.outbox.sent - connection.outbox.kept,
-                "state": connection.state.value,
-            }
-        )
+        rows.append(_client_row(server, member_id, connection, remote=connection.remote,
+                                held=None if held is None else server.bundles.held_in(member_id, held),
+                                state=connection.state.value))
     for member_id, detached in sorted(server.sessions.detached.items()):
-        member = server.room.members.get(member_id)
-        rows.append({"id": member_id, "nick": member.nick if member else None,
-                     "target": member.target if member else None,
-                     "peer": member.peer.nick if member and member.peer else None,
-                     "received": member.received if member else 0, "protocol": detached.codec.protocol,
-                     "remote": None, "queued": detached.outbox.end - detached.outbox.kept, "held": None,
-                     "session": True, "kept": detached.outbox.end - detached.outbox.kept, "state": "detached"})
+        rows.append(_client_row(server, member_id, detached, remote=None, held=None, state="detached"))
     return rows
+
+
+def _client_row(server: "ChatServer", member_id: int, kept, **fields) -> dict:
+    member = server.room.members.get(member_id)
+    outbox = kept.outbox
+    return {
+        "id": member_id,
+        "nick": member.nick if member else None,
+        "target": member.target if member else None,
+        "peer": member.peer.nick if member and member.peer else None,
+        "received": member.received if member else 0,
+        "protocol": kept.codec.protocol,
+        "queued": outbox.end - outbox.sent,
+        "session": bool(member and member.token),
+        # Sent and kept until the client ACKs it (a session's: chatd.sessions).
+        "kept": outbox.sent - outbox.kept,
+        **fields,
+    }
 
 
 def status_line(server: "ChatServer") -> str:

@@ -133,7 +133,6 @@ class Served(Protocol):
     cluster: "AcrossHosts"
 
     def connection(self, member_id: int) -> "Connection | None": ...
-    def apply(self, outcome: Outcome) -> None: ...
     def changed(self, *member_ids: int) -> None: ...
     def free_slot(self, member_id: int) -> None: ...
     def leave_room(self, member_id: int) -> None: ...
@@ -247,22 +246,21 @@ class Sessions:
         holder = self._holder(session.id)
         replay = [event for _, _, event in froms_in(holder.codec.protocol, holder.outbox.kept_bytes())
                   if event.n > command.n]
-        encoded = b"".join(connection.codec.encode(event) for event in replay)
-        if len(encoded) + 1024 > connection.outbox.free:  # another protocol's encoding may be larger
+        # Measured before anything moves: another protocol's encoding may be larger.
+        needed = sum(len(connection.codec.encode(event)) for event in replay)
+        if needed + 1024 > connection.outbox.free:
             log.warning("member %d: resuming session %s needs %d bytes of output ring, %d are free: busy",
-                        member_id, shown(command.token), len(encoded), connection.outbox.free)
+                        member_id, shown(command.token), needed, connection.outbox.free)
             return Outcome().tell(member_id, Busy(1))
         old = session.id
         self._let_go_of(old)
         outcome = room.resume(member_id, old)
         connection.outbox.retain()
         log.debug("member %d resumed the session of member %d (%s): %d messages sent again from n %d",
-                 member_id, old, shown(command.token), len(replay), command.n)
-        # The replayed messages follow RESUMED: the server appends them once it delivered that.
-        self.server.apply(outcome)
-        if encoded:
-            connection.outbox.append(encoded)
-        return Outcome(changed={member_id})
+                  member_id, old, shown(command.token), len(replay), command.n)
+        for event in replay:  # after RESUMED, in order, each with its own n
+            outcome.tell(member_id, event)
+        return outcome
 
     def _holder(self, member_id: int):
         """The session's connection (served now if a restore left it waiting) or its Detached."""

@@ -53,7 +53,6 @@ import csv
 import io
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -61,7 +60,7 @@ import time
 
 from fdkeep.errors import Error
 
-from .natscluster import _die_with_parent
+from .children import ClosedOnExit, die_with_parent, log_tail, stop
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 #: The backends :func:`haproxy_config` names, one a port.
@@ -139,7 +138,7 @@ backend {WEB_BACKEND}
 """
 
 
-class HAProxy:
+class HAProxy(ClosedOnExit):
     """Debian's haproxy in front of ``hosts`` (``(line port, web port)`` each, on 127.0.0.1),
     listening on 127.0.0.1 at ``line_port`` and ``web_port``; its files in ``workdir``."""
 
@@ -177,7 +176,7 @@ class HAProxy:
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen([self.binary, "-db", "-f", self.config_path], stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=die_with_parent)
         deadline = time.monotonic() + self.timeout
         while not self._stats_answer():
             if self.proc.poll() is not None:
@@ -218,34 +217,11 @@ class HAProxy:
         return {state for (backend, server), state in self.states().items() if server == f"h{index}"}
 
     def log_tail(self, size: int = 4000) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()[-size:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path, size)
 
     def close(self) -> None:
         """End haproxy (SIGTERM: it stops at once; SIGKILL if it does not) and reap it. Safe twice."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.proc = None
+        stop([self.proc])
+        self.proc = None
         if self._socket_dir is not None and os.path.isdir(self._socket_dir):
             shutil.rmtree(self._socket_dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

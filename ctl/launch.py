@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from fdkeep.errors import Error
 from holderd.client import HolderClient
 
 from . import control
+from .children import stop
 
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,16 +162,7 @@ class Launcher:
 
     def close(self) -> None:
         """End every process started here; remove the directory if this launcher made it."""
-        for proc in self.started:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for proc in self.started:
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(self.started)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

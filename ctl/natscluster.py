@@ -35,11 +35,9 @@ their configuration back (:mod:`chatd.bus` does).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -48,16 +46,9 @@ import urllib.request
 
 from fdkeep.errors import Error
 
+from .children import ClosedOnExit, die_with_parent, log_tail
+
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: be killed when the thread that started us ends."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def free_ports(count: int) -> list[int]:
@@ -136,7 +127,7 @@ class NatsNode:
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen([binary, "-c", self.config_path], stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=self.directory,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=die_with_parent)
 
     def kill(self) -> None:
         """SIGKILL and reap; the node is then *down* (no process), not *failed*."""
@@ -163,7 +154,7 @@ class NatsNode:
         return None
 
 
-class NatsCluster:
+class NatsCluster(ClosedOnExit):
     """``nodes`` nats-server processes with JetStream on loopback, routed to each other.
 
     Started by the constructor (``start=False`` to call :meth:`start` later).
@@ -300,19 +291,6 @@ class NatsCluster:
     def close(self) -> None:
         self._kill_all()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        # The last line of defence for a caller that forgot close(): no server outlives us.
-        try:
-            self._kill_all()
-        except Exception:
-            pass
-
     # -- inside ------------------------------------------------------------------------
     def _assign_ports(self) -> None:
         ports = free_ports(3 * len(self.nodes))
@@ -349,8 +327,4 @@ class NatsCluster:
 
     @staticmethod
     def _log_tail(node: NatsNode) -> str:
-        try:
-            with open(node.log_path, errors="replace") as f:
-                return f.read()[-2000:]
-        except OSError:
-            return ""
+        return log_tail(node.log_path, 2000)
