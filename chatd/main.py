@@ -168,6 +168,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "from the journal's cursor (loses messages: for tests that must show loss)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="the least important messages logged, to stderr (default %(default)s)")
+    parser.add_argument("--direct-same-host", action="store_true",
+                        help="with --cluster: tell a message between two clients of this host at once instead "
+                        "of storing it in the stream first (faster; the loss of this host then loses what "
+                        "it had handled and not delivered: for benchmarks and tests that must show loss)")
     args = parser.parse_args(argv)
     if args.cluster:
         from .cluster import HOST_ID_RE
@@ -175,8 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.host_id = args.host_id or re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32]
         if not HOST_ID_RE.match(args.host_id):
             parser.error(f"--host-id {args.host_id!r} must be 1-32 of A-Z a-z 0-9 _ -")
-    elif args.no_outbox or args.no_cursor or args.host_id:
-        parser.error("--host-id, --no-outbox and --no-cursor go with --cluster")
+    elif args.no_outbox or args.no_cursor or args.direct_same_host or args.host_id:
+        parser.error("--host-id, --no-outbox, --no-cursor and --direct-same-host go with --cluster")
     if args.wait and not args.restore:
         parser.error("--wait goes with --restore")
     if args.fresh and args.restore:
@@ -289,7 +293,8 @@ def main(argv=None) -> int:
             log.error("%s", exc.message)
             return 2
         server.cluster = Cluster(bus, args.host_id, server.room, ServerMembers(server), server.loop,
-                                 outbox=not args.no_outbox, cursor=not args.no_cursor)
+                                 outbox=not args.no_outbox, cursor=not args.no_cursor,
+                                 durable_same_host=not args.direct_same_host)
 
     try:
         if args.wait:
