@@ -52,10 +52,12 @@ def web(procs):
     return procs
 
 
-def open_page(browser, web, nick: str, peer: str, query: str = "", port: int | None = None):
-    """A page on chatd's web port (or ``port``: a proxy in front of it) that names itself and pairs."""
-    page = browser.new_page(viewport={"width": 720, "height": 800})
-    page.goto(f"http://127.0.0.1:{port or web.http_port}/{query}")
+def open_page(browser, web, nick: str, peer: str, query: str = "", port: int | None = None, scheme: str = "http"):
+    """A page on chatd's web port (or ``port``: a proxy in front of it) that names itself and pairs;
+    ``browser`` may also be a browser context (its pages take the context's viewport)."""
+    viewport = {"width": 720, "height": 800}
+    page = browser.new_page(viewport=viewport) if hasattr(browser, "new_context") else browser.new_page()
+    page.goto(f"{scheme}://127.0.0.1:{port or web.http_port}/{query}")
     page.wait_for_function("window.chat.opens === 1")
     page.fill("#nick", nick)
     page.click("#nick-form button")
