@@ -310,8 +310,8 @@ def test_with_chatd_and_holderd_gone_the_page_retries_in_one_line_then_gives_up_
 SESSION_QUERY = "?backoff_ms=100&backoff_cap_ms=1000&heartbeat_ms=500&answer_ms=1000&dead_ms=5000"
 TYPING_LIMIT = 4000  # messages a page types at most (every 15 ms: a minute), a bound on the loop
 
-TYPE = """(prefix) => {
-    // The user types a message every 15 ms, whenever the page lets them (the box is enabled);
+TYPING = """(prefix) => {
+    // The user types a message every %d ms, whenever the page lets them (the box is enabled);
     // window.typed[k-1] is the state of the page when it typed prefix:k.
     window.typed = [];
     window.typing = setInterval(() => {
@@ -321,8 +321,16 @@ TYPE = """(prefix) => {
         box.value = prefix + ":" + (window.typed.length + 1);
         document.getElementById("msg-form").requestSubmit();
         window.typed.push(window.chat.state);
-    }, 15);
-}""" % TYPING_LIMIT
+    }, %d);
+}"""
+
+
+def typing(every_ms: int) -> str:
+    """The script of a user who types a message every ``every_ms``, at most TYPING_LIMIT of them."""
+    return TYPING % (every_ms, TYPING_LIMIT, every_ms)
+
+
+TYPE = typing(15)
 
 WATCH_BADGE = """() => {
     // Every text the badge shows, seen from inside the page (a reconnection may be quick).
