@@ -125,7 +125,7 @@ def haproxy_config(hosts: list[tuple[str, int, int]], line_port: int, web_port: 
                             for index, (address, line, web) in enumerate(hosts))
     tls_global = tls_bind = ""
     if tls_cert is not None:
-        tls_global = "\n    # TLS ends here, not in chatd (its sessions would die with chatd).\n" \
+        tls_global = "\n    # TLS ends here, not in chatd (a TLS session would die with chatd).\n" \
                      "    ssl-default-bind-options ssl-min-ver TLSv1.2"
         tls_bind = f" ssl crt {tls_cert} alpn http/1.1"
     return f"""\
@@ -231,9 +231,8 @@ class HAProxy(ClosedOnExit):
         one is told to stop listening, and keeps serving the connections it has until each ends,
         with the configuration it had). The old process is kept to be ended by :meth:`close`."""
         old = self.proc
-        self._launch(["-sf", str(old.pid)])
-        self.draining.append(old)
-        return self
+        self.draining.append(old)  # first: close() ends it too should the new one fail to start
+        return self._launch(["-sf", str(old.pid)])
 
     def _launch(self, extra: list[str]) -> "HAProxy":
         checked = subprocess.run([self.binary, "-c", "-f", self.config_path], capture_output=True, text=True,
