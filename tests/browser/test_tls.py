@@ -17,8 +17,9 @@ in order. Last, HAProxy itself is reloaded (the old process keeps serving the
 connections it has: nothing closes), then restarted (the TLS connections die with it):
 the pages reconnect with their default timings, resume their sessions
 (``RESUME``), and still nothing is lost or doubled; the test prints how long
-that took. Every process (haproxy, chatd, holderd, Chromium) is ended after
-each test, failed or not; all traffic is on loopback.
+that took. haproxy (the old one of a reload too), chatd, holderd and each
+test's pages are ended after each test, Chromium after the module, failed or
+not; all traffic is on loopback.
 """
 
 from __future__ import annotations
