@@ -338,12 +338,20 @@ def cmd_demo(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    from .haproxy import HAProxy, missing_haproxy
+    from .haproxy import HAProxy, missing_haproxy, tls_cert_problem
     from .hosts import Hosts, missing_for_cluster
 
     if args.hosts < 1 or args.nats_nodes < 1 or args.lease <= 0:
         print("chatctl cluster: --hosts and --nats-nodes must be 1 or more, --lease more than 0", file=sys.stderr)
         return 2
+    if args.tls_cert is not None:
+        if not args.haproxy:
+            print("chatctl cluster: --tls-cert needs --haproxy PORT,WEBPORT: TLS ends in HAProxy, in front of "
+                  "chatd (a TLS session would die with chatd)", file=sys.stderr)
+            return 2
+        if problem := tls_cert_problem(args.tls_cert):
+            print(f"chatctl cluster: {problem}", file=sys.stderr)
+            return 2
     missing = missing_for_cluster()
     if args.haproxy and missing_haproxy():
         missing = " and ".join(filter(None, [missing, missing_haproxy()]))
@@ -374,7 +382,8 @@ def cmd_cluster(args) -> int:
                       "wsproto (pip install -e '.[test]')", file=sys.stderr)
                 return 2
             balancer = HAProxy(os.path.join(hosts.workdir, "haproxy"),
-                               [(host.port, host.http_port) for host in hosts.hosts], line_port, web_port)
+                               [(host.port, host.http_port) for host in hosts.hosts], line_port, web_port,
+                               tls_cert=args.tls_cert)
         try:
             return _run_cluster(args, hosts, balancer, chatctl)
         finally:
@@ -397,7 +406,7 @@ def _run_cluster(args, hosts, balancer, chatctl: str) -> int:
                 print(f"chatctl cluster: could not start haproxy: {exc.message}", file=sys.stderr)
                 return 1
             print(f"HAProxy in front of every host: line port {balancer.line_port}, web port "
-                  f"{balancer.web_port} (http://127.0.0.1:{balancer.web_port}/); its config "
+                  f"{balancer.web_port} ({balancer.web_url}{', TLS ends here' if balancer.tls_cert else ''}); its config "
                   f"{balancer.config_path}, its log {balancer.log_path}")
         if args.demo:
             return _cluster_demo(hosts)
@@ -433,6 +442,30 @@ def _port_pair(text: str) -> tuple[int, int]:
     if not (0 < line < 65536 and 0 < web < 65536) or line == web:
         raise argparse.ArgumentTypeError(f"{text!r}: two different ports, each 1 to 65535")
     return line, web
+
+
+def _host_ports(text: str) -> tuple[str, int, int]:
+    address, _, ports = text.rpartition(":")
+    try:
+        line, web = _port_pair(ports)
+    except argparse.ArgumentTypeError:
+        line = web = None
+    if not address or line is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a host's address, its line port and its web port: "
+                                         "10.0.0.11:5001,8001")
+    return address, line, web
+
+
+def cmd_haproxy_config(args) -> int:
+    from .haproxy import haproxy_config, tls_cert_problem
+
+    if args.tls_cert is not None and (problem := tls_cert_problem(args.tls_cert)):
+        # Said, not refused: the config may be meant for another machine, where the file is.
+        print(f"chatctl haproxy-config: warning: {problem} (haproxy will not start until it is)", file=sys.stderr)
+    line_port, web_port = args.listen
+    print(haproxy_config(args.host, line_port, web_port, bind=args.bind, stats_socket=args.stats_socket,
+                         tls_cert=args.tls_cert and os.path.abspath(args.tls_cert)), end="")
+    return 0
 
 
 def _revive_haproxy(balancer, limit, how_it_ended) -> str:
@@ -591,6 +624,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also run HAProxy (Debian's haproxy) on 127.0.0.1 in front of every host: one line "
                          "port and one web port for all clients, a host taken out when its chatd's /healthz "
                          "fails (its config and log in the scratch directory; README: Behind HAProxy)")
+    cluster.add_argument("--tls-cert", metavar="PEM",
+                         help="with --haproxy: HAProxy's web port speaks https:// and wss://, TLS ending in "
+                         "HAProxy with this PEM (certificate, chain and private key in one file; README: The "
+                         "web chat over TLS)")
+    config = add("haproxy-config", cmd_haproxy_config, "Print the haproxy.cfg to keep for chatd hosts, one or "
+                 "many (README: Behind HAProxy): one line port (TCP) and one web port (HTTP and WebSocket, "
+                 "over TLS with --tls-cert) for every client, each host checked on chatd's /healthz. "
+                 "Write it to /etc/haproxy/haproxy.cfg and `systemctl reload haproxy`.", json_flag=False)
+    config.add_argument("--host", type=_host_ports, action="append", required=True, metavar="ADDRESS:LINE,WEB",
+                        help="a chatd host: its address, line port and web port, e.g. 10.0.0.11:5001,8080 "
+                        "(again for each host)")
+    config.add_argument("--listen", type=_port_pair, default=(5000, 8000), metavar="PORT,WEBPORT",
+                        help="HAProxy's line port and web port (default 5000,8000; 5000,443 for https)")
+    config.add_argument("--bind", default="0.0.0.0", help="HAProxy's address (default %(default)s)")
+    config.add_argument("--tls-cert", metavar="PEM",
+                        help="end TLS on the web port with this PEM (certificate, chain and private key)")
+    config.add_argument("--stats-socket", default="/run/haproxy/chatd.sock",
+                        help="HAProxy's admin socket (default %(default)s)")
     add("shell", cmd_shell, "The master console: crash and restore a chatd by hand. It starts its own chatd "
         "and two paired clients in a scratch directory (not a chatd you run), and holderd on `create`; type "
         "1to2, 2to1, create, backup, crash, restart, restore, status, help, exit.", json_flag=False)
