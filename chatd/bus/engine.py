@@ -35,10 +35,19 @@ from .results import BusError, Connected, Delivered, Disconnected, Published
 from .state import BusSettings, Gauges
 from .tasks import Lanes, retry
 
-#: Seconds one publish attempt waits for JetStream's ack before it is sent again.
-ACK_TIMEOUT = 2.0
-#: The ordered consumers' idle heartbeat: a consumer whose node died is remade after two missed.
-HEARTBEAT = 1.0
+#: Seconds one publish attempt waits for JetStream's ack before it is sent again. On loopback
+#: or a LAN an ack takes milliseconds; what outlasts this is a stream without a leader (a node
+#: died: an election takes 4-9 s on nats-server 2.9), and a publish sent during the election is
+#: answered by none: sent again soon, it is stored soon after the new leader is (bench/nats_stall.py).
+ACK_TIMEOUT = 1.0
+#: The ordered consumers' idle heartbeat: a consumer whose node died is remade after two missed
+#: (nats-py), so within a second; each remaking is one small request.
+HEARTBEAT = 0.5
+#: Seconds a JetStream API request waits for its answer (a stream's info, a bucket's entry, an
+#: ordered consumer remade): each is retried (a nick claim's retry finds out what the first one
+#: did), so short, for the reason of ACK_TIMEOUT: a request sent during an election goes again
+#: soon after it. Three streams elect at once when a node dies (the messages', two buckets').
+API_TIMEOUT = 1.0
 #: Delivery pauses while this many Delivered results wait for chatd to take them.
 DELIVERY_BACKLOG = 10_000
 #: A BusError that goes on is said again at most this often.
@@ -157,7 +166,7 @@ class Engine:
         self.gauges.server = self._url()
         self.gauges.max_payload = self.nc.max_payload
         self.put(Connected(self.gauges.server))
-        self.js = self.nc.jetstream(timeout=3)
+        self.js = self.nc.jetstream(timeout=API_TIMEOUT)
         if await self.until_done("setup", self._setup) is False:
             return  # failed for good: said
         self.gauges.ready = True
