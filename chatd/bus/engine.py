@@ -27,6 +27,9 @@ import nats.errors
 import nats.js.errors
 from nats.js import api as js_api
 
+from fdkeep.errors import Error
+
+from .access import connect_options, refused
 from .checks import (DUPLICATE_WINDOW, MAX_AGE, STREAM_SUBJECTS, bucket_refusal, cursor_refusal, describe,
                      stream_refusal, unread_expired)
 from .directory import Directory
@@ -142,6 +145,11 @@ class Engine:
     # -- connecting and the setup ------------------------------------------------------
     async def _connect_and_serve(self) -> None:
         settings = self.settings
+        try:
+            access = connect_options(settings.host_id, settings.creds, settings.ca)
+        except Error as exc:
+            self.fail(exc.code, exc.message)
+            return
         self.nc = await nats.connect(
             list(settings.servers),
             name=f"chatd {settings.host_id}",
@@ -153,6 +161,7 @@ class Engine:
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            **access,  # this host's nkey and the servers' CA, if secured: chatd.bus.access
         )
         self.gauges.server = self._url()
         self.gauges.max_payload = self.nc.max_payload
@@ -235,6 +244,11 @@ class Engine:
 
     async def _on_error(self, exc: Exception) -> None:
         """nats-py's own reports: failed (re)connects, and what its background tasks hit."""
+        settings = self.settings
+        refusal = refused(exc, settings.host_id, settings.creds is not None, settings.ca is not None)
+        if refusal:
+            self.say("refused", f"{refusal} (retrying)")
+            return
         if isinstance(exc, (OSError, nats.errors.NoServersError)) or (
                 self.gauges.server is None and isinstance(exc, asyncio.TimeoutError)):
             self.say("unreachable", f"cannot reach NATS ({', '.join(self.settings.servers)}): {describe(exc)}; "
