@@ -230,7 +230,7 @@ class NatsCluster(ClosedOnExit):
         its connections are closed and it cannot connect again."""
         if host in self.hosts:
             self.hosts.remove(host)
-            self._make_secrets()
+            self._make_secrets(revoke=[host])
             self.reload()
 
     def reload(self) -> None:
@@ -368,9 +368,9 @@ class NatsCluster(ClosedOnExit):
             peers = [peer for peer in self.nodes if peer is not node]
             node.write_config(self.cluster_name, peers, self.secrets)
 
-    def _make_secrets(self) -> None:
+    def _make_secrets(self, revoke: list[str] = ()) -> None:
         make_secrets(self.secrets.directory, self.hosts, [node.name for node in self.nodes],
-                     cluster_name=self.cluster_name)
+                     cluster_name=self.cluster_name, revoke=revoke)
         if self.nodes[0].client_port:  # ports assigned: the configs exist and must say the new users
             self._write_configs()
 

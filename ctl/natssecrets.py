@@ -18,13 +18,16 @@ which keeps what DIR already holds and makes only what is missing:
                               ``hosts/<host>.pub`` is its public half.
 ``authorization.conf``        one nkey user per host listed, with the permissions of
                               :func:`host_permissions`; the nodes' config holds it.
+``nodes/<node>.conf``         what ``<node>``'s nats-server.conf includes at the top
+                              (client TLS, the authorization), and ``<node>-routes.conf``
+                              inside its ``cluster { }`` block (routes: mutual TLS).
 ===========================  ======================================================
 
 Keys and certificates come from well-kept libraries, nothing hand-made: the
 ``cryptography`` package (X.509, EC keys) and ``nkeys`` (nats-py's own: the
 seed's encoding), with the 32 random bytes of an Ed25519 seed from the OS.
 
-**Revoking** a host is leaving it out of ``--hosts``: its user leaves
+**Revoking** a host is naming it in ``--revoke`` (and no more in ``--hosts``): its user leaves
 ``authorization.conf`` and its key files are removed; the nodes drop it when
 they reload their config (``nats-server --signal reload`` or SIGHUP), which
 closes its connections. Adding one is listing it: only its key is new.
@@ -108,6 +111,11 @@ class Secrets:
 
     def node_key(self, node: str) -> str:
         return os.path.join(self.directory, "nodes", f"{node}-key.pem")
+
+    def node_include(self, node: str, routes: bool = False) -> str:
+        """The file ``node``'s config includes: at the top (client TLS and the authorization), or
+        with ``routes``, inside its ``cluster { }`` block (mutual TLS between nodes)."""
+        return os.path.join(self.directory, "nodes", f"{node}{'-routes' if routes else ''}.conf")
 
     def host_seed(self, host: str) -> str:
         return os.path.join(self.directory, "hosts", f"{host}.nk")
@@ -247,9 +255,11 @@ def host_public_key(secrets: Secrets, host: str) -> str:
 
 
 def make_secrets(directory: str, hosts: list[str], nodes: list[str], *, names=LOOPBACK_NAMES,
-                 cluster_name: str = "chatd") -> dict:
-    """Make what is missing in ``directory`` for ``hosts`` and ``nodes``, revoke the hosts not
-    listed, and write ``authorization.conf``. Returns what changed: {"made": [...], "revoked": [...]}."""
+                 cluster_name: str = "chatd", revoke: list[str] = ()) -> dict:
+    """Make what is missing in ``directory`` for ``hosts`` and ``nodes``, revoke the hosts in
+    ``revoke``, and write ``authorization.conf``. A host with a key that is in neither list is an
+    error (a host forgotten on the command line would be cut off). Returns what changed:
+    {"made": [...], "revoked": [...]}."""
     from chatd.bus.checks import check_token
 
     for host in hosts:
@@ -257,6 +267,14 @@ def make_secrets(directory: str, hosts: list[str], nodes: list[str], *, names=LO
     for node in nodes:
         check_token("node name", node)
     secrets = Secrets(directory)
+    both = sorted(set(hosts) & set(revoke))
+    if both:
+        raise Error("bad-hosts", f"{', '.join(both)} cannot be both let in (--hosts) and revoked (--revoke)")
+    forgotten = [host for host in secrets.hosts() if host not in hosts and host not in revoke]
+    if forgotten:
+        raise Error("bad-hosts", f"{', '.join(forgotten)} {'has a key' if len(forgotten) == 1 else 'have keys'} in "
+                                 f"{secrets.directory} but {'is' if len(forgotten) == 1 else 'are'} not in --hosts. "
+                                 "Fix: list every host to keep in --hosts, and those to cut off in --revoke")
     os.makedirs(secrets.directory, mode=0o755, exist_ok=True)
     made, revoked = [], []
     if not os.path.exists(secrets.ca):
@@ -272,7 +290,7 @@ def make_secrets(directory: str, hosts: list[str], nodes: list[str], *, names=LO
             _make_host_key(secrets, host)
             made.append(f"host {host}")
     for host in secrets.hosts():
-        if host not in hosts:
+        if host in revoke:
             for path in (secrets.host_seed(host), secrets.host_public(host)):
                 try:
                     os.unlink(path)
@@ -281,4 +299,7 @@ def make_secrets(directory: str, hosts: list[str], nodes: list[str], *, names=LO
             revoked.append(host)
     users = {host: host_public_key(secrets, host) for host in hosts}
     _write(secrets.authorization, authorization_block(users).encode(), 0o644)
+    for node in nodes:  # what a node's nats-server.conf includes (relative paths: see README)
+        _write(secrets.node_include(node), secrets.node_config(node).encode(), 0o644)
+        _write(secrets.node_include(node, routes=True), (secrets.tls_block(node, routes=True) + "\n").encode(), 0o644)
     return {"made": made, "revoked": revoked}
