@@ -30,6 +30,8 @@ restarting after a crash restores its clients without waiting for them, so
 * both: :mod:`~chatd.bus.mailbox`, :mod:`~chatd.bus.state`, and
   :mod:`~chatd.bus.checks`, the pure decisions (names, nick values, whether a
   stream, a bucket or the cursor will do).
+* :mod:`~chatd.bus.access`: this host's NATS key and the servers' CA (chatd's
+  thread checks the files, the bus thread connects with them).
 * the bus thread only: :mod:`~chatd.bus.engine` (the connection, the setup,
   publishing, delivery), :mod:`~chatd.bus.directory` (nicks and leases),
   :mod:`~chatd.bus.tasks` (the one retry loop, the per-key lanes).
