@@ -83,14 +83,18 @@ def test_strangers_are_refused(secured, tmp_path):
 
 
 def test_a_refused_bus_says_the_fix_and_never_serves(secured, tmp_path):
-    """chatd's bus with a wrong key, and with none, says why (code "refused") and never becomes ready."""
+    """chatd's bus with a wrong key, with none, without TLS, and trusting another CA (an impostor's
+    servers, as far as it can tell) says why (code "refused") and never becomes ready."""
     import nkeys
 
     wrong = tmp_path / "wrong.nk"
     wrong.write_bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+    other = Secrets(str(tmp_path / "other"))
+    make_secrets(other.directory, ["hA"], ["n0"])
     cases = {"wrong key": {"creds": str(wrong), "ca": secured.secrets.ca},
              "no key": {"ca": secured.secrets.ca},
-             "no TLS": {}}
+             "no TLS": {},
+             "other CA": {"creds": secured.secrets.host_seed("hA"), "ca": other.ca}}
     drivers = {}
     try:
         for what, options in cases.items():
@@ -105,6 +109,7 @@ def test_a_refused_bus_says_the_fix_and_never_serves(secured, tmp_path):
         assert "refused this host's key (hA)" in messages["wrong key"] and "Fix:" in messages["wrong key"]
         assert "has none" in messages["no key"] and "--nats-creds" in messages["no key"]
         assert "--nats-ca" in messages["no TLS"] and "Fix:" in messages["no TLS"]
+        assert "TLS with the NATS servers failed" in messages["other CA"] and "Fix:" in messages["other CA"]
         for driver in drivers.values():
             assert not driver.bus.status()["ready"] and driver.bus.status()["connected"] is None
     finally:
