@@ -16,7 +16,8 @@ the files (it imports neither nkeys nor ssl's contexts, which a restarting
 chatd must not wait for) and raises an :class:`~fdkeep.errors.Error` naming the
 fix. :func:`connect_options` runs on the bus thread and gives nats-py's
 ``connect`` what it needs; a seed nkeys cannot read, or a CA ssl cannot load,
-is a fatal BusError there. :func:`refused` tells, from what nats-py reports,
+is a fatal BusError there; :func:`new_client` makes a client that never
+signs in over a connection the server did not make TLS. :func:`refused` tells, from what nats-py reports,
 that the servers refused this host (credentials, TLS) and how to fix it.
 """
 
@@ -84,9 +85,38 @@ def connect_options(host_id: str, creds: str | None, ca: str | None) -> dict:
     return options
 
 
+#: What :func:`new_client`'s client says when a server offers no TLS to a host given --nats-ca.
+OFFERED_NO_TLS = "the server offered no TLS"
+
+
+def new_client(tls_expected: bool):
+    """A nats-py client (not yet connected). With ``tls_expected`` (``--nats-ca``), one that never
+    sends CONNECT in the clear: nats-py upgrades to TLS only when the server's INFO asks for it, so
+    a server that does not (or someone in between who took TLS out of its INFO) would get this
+    host's CONNECT, with its key's signature of a nonce that may be a real server's, relayed."""
+    import nats.errors
+    from nats.aio.client import Client
+
+    if not tls_expected:
+        return Client()
+
+    class TlsOnlyClient(Client):
+        def _connect_command(self) -> bytes:  # nats-py's, called once INFO is read, before CONNECT goes
+            if not (self._server_info or {}).get("tls_required"):
+                raise nats.errors.Error(f"nats: {OFFERED_NO_TLS}, and this host was given --nats-ca: "
+                                        "not connecting in the clear")
+            return super()._connect_command()
+
+    return TlsOnlyClient()
+
+
 def refused(exc: BaseException, host_id: str, has_key: bool, has_ca: bool) -> str | None:
     """If nats-py's ``exc`` says the servers refused this host, the line for the log with the fix."""
     text = str(exc).lower()
+    if OFFERED_NO_TLS.lower() in text:
+        return ("a NATS server offered no TLS, and this host expects it (--nats-ca): not connecting in the "
+                "clear. Fix: give the servers their TLS and authorization (`chatctl nats-secrets`, README "
+                "\"Security across hosts\"); is --cluster naming the right servers?")
     if "permissions violation" in text:
         return (f"NATS refused what this host ({host_id}) asked: {exc}. Fix: the servers' authorization must "
                 "be the one `chatctl nats-secrets` writes for this chatd's release (run it again, reload the "

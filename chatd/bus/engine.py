@@ -29,7 +29,7 @@ from nats.js import api as js_api
 
 from fdkeep.errors import Error
 
-from .access import connect_options, refused
+from .access import connect_options, new_client, refused
 from .checks import (DUPLICATE_WINDOW, MAX_AGE, STREAM_SUBJECTS, bucket_refusal, cursor_refusal, describe,
                      stream_refusal, unread_expired)
 from .directory import Directory
@@ -150,7 +150,8 @@ class Engine:
         except Error as exc:
             self.fail(exc.code, exc.message)
             return
-        self.nc = await nats.connect(
+        self.nc = new_client(tls_expected=settings.ca is not None)
+        await self.nc.connect(
             list(settings.servers),
             name=f"chatd {settings.host_id}",
             max_reconnect_attempts=-1,  # for ever, across every server, the first connect too

@@ -117,6 +117,26 @@ def test_a_refused_bus_says_the_fix_and_never_serves(secured, tmp_path):
             driver.bus.close()
 
 
+def test_a_host_that_expects_tls_never_signs_in_to_a_server_without_it(nats_cluster_factory, tmp_path):
+    """A server (or someone in between) offering no TLS to a host given --nats-ca gets no CONNECT:
+    nats-py alone would sign the server's nonce and go on in the clear."""
+    plain = nats_cluster_factory(nodes=1, secure=False)
+    secrets = Secrets(str(tmp_path / "secrets"))
+    make_secrets(secrets.directory, ["hA"], ["n0"])
+    bus = Bus(plain.urls, "hA", host_lease=LEASE, creds=secrets.host_seed("hA"), ca=secrets.ca)
+    driver = Driver(bus)
+    try:
+        bus.start(0)
+        driver.wait_for(lambda: [e for e in driver.of(BusError) if e.code == "refused"], 15, "the refusal")
+        [message] = {e.message for e in driver.of(BusError) if e.code == "refused"}
+        assert "offered no TLS" in message and "Fix:" in message
+        assert bus.status()["connected"] is None and not bus.status()["ready"]
+        connz = plain.monitor(0, "/connz?auth=true") or {}
+        assert not [c for c in connz.get("connections") or [] if c.get("name") == "chatd hA"], connz
+    finally:
+        bus.close()
+
+
 #: What host hA tries and must not do: (publish or subscribe, subject).
 FORBIDDEN = [
     ("publish", "$KV.chatd_hosts.hB"),  # another host's lease

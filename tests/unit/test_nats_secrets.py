@@ -114,4 +114,6 @@ def test_refusals_are_told_with_the_fix_and_other_errors_are_not_refusals():
     assert "TLS with the NATS servers failed" in refused(certificate, "a", has_key=True, has_ca=True)
     violation = Exception('nats: permissions violation for publish to "$kv.chatd_hosts.b"')
     assert "Fix:" in refused(violation, "a", has_key=True, has_ca=True)
+    plain = Exception("nats: the server offered no TLS, and this host was given --nats-ca: not connecting in the clear")
+    assert "not connecting in the clear. Fix:" in refused(plain, "a", has_key=True, has_ca=True)
     assert refused(ConnectionRefusedError(111, "Connect call failed"), "a", has_key=True, has_ca=True) is None
