@@ -1,10 +1,11 @@
 """Across hosts against one host: relay rate and latency of chatd hosts paired through NATS JetStream.
 
     .venv/bin/python bench/cluster.py [--pairs 10] [--seconds 5] [--size 100] [--rounds 3]
-                                      [--samples 300] [--json PATH]
+                                      [--samples 300] [--json PATH] [--open]
 
 Starts two chatd hosts (each its own holderd and journal) over a 3-node NATS
-JetStream cluster on loopback (ctl.hosts.Hosts, R3), then measures, in the
+JetStream cluster on loopback (ctl.hosts.Hosts, R3; secured, TLS and a key per
+host, unless ``--open``), then measures, in the
 same run and alternating rounds so that a noisy neighbour hurts both alike:
 
 - *rate*: ``--pairs`` pairs, each side keeping ``--window`` messages of
@@ -92,6 +93,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--open", action="store_true",
+                        help="an open NATS cluster (no TLS, no keys) instead of the secured default: what security costs")
     args = parser.parse_args()
     missing = missing_for_cluster()
     if missing:
@@ -99,7 +102,7 @@ def main() -> int:
         return 2
     names = ("same host, direct", "same host, durable", "across hosts")
     figures = {name: {"rate": [], "latency": []} for name in names}
-    with Hosts(3, 3, lease=30.0) as hosts:
+    with Hosts(3, 3, lease=30.0, secure=not args.open) as hosts:
         hosts.start("--log-level", "WARNING")
         hosts.hosts[2].chatd.terminate()  # h2 again, telling same-host messages at once
         hosts.hosts[2].chatd.wait(20)

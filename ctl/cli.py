@@ -374,6 +374,9 @@ def cmd_cluster(args) -> int:
             print(f"h{index}: line port {host.port}, web port {host.http_port or '-'}; chatctl for it: "
                   f"{chatctl} --control {host.control_socket} --holder {host.holder_socket}")
         print(f"NATS JetStream: {', '.join(hosts.nats.urls)}; everything in {hosts.workdir}")
+        if hosts.nats.secure:
+            print(f"NATS is secured: TLS (clients and routes) and a key per host with its permissions, all in "
+                  f"{hosts.nats.secrets.directory} (README: Security across hosts)")
         balancer = None
         if args.haproxy:
             line_port, web_port = args.haproxy
@@ -389,6 +392,44 @@ def cmd_cluster(args) -> int:
         finally:
             if balancer is not None:
                 balancer.close()
+
+
+def cmd_nats_secrets(args) -> int:
+    from .natssecrets import LOOPBACK_NAMES, Secrets, make_secrets
+
+    hosts = [name.strip() for name in args.hosts.split(",") if name.strip()]
+    nodes = [name.strip() for name in args.nodes.split(",") if name.strip()]
+    names = [name.strip() for name in args.names.split(",") if name.strip()] if args.names else list(LOOPBACK_NAMES)
+    if not nodes:
+        print("chatctl nats-secrets: --nodes names at least one NATS node (n0,n1,n2)", file=sys.stderr)
+        return 2
+    try:
+        revoke = [name.strip() for name in (args.revoke or "").split(",") if name.strip()]
+        changed = make_secrets(args.directory, hosts, nodes, names=names, revoke=revoke)
+    except Error as exc:
+        print(f"chatctl nats-secrets: {exc.message}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"chatctl nats-secrets: needs {exc.name} (pip install 'process-backup[cluster]')", file=sys.stderr)
+        return 2
+    secrets = Secrets(args.directory)
+    reply = {"ok": True, "directory": secrets.directory, "ca": secrets.ca, **changed,
+             "hosts": {host: secrets.host_seed(host) for host in hosts},
+             "nodes": {node: {"include": secrets.node_include(node),
+                              "include_in_cluster": secrets.node_include(node, routes=True)} for node in nodes}}
+    lines = [f"NATS secrets in {secrets.directory}: made {', '.join(changed['made']) or 'nothing new'}"
+             + (f"; REVOKED {', '.join(changed['revoked'])} (their keys removed)" if changed["revoked"] else "")]
+    for host in hosts:
+        lines.append(f"host {host}: copy {secrets.host_seed(host)} (secret: mode 0600, chatd's user) and "
+                     f"{secrets.ca} to it; chatd --nats-creds FILE --nats-ca FILE")
+    for node in nodes:
+        lines.append(f"node {node}: its nats-server.conf includes {secrets.node_include(node)} at the top and "
+                     f"{secrets.node_include(node, routes=True)} inside cluster {{ }} (nats-server's include paths "
+                     "are relative to the config file)")
+    lines.append("then reload every node: nats-server --signal reload (or systemctl reload nats-server); "
+                 "a host left out is cut off at the reload")
+    _print(args, reply, "\n".join(lines))
+    return 0
 
 
 def _run_cluster(args, hosts, balancer, chatctl: str) -> int:
@@ -642,6 +683,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="end TLS on the web port with this PEM (certificate, chain and private key)")
     config.add_argument("--stats-socket", default="/run/haproxy/chatd.sock",
                         help="HAProxy's admin socket (default %(default)s)")
+    secrets = add("nats-secrets", cmd_nats_secrets, "Make what a secured NATS cluster needs in DIR: a CA, each "
+                  "node's certificate (routes and clients speak TLS), each chatd host's own key (an nkey) and the "
+                  "servers' authorization block, which lets each host do only what chatd needs. Run again to add "
+                  "a host (only its key is new) or to revoke one (--revoke), then reload the nodes. A node's "
+                  "certificate is kept: remove DIR/nodes/<node>*.pem to make it again with new --names. "
+                  "README: Security across hosts.")
+    secrets.add_argument("directory", metavar="DIR", help="where the secrets live (kept: made only where missing)")
+    secrets.add_argument("--hosts", required=True, metavar="A,B,C",
+                         help="every chatd host's --host-id allowed in (each gets a key if it has none)")
+    secrets.add_argument("--revoke", metavar="D,E", help="hosts to cut off: their keys removed, their users "
+                         "gone from the authorization (a host with a key in neither list is an error)")
+    secrets.add_argument("--nodes", default="n0", metavar="N0,N1,N2",
+                         help="the NATS nodes' names (default %(default)s), one certificate each")
+    secrets.add_argument("--names", metavar="NAME,IP,...",
+                         help="the names and addresses chatd hosts and other nodes dial the nodes by, put in "
+                         "their certificates (default: localhost,127.0.0.1,::1)")
     add("shell", cmd_shell, "The master console: crash and restore a chatd by hand. It starts its own chatd "
         "and two paired clients in a scratch directory (not a chatd you run), and holderd on `create`; type "
         "1to2, 2to1, create, backup, crash, restart, restore, status, help, exit.", json_flag=False)

@@ -27,6 +27,9 @@ import nats.errors
 import nats.js.errors
 from nats.js import api as js_api
 
+from fdkeep.errors import Error
+
+from .access import connect_options, new_client, refused
 from .checks import (DUPLICATE_WINDOW, MAX_AGE, STREAM_SUBJECTS, bucket_refusal, cursor_refusal, describe,
                      stream_refusal, unread_expired)
 from .directory import Directory
@@ -151,7 +154,13 @@ class Engine:
     # -- connecting and the setup ------------------------------------------------------
     async def _connect_and_serve(self) -> None:
         settings = self.settings
-        self.nc = await nats.connect(
+        try:
+            access = connect_options(settings.host_id, settings.creds, settings.ca)
+        except Error as exc:
+            self.fail(exc.code, exc.message)
+            return
+        self.nc = new_client(tls_expected=settings.ca is not None)
+        await self.nc.connect(
             list(settings.servers),
             name=f"chatd {settings.host_id}",
             max_reconnect_attempts=-1,  # for ever, across every server, the first connect too
@@ -162,6 +171,7 @@ class Engine:
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            **access,  # this host's nkey and the servers' CA, if secured: chatd.bus.access
         )
         self.gauges.server = self._url()
         self.gauges.max_payload = self.nc.max_payload
@@ -244,6 +254,11 @@ class Engine:
 
     async def _on_error(self, exc: Exception) -> None:
         """nats-py's own reports: failed (re)connects, and what its background tasks hit."""
+        settings = self.settings
+        refusal = refused(exc, settings.host_id, settings.creds is not None, settings.ca is not None)
+        if refusal:
+            self.say("refused", f"{refusal} (retrying)")
+            return
         if isinstance(exc, (OSError, nats.errors.NoServersError)) or (
                 self.gauges.server is None and isinstance(exc, asyncio.TimeoutError)):
             self.say("unreachable", f"cannot reach NATS ({', '.join(self.settings.servers)}): {describe(exc)}; "

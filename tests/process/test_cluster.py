@@ -198,9 +198,11 @@ def test_a_rolling_upgrade_from_the_previous_release_across_hosts_loses_nothing(
     pairs stream across hosts; each host's chatd in turn is stopped (SIGTERM) and started on
     this release with --restore, one host at a time, so that releases are mixed meanwhile
     (forwards, directory entries and host leases of both read by both). holderd stays the
-    previous release's: what it keeps is taken over by this release's chatd."""
+    previous release's: what it keeps is taken over by this release's chatd. The cluster is an
+    open one, as the previous release's was (it knows no --nats-creds): a site secures its
+    cluster once every host runs a release that does (README, "Security across hosts")."""
     version, old_tree = previous_release(tmp_path / "previous")
-    cluster = hosts(3, lease=SOAK_LEASE, env={"PYTHONPATH": str(old_tree)})
+    cluster = hosts(3, lease=SOAK_LEASE, env={"PYTHONPATH": str(old_tree)}, secure=False)
     upgraded = []
 
     def upgrade_next_host(rng: random.Random) -> None:
