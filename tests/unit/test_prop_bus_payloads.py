@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from chatd.bus import Claimed, Delivered, NickChanged
 from chatd.bus.checks import kv_entry
-from chatd.bus.payloads import BusPayloadError, Complaints, json_object, read_entry, read_kv_key
+from chatd.bus.payloads import MAX_ENTRY, BusPayloadError, Complaints, json_object, read_entry, read_kv_key
 from chatd.directory import DirectoryView
-from chatd.forwards import (MAX_COUNT, MAX_TEXT, Header, chat_forwards, decode_forwards, encode_forward,
+from chatd.forwards import (MAX_COUNT, MAX_HEADER, MAX_TEXT, Header, chat_forwards, decode_forwards, encode_forward,
                             read_header)
 from chatd.inbound import Inbound
 from chatd.room import Forward, From, Room
@@ -39,6 +39,15 @@ def header_of(forward: Forward) -> dict:
 
 def wire(header: dict, text: bytes) -> bytes:
     return json.dumps(header).encode() + b"\n" + text
+
+
+def kind_of(fields: dict, kind: str) -> str:
+    """The kind a refusal of ``fields`` names: ``kind``, unless it is too long to be read at all
+    (a header over MAX_HEADER has no line end in reach; an entry over MAX_ENTRY bytes)."""
+    size = len(json.dumps(fields).encode())
+    if "len" in fields:
+        return kind if size <= MAX_HEADER else "header"
+    return kind if size <= MAX_ENTRY else "length"
 
 
 def refused(decode, *args) -> BusPayloadError:
@@ -181,18 +190,18 @@ def test_text_that_is_not_utf8_is_refused(forward, bad, at):
     lambda name: name not in ("from", "to", "inc", "k", "host", "len", "v")), value=json_values())
 def test_a_field_too_many_is_refused(forward, extra, value):
     header = {**header_of(forward), extra: value}
-    assert refused(decode_forwards, 1, wire(header, forward.text.encode())).kind == "field"
+    assert refused(decode_forwards, 1, wire(header, forward.text.encode())).kind == kind_of(header, "field")
     entry = {"host": forward.host, "target": forward.receiver, extra: value}
-    assert refused(read_entry, json.dumps(entry).encode()).kind == "field"
+    assert refused(read_entry, json.dumps(entry).encode()).kind == kind_of(entry, "field")
 
 
 @examples(100)
 @given(forward=forwards, version=json_values().filter(lambda v: not (type(v) is int and v == 1)))
 def test_another_version_is_refused_by_name(forward, version):
     header = {**header_of(forward), "v": version}
-    assert refused(decode_forwards, 1, wire(header, forward.text.encode())).kind == "version"
+    assert refused(decode_forwards, 1, wire(header, forward.text.encode())).kind == kind_of(header, "version")
     entry = {"host": forward.host, "v": version}
-    assert refused(read_entry, json.dumps(entry).encode()).kind == "version"
+    assert refused(read_entry, json.dumps(entry).encode()).kind == kind_of(entry, "version")
 
 
 @examples(100)
