@@ -148,12 +148,12 @@ class Complaints:
         seen = self._seen.get(key)
         if seen is None:
             self._seen[key] = [1, 0, now]
-            self.say(f"{what} {where} is not chatd's: {exc}; skipped (more {what}s refused for "
-                     f"{exc.kind!r} are counted, summed up at most every {self.every:g} s)")
+            self.say(f"{what} {where} is not chatd's: {exc}; skipped (more refused for {exc.kind!r} are "
+                     f"counted, and summed up at most every {self.every:g} s)")
             return
         seen[0] += 1
         seen[1] += 1
         if now - seen[2] >= self.every:
-            self.say(f"{seen[1]} more {what}s refused for {exc.kind!r} (latest {where}: {exc}); "
+            self.say(f"{what}: {seen[1]} more refused for {exc.kind!r} (the latest {where}: {exc}); "
                      f"{seen[0]} in all")
             seen[1], seen[2] = 0, now

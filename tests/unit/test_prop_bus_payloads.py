@@ -240,7 +240,7 @@ def test_complaints_say_the_first_of_each_kind_then_a_sum_at_most_every_interval
         complain("stream message", BusPayloadError("json" if seq % 2 else "utf8", "x"), f"{seq}")
     assert len(said) == 2 + 2, said  # the first of each kind, and one sum of each after 60 s
     assert "is not chatd's" in said[0] and "counted" in said[0]
-    assert any(line.startswith("300 more stream messages refused for 'utf8'") for line in said), said
+    assert any(line.startswith("stream message: 300 more refused for 'utf8'") for line in said), said
     assert complain.refused == 1000 and complain.refused_of("stream message") == {"json": 500, "utf8": 500}
 
 
