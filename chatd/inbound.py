@@ -83,7 +83,7 @@ class Inbound:
             forwards = chat_forwards(result.seq, result.payload)
         except BusPayloadError as exc:
             # Handled: the cursor moves past it (nothing stashed waits behind it for ever).
-            self.complaints("stream message", exc, f"{result.seq} on {result.subject[:80]}")
+            self.complaints("stream message", exc, f"{result.seq} on {result.subject[:80]!r}")
             self._handled_to = max(self._handled_to, result.seq)
             return
         for incoming in forwards:
