@@ -347,3 +347,19 @@ def test_the_bus_thread_takes_a_nick_whose_entry_is_garbage_but_not_another_rele
     assert Directory._holder(b"\xff garbage") == (None, True)
     assert Directory._holder(b'{"host":"h2","target":["x"]}') == (None, True)
     assert Directory._holder(b'{"v":2,"host":"h2"}') == (None, False)
+
+
+def test_an_entry_whose_target_is_no_name_is_ignored_not_a_crash():
+    """Found by the bus fuzzer (tests/process/test_fuzz.py), fixed: read_entry checked the host
+    but took the target as it came, so ``{"host": <a live host>, "target": {...}}`` went into the
+    room and Inbound.wake (a dict as a key: TypeError), out of Cluster._on_results, and chatd's
+    loop ended, on every host that read it, from one KV write anyone could make."""
+    from chatd.bus import HostChanged
+
+    directory, bus, members, room = directory_side()
+    members.connect(1, "ann", "bob")
+    directory.host_changed(HostChanged("h2", True))
+    for target in ({"a": 1}, ["ann"], 5, True, "no way", "x" * 33):
+        value = json.dumps({"host": "h2", "target": target}).encode()
+        assert directory.nick_changed(NickChanged("bob", value, 3)) is None
+    assert "bob" not in room.remote and directory.complaints.refused == 6
