@@ -81,10 +81,12 @@ back) instead of growing without end.
 
 **Nicks and leases.** A nick is a key in the nicks bucket whose value is
 JSON naming its host (``{"host": ...}``). :meth:`Bus.claim` creates it; if it
-exists and names this host (left over from this host's earlier life) or a
+exists and names this host (left over from this host's earlier life), a
 host whose lease key is gone from the hosts bucket (that host died and its
-lease expired), it takes it with a compare-and-set update on the revision it
-read; otherwise the claim is refused. While the bus runs it puts this host's
+lease expired), or no host at all (garbage someone wrote over it:
+:mod:`~chatd.bus.payloads`), it takes it with a compare-and-set update on the
+revision it read; otherwise the claim is refused. A change under a key that is
+no nick or host id is ignored, said once per kind. While the bus runs it puts this host's
 lease key every ``host_lease / 4`` s. Both buckets are watched (all current
 values, then every change), giving :class:`NickChanged` and
 :class:`HostChanged`. nats-server 2.9 writes no marker when a key expires,
