@@ -160,12 +160,7 @@ def test_pages_on_wss_through_haproxy_keep_their_tls_connection_through_chatd_cr
         web.start_chatd("--restore")
         for page in (ann, bob):
             wait_for_messages(page, len(received(page)) + 20, BOUND_MS)
-    for page in (ann, bob):
-        stop_typing(page)
-    for page in (ann, bob):
-        page.wait_for_function("window.chat.pending === 0 && window.chat.state === 'open'", timeout=BOUND_MS)
-    assert_received_once_in_order(ann, typed(bob, "b"))
-    assert_received_once_in_order(bob, typed(ann, "a"))
+    stop_and_check_each_received_once(ann, bob)
     for page in (ann, bob):
         chat = page.evaluate("window.chat")
         assert page.evaluate("link.socket === window.firstSocket"), "the WebSocket the page opened, still"
@@ -179,6 +174,16 @@ def test_pages_on_wss_through_haproxy_keep_their_tls_connection_through_chatd_cr
     screenshot(ann, "ann-over-tls-after-two-crashes.png")
     print(f"over wss:// through HAProxy, two chatd crashes: ann typed {len(typed(ann, 'a'))}, bob "
           f"{len(typed(bob, 'b'))} messages, each received once; one TLS connection per page")
+
+
+def stop_and_check_each_received_once(ann, bob) -> None:
+    """Both pages stop typing; once nothing is pending, each got every message the other typed, once, in order."""
+    for page in (ann, bob):
+        stop_typing(page)
+    for page in (ann, bob):
+        page.wait_for_function("window.chat.pending === 0 && window.chat.state === 'open'", timeout=BOUND_MS)
+    assert_received_once_in_order(ann, typed(bob, "b"))
+    assert_received_once_in_order(bob, typed(ann, "a"))
 
 
 def test_a_reload_of_haproxy_keeps_the_tls_connections_a_restart_cuts_them_and_the_pages_resume(context,
@@ -219,12 +224,7 @@ def test_a_reload_of_haproxy_keeps_the_tls_connections_a_restart_cuts_them_and_t
         took.append(time.monotonic() - stopped)
         for page in (ann, bob):
             wait_for_messages(page, len(received(page)) + 20, BOUND_MS)
-    for page in (ann, bob):
-        stop_typing(page)
-    for page in (ann, bob):
-        page.wait_for_function("window.chat.pending === 0 && window.chat.state === 'open'", timeout=BOUND_MS)
-    assert_received_once_in_order(ann, typed(bob, "b"))
-    assert_received_once_in_order(bob, typed(ann, "a"))
+    stop_and_check_each_received_once(ann, bob)
     for page in (ann, bob):
         chat = page.evaluate("window.chat")
         assert chat["opens"] == RESTARTS + 1 and chat["resumes"] == RESTARTS, "a new TLS connection each time"

@@ -766,6 +766,12 @@ def nats_secrets_of(machine, tmp_path, host: str) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
+#: The port `provision --nats` gives nats-server (the container shares the host's network: not
+#: Debian's 4222, which something else on the machine may hold); the next test's chatd joins it.
+NATS_PORT = free_port()
+NATS_URL = f"nats://127.0.0.1:{NATS_PORT}"
+
+
 def test_provision_nats_runs_jetstream_that_systemd_restarts_with_its_store(machine, wheels, tmp_path):
     """`scripts/provision --nats`: Debian's nats-server with the drop-in, JetStream on, its store
     in /var/lib/nats-server, secured (TLS, a key per host: a stranger is refused); killed, systemd
@@ -777,7 +783,7 @@ def test_provision_nats_runs_jetstream_that_systemd_restarts_with_its_store(mach
 
     result = machine.run(
         "bash", str(REPO / "scripts" / "provision"), "--source", str(REPO), "--wheels", str(wheels), "--nats",
-        "--nats-hosts", "box,out", "--no-selftest",
+        "--nats-hosts", "box,out", "--nats-port", str(NATS_PORT), "--no-selftest",
         "--chatd-options", f"--port {machine.port} --http-port {machine.http_port}", check=False, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert machine.show("nats-server", "ActiveState") == "active", machine.journal("nats-server")[-3000:]
@@ -787,7 +793,7 @@ def test_provision_nats_runs_jetstream_that_systemd_restarts_with_its_store(mach
 
     async def stranger_refused() -> str:
         try:
-            await (await nats.connect("nats://127.0.0.1:4222", connect_timeout=5, allow_reconnect=False)).close()
+            await (await nats.connect(NATS_URL, connect_timeout=5, allow_reconnect=False)).close()
         except Exception as exc:
             return str(exc)
         return "connected"
@@ -795,7 +801,7 @@ def test_provision_nats_runs_jetstream_that_systemd_restarts_with_its_store(mach
     assert "CERTIFICATE_VERIFY_FAILED" in asyncio.run(stranger_refused()), "provisioned NATS is TLS only"
 
     async def publish_then_count(publish: bool) -> int:
-        client = await nats.connect("nats://127.0.0.1:4222", connect_timeout=5, max_reconnect_attempts=0, **box)
+        client = await nats.connect(NATS_URL, connect_timeout=5, max_reconnect_attempts=0, **box)
         try:
             stream = client.jetstream(timeout=5)
             if publish:  # the stream chatd makes, as a host may: its permissions allow no other
@@ -829,7 +835,7 @@ def test_a_cluster_host_under_systemd_pairs_with_another_host_through_its_crashe
     from ctl.launch import Launcher
 
     machine.run("systemctl", "stop", "chatd", "holderd")  # the fd stores go: a fresh start, with outboxes
-    options = (f"--port {machine.port} --http-port {machine.http_port} --cluster nats://127.0.0.1:4222 "
+    options = (f"--port {machine.port} --http-port {machine.http_port} --cluster {NATS_URL} "
                "--host-id box --host-lease 30 --nats-creds /etc/chatd-nats/hosts/box.nk --nats-ca /etc/chatd-nats/ca.pem")
     machine.run("sh", "-c", f"echo 'CHATD_OPTIONS={options}' > /etc/default/chatd")
     machine.run("systemctl", "start", "chatd")
@@ -840,7 +846,7 @@ def test_a_cluster_host_under_systemd_pairs_with_another_host_through_its_crashe
     with Launcher() as out:
         out.start_holderd()
         creds, ca = nats_secrets_of(machine, tmp_path, "out")
-        out.start_chatd("--cluster", "nats://127.0.0.1:4222", "--host-id", "out", "--host-lease", "30",
+        out.start_chatd("--cluster", NATS_URL, "--host-id", "out", "--host-lease", "30",
                         "--nats-creds", creds, "--nats-ca", ca)
         ann = LineClient(machine.port, timeout=15)
         bob = LineClient(out.port, timeout=15)
