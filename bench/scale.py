@@ -258,7 +258,7 @@ def crash_and_measure(machine, pair: Pair, clients: int, cold: bool, commands=()
         machine.systemctl("start", standby)
     wait_until(lambda: all(machine.show(u, "ActiveState") == "active" for u in ("chatd@1", "chatd@2")), 30,
                "both chatd processes up again")
-    if clients:  # the next crash finds a standby that has read ahead, as in steady operation finds a standby that has read ahead, as in steady operation
+    if clients:  # the next crash finds a standby that has read ahead, as in steady operation
         wait_until(lambda: (chatctl(machine, "status").get("instances") or [{}]) and all(
             (i.get("role") != "standby" or (i.get("prepared") or {}).get("records", 0) >= clients)
             for i in chatctl(machine, "status").get("instances", [])), 60, "the new standby to have read ahead")
@@ -341,10 +341,9 @@ def wheels_dir() -> Path:
 def provision(machine, wheels: Path, port: int, http_port: int | None = None) -> bool:
     """scripts/provision in the container, as a user runs it: True once both chatd are up (it
     returns before they are), False, with its output printed, if it failed."""
+    options = f"--port {port}" + (f" --http-port {http_port}" if http_port else "")
     result = machine.run("bash", str(ROOT / "scripts" / "provision"), "--source", str(ROOT), "--wheels",
-                         str(wheels), "--chatd-options",
-                         f"--port {port}" + (f" --http-port {http_port}" if http_port else ""), "--no-selftest", check=False,
-                         timeout=900)
+                         str(wheels), "--chatd-options", options, "--no-selftest", check=False, timeout=900)
     if result.returncode != 0:
         print(result.stdout, result.stderr)
         return False
