@@ -17,16 +17,15 @@ database (``$HOME/.pki/nssdb``, where Chromium on Linux looks for the
 certificates its user added) holds the CA as a trusted issuer of server
 certificates (``certutil -A -t C,,``, Debian's libnss3-tools). A Chromium run
 with ``HOME`` there verifies the chain, the name and the dates itself.
-:func:`spki_sha256` gives the base64 SHA-256 of a certificate's public key,
-the form of Chromium's ``--ignore-certificate-errors-spki-list`` (for where no
-NSS tools are installed; it pins the key, it does not check the chain).
+
+The steps are the README's ("The web chat over TLS"), so the test runs what a
+user is told to run. (``chatctl nats-secrets`` makes its CA with the
+``cryptography`` library instead: a product command, not a user's shell.)
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
 import os
 import shutil
 import subprocess
@@ -96,11 +95,3 @@ def nss_home(directory: str, ca_cert: str, nickname: str = "chatd test CA") -> s
     _run(CERTUTIL, "-A", "-d", f"sql:{database}", "-n", nickname, "-t", "C,,", "-i", ca_cert, cwd=directory)
     return directory
 
-
-def spki_sha256(cert: str) -> str:
-    """base64(SHA-256(the certificate's SubjectPublicKeyInfo, DER)), as Chromium's SPKI lists take it."""
-    public = subprocess.run([OPENSSL, "x509", "-in", cert, "-noout", "-pubkey"], capture_output=True, check=True,
-                            timeout=60).stdout
-    der = subprocess.run([OPENSSL, "pkey", "-pubin", "-outform", "DER"], input=public, capture_output=True,
-                         check=True, timeout=60).stdout
-    return base64.b64encode(hashlib.sha256(der).digest()).decode()
