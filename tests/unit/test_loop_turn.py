@@ -85,3 +85,30 @@ def test_nothing_is_sent_before_the_commit_that_covers_it_and_the_commit_covers_
     a.sock.close(), b.sock.close()
     server.journal.commit = real_commit
     server.loop.close()
+
+
+def test_a_receivers_ring_draining_wakes_what_waits_in_the_stream_for_it_whatever_host_its_peer_is_on():
+    """Across hosts a message from a peer of this very host comes through the stream too
+    (chatd.room.Room.durable_host), and may wait there for the receiver's ring: the ring's
+    progress must wake it, not only the local peer's commands."""
+    from chatd.across import SingleHost
+
+    class Woken(SingleHost):
+        def __init__(self):
+            self.nicks = []
+
+        def wake(self, nick):
+            self.nicks.append(nick)
+
+    server = ChatServer(Holders([]), 8)
+    server.bind("127.0.0.1", 0)
+    server.cluster = woken = Woken()
+    ann, bob = Client(server.port), Client(server.port)
+    ann.send("NICK ann", "PAIR bob")
+    bob.send("NICK bob", "PAIR ann")
+    turn_until(server, lambda: "PAIRED ann" in bob.lines())
+    woken.nicks.clear()
+    ann.send("MSG hello")
+    turn_until(server, lambda: "bob" in woken.nicks)
+    ann.sock.close(), bob.sock.close()
+    server.loop.close()
