@@ -1,22 +1,24 @@
 """A NATS node's death under chat: how long pairs across hosts hear nothing, and where the time goes.
 
     .venv/bin/python bench/nats_stall.py [--kills 5] [--pairs 6] [--every 0.02] [--json PATH]
-                                         [--chatd-kill] [--nats-server PATH]
+                                         [--chatd-kill] [--nats-server PATH] [--compare-rev REV --open]
 
-Three chatd hosts over a 3-node JetStream cluster on loopback (ctl.hosts.Hosts,
-R3). ``--pairs`` pairs, each across two hosts, each side sending one message
-every ``--every`` seconds, the send time in its text. Then ``--kills`` times:
-the node leading the stream is SIGKILLed; the bench watches the surviving
-nodes' monitors for the stream's new leader and each receiver for its first
-message *sent after the kill*; then the node is started again and the cluster
-let settle. With ``--chatd-kill`` one chatd is also SIGKILLed and restarted
-right after the node (a host restarted while the stream has no leader).
+Each kill on a fresh cluster: three chatd hosts over a 3-node JetStream cluster
+on loopback (ctl.hosts.Hosts, R3), ``--pairs`` pairs, each across two hosts,
+each side sending one message every ``--every`` seconds, the send time in its
+text; then the node leading the stream is SIGKILLed, and the bench watches the
+surviving nodes' monitors for new leaders and each receiver for its first
+message *sent after the kill*. With ``--chatd-kill`` one chatd is also
+SIGKILLed and restarted right after the node (a host restarted while the
+stream has no leader). With ``--compare-rev`` chatd and holderd of that
+revision are measured too, kill for kill in turn (``--open`` if it predates
+the secured clusters): a change's before and after in one run.
 
 Per kill it prints: the elections (kill -> a new leader seen for the stream,
 and for every group chatd uses: the buckets' streams and JetStream's meta
 group, which places the consumers a restarted chatd makes), each receiver's stall
 (kill -> its first message sent after the kill), and what is ours: the stall
-past the last election. Then medians and worsts over the kills.
+past the last election. Then medians and worsts over the kills, per chatd measured.
 The election is nats-server's (raft); what follows it is chatd's and nats-py's
 (reconnects, publish retries, the ordered consumer remade).
 """
@@ -30,6 +32,7 @@ import selectors
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -37,6 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.rates import worktree  # noqa: E402
 from ctl.hosts import Hosts, missing_for_cluster  # noqa: E402
 
 STREAM = "CHATD"
@@ -138,7 +142,7 @@ def watch_leaders(hosts: Hosts, dead: int, since: float, limit: float) -> dict[s
     return elected
 
 
-def one_kill(hosts: Hosts, chatter: Chatter, chatd_kill: bool, limit: float = 60.0) -> dict:
+def one_kill(hosts: Hosts, chatter: Chatter, chatd_kill: bool, env: dict | None, limit: float = 60.0) -> dict:
     leader = hosts.nats.stream_leader(STREAM)
     killed_at = time.monotonic()
     hosts.nats.kill(leader)
@@ -146,10 +150,8 @@ def one_kill(hosts: Hosts, chatter: Chatter, chatd_kill: bool, limit: float = 60
         chatd = hosts.hosts[1].chatd
         chatd.send_signal(signal.SIGKILL)
         chatd.wait(20)
-        hosts.restart_chatd(1)
+        hosts.hosts[1].start_chatd("--restore", *hosts.host_args(1), "--log-level", "WARNING", wait=False, env=env)
     elected = watch_leaders(hosts, leader, killed_at, limit)
-    election = elected[STREAM]
-    all_elected = None if None in elected.values() else max(elected.values())
     deadline = killed_at + limit
     while time.monotonic() < deadline:
         stalls = chatter.first_sent_after(killed_at)
@@ -157,62 +159,86 @@ def one_kill(hosts: Hosts, chatter: Chatter, chatd_kill: bool, limit: float = 60
             break
         time.sleep(0.1)
     stalls = chatter.first_sent_after(killed_at)
-    hosts.nats.restart(leader, wait=True)
-    time.sleep(3)  # the restarted node catches up; the next kill finds a settled cluster
     known = [value for value in stalls.values() if value is not None]
-    return {"node": leader, "election_s": election, "all_elections_s": all_elected, "elections_s": elected,
-            "stalls_s": stalls,
-            "stall_median_s": statistics.median(known) if known else None,
-            "stall_worst_s": max(known) if len(known) == len(stalls) else None,
-            "receivers_silent": len(stalls) - len(known)}
+    all_elected = None if None in elected.values() else max(elected.values())
+    worst = max(known) if len(known) == len(stalls) else None
+    return {"node": leader, "election_s": elected[STREAM], "all_elections_s": all_elected, "elections_s": elected,
+            "stalls_s": stalls, "stall_median_s": statistics.median(known) if known else None,
+            "stall_worst_s": worst, "receivers_silent": len(stalls) - len(known),
+            "past_elections_s": worst - all_elected if worst is not None and all_elected is not None else None}
+
+
+def kill_on_a_fresh_cluster(args, env: dict | None) -> dict:
+    """Three hosts over three nodes, pairs chatting, one stream leader killed; then all ended."""
+    with Hosts(3, 3, lease=30.0, secure=not args.open) as hosts:
+        if args.nats_server:
+            hosts.nats.binary = args.nats_server
+        hosts.start("--log-level", "WARNING", env=env)
+        chatter = Chatter(hosts.ports, args.pairs, args.every)
+        try:
+            time.sleep(2)
+            return one_kill(hosts, chatter, args.chatd_kill, env)
+        finally:
+            chatter.close()
+
+
+def summarize(kills: list[dict]) -> dict:
+    summary = {}
+    for key in ("election_s", "all_elections_s", "stall_median_s", "stall_worst_s", "past_elections_s"):
+        values = [row[key] for row in kills if row[key] is not None]
+        summary[key] = {"median": statistics.median(values) if values else None,
+                        "worst": max(values) if values else None}
+    return summary
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--kills", type=int, default=5, help="kills (each on a fresh cluster) per chatd measured")
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--every", type=float, default=0.02, help="seconds between one side's messages")
     parser.add_argument("--chatd-kill", action="store_true", help="also SIGKILL and restart h1's chatd at each kill")
     parser.add_argument("--nats-server", metavar="PATH", help="the nats-server binary (default: Debian's)")
+    parser.add_argument("--compare-rev", metavar="REV",
+                        help="also measure chatd and holderd of this git revision, kill for kill in turn")
+    parser.add_argument("--open", action="store_true",
+                        help="open NATS clusters (no TLS, no keys): for a --compare-rev from before they were secured")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
     missing = missing_for_cluster()
     if missing:
         print(f"bench/nats_stall.py: needs {missing}", file=sys.stderr)
         return 2
-    kills = []
-    with Hosts(3, 3, lease=30.0) as hosts:
-        if args.nats_server:
-            hosts.nats.binary = args.nats_server
-        hosts.start("--log-level", "WARNING")
-        chatter = Chatter(hosts.ports, args.pairs, args.every)
-        try:
-            time.sleep(2)
-            for number in range(args.kills):
-                row = one_kill(hosts, chatter, args.chatd_kill)
-                kills.append(row)
-                elections = row["all_elections_s"]
-                ours = (row["stall_worst_s"] - elections) if elections is not None and row["stall_worst_s"] else None
-                row["past_elections_s"] = ours
-                print(f"kill {number + 1} (n{row['node']}): the stream's election {fmt(row['election_s'])}, every "
-                      f"stream's {fmt(elections)}; stall median {fmt(row['stall_median_s'])}, worst "
-                      f"{fmt(row['stall_worst_s'])}, past the elections {fmt(ours)}, silent receivers "
-                      f"{row['receivers_silent']}", flush=True)
-        finally:
-            chatter.close()
-    summary = {}
-    for key in ("election_s", "all_elections_s", "stall_median_s", "stall_worst_s", "past_elections_s"):
-        values = [row[key] for row in kills if row[key] is not None]
-        summary[key] = {"median": statistics.median(values) if values else None,
-                        "worst": max(values) if values else None}
-    print(f"\nover {len(kills)} kills: every stream's election median {fmt(summary['all_elections_s']['median'])}"
-          f" worst {fmt(summary['all_elections_s']['worst'])}; a receiver's stall median "
-          f"{fmt(summary['stall_median_s']['median'])}, worst {fmt(summary['stall_worst_s']['worst'])}; past the "
-          f"elections median {fmt(summary['past_elections_s']['median'])}, worst "
-          f"{fmt(summary['past_elections_s']['worst'])}")
+    targets: dict[str, dict | None] = {"chatd": None}
+    revision_root = None
+    if args.compare_rev:
+        revision_root = worktree(args.compare_rev)
+        targets[f"chatd@{args.compare_rev}"] = {"PYTHONPATH": revision_root}
+    kills: dict[str, list[dict]] = {name: [] for name in targets}
+    try:
+        for number in range(args.kills):
+            # In turn, each first every other time: a noisy minute hurts both alike.
+            order = list(targets) if number % 2 == 0 else list(reversed(targets))
+            for name in order:
+                row = kill_on_a_fresh_cluster(args, targets[name])
+                kills[name].append(row)
+                print(f"{name}, kill {number + 1} (n{row['node']}): the stream's election {fmt(row['election_s'])}, "
+                      f"every group's {fmt(row['all_elections_s'])}; stall median {fmt(row['stall_median_s'])}, "
+                      f"worst {fmt(row['stall_worst_s'])}, past the elections {fmt(row['past_elections_s'])}, "
+                      f"silent receivers {row['receivers_silent']}", flush=True)
+    finally:
+        if revision_root:
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", revision_root], capture_output=True)
+    summaries = {name: summarize(rows) for name, rows in kills.items()}
+    print()
+    for name, summary in summaries.items():
+        print(f"{name}, over {len(kills[name])} kills: every group's election median "
+              f"{fmt(summary['all_elections_s']['median'])}, worst {fmt(summary['all_elections_s']['worst'])}; a "
+              f"receiver's stall median {fmt(summary['stall_median_s']['median'])}, worst "
+              f"{fmt(summary['stall_worst_s']['worst'])}; past the elections median "
+              f"{fmt(summary['past_elections_s']['median'])}, worst {fmt(summary['past_elections_s']['worst'])}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"kills": kills, "summary": summary, "args": vars(args)}, f, indent=2)
+            json.dump({"kills": kills, "summary": summaries, "args": vars(args)}, f, indent=2)
     return 0
 
 
