@@ -170,7 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--metrics-port", type=int, default=None, metavar="PORT",
         help="serve Prometheus metrics (counts since the service began, kept across crashes; README.md, "
         "\"Metrics\") over HTTP on this port, 0 for any free one; only the chatd serving listens, and a "
-        "takeover moves it (default: none; the units pass 9464)")
+        "takeover moves it (default: none; chatd@.service passes 9471)")
     parser.add_argument(
         "--metrics-address", default="127.0.0.1", metavar="ADDRESS",
         help="the address --metrics-port listens on (default %(default)s: this host only; the metrics "

@@ -481,7 +481,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--metrics-port", type=int, default=None, metavar="PORT",
         help="serve Prometheus metrics (names and fds held per uid, connections, leases; README.md, \"Metrics\") "
-        "over HTTP on this port, 0 for any free one (default: none; holderd.service passes 9465)")
+        "over HTTP on this port, 0 for any free one (default: none; README.md has the drop-in for "
+        "holderd.service, whose sandbox keeps it off any network otherwise)")
     parser.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
                         help="the address --metrics-port listens on (default %(default)s: this host only)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
