@@ -306,6 +306,7 @@ def main(argv=None) -> int:
         server.cluster = Cluster(bus, args.host_id, server.room, ServerMembers(server), server.loop,
                                  outbox=not args.no_outbox, cursor=not args.no_cursor)
 
+    stopped = False
     try:
         if args.wait:
             lifecycle.wait_for_restore(args.control)
@@ -333,12 +334,13 @@ def main(argv=None) -> int:
         logging.shutdown()
         os._exit(0)
     except SystemExit as exc:
+        stopped = True
         if exc.code:
             return exc.code
     finally:
         if lifecycle.role is Role.SERVING:
-            # A stop, not a crash: the next chatd counts it planned (chatd.tally), and may begin at once.
-            server.journal.set_owner(0, 0)
+            if stopped:  # a stop, not an exception: the next chatd counts it planned (chatd.tally)
+                server.journal.set_owner(0, 0)
             seal(server)
         manager.stopping(f"stopping; {status_line(server)}")
         control.close()

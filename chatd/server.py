@@ -521,7 +521,7 @@ class ChatServer:
                     self.take_input(connection)
             self._wake.clear()
             if not self._dirty and not self._freed:
-                return
+                break
             changes: dict[int, Record | None] = {slot: None for slot in self._freed}
             committed = [self.connections.get(m) or self.sessions.detached[m] for m in self._dirty
                          if m in self.connections or m in self.sessions.detached]

@@ -10,9 +10,9 @@ state's owners, every :data:`REFRESH` seconds and whenever something worth
 seeing at once happens (:meth:`Snapshots.refresh`: a restore done); the scrape
 takes the latest one whole (one reference read, atomic in CPython) and never
 sees half a change. A scrape shows values at most :data:`REFRESH` old. The
-process's own metrics (open fds, memory, CPU, start time) come from
-prometheus-client's process collector, which reads ``/proc`` and shares
-nothing with the loop.
+process's own metrics (open fds, memory, CPU, start time: the names of
+prometheus-client's process collector) come from :class:`OwnProcess`, which
+reads ``/proc/self`` and shares nothing with the loop.
 
 The endpoint listens on an address of its own (loopback by default: the
 daemons' flags ``--metrics-address``/``--metrics-port``), never on a port
@@ -27,8 +27,12 @@ import errno
 import logging
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
-from prometheus_client.core import Metric
+import os
+import resource
+import time
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .loop import Loop
@@ -55,6 +59,33 @@ class Snapshots(Collector):
         return self._families
 
 
+class OwnProcess(Collector):
+    """``process_*`` as prometheus-client's ProcessCollector names them, from what a unit's
+    sandbox leaves: that collector takes the boot time from ``/proc/stat``, which
+    ``ProcSubset=pid`` hides, and then says nothing at all; the clock says it here
+    (``CLOCK_BOOTTIME``). Runs on the scrape thread: it reads only ``/proc/self``."""
+
+    def collect(self):
+        try:
+            with open("/proc/self/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            open_fds = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            return
+        ticks = os.sysconf("SC_CLK_TCK")
+        booted = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        yield GaugeMetricFamily("process_start_time_seconds", "Start time of the process since unix epoch in "
+                                "seconds.", value=booted + int(fields[19]) / ticks)
+        yield CounterMetricFamily("process_cpu_seconds", "Total user and system CPU time spent in seconds.",
+                                  value=(int(fields[11]) + int(fields[12])) / ticks)
+        yield GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size in bytes.", value=int(fields[20]))
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in bytes.",
+                                value=int(fields[21]) * resource.getpagesize())
+        yield GaugeMetricFamily("process_open_fds", "Number of open file descriptors.", value=open_fds)
+        yield GaugeMetricFamily("process_max_fds", "Maximum number of open file descriptors.",
+                                value=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 class MetricsEndpoint:
     """One daemon's metrics, served over HTTP at ``address``:``port`` (``/metrics``, or any path)."""
 
@@ -66,7 +97,7 @@ class MetricsEndpoint:
         self.snapshots = Snapshots(make)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.snapshots)
-        ProcessCollector(registry=self.registry)
+        self.registry.register(OwnProcess())
         self._server = None
         self._refreshing = None
         self._retry = None

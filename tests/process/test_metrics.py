@@ -111,3 +111,53 @@ def test_prometheus_sees_the_crash_and_the_takeover(procs, tmp_path, crash, how)
         prometheus.wait_for('ALERTS{alertname="ChatdCrashed", alertstate="firing"}', lambda value: value == 1)
         print(f"after a {crash}: crashes survived went up by {went_up:g} ({how}); "
               f"the takeover's restore took {took * 1000:.2f} ms")
+
+
+def samples(address: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(scrape(address).decode()) for sample in family.samples}
+
+
+def test_a_handover_and_a_stop_count_as_planned_and_no_crash(procs):
+    """No Prometheus needed: the scrape itself. A handover, then a stop (SIGTERM, no standby)
+    and a start: two planned restarts, no crash, the relayed count going on."""
+    procs.start_holderd()
+    first, status = lease_chatd(procs, "1", 0, "serving")
+    procs.port, address = status["port"], status["metrics"]
+    port = address.rsplit(":", 1)[1]
+    second, _ = lease_chatd(procs, "2", int(port), "standby")
+    a, b = procs.pair()
+    a.send("MSG one")
+    assert b.line() == "FROM A 1 one"
+
+    subprocess.run([sys.executable, "-m", "ctl", "handover"], env=procs.env, check=True, timeout=15,
+                   stdout=subprocess.DEVNULL)
+    assert first.wait(10) == 0
+    wait_until(lambda: control.call("status", procs.control_socket)["pid"] == second.pid, 15, "the standby to serve")
+    a.send("MSG two")
+    assert b.line() == "FROM A 2 two"
+    after_handover = wait_until(lambda: scraped(address), 15, "the successor's scrape")
+    assert after_handover[("chatd_planned_restarts_total", ())] == 1
+    assert sum(value for (name, _), value in after_handover.items() if name == "chatd_crashes_survived_total") == 0
+
+    second.send_signal(signal.SIGTERM)  # no standby now: a stop at the end of the turn
+    assert second.wait(10) == 0
+    third, _ = lease_chatd(procs, "3", int(port), "serving")
+    a.send("MSG three")
+    assert b.line() == "FROM A 3 three"
+    after_stop = wait_until(lambda: scraped(address), 15, "the third chatd's scrape")
+    assert after_stop[("chatd_planned_restarts_total", ())] == 2
+    assert sum(value for (name, _), value in after_stop.items() if name == "chatd_crashes_survived_total") == 0
+    assert after_stop[("chatd_restore_duration_seconds_count", ())] == 2
+    wait_until(lambda: samples(address)[("chatd_messages_relayed_total", ())] == 3, 5, "the third message counted")
+
+
+def scraped(address: str) -> dict | None:
+    """The scrape's samples; None while nothing answers (the predecessor has exited: whoever
+    answers is its successor)."""
+    try:
+        return samples(address)
+    except OSError:
+        return None

@@ -226,6 +226,51 @@ def test_the_serving_units_metrics_count_the_crash_in_its_sandbox(machine):
     assert samples[("process_open_fds", ())] > 0
 
 
+def test_holderds_metrics_drop_in_opens_loopback_only_and_goes_again(machine):
+    """README's drop-in for holderd (docs/prometheus/holderd-metrics.conf, on a port of the test's
+    own): holderd restarts with it, keeps everything, answers a scrape with what it holds for
+    chatd's uid; then the drop-in goes, and holderd is off every network again."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    drop_in = (REPO / "docs" / "prometheus" / "holderd-metrics.conf").read_text().replace("9472", str(port))
+    machine.run("mkdir", "-p", "/etc/systemd/system/holderd.service.d")
+    machine.run("sh", "-c", f"cat > /etc/systemd/system/holderd.service.d/metrics.conf <<'END'\n{drop_in}END\n")
+    try:
+        old = main_pid(machine, "holderd")
+        machine.run("systemctl", "daemon-reload")
+        machine.systemctl("restart", "holderd")
+        wait_active(machine, "holderd", old)
+
+        def scraped():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+                    return answer.read().decode()
+            except OSError:
+                return None
+
+        chatd_uid = machine.run("id", "-u", "chatd").stdout.strip()
+        # Once both chatd have asked for the lease again (the restart forgot who held it).
+        text = wait_until(lambda: (found := scraped()) and 'lease="chatd"' in found and "holderd_lease_waiting" in found
+                          and found, 15, "holderd's metrics with the lease asked for again")
+        samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                   for family in text_string_to_metric_families(text) for sample in family.samples}
+        # The listeners, the journal, the last words and a bundle: back from holderd's fd store.
+        assert samples[("holderd_held_names", (("uid", chatd_uid),))] >= 4, text
+        assert samples[("holderd_lease_waiting", (("lease", "chatd"), ("uid", chatd_uid)))] == 1  # the standby
+        assert samples[("process_open_fds", ())] > 0
+        assert chatctl(machine, "status")["chatd"]["clients"] == 2  # holderd's restart cost the pair nothing
+    finally:
+        machine.run("rm", "-f", "/etc/systemd/system/holderd.service.d/metrics.conf")
+        machine.run("systemctl", "daemon-reload")
+        old = main_pid(machine, "holderd")
+        machine.systemctl("restart", "holderd")
+        wait_active(machine, "holderd", old)
+    assert wait_until(lambda: scraped() is None, 10, "holderd off the network again")
+
+
 def test_holderd_crash_loses_nothing(machine):
     old = main_pid(machine, "holderd")
     before = restarts(machine, "holderd")
