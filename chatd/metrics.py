@@ -42,7 +42,7 @@ The metrics (every name begins ``chatd_``; counters end ``_total``):
 ``holder_up{holder}``                 whether each holder (holderd, systemd) answers
 ``cluster_*``                         with ``--cluster``: ``connected``, ``stream_lag_messages``,
                                       ``forwards_in_flight``, ``stashed``, ``publishes_pending``,
-                                      ``hosts_alive``
+                                      ``other_hosts_alive``
 ====================================  ============================================================
 """
 
@@ -143,7 +143,7 @@ def _cluster(status: dict) -> list:
                                        "Forwards published and not yet acknowledged."),
         "cluster_stashed": (status.get("stashed"), "Messages from other hosts waiting for room here."),
         "cluster_publishes_pending": (bus.get("publishes_pending"), "Publishes asked for and not yet done."),
-        "cluster_hosts_alive": (len(status.get("hosts_alive") or ()), "Hosts whose lease is current."),
+        "cluster_other_hosts_alive": (len(status.get("hosts_alive") or ()), "Other hosts whose lease is current."),
     }
     return [_gauge(name, documentation, value) for name, (value, documentation) in values.items() if value is not None]
 

@@ -161,3 +161,32 @@ def scraped(address: str) -> dict | None:
         return samples(address)
     except OSError:
         return None
+
+
+def test_across_hosts_the_stream_and_the_forwards_are_scraped(tmp_path):
+    """Two chatd hosts over a real NATS JetStream cluster: a pair across them chats, and each
+    host's scrape shows the cluster as its status does (connected, both hosts alive, the lag)."""
+    from ctl.hosts import Hosts
+    from helpers import line_client, require_nats
+
+    require_nats()
+    with Hosts(2, 3, lease=2.0, workdir=str(tmp_path / "hosts")) as cluster:
+        cluster.start("--metrics-port", "0")
+        ann = line_client(cluster.ports[0], "ann", "bob", timeout=15)
+        bob = line_client(cluster.ports[1], "bob", "ann", timeout=15)
+        try:
+            assert ann.line() == "PAIRED bob" and bob.line() == "PAIRED ann"
+            ann.send("MSG hello", "MSG across")
+            assert bob.lines(2) == ["FROM ann 1 hello", "FROM ann 2 across"]
+            receiver = cluster.status(1)["metrics"]
+            found = wait_until(lambda: (got := scraped(receiver)) and got.get(("chatd_messages_relayed_total", ()))
+                               == 2 and got, 10, "h1's scrape to count the two messages")
+            assert found[("chatd_cluster_connected", ())] == 1
+            assert found[("chatd_cluster_other_hosts_alive", ())] == 1
+            assert found[("chatd_cluster_forwards_in_flight", ())] == 0
+            assert found[("chatd_cluster_stashed", ())] == 0
+            assert found.get(("chatd_cluster_stream_lag_messages", ())) == 0
+            sender = scraped(cluster.status(0)["metrics"])
+            assert sender[("chatd_messages_relayed_total", ())] == 0, "h0 forwarded them: h1 relayed them"
+        finally:
+            ann.close(), bob.close()
