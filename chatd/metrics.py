@@ -28,9 +28,10 @@ The metrics (every name begins ``chatd_``; counters end ``_total``):
                                       its own), ``hung`` (the watchdog), ``killed`` (no last words:
                                       SIGKILL, ``chatctl crash``)
 ``planned_restarts_total``            restores after a handover or a stop
-``restore_duration_seconds``          histogram: from the restore's start (the standby's lease
-                                      granted, or the process started) to serving
-``last_restore_duration_seconds``     this process's restore, and when it was done
+``restore_duration_seconds``          histogram: from the restore's start to serving (for the
+                                      standby the restore starts as holderd grants the lease; a
+                                      cold restart's process start before it is not included)
+``last_restore_duration_seconds``     this process's restore, and when it began
 ``last_restore_timestamp_seconds``
 ``in_flight_restored_bytes_total``    bytes a restore finished: ``direction`` ``input`` (read and not
                                       handled) or ``output`` (committed and not sent)
