@@ -153,8 +153,12 @@ def crash_chatd(machine) -> float:
     before = restarts(machine, unit)
     since = now(machine)
     chatctl(machine, "crash")
-    wait_until(lambda: serving_other_than(machine, old), 30, "another chatd to serve")
-    wait_active(machine, unit, old)
+    try:
+        wait_until(lambda: serving_other_than(machine, old), 30, "another chatd to serve")
+        wait_active(machine, unit, old)
+    except Exception:
+        print(f"--- chatd's journal since the crash\n{chatd_journal(machine, since)[-8000:]}")
+        raise
     assert restarts(machine, unit) == before + 1
     return takeover_gap_ms(machine, since)
 
@@ -472,7 +476,8 @@ def test_new_options_from_install_units_take_effect_and_the_clients_stay(machine
     old_port, port, http_port = machine.port, free_port(), free_port()
     old_pids = [main_pid(machine, unit) for unit in CHATD_UNITS]
     since = now(machine)
-    machine.run(CHATCTL, "install-units", "--chatd-options", f"--host 0.0.0.0 --port {port} --http-port {http_port}")
+    machine.run(CHATCTL, "install-units", "--chatd-options",
+                f"--host 0.0.0.0 --port {port} --http-port {http_port} --metrics-port {machine.metrics_port}")
     machine.systemctl("restart", "chatd")
     for unit, pid in zip(CHATD_UNITS, old_pids):
         wait_active(machine, unit, pid)
@@ -528,7 +533,11 @@ def test_with_the_standby_stopped_a_crash_is_a_cold_restart_by_systemd(machine):
             print(f"crash to restored, cold (systemd's restart, no standby): {takeover_gap_ms(machine, since)} ms")
             chat(clients, ("cal", "dee"), 2)  # the same connections: a LineClient never reconnects
         finally:
-            machine.systemctl("start", standby)
+            try:
+                machine.systemctl("start", standby)
+            except CommandFailed:
+                print(f"--- chatd's journal\n{chatd_journal(machine, since)[-8000:]}")
+                raise
         wait_until(lambda: machine.show(standby, "ActiveState") == "active", 20, f"{standby} to stand by again")
     finally:
         for client in clients:
@@ -827,7 +836,8 @@ def test_provision_nats_runs_jetstream_that_systemd_restarts_with_its_store(mach
     nats = pytest.importorskip("nats")
     result = machine.run(
         "bash", str(REPO / "scripts" / "provision"), "--source", str(REPO), "--wheels", str(wheels), "--nats",
-        "--no-selftest", "--chatd-options", f"--port {machine.port} --http-port {machine.http_port}",
+        "--no-selftest", "--chatd-options",
+        f"--port {machine.port} --http-port {machine.http_port} --metrics-port {machine.metrics_port}",
         check=False, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert machine.show("nats-server", "ActiveState") == "active", machine.journal("nats-server")[-3000:]
@@ -870,7 +880,7 @@ def test_a_cluster_host_under_systemd_pairs_with_another_host_through_its_crashe
 
     machine.run("systemctl", "stop", "chatd", "holderd")  # the fd stores go: a fresh start, with outboxes
     options = (f"--port {machine.port} --http-port {machine.http_port} --cluster nats://127.0.0.1:4222 "
-               "--host-id box --host-lease 30")
+               f"--host-id box --host-lease 30 --metrics-port {machine.metrics_port}")
     machine.run("sh", "-c", f"echo 'CHATD_OPTIONS={options}' > /etc/default/chatd")
     machine.run("systemctl", "start", "chatd")
     # `systemctl start chatd` returns before an instance serves (chatd@ is ordered after it).
