@@ -1,20 +1,24 @@
 """Across hosts against one host: relay rate and latency of chatd hosts paired through NATS JetStream.
 
     .venv/bin/python bench/cluster.py [--pairs 10] [--seconds 5] [--size 100] [--rounds 3]
-                                      [--samples 300] [--json PATH]
+                                      [--samples 300] [--json PATH] [--open]
 
 Starts two chatd hosts (each its own holderd and journal) over a 3-node NATS
-JetStream cluster on loopback (ctl.hosts.Hosts, R3), then measures, in the
+JetStream cluster on loopback (ctl.hosts.Hosts, R3; secured, TLS and a key per
+host, unless ``--open``), then measures, in the
 same run and alternating rounds so that a noisy neighbour hurts both alike:
 
 - *rate*: ``--pairs`` pairs, each side keeping ``--window`` messages of
   ``--size`` bytes on their way (bench/rates.py's Load); the FROM lines
-  received in ``--seconds`` after a second of warm-up. *same host*: both
-  clients of every pair on h0; *across hosts*: one on h0, one on h1;
+  received in ``--seconds`` after a second of warm-up. *same host, durable*:
+  both clients of every pair on h0, their messages stored in the stream before
+  they are told (what chatd does in a cluster); *same host, direct*: both on
+  h2, started with ``--direct-same-host`` (told at once, as on one host: lost
+  with the host); *across hosts*: one on h0, one on h1;
 - *latency*: one pair, one message at a time, ``--samples`` times: from the
   MSG written to its FROM line read (median and 99th percentile).
 
-It prints each figure and the across/same ratio. Needs nats-server and
+It prints each figure and its ratio to *same host, direct*. Needs nats-server and
 nats-py (``pip install -e '.[cluster]'``). On these 2-core machines the three
 NATS nodes and two chatds share the cores with the load: compare ratios.
 """
@@ -89,17 +93,23 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--open", action="store_true",
+                        help="an open NATS cluster (no TLS, no keys) instead of the secured default: what security costs")
     args = parser.parse_args()
     missing = missing_for_cluster()
     if missing:
         print(f"bench/cluster.py: needs {missing}", file=sys.stderr)
         return 2
-    figures = {"same host": {"rate": [], "latency": []}, "across hosts": {"rate": [], "latency": []}}
-    with Hosts(2, 3, lease=30.0) as hosts:
+    names = ("same host, direct", "same host, durable", "across hosts")
+    figures = {name: {"rate": [], "latency": []} for name in names}
+    with Hosts(3, 3, lease=30.0, secure=not args.open) as hosts:
         hosts.start("--log-level", "WARNING")
-        h0, h1 = hosts.ports
-        placements = {"same host": (h0, h0), "across hosts": (h0, h1)}
-        pairs = {name: Pair(a, b, name.split()[0]) for name, (a, b) in placements.items()}
+        hosts.hosts[2].chatd.terminate()  # h2 again, telling same-host messages at once
+        hosts.hosts[2].chatd.wait(20)
+        hosts.restart_chatd(2, "--log-level", "WARNING", "--direct-same-host", wait=True)
+        h0, h1, h2 = hosts.ports
+        placements = {"same host, direct": (h2, h2), "same host, durable": (h0, h0), "across hosts": (h0, h1)}
+        pairs = {name: Pair(a, b, str(index)) for index, (name, (a, b)) in enumerate(placements.items())}
         for round_number in range(args.rounds):
             for name, (a, b) in placements.items():
                 figures[name]["rate"].append(rate(a, b, args))
@@ -113,15 +123,19 @@ def main() -> int:
         summary[name] = {"rate": statistics.median(values["rate"]),
                          "latency_ms_median": statistics.median(lat) * 1000,
                          "latency_ms_p99": lat[int(len(lat) * 0.99) - 1] * 1000}
-    same, across = summary["same host"], summary["across hosts"]
-    print(f"\n{'':14}{'relay msg/s':>14}{'latency median':>16}{'p99':>10}")
+    direct = summary["same host, direct"]
+    print(f"\n{'':20}{'relay msg/s':>14}{'latency median':>16}{'p99':>10}")
     for name, row in summary.items():
-        print(f"{name:14}{row['rate']:>14,.0f}{row['latency_ms_median']:>13.2f} ms{row['latency_ms_p99']:>7.2f} ms")
-    ratios = {"rate": across["rate"] / same["rate"],
-              "latency_median": across["latency_ms_median"] / same["latency_ms_median"],
-              "latency_p99": across["latency_ms_p99"] / same["latency_ms_p99"]}
-    print(f"across/same: rate {ratios['rate']:.2f}x, latency median {ratios['latency_median']:.1f}x, "
-          f"p99 {ratios['latency_p99']:.1f}x  ({args.pairs} pairs, {args.size}-byte messages)")
+        print(f"{name:20}{row['rate']:>14,.0f}{row['latency_ms_median']:>13.2f} ms{row['latency_ms_p99']:>7.2f} ms")
+    ratios = {}
+    for name in names[1:]:
+        row = summary[name]
+        ratios[name] = {"rate": row["rate"] / direct["rate"],
+                        "latency_median": row["latency_ms_median"] / direct["latency_ms_median"],
+                        "latency_p99": row["latency_ms_p99"] / direct["latency_ms_p99"]}
+        print(f"{name} / same host, direct: rate {ratios[name]['rate']:.2f}x, latency median "
+              f"{ratios[name]['latency_median']:.1f}x, p99 {ratios[name]['latency_p99']:.1f}x")
+    print(f"({args.pairs} pairs, {args.size}-byte messages)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": summary, "ratios": ratios, "args": vars(args)}, f, indent=2)

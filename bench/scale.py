@@ -67,13 +67,14 @@ def ask_each(socks: list[socket.socket], line_of, answer_of) -> int:
     answered = 0
     for index, sock in enumerate(socks):
         try:
-            data = b""
-            while not data.endswith(b"\n"):
+            data, expected = b"", answer_of(index)
+            # A line ends in \n; a WebSocket frame (bench/web_scale.py) is as long as the answer expected.
+            while len(data) < len(expected) and not data.endswith(b"\n"):
                 chunk = sock.recv(100)
                 if not chunk:
                     break
                 data += chunk
-            answered += data == answer_of(index)
+            answered += data == expected
         except OSError:
             pass
     return answered
@@ -120,7 +121,10 @@ class Pair:
 
     def _send(self):
         while not self.stop.is_set():
-            self.a.send(f"MSG {time.time():.6f}")
+            try:
+                self.a.send(f"MSG {time.time():.6f}")
+            except OSError:  # closed under it, at the end
+                return
             time.sleep(0.002)
 
     def _receive(self):
@@ -241,6 +245,7 @@ def crash_and_measure(machine, pair: Pair, clients: int, cold: bool, commands=()
         "restore_parts_ms": restore.get("parts"),
         "adopted_at_once": restore.get("adopted_at_once"),
         "clients_back": status["clients"],
+        "killed_at": died,  # wall clock: other pairs' first message after it (bench/web_scale.py)
     }
     if commands:
         result["kill_to_every_client_answered_ms"] = round((max(at for _, _, at in pinged) - died) * 1000, 1)
@@ -253,7 +258,7 @@ def crash_and_measure(machine, pair: Pair, clients: int, cold: bool, commands=()
         machine.systemctl("start", standby)
     wait_until(lambda: all(machine.show(u, "ActiveState") == "active" for u in ("chatd@1", "chatd@2")), 30,
                "both chatd processes up again")
-    if clients:  # the next crash finds a standby that has read ahead, as in steady operation finds a standby that has read ahead, as in steady operation
+    if clients:  # the next crash finds a standby that has read ahead, as in steady operation
         wait_until(lambda: (chatctl(machine, "status").get("instances") or [{}]) and all(
             (i.get("role") != "standby" or (i.get("prepared") or {}).get("records", 0) >= clients)
             for i in chatctl(machine, "status").get("instances", [])), 60, "the new standby to have read ahead")
@@ -333,12 +338,12 @@ def wheels_dir() -> Path:
     return directory
 
 
-def provision(machine, wheels: Path, port: int) -> bool:
+def provision(machine, wheels: Path, port: int, http_port: int | None = None) -> bool:
     """scripts/provision in the container, as a user runs it: True once both chatd are up (it
     returns before they are), False, with its output printed, if it failed."""
+    options = f"--port {port}" + (f" --http-port {http_port}" if http_port else "")
     result = machine.run("bash", str(ROOT / "scripts" / "provision"), "--source", str(ROOT), "--wheels",
-                         str(wheels), "--chatd-options", f"--port {port}", "--no-selftest", check=False,
-                         timeout=900)
+                         str(wheels), "--chatd-options", options, "--no-selftest", check=False, timeout=900)
     if result.returncode != 0:
         print(result.stdout, result.stderr)
         return False

@@ -190,7 +190,8 @@ class Adoption:
         if self._waiting:
             log.info("adopting the %s still waiting at once: %s", plural(len(self._waiting), "client"), why)
         for slot in list(self._waiting):
-            self._serve(slot)
+            if slot in self._waiting:  # not adopted meanwhile, as the peer of one served before it
+                self._serve(slot)
 
     def _serve(self, slot: int) -> None:
         connection = self.adopt(slot)

@@ -48,6 +48,16 @@ answer comes; a crash meanwhile handles it again, and finds the entry its own
 The zero-loss work does the rest: the kernel's byte counts finish a line half
 written to the receiver when chatd died.
 
+**Durable before delivered, on this host too.** A message between two members
+of this host takes the same way: a forward to this very host
+(:attr:`chatd.room.Room.durable_host`), told to its receiver only once the
+stream (R3) has it and this host reads it back. It costs a round trip through
+NATS (bench/cluster.py: "same host, durable" against "same host, direct"), and
+it is the first step to a host's loss costing nothing (docs/host-loss.md):
+what a lost host had delivered is in the stream. ``--direct-same-host``
+tells such a message at once, as one host does (for benchmarks, and tests that
+must show loss).
+
 Limits, honestly: one publish in flight per sender (a sender's forwards wait
 for the last batch's acknowledgment, a JetStream round trip, and then go
 together; many senders go in parallel); no
@@ -102,10 +112,12 @@ class Cluster:
     keeps_sessions = False  # not yet: a session kept in the cluster (issue 24)
 
     def __init__(self, bus: Bus, host_id: str, room: Room, members: "ServerMembers", loop: Loop, *,
-                 outbox: bool = True, cursor: bool = True):
+                 outbox: bool = True, cursor: bool = True, durable_same_host: bool = True):
         self.bus = bus
         self.host_id = host_id
         self.room = room
+        if durable_same_host:
+            room.durable_host = host_id
         self.members = members
         self.loop = loop
         #: Off only in tests that must show loss: the stream read from the consumer's own

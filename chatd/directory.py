@@ -5,7 +5,10 @@ Theory of operation
 The directory is a key-value bucket: one entry per nick, ``{"host", "target"}``,
 and a bucket of host leases. An entry's version is :data:`ENTRY_VERSION`
 (docs/formats.md): a ``"v"`` field, absent for 1 (what every release so far
-writes); :func:`read_entry` refuses another. The bus thread talks to them (:mod:`chatd.bus.directory`);
+writes); :func:`~chatd.bus.payloads.read_entry` refuses another, and anything
+else that is not an entry (:class:`~chatd.bus.payloads.BusPayloadError`): such a
+value is ignored (each host keeps the last entry it read), said once per kind,
+and an entry of ours overwritten with it is written again. The bus thread talks to them (:mod:`chatd.bus.directory`);
 on chatd's side, :class:`DirectoryView` keeps two views of them, from the bus's results:
 
 - **everyone's**: every other host's entries, and which hosts are alive. Each
@@ -39,26 +42,10 @@ from fdkeep.text import plural
 
 from .across import ServedMembers
 from .bus import Bus, Claimed, HostChanged, NickChanged, Released, Updated
+from .bus.payloads import ENTRY_VERSION, BusPayloadError, Complaints, read_entry  # noqa: F401 (ours to name)
 from .room import Failed, Member, Outcome, Room
 
 log = logging.getLogger("chatd")
-
-
-#: A directory entry's version: its "v" field, absent for 1.
-ENTRY_VERSION = 1
-
-
-def read_entry(value: bytes) -> tuple[str, str | None]:
-    """(host, target) of a nick's entry; ValueError if it is not one this release reads."""
-    try:
-        entry = json.loads(value)
-        version = entry.get("v", 1)
-        host, target = str(entry["host"]), entry.get("target")
-    except (KeyError, TypeError, AttributeError, RecursionError) as exc:
-        raise ValueError(f"not a directory entry ({exc!r})") from None
-    if version != ENTRY_VERSION:
-        raise ValueError(f"a directory entry of version {version!r}; this release reads version {ENTRY_VERSION}")
-    return host, target
 
 
 def new_incarnation() -> int:
@@ -86,6 +73,8 @@ class DirectoryView:
         #: Parked NICKs: member id -> (input offset after the command, the name).
         self._claims: dict[int, tuple[int, str]] = {}
         self.complete = False
+        #: Entries that are not chatd's: ignored, and said once per kind.
+        self.complaints = Complaints(lambda line: log.warning("cluster: %s", line))
 
     # -- our members ---------------------------------------------------------------------
     def claim(self, member: Member, end: int, name: str) -> bool:
@@ -132,6 +121,14 @@ class DirectoryView:
     def claimed(self, result: Claimed) -> None:
         self._answered(result.nick, result.ok, result.revision)
         if isinstance(result.token, tuple):  # ("sync", member id): an entry put back, not a NICK
+            if not result.ok:
+                # Another host's entry (or another release's) holds it: not claimed again at once,
+                # which would be a loop at the bus's speed; the member's next commit syncs again.
+                log.warning("cluster: the entry of %s here could not be put back: %s holds it", result.nick,
+                            result.holder or "an entry this release does not read")
+                if result.nick in self._to_release:
+                    self._after_call(result.nick)
+                return
             self._after_call(result.nick)
             return
         member_id = result.token
@@ -199,8 +196,9 @@ class DirectoryView:
             return None
         try:
             host, target = read_entry(change.value)
-        except ValueError:
-            log.warning("cluster: the directory entry of %r is not chatd's (%r): ignored", change.nick, change.value)
+        except BusPayloadError as exc:
+            self.complaints("directory entry", exc, f"of {change.nick!r} (revision {change.revision})")
+            self._overwritten(change.nick)
             return None
         if host == self.host_id:
             if change.revision > self.own.get(change.nick, (None, 0))[1]:
@@ -213,6 +211,17 @@ class DirectoryView:
             return None
         self.members.apply(self.room.remote_changed(change.nick, host, target))
         return target
+
+    def _overwritten(self, nick: str) -> None:
+        """Our entry for ``nick`` was overwritten with what names no host (the hosts keep the
+        last entry they read): write it again, a claim over the unreadable value
+        (:mod:`chatd.bus.directory` takes a nick whose entry names no one)."""
+        if nick not in self.own:
+            return
+        del self.own[nick]
+        member = self._holder(nick)
+        if member is not None:
+            self.sync(member)
 
     def host_changed(self, change: HostChanged) -> None:
         if change.alive == (change.host_id in self.alive_hosts) or change.host_id == self.host_id:

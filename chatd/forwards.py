@@ -8,7 +8,10 @@ writes it: a JSON header line (sender, receiver, the sender's incarnation and
 message carries one or more, one after the other (:func:`decode_forwards`);
 A header's version is :data:`FORWARD_VERSION` (docs/formats.md): a ``"v"`` field,
 absent for 1 (what every release so far writes); one of another version is
-refused (ValueError), not misread. Its message id, the stream's dedupe key, names the first and last
+refused, not misread. For any other bytes :func:`decode_forwards` raises
+:class:`~chatd.bus.payloads.BusPayloadError` and nothing else (property-tested);
+:func:`chat_forwards`, what the receiving host reads with, also refuses a text
+no client could have sent. Its message id, the stream's dedupe key, names the first and last
 (:func:`message_id`).
 
 :class:`Publisher` publishes what each sender's outbox (:class:`chatd.rings.Outbox`)
@@ -30,8 +33,9 @@ from dataclasses import dataclass
 
 from .across import ServedMembers
 from .bus import Bus, Published
+from .bus.payloads import TOKEN, BusPayloadError, count, json_object, name, version
 from .rings import Outbox
-from .room import Forward
+from .room import Forward, has_control
 
 log = logging.getLogger("chatd")
 
@@ -39,6 +43,14 @@ log = logging.getLogger("chatd")
 FORWARD_VERSION = 1
 #: The largest forward: a whole 64 KiB line and its header.
 MAX_FORWARD = 64 * 1024 + 512
+#: The longest text a forward carries: a whole line (chatd.protocols.line.MAX_LINE).
+MAX_TEXT = 64 * 1024
+#: The longest header line (an honest one is under 200 bytes).
+MAX_HEADER = 512
+#: What the journal keeps an incarnation or a k in: 8 bytes, unsigned.
+MAX_COUNT = 2 ** 64 - 1
+#: A header's fields besides "v" (all of them, and no others).
+HEADER_FIELDS = ("from", "to", "inc", "k", "host", "len")
 #: The most of a sender's forwards put in one stream message (NATS's max_payload is 1 MiB).
 MAX_BATCH = 256 * 1024
 
@@ -80,14 +92,18 @@ def encode_forward(forward: Forward) -> bytes:
 
 
 def _read_header(payload: bytes, offset: int) -> tuple[Header, int, int]:
-    """The header at ``offset``, where its text starts, and the text's length."""
-    end = payload.index(b"\n", offset)
-    fields = json.loads(payload[offset:end])
-    if fields.get("v", 1) != FORWARD_VERSION:
-        raise ValueError(f"a forward of version {fields['v']!r}; this release reads version {FORWARD_VERSION}")
-    header = Header(str(fields["from"]), str(fields["to"]), int(fields["inc"]), int(fields["k"]),
-                    str(fields["host"]))
-    return header, end + 1, int(fields["len"])
+    """The header at ``offset``, where its text starts, and the text's length (BusPayloadError
+    if it is not a header this release writes)."""
+    end = payload.find(b"\n", offset, offset + MAX_HEADER + 1)
+    if end < 0:
+        raise BusPayloadError("header", f"no forward header line at byte {offset} (none ends within "
+                                        f"{MAX_HEADER} bytes)")
+    fields = json_object(payload[offset:end], "a forward's header", HEADER_FIELDS, ("v",))
+    version(fields, "a forward", FORWARD_VERSION)
+    header = Header(name(fields, "from", "a forward"), name(fields, "to", "a forward"),
+                    count(fields, "inc", "a forward", 1, MAX_COUNT), count(fields, "k", "a forward", 0, MAX_COUNT),
+                    name(fields, "host", "a forward", TOKEN))
+    return header, end + 1, count(fields, "len", "a forward", 0, MAX_TEXT)
 
 
 def read_header(payload: bytes) -> Header:
@@ -96,17 +112,35 @@ def read_header(payload: bytes) -> Header:
 
 
 def decode_forwards(seq: int, payload: bytes) -> list[Incoming]:
-    """Every forward in one stream message (raises ValueError, KeyError... if it is not ours)."""
+    """Every forward in one stream message; for any other bytes, :class:`BusPayloadError` (and
+    nothing else): the whole message is refused, not the part of it that reads."""
     found, offset = [], 0
     while offset < len(payload):
         header, start, length = _read_header(payload, offset)
         text = payload[start:start + length]
-        if length < 0 or len(text) != length:
-            raise ValueError(f"a forward's text is cut short ({len(text)} of {length} bytes)")
-        found.append(Incoming(seq, header.sender, header.receiver, header.incarnation, header.k, text.decode()))
+        if len(text) != length:
+            raise BusPayloadError("length", f"a forward's text is cut short ({len(text)} of {length} bytes)")
+        try:
+            decoded = text.decode()
+        except UnicodeDecodeError as exc:
+            raise BusPayloadError("utf8", f"a forward's text is not UTF-8 ({exc.reason} at byte {exc.start})") \
+                from None
+        found.append(Incoming(seq, header.sender, header.receiver, header.incarnation, header.k, decoded))
         offset = start + length
     if not found:
-        raise ValueError("no forward in it")
+        raise BusPayloadError("empty", "no forward in it")
+    return found
+
+
+def chat_forwards(seq: int, payload: bytes) -> list[Incoming]:
+    """:func:`decode_forwards`, and every text one a client could have sent (the room refuses
+    control characters in a MSG): a forward whose text holds a line break would write a line of
+    its own choosing into its receiver's stream. The receiving host reads with this."""
+    found = decode_forwards(seq, payload)
+    for incoming in found:
+        if has_control(incoming.text):
+            raise BusPayloadError("text", f"a forward's text ({incoming.sender}>{incoming.receiver} "
+                                          f"k={incoming.k}) holds control characters: no client sends them")
     return found
 
 

@@ -10,6 +10,8 @@ receiver, in stream order: its receiver's output ring is full, or the
 directory has not shown the pairing the sender saw. It is tried again when
 the receiver's ring has room or the directory changes (:meth:`Inbound.wake`);
 one that no one here takes any more is dropped, as the room would drop it. A
+stream message that is not chatd's forwards (:func:`chatd.forwards.chat_forwards`
+refuses it) is skipped, counted as handled, and said once per kind. A
 receiver whose stash passes :data:`STASH_LIMIT` bytes is closed: it takes
 nothing.
 
@@ -28,7 +30,8 @@ from fdkeep.text import plural
 
 from .across import ServedMembers
 from .bus import Delivered
-from .forwards import Incoming, decode_forwards
+from .bus.payloads import BusPayloadError, Complaints
+from .forwards import Incoming, chat_forwards
 from .room import Room
 
 log = logging.getLogger("chatd")
@@ -53,6 +56,8 @@ class Inbound:
         self._held: list[Incoming] | None = []
         #: The highest stream sequence handled; None until started.
         self._handled_to: int | None = None
+        #: Stream messages that are not chatd's forwards: skipped, and said once per kind.
+        self.complaints = Complaints(lambda line: log.warning("cluster: %s", line))
 
     def start(self, cursor: int) -> None:
         """Going on from ``cursor``, the journal's: everything up to it is handled."""
@@ -75,9 +80,10 @@ class Inbound:
 
     def delivered(self, result: Delivered) -> None:
         try:
-            forwards = decode_forwards(result.seq, result.payload)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            log.warning("cluster: stream message %d is not chatd's forwards (%s): skipped", result.seq, exc)
+            forwards = chat_forwards(result.seq, result.payload)
+        except BusPayloadError as exc:
+            # Handled: the cursor moves past it (nothing stashed waits behind it for ever).
+            self.complaints("stream message", exc, f"{result.seq} on {result.subject[:80]!r}")
             self._handled_to = max(self._handled_to, result.seq)
             return
         for incoming in forwards:

@@ -160,6 +160,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--host-lease", metavar="SECONDS", type=float, default=10.0,
         help="with --cluster: how long this host's lease lasts unrenewed; when a host is gone that long, "
              "the other hosts free its nicks (default 10; the same on every host)")
+    parser.add_argument(
+        "--nats-creds", metavar="FILE",
+        help="with --cluster: this host's NATS key (an nkey seed, DIR/hosts/<host>.nk made by `chatctl nats-secrets`): "
+             "the servers let only listed hosts in, each with its own permissions")
+    parser.add_argument(
+        "--nats-ca", metavar="FILE",
+        help="with --cluster: the CA that signed the NATS servers' certificates (DIR/ca.pem of `chatctl "
+             "nats-secrets`): connect with TLS and verify the server")
     parser.add_argument("--no-outbox", action="store_true",
                         help="with --cluster: publish forwards without keeping them in the journal first "
                         "(loses messages in a crash: for tests that must show loss)")
@@ -177,6 +185,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "carry no nick or message, but counts of clients are still nobody else's business)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="the least important messages logged, to stderr (default %(default)s)")
+    parser.add_argument("--direct-same-host", action="store_true",
+                        help="with --cluster: tell a message between two clients of this host at once instead "
+                        "of storing it in the stream first (faster; the loss of this host then loses what "
+                        "it had handled and not delivered: for benchmarks and tests that must show loss)")
     args = parser.parse_args(argv)
     if args.cluster:
         from .cluster import HOST_ID_RE
@@ -184,8 +196,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.host_id = args.host_id or re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32]
         if not HOST_ID_RE.match(args.host_id):
             parser.error(f"--host-id {args.host_id!r} must be 1-32 of A-Z a-z 0-9 _ -")
-    elif args.no_outbox or args.no_cursor or args.host_id:
-        parser.error("--host-id, --no-outbox and --no-cursor go with --cluster")
+    elif args.no_outbox or args.no_cursor or args.direct_same_host or args.host_id or args.nats_creds \
+            or args.nats_ca:
+        parser.error("--host-id, --nats-creds, --nats-ca, --no-outbox, --no-cursor and --direct-same-host go "
+                     "with --cluster")
     if args.wait and not args.restore:
         parser.error("--wait goes with --restore")
     if args.fresh and args.restore:
@@ -299,12 +313,18 @@ def main(argv=None) -> int:
 
         try:
             bus = Bus([url.strip() for url in args.cluster.split(",") if url.strip()], args.host_id,
-                      host_lease=args.host_lease)
+                      host_lease=args.host_lease, creds=args.nats_creds, ca=args.nats_ca)
         except Error as exc:
             log.error("%s", exc.message)
             return 2
+        if not (args.nats_creds and args.nats_ca):
+            log.warning("cluster: NATS without %s: anyone who reaches its servers can forge, read or take this "
+                        "cluster's messages and nicks. Fix: `chatctl nats-secrets` (README, \"Security across hosts\")",
+                        " and ".join(what for what, given in (("credentials (--nats-creds)", args.nats_creds),
+                                                              ("TLS (--nats-ca)", args.nats_ca)) if not given))
         server.cluster = Cluster(bus, args.host_id, server.room, ServerMembers(server), server.loop,
-                                 outbox=not args.no_outbox, cursor=not args.no_cursor)
+                                 outbox=not args.no_outbox, cursor=not args.no_cursor,
+                                 durable_same_host=not args.direct_same_host)
 
     stopped = False
     try:

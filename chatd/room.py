@@ -315,6 +315,10 @@ class Room:
         self._awaiting: dict[str, Member] = {}
         #: Members with a session, by the hash of its token.
         self._by_token: dict[bytes, Member] = {}
+        #: Across hosts, this host's id: a message to a member of this host goes through the
+        #: stream too, as a :class:`Forward` to here, so that it is stored in the cluster before
+        #: it is delivered (None: on one host, or with ``--direct-same-host``, it is told at once).
+        self.durable_host: str | None = None
 
     # -- membership ---------------------------------------------------------------------
     def join(self, member_id: int, protocol: str = "line") -> Outcome:
@@ -445,18 +449,23 @@ class Room:
         outcome.changed.add(member.id)
         outcome.tell(member.id, Unpaired(remote.nick))
 
+    def through_stream(self, peer: "Member | Remote") -> bool:
+        """Whether a message to ``peer`` is forwarded (:class:`Forward`) rather than told."""
+        return isinstance(peer, Remote) or self.durable_host is not None
+
     def receive(self, receiver: str, sender: str, incarnation: int, k: int, text: str) -> Outcome | None:
-        """A message a member of another host forwarded to ``receiver``. The outcome is
-        empty when it is not for anyone here any more or was seen already; None when its
-        receiver names the sender but the directory has not shown the pairing yet (the
-        sender's host saw it first): the caller keeps it and asks again later."""
+        """A message forwarded to ``receiver`` through the stream (from another host, or from
+        this one: :attr:`durable_host`). The outcome is empty when it is not for anyone here
+        any more or was seen already; None when its receiver names the sender but is not
+        paired with it (yet: the directory has not shown the pairing the sender's host saw):
+        the caller keeps it and asks again later."""
         outcome = Outcome()
         member = self._by_nick.get(receiver)
         if member is None or member.target != sender:
             return outcome
         if incarnation == member.peer_incarnation and k <= member.last_k:
             return outcome
-        if not (isinstance(member.peer, Remote) and member.peer.nick == sender):
+        if member.peer is None or member.peer.nick != sender:
             return None
         member.peer_incarnation, member.last_k = incarnation, k
         member.received += 1
@@ -587,10 +596,11 @@ class Room:
         if peer is None:
             outcome.tell(member.id, Failed("not-paired"))
             return
-        if isinstance(peer, Remote):
+        if self.through_stream(peer):
             member.sent += 1
             outcome.changed.add(member.id)
-            outcome.forwards.append(Forward(member.id, peer.host, peer.nick, member.nick, member.incarnation,
+            host = peer.host if isinstance(peer, Remote) else self.durable_host
+            outcome.forwards.append(Forward(member.id, host, peer.nick, member.nick, member.incarnation,
                                             member.sent, text))
             return
         peer.received += 1

@@ -397,9 +397,12 @@ class ChatServer:
         if connection.outbox.free < RESERVE:
             return False
         member = self.room.members.get(connection.member_id)
-        if member is not None and isinstance(member.peer, Remote):
-            return self.cluster.has_room(connection, member)
-        peer = self._output(member.peer.id) if member and member.peer else None
+        if member is None or member.peer is None:
+            return True
+        if self.room.through_stream(member.peer) and not self.cluster.has_room(connection, member):
+            return False
+        # A peer of this host holds its sender back by its own ring, through the stream too.
+        peer = None if isinstance(member.peer, Remote) else self._output(member.peer.id)
         return peer is None or peer.outbox.free >= RESERVE
 
     def _output(self, member_id: int) -> Connection | Detached | None:
@@ -505,10 +508,12 @@ class ChatServer:
             return
         self._wake.add(connection.member_id)
         member = self.room.members.get(connection.member_id)
-        if member is not None and isinstance(member.peer, Member):
+        if member is None:
+            return
+        if isinstance(member.peer, Member):
             self._wake.add(member.peer.id)
-        elif member is not None:
-            self.cluster.wake(member.nick)  # messages from other hosts may wait for this room
+        # Messages through the stream (from other hosts, or this one's: Room.durable_host) may wait.
+        self.cluster.wake(member.nick)
 
     # -- the commit -----------------------------------------------------------------
     def commit(self) -> None:

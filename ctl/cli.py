@@ -339,12 +339,20 @@ def cmd_demo(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    from .haproxy import HAProxy, missing_haproxy
+    from .haproxy import HAProxy, missing_haproxy, tls_cert_problem
     from .hosts import Hosts, missing_for_cluster
 
     if args.hosts < 1 or args.nats_nodes < 1 or args.lease <= 0:
         print("chatctl cluster: --hosts and --nats-nodes must be 1 or more, --lease more than 0", file=sys.stderr)
         return 2
+    if args.tls_cert is not None:
+        if not args.haproxy:
+            print("chatctl cluster: --tls-cert needs --haproxy PORT,WEBPORT: TLS ends in HAProxy, in front of "
+                  "chatd (a TLS session would die with chatd)", file=sys.stderr)
+            return 2
+        if problem := tls_cert_problem(args.tls_cert):
+            print(f"chatctl cluster: {problem}", file=sys.stderr)
+            return 2
     missing = missing_for_cluster()
     if args.haproxy and missing_haproxy():
         missing = " and ".join(filter(None, [missing, missing_haproxy()]))
@@ -367,6 +375,9 @@ def cmd_cluster(args) -> int:
             print(f"h{index}: line port {host.port}, web port {host.http_port or '-'}; chatctl for it: "
                   f"{chatctl} --control {host.control_socket} --holder {host.holder_socket}")
         print(f"NATS JetStream: {', '.join(hosts.nats.urls)}; everything in {hosts.workdir}")
+        if hosts.nats.secure:
+            print(f"NATS is secured: TLS (clients and routes) and a key per host with its permissions, all in "
+                  f"{hosts.nats.secrets.directory} (README: Security across hosts)")
         balancer = None
         if args.haproxy:
             line_port, web_port = args.haproxy
@@ -375,12 +386,51 @@ def cmd_cluster(args) -> int:
                       "wsproto (pip install -e '.[test]')", file=sys.stderr)
                 return 2
             balancer = HAProxy(os.path.join(hosts.workdir, "haproxy"),
-                               [(host.port, host.http_port) for host in hosts.hosts], line_port, web_port)
+                               [(host.port, host.http_port) for host in hosts.hosts], line_port, web_port,
+                               tls_cert=args.tls_cert)
         try:
             return _run_cluster(args, hosts, balancer, chatctl)
         finally:
             if balancer is not None:
                 balancer.close()
+
+
+def cmd_nats_secrets(args) -> int:
+    from .natssecrets import LOOPBACK_NAMES, Secrets, make_secrets
+
+    hosts = [name.strip() for name in args.hosts.split(",") if name.strip()]
+    nodes = [name.strip() for name in args.nodes.split(",") if name.strip()]
+    names = [name.strip() for name in args.names.split(",") if name.strip()] if args.names else list(LOOPBACK_NAMES)
+    if not nodes:
+        print("chatctl nats-secrets: --nodes names at least one NATS node (n0,n1,n2)", file=sys.stderr)
+        return 2
+    try:
+        revoke = [name.strip() for name in (args.revoke or "").split(",") if name.strip()]
+        changed = make_secrets(args.directory, hosts, nodes, names=names, revoke=revoke)
+    except Error as exc:
+        print(f"chatctl nats-secrets: {exc.message}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"chatctl nats-secrets: needs {exc.name} (pip install 'process-backup[cluster]')", file=sys.stderr)
+        return 2
+    secrets = Secrets(args.directory)
+    reply = {"ok": True, "directory": secrets.directory, "ca": secrets.ca, **changed,
+             "hosts": {host: secrets.host_seed(host) for host in hosts},
+             "nodes": {node: {"include": secrets.node_include(node),
+                              "include_in_cluster": secrets.node_include(node, routes=True)} for node in nodes}}
+    lines = [f"NATS secrets in {secrets.directory}: made {', '.join(changed['made']) or 'nothing new'}"
+             + (f"; REVOKED {', '.join(changed['revoked'])} (their keys removed)" if changed["revoked"] else "")]
+    for host in hosts:
+        lines.append(f"host {host}: copy {secrets.host_seed(host)} (secret: mode 0600, chatd's user) and "
+                     f"{secrets.ca} to it; chatd --nats-creds FILE --nats-ca FILE")
+    for node in nodes:
+        lines.append(f"node {node}: its nats-server.conf includes {secrets.node_include(node)} at the top and "
+                     f"{secrets.node_include(node, routes=True)} inside cluster {{ }} (nats-server's include paths "
+                     "are relative to the config file)")
+    lines.append("then reload every node: nats-server --signal reload (or systemctl reload nats-server); "
+                 "a host left out is cut off at the reload")
+    _print(args, reply, "\n".join(lines))
+    return 0
 
 
 def _run_cluster(args, hosts, balancer, chatctl: str) -> int:
@@ -398,7 +448,7 @@ def _run_cluster(args, hosts, balancer, chatctl: str) -> int:
                 print(f"chatctl cluster: could not start haproxy: {exc.message}", file=sys.stderr)
                 return 1
             print(f"HAProxy in front of every host: line port {balancer.line_port}, web port "
-                  f"{balancer.web_port} (http://127.0.0.1:{balancer.web_port}/); its config "
+                  f"{balancer.web_port} ({balancer.web_url}{', TLS ends here' if balancer.tls_cert else ''}); its config "
                   f"{balancer.config_path}, its log {balancer.log_path}")
         if args.demo:
             return _cluster_demo(hosts)
@@ -434,6 +484,30 @@ def _port_pair(text: str) -> tuple[int, int]:
     if not (0 < line < 65536 and 0 < web < 65536) or line == web:
         raise argparse.ArgumentTypeError(f"{text!r}: two different ports, each 1 to 65535")
     return line, web
+
+
+def _host_ports(text: str) -> tuple[str, int, int]:
+    address, _, ports = text.rpartition(":")
+    try:
+        line, web = _port_pair(ports)
+    except argparse.ArgumentTypeError:
+        line = web = None
+    if not address or line is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a host's address, its line port and its web port: "
+                                         "10.0.0.11:5001,8001")
+    return address, line, web
+
+
+def cmd_haproxy_config(args) -> int:
+    from .haproxy import haproxy_config, tls_cert_problem
+
+    if args.tls_cert is not None and (problem := tls_cert_problem(args.tls_cert)):
+        # Said, not refused: the config may be meant for another machine, where the file is.
+        print(f"chatctl haproxy-config: warning: {problem} (haproxy will not start until it is)", file=sys.stderr)
+    line_port, web_port = args.listen
+    print(haproxy_config(args.host, line_port, web_port, bind=args.bind, stats_socket=args.stats_socket,
+                         tls_cert=args.tls_cert and os.path.abspath(args.tls_cert)), end="")
+    return 0
 
 
 def _revive_haproxy(balancer, limit, how_it_ended) -> str:
@@ -592,6 +666,40 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also run HAProxy (Debian's haproxy) on 127.0.0.1 in front of every host: one line "
                          "port and one web port for all clients, a host taken out when its chatd's /healthz "
                          "fails (its config and log in the scratch directory; README: Behind HAProxy)")
+    cluster.add_argument("--tls-cert", metavar="PEM",
+                         help="with --haproxy: HAProxy's web port speaks https:// and wss://, TLS ending in "
+                         "HAProxy with this PEM (certificate, chain and private key in one file; README: The "
+                         "web chat over TLS)")
+    config = add("haproxy-config", cmd_haproxy_config, "Print the haproxy.cfg to keep for chatd hosts, one or "
+                 "many (README: Behind HAProxy): one line port (TCP) and one web port (HTTP and WebSocket, "
+                 "over TLS with --tls-cert) for every client, each host checked on chatd's /healthz. "
+                 "Write it to /etc/haproxy/haproxy.cfg and `systemctl reload haproxy`.", json_flag=False)
+    config.add_argument("--host", type=_host_ports, action="append", required=True, metavar="ADDRESS:LINE,WEB",
+                        help="a chatd host: its address, line port and web port, e.g. 10.0.0.11:5001,8080 "
+                        "(again for each host)")
+    config.add_argument("--listen", type=_port_pair, default=(5000, 8000), metavar="PORT,WEBPORT",
+                        help="HAProxy's line port and web port (default 5000,8000; 5000,443 for https)")
+    config.add_argument("--bind", default="0.0.0.0", help="HAProxy's address (default %(default)s)")
+    config.add_argument("--tls-cert", metavar="PEM",
+                        help="end TLS on the web port with this PEM (certificate, chain and private key)")
+    config.add_argument("--stats-socket", default="/run/haproxy/chatd.sock",
+                        help="HAProxy's admin socket (default %(default)s)")
+    secrets = add("nats-secrets", cmd_nats_secrets, "Make what a secured NATS cluster needs in DIR: a CA, each "
+                  "node's certificate (routes and clients speak TLS), each chatd host's own key (an nkey) and the "
+                  "servers' authorization block, which lets each host do only what chatd needs. Run again to add "
+                  "a host (only its key is new) or to revoke one (--revoke), then reload the nodes. A node's "
+                  "certificate is kept: remove DIR/nodes/<node>*.pem to make it again with new --names. "
+                  "README: Security across hosts.")
+    secrets.add_argument("directory", metavar="DIR", help="where the secrets live (kept: made only where missing)")
+    secrets.add_argument("--hosts", required=True, metavar="A,B,C",
+                         help="every chatd host's --host-id allowed in (each gets a key if it has none)")
+    secrets.add_argument("--revoke", metavar="D,E", help="hosts to cut off: their keys removed, their users "
+                         "gone from the authorization (a host with a key in neither list is an error)")
+    secrets.add_argument("--nodes", default="n0", metavar="N0,N1,N2",
+                         help="the NATS nodes' names (default %(default)s), one certificate each")
+    secrets.add_argument("--names", metavar="NAME,IP,...",
+                         help="the names and addresses chatd hosts and other nodes dial the nodes by, put in "
+                         "their certificates (default: localhost,127.0.0.1,::1)")
     add("shell", cmd_shell, "The master console: crash and restore a chatd by hand. It starts its own chatd "
         "and two paired clients in a scratch directory (not a chatd you run), and holderd on `create`; type "
         "1to2, 2to1, create, backup, crash, restart, restore, status, help, exit.", json_flag=False)

@@ -7,8 +7,10 @@ NATS JetStream cluster (:class:`ctl.natscluster.NatsCluster`, 3 nodes by
 default, so the stream and buckets are R3) and ``hosts`` chatd hosts, each a
 :class:`ctl.launch.Launcher` of its own: its own holderd, journal, control
 socket and line and web ports, as separate machines would have. Every chatd
-gets ``--cluster`` with every NATS node's URL and ``--host-id h<i>``, the
-same across its restarts, which is what lets a restarted chatd take its
+gets ``--cluster`` with every NATS node's URL, ``--host-id h<i>``, the
+same across its restarts, and its own NATS key and the cluster's CA
+(``--nats-creds``, ``--nats-ca``: the cluster is secured as a deployment is,
+unless ``secure=False``), which is what lets a restarted chatd take its
 nicks and its place in the stream back.
 
 What dies is started again by :meth:`Hosts.revive`, called over and over by
@@ -52,8 +54,9 @@ def missing_for_cluster() -> str | None:
     missing = []
     if not os.access(NATS_SERVER, os.X_OK):
         missing.append("nats-server (apt-get install nats-server)")
-    if importlib.util.find_spec("nats") is None:
-        missing.append("nats-py (pip install -e '.[cluster]')")
+    lacking = [name for name in ("nats", "nkeys", "cryptography") if importlib.util.find_spec(name) is None]
+    if lacking:
+        missing.append(f"{', '.join(lacking)} (pip install -e '.[cluster]')")
     return " and ".join(missing) or None
 
 
@@ -89,12 +92,13 @@ class RestartLimit:
 
 class Hosts:
     def __init__(self, hosts: int = 3, nats_nodes: int = 3, *, lease: float = 3.0, workdir: str | None = None,
-                 chatd_args: tuple[str, ...] = ()):
+                 chatd_args: tuple[str, ...] = (), secure: bool = True):
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="chatd-hosts-")
         self.lease = lease
         self.chatd_args = tuple(chatd_args)
-        self.nats = NatsCluster(os.path.join(self.workdir, "nats"), nats_nodes, start=False)
+        self.nats = NatsCluster(os.path.join(self.workdir, "nats"), nats_nodes, start=False, secure=secure,
+                                hosts=tuple(f"h{index}" for index in range(hosts)))
         self.hosts: list[Launcher] = []
         for index in range(hosts):
             directory = os.path.join(self.workdir, f"h{index}")
@@ -105,7 +109,7 @@ class Hosts:
 
     def host_args(self, index: int) -> tuple[str, ...]:
         return ("--cluster", ",".join(self.nats.urls), "--host-id", f"h{index}", "--host-lease", f"{self.lease:g}",
-                *self.chatd_args)
+                *self.nats.credentials(f"h{index}"), *self.chatd_args)
 
     def start(self, *extra: str, env: dict | None = None) -> "Hosts":
         """The NATS cluster, then each host's holderd and chatd (``extra``: more chatd options;

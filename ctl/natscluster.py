@@ -28,6 +28,15 @@ scratch), which is safe to call twice and runs on leaving a ``with`` block;
 and each node is started with ``PR_SET_PDEATHSIG`` so that it dies with the
 thread that started it, should the test process itself be killed.
 
+**Secured by default**, as a deployment is (README, "Security across hosts"):
+the cluster's secrets (:mod:`ctl.natssecrets`, in ``secrets/``) give every
+node a certificate from the cluster's CA; clients must speak TLS, routes are
+mutual TLS, and only the chatd hosts given (``hosts``, and any added by
+:meth:`NatsCluster.credentials`, which reloads the running nodes) may connect,
+each with its own nkey and permissions. :meth:`NatsCluster.credentials` gives a
+host's ``--nats-creds`` and ``--nats-ca``; :meth:`NatsCluster.revoke` takes a
+host out. ``secure=False`` is the open cluster of before (no TLS, anyone in).
+
 nats-server 2.9 ignores config options it does not know without a word, so
 this module writes only options 2.9 knows, and code that creates streams reads
 their configuration back (:mod:`chatd.bus` does).
@@ -38,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -47,8 +57,11 @@ import urllib.request
 from fdkeep.errors import Error
 
 from .children import ClosedOnExit, die_with_parent, log_tail
+from .natssecrets import Secrets, make_secrets
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+#: What nats-server logs once a reload (SIGHUP) took effect.
+RELOADED = "Reloaded server configuration"
 
 
 def free_ports(count: int) -> list[int]:
@@ -108,7 +121,8 @@ class NatsNode:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def write_config(self, cluster_name: str, peers: list["NatsNode"]) -> None:
+    def write_config(self, cluster_name: str, peers: list["NatsNode"], secrets: Secrets | None = None) -> None:
+        """Its config; with ``secrets``: TLS for clients and routes, and the hosts' authorization."""
         os.makedirs(self.store_dir, exist_ok=True)
         lines = [
             f"server_name: {self.name}",
@@ -116,10 +130,13 @@ class NatsNode:
             f"http: 127.0.0.1:{self.monitor_port}",
             f'jetstream {{ store_dir: "{self.store_dir}" }}',
         ]
+        if secrets is not None:
+            lines.append(secrets.node_config(self.name))
         if peers:
             routes = ", ".join(f"nats-route://127.0.0.1:{peer.cluster_port}" for peer in peers)
+            route_tls = f", {secrets.tls_block(self.name, routes=True)}" if secrets is not None else ""
             lines.append(f"cluster {{ name: {cluster_name}, listen: 127.0.0.1:{self.cluster_port}, "
-                         f"routes: [{routes}] }}")
+                         f"routes: [{routes}]{route_tls} }}")
         with open(self.config_path, "w") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -161,7 +178,7 @@ class NatsCluster(ClosedOnExit):
     """
 
     def __init__(self, workdir: str, nodes: int = 3, *, binary: str = NATS_SERVER, cluster_name: str = "chatd",
-                 start: bool = True, timeout: float = 30.0):
+                 start: bool = True, timeout: float = 30.0, secure: bool = True, hosts: tuple[str, ...] = ()):
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
         if not os.access(binary, os.X_OK):
@@ -172,6 +189,11 @@ class NatsCluster(ClosedOnExit):
         self.cluster_name = cluster_name
         self.timeout = timeout
         self.nodes = [NatsNode(index, workdir) for index in range(nodes)]
+        #: The cluster's CA, node certificates and host keys (None: an open cluster).
+        self.secrets = Secrets(os.path.join(workdir, "secrets")) if secure else None
+        self.hosts: list[str] = list(dict.fromkeys(hosts))
+        if self.secrets is not None:
+            self._make_secrets()
         #: Seconds from the first process started to every node ready, of the last :meth:`start`.
         self.start_seconds: float | None = None
         self._assign_ports()  # the URLs are known before start(): a client can be told of a server yet to come
@@ -182,6 +204,49 @@ class NatsCluster(ClosedOnExit):
     @property
     def urls(self) -> list[str]:
         return [node.url for node in self.nodes]
+
+    @property
+    def secure(self) -> bool:
+        return self.secrets is not None
+
+    def credentials(self, host: str) -> tuple[str, ...]:
+        """chatd's options for ``host`` (``--nats-creds FILE --nats-ca FILE``), its key made and
+        the running nodes reloaded first if it is new; () for an open cluster."""
+        if self.secrets is None:
+            return ()
+        if host not in self.hosts:
+            self.hosts.append(host)
+            self._make_secrets()
+            self.reload()
+        return ("--nats-creds", self.secrets.host_seed(host), "--nats-ca", self.secrets.ca)
+
+    def bus_options(self, host: str) -> dict:
+        """:class:`chatd.bus.Bus` keyword arguments for ``host`` (as :meth:`credentials`)."""
+        options = self.credentials(host)
+        return {"creds": options[1], "ca": options[3]} if options else {}
+
+    def revoke(self, host: str) -> None:
+        """Take ``host`` out of the authorization, its key removed, and reload the running nodes:
+        its connections are closed and it cannot connect again."""
+        if host in self.hosts:
+            self.hosts.remove(host)
+            self._make_secrets(revoke=[host])
+            self.reload()
+
+    def reload(self) -> None:
+        """Every running node reads its config again (SIGHUP); returns once each logged the reload."""
+        waiting = []
+        for node in self.nodes:
+            if node.running:
+                waiting.append((node, self._log_tail(node, None).count(RELOADED)))
+                node.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + self.timeout
+        for node, before in waiting:
+            while self._log_tail(node, None).count(RELOADED) <= before:
+                if not node.running or time.monotonic() > deadline:
+                    raise Error("reload", f"nats-server {node.name} did not reload its config; its log "
+                                          f"{node.log_path} says: {self._log_tail(node)[-400:]}")
+                time.sleep(0.02)
 
     @property
     def clustered(self) -> bool:
@@ -296,9 +361,18 @@ class NatsCluster(ClosedOnExit):
         ports = free_ports(3 * len(self.nodes))
         for node in self.nodes:
             node.client_port, node.cluster_port, node.monitor_port = ports[3 * node.index: 3 * node.index + 3]
+        self._write_configs()
+
+    def _write_configs(self) -> None:
         for node in self.nodes:
             peers = [peer for peer in self.nodes if peer is not node]
-            node.write_config(self.cluster_name, peers)
+            node.write_config(self.cluster_name, peers, self.secrets)
+
+    def _make_secrets(self, revoke: list[str] = ()) -> None:
+        make_secrets(self.secrets.directory, self.hosts, [node.name for node in self.nodes],
+                     cluster_name=self.cluster_name, revoke=revoke)
+        if self.nodes[0].client_port:  # ports assigned: the configs exist and must say the new users
+            self._write_configs()
 
     def _wait_ready(self, nodes: list[NatsNode]) -> None:
         deadline = time.monotonic() + self.timeout
@@ -326,5 +400,11 @@ class NatsCluster(ClosedOnExit):
             node.kill()
 
     @staticmethod
-    def _log_tail(node: NatsNode) -> str:
-        return log_tail(node.log_path, 2000)
+    def _log_tail(node: NatsNode, size: int | None = 2000) -> str:
+        if size is None:
+            try:
+                with open(node.log_path, errors="replace") as f:
+                    return f.read()
+            except OSError:
+                return ""
+        return log_tail(node.log_path, size)

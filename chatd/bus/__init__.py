@@ -30,6 +30,8 @@ restarting after a crash restores its clients without waiting for them, so
 * both: :mod:`~chatd.bus.mailbox`, :mod:`~chatd.bus.state`, and
   :mod:`~chatd.bus.checks`, the pure decisions (names, nick values, whether a
   stream, a bucket or the cursor will do).
+* :mod:`~chatd.bus.access`: this host's NATS key and the servers' CA (chatd's
+  thread checks the files, the bus thread connects with them).
 * the bus thread only: :mod:`~chatd.bus.engine` (the connection, the setup,
   publishing, delivery), :mod:`~chatd.bus.directory` (nicks and leases),
   :mod:`~chatd.bus.tasks` (the one retry loop, the per-key lanes).
@@ -79,10 +81,12 @@ back) instead of growing without end.
 
 **Nicks and leases.** A nick is a key in the nicks bucket whose value is
 JSON naming its host (``{"host": ...}``). :meth:`Bus.claim` creates it; if it
-exists and names this host (left over from this host's earlier life) or a
+exists and names this host (left over from this host's earlier life), a
 host whose lease key is gone from the hosts bucket (that host died and its
-lease expired), it takes it with a compare-and-set update on the revision it
-read; otherwise the claim is refused. While the bus runs it puts this host's
+lease expired), or no host at all (garbage someone wrote over it:
+:mod:`~chatd.bus.payloads`), it takes it with a compare-and-set update on the
+revision it read; otherwise the claim is refused. A change under a key that is
+no nick or host id is ignored, said once per kind. While the bus runs it puts this host's
 lease key every ``host_lease / 4`` s. Both buckets are watched (all current
 values, then every change), giving :class:`NickChanged` and
 :class:`HostChanged`. nats-server 2.9 writes no marker when a key expires,
@@ -108,6 +112,7 @@ import time
 
 from fdkeep.errors import Error
 
+from .access import check_files
 from .checks import check_token, holder
 from .mailbox import Mailbox
 from .results import (BusError, Claimed, Connected, Delivered, DirectoryComplete, Disconnected, HostChanged,
@@ -123,11 +128,13 @@ class Bus:
 
     ``servers``: every NATS server's URL (nats-py reconnects across them for ever).
     ``replicas``: the stream's and buckets' replica count, 3 by default with 3 servers or more.
+    ``creds``, ``ca``: this host's nkey seed file and the servers' CA (:mod:`chatd.bus.access`).
     """
 
     def __init__(self, servers: list[str], host_id: str, *, stream: str = "CHATD",
                  nick_bucket: str = "chatd_nicks", host_bucket: str = "chatd_hosts",
-                 host_lease: float = 10.0, replicas: int | None = None):
+                 host_lease: float = 10.0, replicas: int | None = None, creds: str | None = None,
+                 ca: str | None = None):
         if importlib.util.find_spec("nats") is None:
             raise Error("unavailable", "nats-py is not installed: pip install 'process-backup[cluster]'")
         if not servers:
@@ -135,10 +142,11 @@ class Bus:
         check_token("host id", host_id)
         if host_lease <= 0:
             raise Error("bad-config", f"host_lease must be positive, not {host_lease}")
+        check_files(creds, ca)
         self.settings = BusSettings(
             servers=tuple(servers), host_id=host_id, stream=stream, nick_bucket=nick_bucket,
             host_bucket=host_bucket, host_lease=float(host_lease),
-            replicas=replicas if replicas is not None else (3 if len(servers) >= 3 else 1))
+            replicas=replicas if replicas is not None else (3 if len(servers) >= 3 else 1), creds=creds, ca=ca)
         self._mailbox = Mailbox(backlog_of=Delivered)
         self._gauges = Gauges()  # the bus thread's own from start() on
         self._publishes_requested = 0

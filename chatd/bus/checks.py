@@ -28,6 +28,8 @@ import re
 
 from fdkeep.errors import Error
 
+from .payloads import read_kv_key
+
 #: What the stream keeps: one message per Nats-Msg-Id for this long, every message this long.
 DUPLICATE_WINDOW = 600.0
 MAX_AGE = 86400.0
@@ -127,6 +129,8 @@ def unread_expired(stream: str, cursor: int, state, max_age: float | None) -> st
 
 def kv_entry(prefix: str, subject: str, headers: dict | None, seq: int) -> tuple[str, int, bool]:
     """A KV change seen on the bucket's stream: (key, revision, deleted). ``prefix`` is
-    ``$KV.<bucket>.``; a delete or purge is marked by the header ``KV-Operation``."""
-    operation = (headers or {}).get("KV-Operation")
-    return subject[len(prefix):], seq, operation in ("DEL", "PURGE")
+    ``$KV.<bucket>.``; a delete or purge is marked by the header ``KV-Operation`` (any other
+    value of it is a put). A key that is no nick or host id (anyone may publish to
+    ``$KV.<bucket>.a.b``): :class:`~chatd.bus.payloads.BusPayloadError`."""
+    operation = (headers or {}).get("KV-Operation") if isinstance(headers, dict) else None
+    return read_kv_key(prefix, subject), seq, operation in ("DEL", "PURGE")

@@ -22,7 +22,8 @@ import nats.errors
 import nats.js.errors
 from nats.js import api as js_api
 
-from .checks import describe, holder, kv_entry
+from .checks import describe, kv_entry
+from .payloads import BusPayloadError, Complaints, read_entry
 from .results import Claimed, DirectoryComplete, HostChanged, NickChanged, Released, Updated
 from .tasks import Lanes, retry
 
@@ -66,6 +67,8 @@ class Directory:
         self._nick_revision: dict[str, int] = {}
         #: The buckets whose first values have not all come yet (DirectoryComplete when none).
         self._catching_up = {"nicks", "hosts"}
+        #: KV changes under a key that names no nick or host: ignored, said once per kind.
+        self.complaints = Complaints(lambda line: engine.say("bad-payload", line))
 
     def use_buckets(self, nicks, hosts) -> None:
         self.nicks, self.hosts = nicks, hosts
@@ -103,14 +106,25 @@ class Directory:
                 entry = await self.nicks.get(nick)
             except nats.js.errors.KeyNotFoundError:
                 continue  # released since: create again
-            named = holder(entry.value)
-            if named == self.settings.host_id or (named is not None and not await self._lease_held(named)):
+            named, unreadable = self._holder(entry.value)
+            if named == self.settings.host_id or unreadable or (named is not None
+                                                                and not await self._lease_held(named)):
                 try:
                     revision = await self.nicks.update(nick, value, last=entry.revision)
                     return Claimed(token, nick, True, revision, self.settings.host_id)
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue  # another host moved first: look again
             return Claimed(token, nick, False, entry.revision, named)
+
+    @staticmethod
+    def _holder(value: bytes) -> tuple[str | None, bool]:
+        """The host a nick's entry names, and whether it is *unreadable*: it names no one (garbage
+        someone wrote over it), and is free to take. Another release's entry names no host this
+        release can trust, but it is not free: that host may be alive."""
+        try:
+            return read_entry(value)[0], False
+        except BusPayloadError as exc:
+            return None, exc.kind != "version"
 
     async def _lease_held(self, host_id: str) -> bool:
         try:
@@ -152,7 +166,11 @@ class Directory:
         await self._watch("nicks", self.settings.nick_bucket, prefix, self._on_nick, headers_only=False)
 
     async def _on_nick(self, msg) -> None:
-        nick, revision, deleted = self._kv_entry(msg, f"$KV.{self.settings.nick_bucket}.")
+        try:
+            nick, revision, deleted = self._kv_entry(msg, f"$KV.{self.settings.nick_bucket}.")
+        except BusPayloadError as exc:
+            self.complaints("nick change", exc, f"on {msg.subject[:80]!r}")
+            return
         if revision <= self._nick_revision.get(nick, 0):
             return
         self._nick_revision[nick] = revision
@@ -192,7 +210,11 @@ class Directory:
                           headers_only=True)
 
     async def _on_host(self, msg) -> None:
-        host, _, deleted = self._kv_entry(msg, f"$KV.{self.settings.host_bucket}.")
+        try:
+            host, _, deleted = self._kv_entry(msg, f"$KV.{self.settings.host_bucket}.")
+        except BusPayloadError as exc:
+            self.complaints("host lease", exc, f"on {msg.subject[:80]!r}")
+            return
         if deleted:
             self._host_is(host, False)
         else:

@@ -27,6 +27,9 @@ import nats.errors
 import nats.js.errors
 from nats.js import api as js_api
 
+from fdkeep.errors import Error
+
+from .access import connect_options, new_client, refused
 from .checks import (DUPLICATE_WINDOW, MAX_AGE, STREAM_SUBJECTS, bucket_refusal, cursor_refusal, describe,
                      stream_refusal, unread_expired)
 from .directory import Directory
@@ -35,10 +38,19 @@ from .results import BusError, Connected, Delivered, Disconnected, Published
 from .state import BusSettings, Gauges
 from .tasks import Lanes, retry
 
-#: Seconds one publish attempt waits for JetStream's ack before it is sent again.
-ACK_TIMEOUT = 2.0
-#: The ordered consumers' idle heartbeat: a consumer whose node died is remade after two missed.
-HEARTBEAT = 1.0
+#: Seconds one publish attempt waits for JetStream's ack before it is sent again. On loopback
+#: or a LAN an ack takes milliseconds; what outlasts this is a stream without a leader (a node
+#: died: an election takes 4-9 s on nats-server 2.9), and a publish sent during the election is
+#: answered by none: sent again soon, it is stored soon after the new leader is (bench/nats_stall.py).
+ACK_TIMEOUT = 1.0
+#: The ordered consumers' idle heartbeat: a consumer whose node died is remade after two missed
+#: (nats-py), so within a second; each remaking is one small request.
+HEARTBEAT = 0.5
+#: Seconds a JetStream API request waits for its answer (a stream's info, a bucket's entry, an
+#: ordered consumer remade): each is retried (a nick claim's retry finds out what the first one
+#: did), so short, for the reason of ACK_TIMEOUT: a request sent during an election goes again
+#: soon after it. Three streams elect at once when a node dies (the messages', two buckets').
+API_TIMEOUT = 1.0
 #: Delivery pauses while this many Delivered results wait for chatd to take them.
 DELIVERY_BACKLOG = 10_000
 #: A BusError that goes on is said again at most this often.
@@ -142,7 +154,13 @@ class Engine:
     # -- connecting and the setup ------------------------------------------------------
     async def _connect_and_serve(self) -> None:
         settings = self.settings
-        self.nc = await nats.connect(
+        try:
+            access = connect_options(settings.host_id, settings.creds, settings.ca)
+        except Error as exc:
+            self.fail(exc.code, exc.message)
+            return
+        self.nc = new_client(tls_expected=settings.ca is not None)
+        await self.nc.connect(
             list(settings.servers),
             name=f"chatd {settings.host_id}",
             max_reconnect_attempts=-1,  # for ever, across every server, the first connect too
@@ -153,11 +171,12 @@ class Engine:
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            **access,  # this host's nkey and the servers' CA, if secured: chatd.bus.access
         )
         self.gauges.server = self._url()
         self.gauges.max_payload = self.nc.max_payload
         self.put(Connected(self.gauges.server))
-        self.js = self.nc.jetstream(timeout=3)
+        self.js = self.nc.jetstream(timeout=API_TIMEOUT)
         if await self.until_done("setup", self._setup) is False:
             return  # failed for good: said
         self.gauges.ready = True
@@ -235,6 +254,11 @@ class Engine:
 
     async def _on_error(self, exc: Exception) -> None:
         """nats-py's own reports: failed (re)connects, and what its background tasks hit."""
+        settings = self.settings
+        refusal = refused(exc, settings.host_id, settings.creds is not None, settings.ca is not None)
+        if refusal:
+            self.say("refused", f"{refusal} (retrying)")
+            return
         if isinstance(exc, (OSError, nats.errors.NoServersError)) or (
                 self.gauges.server is None and isinstance(exc, asyncio.TimeoutError)):
             self.say("unreachable", f"cannot reach NATS ({', '.join(self.settings.servers)}): {describe(exc)}; "

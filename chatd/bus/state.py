@@ -22,6 +22,8 @@ class BusSettings:
     host_bucket: str
     host_lease: float
     replicas: int
+    creds: str | None = None  # this host's nkey seed file (--nats-creds): see chatd.bus.access
+    ca: str | None = None  # the CA that signed the servers' certificates (--nats-ca): TLS, verified
 
 
 @dataclass(slots=True)

@@ -18,8 +18,10 @@ import asyncio
 from collections import deque
 from typing import Awaitable, Callable, Hashable, TypeVar
 
-#: Backoff between retries: from the first pause to the longest, doubling.
-RETRY_FIRST, RETRY_LONGEST = 0.05, 1.0
+#: Backoff between retries: from the first pause to the longest, doubling. The longest is short:
+#: what fails for long is a stream or the JetStream meta group without a leader (a node died), and
+#: the step should go soon after the election ends (bench/nats_stall.py); each try is one small request.
+RETRY_FIRST, RETRY_LONGEST = 0.05, 0.25
 
 T = TypeVar("T")
 

@@ -52,10 +52,12 @@ def web(procs):
     return procs
 
 
-def open_page(browser, web, nick: str, peer: str, query: str = "", port: int | None = None):
-    """A page on chatd's web port (or ``port``: a proxy in front of it) that names itself and pairs."""
-    page = browser.new_page(viewport={"width": 720, "height": 800})
-    page.goto(f"http://127.0.0.1:{port or web.http_port}/{query}")
+def open_page(browser, web, nick: str, peer: str, query: str = "", port: int | None = None, scheme: str = "http"):
+    """A page on chatd's web port (or ``port``: a proxy in front of it) that names itself and pairs;
+    ``browser`` may also be a browser context (its pages take the context's viewport)."""
+    viewport = {"width": 720, "height": 800}
+    page = browser.new_page(viewport=viewport) if hasattr(browser, "new_context") else browser.new_page()
+    page.goto(f"{scheme}://127.0.0.1:{port or web.http_port}/{query}")
     page.wait_for_function("window.chat.opens === 1")
     page.fill("#nick", nick)
     page.click("#nick-form button")
@@ -308,8 +310,8 @@ def test_with_chatd_and_holderd_gone_the_page_retries_in_one_line_then_gives_up_
 SESSION_QUERY = "?backoff_ms=100&backoff_cap_ms=1000&heartbeat_ms=500&answer_ms=1000&dead_ms=5000"
 TYPING_LIMIT = 4000  # messages a page types at most (every 15 ms: a minute), a bound on the loop
 
-TYPE = """(prefix) => {
-    // The user types a message every 15 ms, whenever the page lets them (the box is enabled);
+TYPING = """(prefix) => {
+    // The user types a message every %d ms, whenever the page lets them (the box is enabled);
     // window.typed[k-1] is the state of the page when it typed prefix:k.
     window.typed = [];
     window.typing = setInterval(() => {
@@ -319,8 +321,16 @@ TYPE = """(prefix) => {
         box.value = prefix + ":" + (window.typed.length + 1);
         document.getElementById("msg-form").requestSubmit();
         window.typed.push(window.chat.state);
-    }, 15);
-}""" % TYPING_LIMIT
+    }, %d);
+}"""
+
+
+def typing(every_ms: int) -> str:
+    """The script of a user who types a message every ``every_ms``, at most TYPING_LIMIT of them."""
+    return TYPING % (every_ms, TYPING_LIMIT, every_ms)
+
+
+TYPE = typing(15)
 
 WATCH_BADGE = """() => {
     // Every text the badge shows, seen from inside the page (a reconnection may be quick).

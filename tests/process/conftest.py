@@ -17,12 +17,12 @@ from helpers import require_nats
 
 @pytest.fixture
 def nats_cluster_factory(tmp_path, request):
-    """``make(nodes=3, start=True)``: a cluster of the test's own, ended after it (logs printed if it failed)."""
+    """``make(nodes=3, start=True, **options)``: a cluster of the test's own (secured unless ``secure=False``), ended after it (logs printed if it failed)."""
     require_nats()
     clusters: list[NatsCluster] = []
 
-    def make(nodes: int = 3, start: bool = True) -> NatsCluster:
-        cluster = NatsCluster(str(tmp_path / f"nats-{len(clusters)}"), nodes, start=False)
+    def make(nodes: int = 3, start: bool = True, **options) -> NatsCluster:
+        cluster = NatsCluster(str(tmp_path / f"nats-{len(clusters)}"), nodes, start=False, **options)
         clusters.append(cluster)
         if start:
             cluster.start()

@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 
+from chatd.bus.access import connect_options
 from chatd.bus import (Bus, BusError, Claimed, Connected, Delivered, HostChanged, NickChanged, Published,
                        Released, Updated)
 from ctl.launch import wait_until
@@ -75,12 +76,13 @@ class Driver:
 
 @pytest.fixture
 def buses():
-    """``make(servers, host_id, **options)`` -> a started Bus's Driver; every Bus closed after the test."""
+    """``make(cluster, host_id, **options)`` -> a started Bus's Driver, with the host's credentials
+    of the (secured) cluster; every Bus closed after the test."""
     made: list[Bus] = []
 
-    def make(servers, host_id: str, cursor: int = 0, ready: bool = True, **options) -> Driver:
+    def make(cluster, host_id: str, cursor: int = 0, ready: bool = True, **options) -> Driver:
         options.setdefault("host_lease", LEASE)
-        bus = Bus(servers, host_id, **options)
+        bus = Bus(cluster.urls, host_id, **cluster.bus_options(host_id), **options)
         made.append(bus)
         driver = Driver(bus)
         bus.start(cursor)
@@ -101,7 +103,7 @@ def nick_value(host: str, **more) -> bytes:
 
 def test_the_same_msg_id_is_stored_once(shared_cluster, buses):
     host = unique("dup")
-    driver = buses(shared_cluster.urls, host)
+    driver = buses(shared_cluster, host)
     driver.bus.publish("first", host, "bob", f"{host}:ann>bob:1", b"hello")
     driver.bus.publish("again", host, "bob", f"{host}:ann>bob:1", b"hello")
     driver.wait_for(lambda: len(driver.of(Published)) == 2 and driver.of(Delivered), 10, "two acks, a delivery")
@@ -117,7 +119,7 @@ def test_the_same_msg_id_is_stored_once(shared_cluster, buses):
 def test_delivery_resumes_after_the_committed_cursor(shared_cluster, buses):
     """The crash-restart path: a new Bus from the journaled cursor gets exactly what came after it."""
     host, other = unique("cur"), unique("snd")
-    first = buses(shared_cluster.urls, host)
+    first = buses(shared_cluster, host)
     for k in range(1, 11):
         first.bus.publish(k, host, "bob", f"{host}:{k}", b"m%d" % k)
     first.wait_for(lambda: len(first.of(Delivered)) == 10, 10, "ten deliveries")
@@ -126,12 +128,12 @@ def test_delivery_resumes_after_the_committed_cursor(shared_cluster, buses):
     cursor = delivered[5].seq  # the test "committed" the sixth
     first.bus.close()
 
-    sender = buses(shared_cluster.urls, other)  # while the host is down, more arrive for it
+    sender = buses(shared_cluster, other)  # while the host is down, more arrive for it
     for k in range(11, 16):
         sender.bus.publish(k, host, "bob", f"{host}:{k}", b"m%d" % k)
     sender.wait_for(lambda: len(sender.of(Published)) == 5, 10, "five acks")
 
-    second = buses(shared_cluster.urls, host, cursor=cursor)
+    second = buses(shared_cluster, host, cursor=cursor)
     second.wait_for(lambda: len(second.of(Delivered)) >= 9, 10, "nine deliveries")
     second.pump(0.5)
     again = second.of(Delivered)
@@ -143,8 +145,8 @@ def test_delivery_resumes_after_the_committed_cursor(shared_cluster, buses):
 
 def test_racing_hosts_each_win_a_nick_once_and_a_dead_hosts_nicks_come_free(shared_cluster, buses):
     left, right = unique("left"), unique("right")
-    a = buses(shared_cluster.urls, left)
-    b = buses(shared_cluster.urls, right)
+    a = buses(shared_cluster, left)
+    b = buses(shared_cluster, right)
     nicks = [unique("n") for _ in range(20)]
     for nick in nicks:  # both ask for every nick at once: twenty races
         a.bus.claim(("a", nick), nick, nick_value(left))
@@ -192,13 +194,13 @@ def test_racing_hosts_each_win_a_nick_once_and_a_dead_hosts_nicks_come_free(shar
 
 def test_a_host_takes_back_its_own_nicks_from_an_earlier_life(shared_cluster, buses):
     host = unique("self")
-    first = buses(shared_cluster.urls, host)
+    first = buses(shared_cluster, host)
     first.bus.claim(1, "me-" + host[-8:], nick_value(host))
     first.wait_for(lambda: first.of(Claimed), 10, "a claim")
     [claimed] = first.of(Claimed)
     first.bus.close()  # its lease is still there: the restart comes at once
 
-    second = buses(shared_cluster.urls, host)
+    second = buses(shared_cluster, host)
     second.bus.claim(2, "me-" + host[-8:], nick_value(host, target="bob"))
     second.wait_for(lambda: second.of(Claimed), 10, "a claim")
     [again] = second.of(Claimed)
@@ -214,8 +216,8 @@ def test_a_host_takes_back_its_own_nicks_from_an_earlier_life(shared_cluster, bu
 
 def test_watchers_see_other_hosts_nicks_and_leases(shared_cluster, buses):
     watcher_host, other_host = unique("watch"), unique("other")
-    watcher = buses(shared_cluster.urls, watcher_host)
-    other = buses(shared_cluster.urls, other_host)
+    watcher = buses(shared_cluster, watcher_host)
+    other = buses(shared_cluster, other_host)
     nick = unique("w")
     other.bus.claim(1, nick, nick_value(other_host))
     other.wait_for(lambda: other.of(Claimed), 10, "a claim")
@@ -235,7 +237,7 @@ def test_watchers_see_other_hosts_nicks_and_leases(shared_cluster, buses):
 
 def test_bad_arguments_raise_at_once(shared_cluster, buses):
     host = unique("args")
-    driver = buses(shared_cluster.urls, host, ready=False)
+    driver = buses(shared_cluster, host, ready=False)
     with pytest.raises(Error, match="cannot be part of a NATS subject"):
         driver.bus.publish(1, host, "bob.evil", "id", b"x")
     with pytest.raises(Error, match="JSON object"):
@@ -249,7 +251,7 @@ def test_bad_arguments_raise_at_once(shared_cluster, buses):
 
 def test_unreachable_at_start_is_said_and_the_bus_connects_when_a_server_comes(nats_cluster_factory, buses):
     cluster = nats_cluster_factory(nodes=1, start=False)
-    driver = buses(cluster.urls, unique("late"), ready=False)
+    driver = buses(cluster, unique("late"), ready=False)
     driver.wait_for(lambda: [e for e in driver.of(BusError) if e.code == "unreachable"], 10, "a BusError")
     error = [e for e in driver.of(BusError) if e.code == "unreachable"][0]
     assert cluster.urls[0] in error.message and "Fix:" in error.message and not error.fatal
@@ -274,7 +276,7 @@ def test_a_stream_the_server_made_without_what_matters_is_a_fatal_error(nats_clu
     cluster = nats_cluster_factory(nodes=1)
 
     async def make_bad_stream():
-        connection = await nats.connect(cluster.urls)
+        connection = await nats.connect(cluster.urls, **connect_options("maker", **cluster.bus_options("maker")))
         try:
             await connection.jetstream().add_stream(api.StreamConfig(
                 name="CHATD", subjects=["chat.>"], storage=api.StorageType.FILE, duplicate_window=5))
@@ -282,7 +284,7 @@ def test_a_stream_the_server_made_without_what_matters_is_a_fatal_error(nats_clu
             await connection.close()
 
     asyncio.run(make_bad_stream())
-    driver = buses(cluster.urls, unique("bad"), ready=False)
+    driver = buses(cluster, unique("bad"), ready=False)
     driver.wait_for(lambda: [e for e in driver.of(BusError) if e.fatal], 10, "a fatal BusError")
     [error] = [e for e in driver.of(BusError) if e.fatal]
     assert error.code == "bad-stream" and "duplicate window is 5 s" in error.message and "Fix:" in error.message
@@ -300,7 +302,7 @@ def test_no_message_lost_or_repeated_across_killed_nats_nodes(nats_cluster_facto
     """
     cluster = nats_cluster_factory(nodes=3)
     host = unique("kill")
-    driver = buses(cluster.urls, host)
+    driver = buses(cluster, host)
     receivers = [f"r{i}" for i in range(4)]
     sent = 0
     began = time.monotonic()
@@ -362,7 +364,7 @@ def test_no_message_lost_or_repeated_across_killed_nats_nodes(nats_cluster_facto
     assert {d.seq: int(d.payload) for d in delivered} == {seq: token for token, seq in acked.items()}
     assert sent > 200, f"only {sent} sent: the test did not test much"
 
-    reader = buses(cluster.urls, host)  # everything again, from the stream itself
+    reader = buses(cluster, host)  # everything again, from the stream itself
     reader.wait_for(lambda: len(reader.of(Delivered)) >= sent, 30, "the stream read again")
     reader.pump(0.5)
     assert [int(d.payload) for d in reader.of(Delivered)] == numbers

@@ -155,9 +155,10 @@ def kill_some_host(cluster: Hosts):
     return crash
 
 
-def cross_host_soak(cluster: Hosts, crashes: int) -> soak.Tally:
-    """20 cross-host pairs stream while ``crashes`` random chatd kills land on random hosts; a
-    third of the way in a NATS node is killed, two thirds in it is started again."""
+def cluster_soak(cluster: Hosts, crashes: int) -> soak.Tally:
+    """20 pairs stream, half of them with both clients on one host (their messages go through
+    the stream too) and half across two hosts, while ``crashes`` random chatd kills land on
+    random hosts; a third of the way in a NATS node is killed, two thirds in it is started again."""
     kill_chatd = kill_some_host(cluster)
     done = []
     node = random.Random(crashes).randrange(len(cluster.nats.nodes))
@@ -170,12 +171,14 @@ def cross_host_soak(cluster: Hosts, crashes: int) -> soak.Tally:
         elif len(done) == 2 * crashes // 3:
             cluster.nats.restart(node, wait=False)
 
-    return soak.run(cluster.ports, pairs=20, crashes=crashes, crash=crash, interval=(0.05, 0.3), settle=120)
+    # Each port twice: pair i's clients land on ports[i] and ports[i + 1] (testkit.soak.Traffic).
+    ports = [port for port in cluster.ports for _ in (0, 1)]
+    return soak.run(ports, pairs=20, crashes=crashes, crash=crash, interval=(0.05, 0.3), settle=120)
 
 
-def test_cross_host_pairs_stream_exactly_once_through_fifty_chatd_kills_and_a_nats_node_kill(hosts):
+def test_pairs_on_a_host_and_across_hosts_stream_exactly_once_through_fifty_chatd_kills_and_a_nats_node_kill(hosts):
     cluster = hosts(3, lease=SOAK_LEASE)
-    tally = cross_host_soak(cluster, crashes=50)
+    tally = cluster_soak(cluster, crashes=50)
     print("cluster fault test:", tally.row())
     assert tally.crashes == 50 and tally.sent > 1000
     assert tally.problems() == 0, (tally.row(), tally.notes)
@@ -185,7 +188,7 @@ def test_cross_host_pairs_stream_exactly_once_through_fifty_chatd_kills_and_a_na
 @pytest.mark.parametrize("switch", ["--no-outbox", "--no-cursor"])
 def test_the_cluster_fault_test_sees_loss_without_the_outbox_or_the_cursor(hosts, switch):
     cluster = hosts(3, lease=SOAK_LEASE, chatd_args=(switch,))
-    tally = cross_host_soak(cluster, crashes=30)
+    tally = cluster_soak(cluster, crashes=30)
     print(f"cluster fault test with {switch}:", tally.row())
     assert tally.lost + tally.garbled + tally.n_gaps + tally.repeated > 0, "the fault test must be able to fail"
 
@@ -195,9 +198,11 @@ def test_a_rolling_upgrade_from_the_previous_release_across_hosts_loses_nothing(
     pairs stream across hosts; each host's chatd in turn is stopped (SIGTERM) and started on
     this release with --restore, one host at a time, so that releases are mixed meanwhile
     (forwards, directory entries and host leases of both read by both). holderd stays the
-    previous release's: what it keeps is taken over by this release's chatd."""
+    previous release's: what it keeps is taken over by this release's chatd. The cluster is an
+    open one, as the previous release's was (it knows no --nats-creds): a site secures its
+    cluster once every host runs a release that does (README, "Security across hosts")."""
     version, old_tree = previous_release(tmp_path / "previous")
-    cluster = hosts(3, lease=SOAK_LEASE, env={"PYTHONPATH": str(old_tree)})
+    cluster = hosts(3, lease=SOAK_LEASE, env={"PYTHONPATH": str(old_tree)}, secure=False)
     upgraded = []
 
     def upgrade_next_host(rng: random.Random) -> None:

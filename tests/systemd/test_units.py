@@ -828,30 +828,61 @@ def test_a_browser_chats_on_through_chatctl_crashes_without_noticing(machine):
         browser.close()
 
 
-def test_provision_nats_runs_jetstream_that_systemd_restarts_with_its_store(machine, wheels):
+def nats_secrets_of(machine, tmp_path, host: str) -> tuple[str, str]:
+    """Host ``host``'s key and the CA that provision made in the container, copied out (as an
+    operator copies them to that host): (creds, ca) paths."""
+    paths = []
+    for name, inside in ((f"{host}.nk", f"/etc/chatd-nats/hosts/{host}.nk"), ("ca.pem", "/etc/chatd-nats/ca.pem")):
+        path = tmp_path / name
+        path.write_text(machine.run("cat", inside).stdout)
+        path.chmod(0o600)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+#: The port `provision --nats` gives nats-server (the container shares the host's network: not
+#: Debian's 4222, which something else on the machine may hold); the next test's chatd joins it.
+NATS_PORT = free_port()
+NATS_URL = f"nats://127.0.0.1:{NATS_PORT}"
+
+
+def test_provision_nats_runs_jetstream_that_systemd_restarts_with_its_store(machine, wheels, tmp_path):
     """`scripts/provision --nats`: Debian's nats-server with the drop-in, JetStream on, its store
-    in /var/lib/nats-server; killed, systemd starts it again and the stream still holds what it did."""
+    in /var/lib/nats-server, secured (TLS, a key per host: a stranger is refused); killed, systemd
+    starts it again and the stream still holds what it did."""
     import asyncio
 
     nats = pytest.importorskip("nats")
+    from chatd.bus.access import connect_options
+
     result = machine.run(
         "bash", str(REPO / "scripts" / "provision"), "--source", str(REPO), "--wheels", str(wheels), "--nats",
-        "--no-selftest", "--chatd-options",
+        "--nats-hosts", "box,out", "--nats-port", str(NATS_PORT), "--no-selftest", "--chatd-options",
         f"--port {machine.port} --http-port {machine.http_port} --metrics-port {machine.metrics_port}",
         check=False, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert machine.show("nats-server", "ActiveState") == "active", machine.journal("nats-server")[-3000:]
     assert "/var/lib/nats-server" in machine.show("nats-server", "ExecStart")
     machine.run(f"{PREFIX}/bin/python", "-c", "import nats")  # chatd --cluster's client is installed
+    box = connect_options("box", *nats_secrets_of(machine, tmp_path, "box"))
+
+    async def stranger_refused() -> str:
+        try:
+            await (await nats.connect(NATS_URL, connect_timeout=5, allow_reconnect=False)).close()
+        except Exception as exc:
+            return str(exc)
+        return "connected"
+
+    assert "CERTIFICATE_VERIFY_FAILED" in asyncio.run(stranger_refused()), "provisioned NATS is TLS only"
 
     async def publish_then_count(publish: bool) -> int:
-        client = await nats.connect("nats://127.0.0.1:4222", connect_timeout=5, max_reconnect_attempts=0)
+        client = await nats.connect(NATS_URL, connect_timeout=5, max_reconnect_attempts=0, **box)
         try:
             stream = client.jetstream(timeout=5)
-            if publish:
-                await stream.add_stream(name="PROVISIONED", subjects=["provisioned.>"], storage="file")
-                await stream.publish("provisioned.one", b"kept")
-            return (await stream.stream_info("PROVISIONED")).state.messages
+            if publish:  # the stream chatd makes, as a host may: its permissions allow no other
+                await stream.add_stream(name="CHATD", subjects=["chat.>"], storage="file", duplicate_window=600)
+                await stream.publish("chat.nobody.provisioned", b"kept")
+            return (await stream.stream_info("CHATD")).state.messages
         finally:
             await client.close()
 
@@ -871,7 +902,7 @@ def test_provision_nats_runs_jetstream_that_systemd_restarts_with_its_store(mach
     assert chatctl(machine, "status")["chatd"]["ok"], "chatd serves on"
 
 
-def test_a_cluster_host_under_systemd_pairs_with_another_host_through_its_crashes(machine):
+def test_a_cluster_host_under_systemd_pairs_with_another_host_through_its_crashes(machine, tmp_path):
     """chatd@ with --cluster under the real systemd (host "box", the JetStream the last test
     provisioned), paired with a host outside the container ("out", its own holderd and
     journal): `chatctl crash` of the serving chatd, the standby takes over, n counts on."""
@@ -879,8 +910,9 @@ def test_a_cluster_host_under_systemd_pairs_with_another_host_through_its_crashe
     from ctl.launch import Launcher
 
     machine.run("systemctl", "stop", "chatd", "holderd")  # the fd stores go: a fresh start, with outboxes
-    options = (f"--port {machine.port} --http-port {machine.http_port} --cluster nats://127.0.0.1:4222 "
-               f"--host-id box --host-lease 30 --metrics-port {machine.metrics_port}")
+    options = (f"--port {machine.port} --http-port {machine.http_port} --cluster {NATS_URL} "
+               "--host-id box --host-lease 30 --nats-creds /etc/chatd-nats/hosts/box.nk --nats-ca /etc/chatd-nats/ca.pem "
+               f"--metrics-port {machine.metrics_port}")
     machine.run("sh", "-c", f"echo 'CHATD_OPTIONS={options}' > /etc/default/chatd")
     machine.run("systemctl", "start", "chatd")
     # `systemctl start chatd` returns before an instance serves (chatd@ is ordered after it).
@@ -889,7 +921,9 @@ def test_a_cluster_host_under_systemd_pairs_with_another_host_through_its_crashe
                "the box host to join the cluster")
     with Launcher() as out:
         out.start_holderd()
-        out.start_chatd("--cluster", "nats://127.0.0.1:4222", "--host-id", "out", "--host-lease", "30")
+        creds, ca = nats_secrets_of(machine, tmp_path, "out")
+        out.start_chatd("--cluster", NATS_URL, "--host-id", "out", "--host-lease", "30",
+                        "--nats-creds", creds, "--nats-ca", ca)
         ann = LineClient(machine.port, timeout=15)
         bob = LineClient(out.port, timeout=15)
         ann.send("NICK ann2", "PAIR bob2")

@@ -44,8 +44,8 @@ def test_the_first_success_is_returned_after_pauses_doubling_up_to_the_longest(p
     assert asyncio.run(retry(attempt, lambda exc: failures.append(str(exc)))) == "done"
     assert seen == list(range(9)), "each attempt is told how many came before it"
     assert failures == [f"failure {k}" for k in range(1, 9)]
-    assert pauses == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
-    assert (RETRY_FIRST, RETRY_LONGEST) == (0.05, 1.0)
+    assert pauses == [0.05, 0.1, 0.2, 0.25, 0.25, 0.25, 0.25, 0.25]
+    assert (RETRY_FIRST, RETRY_LONGEST) == (0.05, 0.25)
 
 
 def test_a_success_at_once_takes_no_pause_and_says_nothing(pauses):

@@ -107,3 +107,22 @@ def test_self_pair_and_an_empty_message_change_nothing_across_hosts():
     assert empty.deliveries[0][1].code == "empty-message" and empty.forwards == [] and empty.changed == set()
     assert room.members[1].target == "bob" and room.remote["bob"].peer is room.members[1]
     assert room.handle(1, Msg("hi")).forwards == [Forward(1, "h2", "bob", "ann", 111, 1, "hi")]
+
+
+def test_with_a_durable_host_a_message_to_a_member_of_this_host_goes_through_the_stream():
+    room = room_with_ann_targeting("cid")
+    room.durable_host = "h1"
+    room.join(2)
+    room.handle(2, Nick("cid"))
+    room.members[2].incarnation = 222
+    assert room.handle(2, Pair("ann")).deliveries[-2:] == [(2, Paired("ann")), (1, Paired("cid"))]
+    sent = room.handle(1, Msg("hi"))
+    assert sent.deliveries == [] and sent.forwards == [Forward(1, "h1", "cid", "ann", 111, 1, "hi")], \
+        "told only once the stream has it: as a forward to this very host"
+    assert room.receive("cid", "ann", 111, 1, "hi").deliveries == [(2, From("ann", 1, "hi"))]
+    assert room.receive("cid", "ann", 111, 1, "hi").deliveries == [], "a repeat from the stream: dropped"
+    room.handle(1, Pair("zed"))
+    assert room.receive("cid", "ann", 111, 2, "late") is None, \
+        "ann paired elsewhere while cid still names her: it waits, as a message across hosts does"
+    room.handle(2, Pair("dee"))
+    assert room.receive("cid", "ann", 111, 2, "late").deliveries == [], "cid names ann no longer: dropped"

@@ -12,7 +12,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage
 
-from chatd.protocols.web import CLOSING, MAX_MESSAGE, OPEN, WebCodec
+from chatd.protocols.web import CLOSING, MAX_MESSAGE, OPEN, STRIDED_FROM, WebCodec, unmask
 from chatd import room
 from chatd.room import Bye, Invalid, Msg, Nick, Pair, Quit, Room, Who
 from proptools import WS_HANDSHAKE, WS_KEY, take
@@ -217,3 +217,13 @@ def test_a_missing_web_library_is_named(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wsproto" else found(name))
     problem = web_unavailable()
     assert problem.startswith("the web chat needs wsproto, which") and "--http-port -1" in problem
+
+
+@pytest.mark.parametrize("length", [0, 1, 3, 4, 5, 125, STRIDED_FROM - 1, STRIDED_FROM, STRIDED_FROM + 3, 16384 + 1,
+                                    MAX_MESSAGE])
+def test_unmasking_is_the_xor_with_the_mask_repeated_on_both_paths(length):
+    """Short payloads are unmasked as one big integer, long ones 4 strided passes: both the XOR."""
+    masked, mask = os.urandom(length), os.urandom(4)
+    expected = bytes(byte ^ mask[index % 4] for index, byte in enumerate(masked))
+    assert bytes(unmask(masked, mask)) == expected
+    assert bytes(unmask(bytearray(masked), mask)) == expected
