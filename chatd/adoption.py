@@ -239,6 +239,10 @@ class Adoption:
         summary = self.server.restore_summary
         if summary is not None:
             summary["all_adopted_ms"] = round((self.done_at - self._began) * 1000, 2)
+            # The restore counted what was in flight by then (chatd.tally); the rest came with those adopted since.
+            tally = self.server.journal.tally
+            tally.add("input_replayed_bytes", self.in_flight[0] - summary["input_replayed"])
+            tally.add("output_resent_bytes", self.in_flight[1] - summary["output_resent"])
             summary["input_replayed"], summary["output_resent"] = self.in_flight
         log.info("all %s adopted, %s ms after the restore began (in flight: %s read and not handled, %s "
                  "committed and not sent)", plural(len(self.server.connections), "client"),

@@ -77,7 +77,9 @@ Layout (little-endian)::
                          and cursor u64 (copies 0 and 1); at 128: marker
                          valid u8, at 132 its slot u32, at 136 its offset
                          u64; at 160: the owner's pid u32, at 168 its start
-                         time u64
+                         time u64; at 192 the boot id, at 208 the seal;
+                         at 512 and 1024: the tally (chatd.tally),
+                         copies 0 and 1, up to 64 u64 each
     records:             per slot, record copy 0 then record copy 1
     rings:               page-aligned; per slot, its input ring, its output
                          ring, its outbox
@@ -125,6 +127,7 @@ import uuid
 from fdkeep.errors import Error
 
 from .records import RECORD, Record, pack, state_error, unpack
+from .tally import COPY_SIZE, Tally
 
 MAGIC = b"CHATDJ03"
 VERSION = 3
@@ -142,6 +145,8 @@ BOOT_SIZE = 16
 SEAL = struct.Struct("<B7xQ")  # sealed, the committed number it was sealed at
 SEAL_OFFSET = 208
 SEQ = struct.Struct("<Q")
+#: The two copies of the tally (chatd.tally), chosen by the selector like the committed number.
+TALLY_OFFSETS = (512, 512 + COPY_SIZE)
 PAGE = mmap.PAGESIZE
 
 #: Input ring: a whole line of the line protocol (64 KiB) and what follows it.
@@ -151,7 +156,7 @@ OUT_RING = 256 * 1024
 #: Outbox, across hosts: a whole message (64 KiB) waiting for the cluster, and more.
 BOX_RING = 128 * 1024
 
-assert RECORD.size == 208 and ROOT_OFFSETS[0] + ROOT.size <= ROOT_OFFSETS[1] < ROOT_OFFSETS[1] + ROOT.size <= MARKER_OFFSET and MARKER_OFFSET + MARKER.size <= OWNER_OFFSET < OWNER_OFFSET + OWNER.size <= BOOT_OFFSET < BOOT_OFFSET + BOOT_SIZE <= SEAL_OFFSET < SEAL_OFFSET + SEAL.size <= HEADER_SIZE
+assert RECORD.size == 208 and ROOT_OFFSETS[0] + ROOT.size <= ROOT_OFFSETS[1] < ROOT_OFFSETS[1] + ROOT.size <= MARKER_OFFSET and MARKER_OFFSET + MARKER.size <= OWNER_OFFSET < OWNER_OFFSET + OWNER.size <= BOOT_OFFSET < BOOT_OFFSET + BOOT_SIZE <= SEAL_OFFSET < SEAL_OFFSET + SEAL.size <= TALLY_OFFSETS[0] < TALLY_OFFSETS[1] + COPY_SIZE <= HEADER_SIZE
 
 
 #: The journal versions, and which releases wrote each (docs/formats.md). This release
@@ -324,6 +329,8 @@ class Journal:
         self._view = memoryview(mapping)
         self._rings = self.rings_offset(slots)
         self.committed, self.cursor = ROOT.unpack_from(mapping, ROOT_OFFSETS[mapping[SELECTOR_OFFSET] & 1])
+        #: What the service counted since it began (chatd.tally): committed with the records.
+        self.tally = Tally.unpack_from(mapping, TALLY_OFFSETS[mapping[SELECTOR_OFFSET] & 1])
         #: Which copy of each slot is current, and whether the slot is used.
         self._current = self._used = bytearray()
         self._scan()
@@ -561,20 +568,23 @@ class Journal:
 
     def commit(self, changes: dict[int, Record | None], cursor: int | None = None) -> None:
         """Make every record in ``changes``, and the ``cursor`` if given, current at once,
-        crash-atomically; None frees a slot."""
+        crash-atomically; None frees a slot. The tally (chatd.tally) is committed with them."""
         cursor = self.cursor if cursor is None else cursor
-        if not changes and cursor == self.cursor:
+        if not changes and cursor == self.cursor and not self.tally.unsaved:
             return
         sequence = self.committed + 1
         if self.durable:
             for slot, record in changes.items():
                 self._write(self._copy_offset(slot, 1 - self._current[slot]), pack(sequence, record))
             selector = self._map[SELECTOR_OFFSET] & 1
+            # Every commit: the spare copy becomes the current one.
+            self._write(TALLY_OFFSETS[1 - selector], self.tally.packed())
             self._write(ROOT_OFFSETS[1 - selector], ROOT.pack(sequence, cursor))
             self._write(SELECTOR_OFFSET, bytes([1 - selector]))  # the one-byte flip that commits
             for slot in changes:
                 self._current[slot] ^= 1
         self.committed, self.cursor = sequence, cursor
+        self.tally.saved()
         for slot, record in changes.items():
             was_taken = self._used[slot] or slot in self._allocated
             self._used[slot] = record is not None

@@ -37,7 +37,8 @@ the standby takes over, and on ``chatctl restore``. It restores what the holders
 keep (:mod:`chatd.restore`; with ``--state-dir`` and nothing kept, from the
 journal on disk, on new listeners: :mod:`chatd.statedir`), else, where a fresh
 start is allowed, binds new listeners; listens where the options say; joins the
-cluster (``--cluster``); tells systemd it is ready; and lets the test crash
+cluster (``--cluster``); tells systemd it is ready; answers scrapes of its
+metrics (``--metrics-port``, :mod:`chatd.metrics`); and lets the test crash
 points count. So ``--cluster`` goes with ``--wait`` like any other start.
 """
 
@@ -169,6 +170,8 @@ class Lifecycle:
         self.server.journal.set_owner(*process_identity(os.getpid()))
         self._to(Role.SERVING)
         self.announce_ready()
+        if self.server.metrics is not None:
+            self.server.metrics.start()  # only the chatd serving answers scrapes (chatd.metrics)
         faults.start_counting()  # test crash points count from here: not in chatd's own restore
 
     def restore_now(self) -> dict:

@@ -174,6 +174,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-cursor", action="store_true",
                         help="with --cluster: read the stream from new messages on after a restart instead of "
                         "from the journal's cursor (loses messages: for tests that must show loss)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT",
+        help="serve Prometheus metrics (counts since the service began, kept across crashes; README.md, "
+        "\"Metrics\") over HTTP on this port, 0 for any free one; only the chatd serving listens, and a "
+        "takeover moves it (default: none; chatd@.service passes 9471)")
+    parser.add_argument(
+        "--metrics-address", default="127.0.0.1", metavar="ADDRESS",
+        help="the address --metrics-port listens on (default %(default)s: this host only; the metrics "
+        "carry no nick or message, but counts of clients are still nobody else's business)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="the least important messages logged, to stderr (default %(default)s)")
     parser.add_argument("--direct-same-host", action="store_true",
@@ -211,6 +220,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--session-grace must be more than 0 seconds")
     if not args.resume_rate > 0:
         parser.error("--resume-rate must be more than 0")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error("--metrics-port must be 0-65535")
     if args.seal and not args.state_dir:
         parser.error("--seal needs --state-dir")
     return args
@@ -281,6 +292,10 @@ def main(argv=None) -> int:
     own_control = instance_socket(args.control, args.instance) if args.lease else args.control
     lifecycle = Lifecycle(server, Where(args.host, args.port, None if args.http_port < 0 else args.http_port,
                                         restore_only=args.restore))
+    if args.metrics_port is not None:
+        from .metrics import endpoint
+
+        server.metrics = endpoint(server, args.metrics_address, args.metrics_port, log)
     try:
         control = ControlServer(server, own_control, restore_now=lifecycle.restore_now)
     except OSError as exc:
@@ -311,6 +326,7 @@ def main(argv=None) -> int:
                                  outbox=not args.no_outbox, cursor=not args.no_cursor,
                                  durable_same_host=not args.direct_same_host)
 
+    stopped = False
     try:
         if args.wait:
             lifecycle.wait_for_restore(args.control)
@@ -338,14 +354,19 @@ def main(argv=None) -> int:
         logging.shutdown()
         os._exit(0)
     except SystemExit as exc:
+        stopped = True
         if exc.code:
             return exc.code
     finally:
         if lifecycle.role is Role.SERVING:
+            if stopped:  # a stop, not an exception: the next chatd counts it planned (chatd.tally)
+                server.journal.set_owner(0, 0)
             seal(server)
         manager.stopping(f"stopping; {status_line(server)}")
         control.close()
         server.cluster.close()
+        if server.metrics is not None:
+            server.metrics.close()
     return 0
 
 

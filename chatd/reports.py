@@ -43,6 +43,8 @@ def status(server: "ChatServer") -> dict:
         "holders": working,
         "held": held,
         "cluster": server.cluster.status(),
+        # Where Prometheus scrapes this chatd (--metrics-port), once it serves; else None.
+        "metrics": server.metrics.listening if server.metrics is not None else None,
     }
 
 def clients(server: "ChatServer") -> list[dict]:

@@ -152,6 +152,8 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
     words = _take_last_words(server, by_name.get(LAST_WORDS_NAME, []))
     used_fds.add(server.last_words.fd)
     dying = _the_death(server.journal.handling(), words)
+    # A predecessor that ended on purpose (a handover, a stop) said so: it left the journal no owner.
+    ended = "planned" if journal_from != "new" and server.journal.owner() is None else death_of(words)[0]
     server.journal.clear_handling()
     bundles, stale = _newest_bundles(by_name)
     for _, bundle in bundles.values():
@@ -226,6 +228,8 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
         "input_replayed": in_flight[0],
         "output_resent": in_flight[1],
         "milliseconds": round((served - began) * 1000, 2),
+        # How the chatd before ended: crashed, hung or killed (chatd.lastwords), or planned.
+        "ended": ended,
         "began_at": time.time() - (time.monotonic() - began),  # wall clock, to line up with other logs
         "adopted_at_once": len(server.connections),
         "all_adopted_ms": None,
@@ -233,6 +237,7 @@ def restore(server: "ChatServer", may_take_over=None, prepared: "Prepared | None
         "parts": {name: round((moment - began) * 1000, 2) for name, moment in parts.items()},
     }
     server.restore_summary = summary
+    server.journal.tally.restored(ended, served - began, in_flight[0], in_flight[1])  # committed next turn
     log.info("restored %s and %s on port %d in %s ms: %s served at once, %s adopted in the next turns (%s)",
              plural(summary["clients"], "client"), plural(summary["pairs"], "pair"), summary["port"],
              summary["milliseconds"], plural(len(server.connections), "client"), len(adoption),

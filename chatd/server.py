@@ -79,7 +79,7 @@ from .lastwords import LastWords
 from .listeners import Listeners, refuse
 from .records import Record, record_of
 from .rings import RingFull
-from .room import SESSION_COMMANDS, Bye, Command, Failed, Member, Msg, Outcome, Remote, Room
+from .room import SESSION_COMMANDS, Busy, Bye, Command, Failed, From, Member, Msg, Outcome, Remote, Resumed, Room
 from .sessions import GRACE, Detached, Sessions
 from .statedir import StateDir, new_journal
 
@@ -164,6 +164,9 @@ class ChatServer:
         self.role = Role.STARTING
         #: This process's name among the chatd taking turns (``--instance``); None alone.
         self.instance: str | None = None
+        #: ``--metrics-port``: the metrics endpoint (chatd.metrics), which chatd.lifecycle starts
+        #: once this chatd serves; None without the flag.
+        self.metrics = None
         #: Members whose record must be committed; slots to free; connections to wake.
         self._dirty: set[int] = set()
         self._freed: set[int] = set()
@@ -245,10 +248,12 @@ class ChatServer:
         or refused with the reason, if its address has too many or every slot is taken."""
         address = counted_address(peer)
         if not self.address_limit.admits(address):
+            self.journal.tally.add("refused_max_per_address")
             refuse(sock, protocol, "too-many-connections")
             return
         slot = self.journal.allocate()
         if slot is None:
+            self.journal.tally.add("refused_max_clients")
             log.warning("refusing a client: all %d slots are taken (--max-clients)", self.max_clients)
             refuse(sock, protocol, "server-full")
             return
@@ -405,8 +410,19 @@ class ChatServer:
         return self.sessions.detached.get(member_id) or self.connection(member_id)
 
     def apply(self, outcome: Outcome) -> None:
-        """Carry out what the room decided: events into output rings, members to commit, closes."""
+        """Carry out what the room decided: events into output rings, members to commit, closes.
+        What it carries out is counted (chatd.tally), and committed with it."""
+        tally, resumed = self.journal.tally, False
         for member_id, event in outcome.deliveries:
+            kind = type(event)
+            if kind is From:
+                if not resumed:  # those after RESUMED are sent again, not relayed again
+                    tally.add("messages_relayed")
+            elif kind is Resumed:
+                resumed = True
+                tally.add("sessions_resumed")
+            elif kind is Busy:
+                tally.add("refused_resume_rate")
             connection = self._output(member_id)
             if connection is None or connection.finishing:
                 continue
@@ -510,7 +526,7 @@ class ChatServer:
                     self.take_input(connection)
             self._wake.clear()
             if not self._dirty and not self._freed:
-                return
+                break
             changes: dict[int, Record | None] = {slot: None for slot in self._freed}
             committed = [self.connections.get(m) or self.sessions.detached[m] for m in self._dirty
                          if m in self.connections or m in self.sessions.detached]
@@ -537,6 +553,8 @@ class ChatServer:
                     connection.update_reading()  # the commit freed room in its input ring
             self.cluster.committed([c for c in committed if not isinstance(c, Detached)])
             faults.reached("after-commit")
+        if self.journal is not None and self.journal.tally.unsaved:
+            self.journal.commit({}, cursor=self.cluster.cursor)  # a count alone (a client refused, a restore)
 
     def _send(self, connection: Connection) -> None:
         if connection.closed:
@@ -550,6 +568,7 @@ class ChatServer:
         for connection in list(self.connections.values()):
             waiting_since = connection.progress_at
             if connection.outbox and waiting_since and now - waiting_since > self.stall_timeout:
+                self.journal.tally.add("refused_stall_timeout")
                 self.close_client(connection.member_id,
                                   f"took none of its {plural(connection.outbox.pending, 'byte')} "
                                   f"of output for {self.stall_timeout:.0f} s")

@@ -110,6 +110,7 @@ def chatd_line(chat: dict) -> str:
         for name, ok in chat["holders"].items()
     ) or "none"
     web = f" (web {chat['http_port']})" if chat.get("http_port") else ""
+    web += f" (metrics {chat['metrics']})" if chat.get("metrics") else ""
     adopting = f" ({chat['adopting']} restored, still being adopted)" if chat.get("adopting") else ""
     started = ""
     if (chat.get("restore") or {}).get("journal") == "state-dir":

@@ -184,6 +184,8 @@ class Holderd:
         self.stopping = False
         self._room_grew = False
         self.offences = Offences(log)
+        #: ``--metrics-port``: the metrics endpoint (holderd.metrics), or None.
+        self.metrics = None
         # Anyone may connect; SO_PEERCRED, not file modes, decides who is served.
         self.listener = listen_unix(socket_path)
         self.accepting = AcceptPause(self.loop, log, "holderd")
@@ -385,6 +387,8 @@ class Holderd:
 
     def close(self) -> None:
         self.manager.stopping(f"stopping; {self.status_line()}")
+        if self.metrics is not None:
+            self.metrics.close()
         self.stopping = True
         # What systemd's store keeps must stay there: a restart passes it back.
         self.mirror.detach()
@@ -474,9 +478,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--frame-timeout", type=positive_float, default=Limits.frame_timeout, metavar="SECONDS",
         help="how long a frame begun may take to arrive whole; past it the connection gets timeout and "
         "is closed (default: %(default)s)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT",
+        help="serve Prometheus metrics (names and fds held per uid, connections, leases; README.md, \"Metrics\") "
+        "over HTTP on this port, 0 for any free one (default: none; README.md has the drop-in for "
+        "holderd.service, whose sandbox keeps it off any network otherwise)")
+    parser.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
+                        help="the address --metrics-port listens on (default %(default)s: this host only)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="the least important messages logged, to stderr (default %(default)s)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error("--metrics-port must be 0-65535")
+    return args
 
 
 def positive_int(text: str) -> int:
@@ -529,6 +543,11 @@ def main(argv=None) -> int:
         log.error("%s", exc.message)
         return 1
     stop_on_signals(log)
+    if args.metrics_port is not None:
+        from .metrics import endpoint
+
+        daemon.metrics = endpoint(daemon, args.metrics_address, args.metrics_port, log)
+        daemon.metrics.start()
     try:
         daemon.serve()
     except SystemExit:

@@ -238,12 +238,20 @@ class HolderCore:
         self._leases: dict[tuple[int, str], int] = {}
         self._waiting: dict[tuple[int, str], list[int]] = {}
         self._peer = 0  # the peer whose request is being handled
+        #: (uid, lease name) -> how often the lease passed from a holder gone to a waiter (a takeover).
+        self.leases_passed: dict[tuple[int, str], int] = {}
 
     # -- queries used by the daemon -------------------------------------------------
     def count(self, uid: int | None = None) -> int:
         if uid is None:
             return sum(len(names) for names in self._names.values())
         return len(self._names.get(uid, {}))
+
+    def leases(self) -> list[tuple[int, str, bool, int]]:
+        """(uid, lease name, whether someone holds it, how many wait for it), for the metrics."""
+        keys = set(self._leases) | {key for key, waiting in self._waiting.items() if waiting}
+        return [(uid, name, (uid, name) in self._leases, len(self._waiting.get((uid, name), ())))
+                for uid, name in sorted(keys)]
 
     def held_items(self):
         """Every (uid, Held) pair, for the daemon's own backup."""
@@ -429,6 +437,7 @@ class HolderCore:
             waiting = self._waiting.get(key, [])
             if waiting:
                 self._leases[key] = waiting.pop(0)
+                self.leases_passed[key] = self.leases_passed.get(key, 0) + 1
                 told.append((self._leases[key], {"id": None, "ok": True, "event": "lease-granted", "lease": key[1]}))
         return told
 

@@ -51,12 +51,14 @@ def wheels(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def machine(wheels):
-    port, http_port = free_port(), free_port()
+    port, http_port, metrics_port = free_port(), free_port(), free_port()
     with BootedSystemd(binds=[str(REPO), str(wheels)], boot_timeout=90) as container:
-        container.port, container.http_port = port, http_port
+        container.port, container.http_port, container.metrics_port = port, http_port, metrics_port
+        # The metrics on a port of the test's own rather than the unit's 9471: the container shares this network.
         result = container.run(
             "bash", str(REPO / "scripts" / "provision"), "--source", str(REPO), "--wheels", str(wheels),
-            "--chatd-options", f"--port {port} --http-port {http_port}", check=False, timeout=600,
+            "--chatd-options", f"--port {port} --http-port {http_port} --metrics-port {metrics_port}", check=False,
+            timeout=600,
         )
         print(result.stdout, result.stderr)
         if result.returncode != 0:
@@ -151,8 +153,12 @@ def crash_chatd(machine) -> float:
     before = restarts(machine, unit)
     since = now(machine)
     chatctl(machine, "crash")
-    wait_until(lambda: serving_other_than(machine, old), 30, "another chatd to serve")
-    wait_active(machine, unit, old)
+    try:
+        wait_until(lambda: serving_other_than(machine, old), 30, "another chatd to serve")
+        wait_active(machine, unit, old)
+    except Exception:
+        print(f"--- chatd's journal since the crash\n{chatd_journal(machine, since)[-8000:]}")
+        raise
     assert restarts(machine, unit) == before + 1
     return takeover_gap_ms(machine, since)
 
@@ -204,6 +210,69 @@ def test_crash_restarts_and_restores_by_itself(machine):
     assert "standby" in machine.show(crashed, "StatusText")
     chat(clients, ("ann", "bob"), 3)
     assert [client.sock.getsockname()[1] for client in clients] == ports
+
+
+def test_the_serving_units_metrics_count_the_crash_in_its_sandbox(machine):
+    """The unit's hardening leaves the metrics working (a thread, /proc/self), on loopback; the
+    crash the test before caused is counted, by whichever instance serves now."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{machine.metrics_port}/metrics", timeout=5) as answer:
+        scraped = answer.read().decode()
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(scraped) for sample in family.samples}
+    crashes = samples[("chatd_crashes_survived_total", (("how", "killed"),))]
+    # chatctl crash leaves no last words: "killed". The selftest's crash at provisioning, and the test's.
+    assert crashes >= 1 and crashes == samples[("chatd_restore_duration_seconds_count", ())], scraped
+    assert samples[("chatd_clients", ())] == 2 and samples[("chatd_pairs", ())] == 1
+    assert samples[("process_open_fds", ())] > 0
+
+
+def test_holderds_metrics_drop_in_opens_loopback_only_and_goes_again(machine):
+    """README's drop-in for holderd (docs/prometheus/holderd-metrics.conf, on a port of the test's
+    own): holderd restarts with it, keeps everything, answers a scrape with what it holds for
+    chatd's uid; then the drop-in goes, and holderd is off every network again."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    drop_in = (REPO / "docs" / "prometheus" / "holderd-metrics.conf").read_text().replace("9472", str(port))
+    machine.run("mkdir", "-p", "/etc/systemd/system/holderd.service.d")
+    machine.run("sh", "-c", f"cat > /etc/systemd/system/holderd.service.d/metrics.conf <<'END'\n{drop_in}END\n")
+    try:
+        old = main_pid(machine, "holderd")
+        machine.run("systemctl", "daemon-reload")
+        machine.systemctl("restart", "holderd")
+        wait_active(machine, "holderd", old)
+
+        def scraped():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+                    return answer.read().decode()
+            except OSError:
+                return None
+
+        chatd_uid = machine.run("id", "-u", "chatd").stdout.strip()
+        # Once both chatd have asked for the lease again (the restart forgot who held it).
+        text = wait_until(lambda: (found := scraped()) and 'lease="chatd"' in found and "holderd_lease_waiting" in found
+                          and found, 15, "holderd's metrics with the lease asked for again")
+        samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                   for family in text_string_to_metric_families(text) for sample in family.samples}
+        # The listeners, the journal, the last words and a bundle: back from holderd's fd store.
+        assert samples[("holderd_held_names", (("uid", chatd_uid),))] >= 4, text
+        assert samples[("holderd_lease_waiting", (("lease", "chatd"), ("uid", chatd_uid)))] == 1  # the standby
+        assert samples[("process_open_fds", ())] > 0
+        assert chatctl(machine, "status")["chatd"]["clients"] == 2  # holderd's restart cost the pair nothing
+    finally:
+        machine.run("rm", "-f", "/etc/systemd/system/holderd.service.d/metrics.conf")
+        machine.run("systemctl", "daemon-reload")
+        old = main_pid(machine, "holderd")
+        machine.systemctl("restart", "holderd")
+        wait_active(machine, "holderd", old)
+    assert wait_until(lambda: scraped() is None, 10, "holderd off the network again")
 
 
 def test_holderd_crash_loses_nothing(machine):
@@ -407,7 +476,8 @@ def test_new_options_from_install_units_take_effect_and_the_clients_stay(machine
     old_port, port, http_port = machine.port, free_port(), free_port()
     old_pids = [main_pid(machine, unit) for unit in CHATD_UNITS]
     since = now(machine)
-    machine.run(CHATCTL, "install-units", "--chatd-options", f"--host 0.0.0.0 --port {port} --http-port {http_port}")
+    machine.run(CHATCTL, "install-units", "--chatd-options",
+                f"--host 0.0.0.0 --port {port} --http-port {http_port} --metrics-port {machine.metrics_port}")
     machine.systemctl("restart", "chatd")
     for unit, pid in zip(CHATD_UNITS, old_pids):
         wait_active(machine, unit, pid)
@@ -463,7 +533,11 @@ def test_with_the_standby_stopped_a_crash_is_a_cold_restart_by_systemd(machine):
             print(f"crash to restored, cold (systemd's restart, no standby): {takeover_gap_ms(machine, since)} ms")
             chat(clients, ("cal", "dee"), 2)  # the same connections: a LineClient never reconnects
         finally:
-            machine.systemctl("start", standby)
+            try:
+                machine.systemctl("start", standby)
+            except CommandFailed:
+                print(f"--- chatd's journal\n{chatd_journal(machine, since)[-8000:]}")
+                raise
         wait_until(lambda: machine.show(standby, "ActiveState") == "active", 20, f"{standby} to stand by again")
     finally:
         for client in clients:
@@ -783,8 +857,9 @@ def test_provision_nats_runs_jetstream_that_systemd_restarts_with_its_store(mach
 
     result = machine.run(
         "bash", str(REPO / "scripts" / "provision"), "--source", str(REPO), "--wheels", str(wheels), "--nats",
-        "--nats-hosts", "box,out", "--nats-port", str(NATS_PORT), "--no-selftest",
-        "--chatd-options", f"--port {machine.port} --http-port {machine.http_port}", check=False, timeout=600)
+        "--nats-hosts", "box,out", "--nats-port", str(NATS_PORT), "--no-selftest", "--chatd-options",
+        f"--port {machine.port} --http-port {machine.http_port} --metrics-port {machine.metrics_port}",
+        check=False, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert machine.show("nats-server", "ActiveState") == "active", machine.journal("nats-server")[-3000:]
     assert "/var/lib/nats-server" in machine.show("nats-server", "ExecStart")
@@ -836,7 +911,8 @@ def test_a_cluster_host_under_systemd_pairs_with_another_host_through_its_crashe
 
     machine.run("systemctl", "stop", "chatd", "holderd")  # the fd stores go: a fresh start, with outboxes
     options = (f"--port {machine.port} --http-port {machine.http_port} --cluster {NATS_URL} "
-               "--host-id box --host-lease 30 --nats-creds /etc/chatd-nats/hosts/box.nk --nats-ca /etc/chatd-nats/ca.pem")
+               "--host-id box --host-lease 30 --nats-creds /etc/chatd-nats/hosts/box.nk --nats-ca /etc/chatd-nats/ca.pem "
+               f"--metrics-port {machine.metrics_port}")
     machine.run("sh", "-c", f"echo 'CHATD_OPTIONS={options}' > /etc/default/chatd")
     machine.run("systemctl", "start", "chatd")
     # `systemctl start chatd` returns before an instance serves (chatd@ is ordered after it).

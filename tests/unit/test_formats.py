@@ -74,9 +74,13 @@ def test_a_journal_written_by_0_1_0_reads_back_whole():
         assert (start, end) == (0, 98)
         assert (forward.sender, forward.receiver, forward.incarnation, forward.k, forward.text) == \
             ("dan", "eve", 2 ** 63 + 5, 7, "hi eve, from h1")
+        # A release before the tally (chatd.tally) left those header bytes zero: every count reads 0.
+        assert kept.tally.packed() == bytes(len(kept.tally.packed()))
         # And this release goes on from it: the next commit lands on the spare copies.
+        kept.tally.add("ended_crashed")
         kept.commit({0: None})
         assert kept.read(0) is None and kept.read(1) is not None
+        assert Journal.attach(os.dup(kept.fd)).tally["ended_crashed"] == 1
     finally:
         kept.close()
 

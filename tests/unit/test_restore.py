@@ -113,6 +113,57 @@ def test_a_new_server_takes_back_listener_journal_and_clients():
     holder.forget_all()
 
 
+def count(server: ChatServer, name: str, **labels) -> float | None:
+    """A metric's value as Prometheus would read it from the server's scrape (chatd.metrics)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from chatd.metrics import endpoint
+
+    metrics = endpoint(server, "127.0.0.1", 0, None)
+    metrics.snapshots.refresh()  # as the loop does, without listening
+    registry = CollectorRegistry()
+    registry.register(metrics.snapshots)
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
+@pytest.mark.parametrize("owner_left, ended", [(True, "killed"), (False, "planned")],
+                         ids=["died-serving", "stopped-on-purpose"])
+def test_the_counts_since_the_service_began_go_on_across_a_restore(owner_left, ended):
+    from chatd.journal import process_identity
+
+    holder = MemoryHolder()
+    first = ChatServer(Holders([holder]), 8)
+    first.bind("127.0.0.1", 0)
+    first.journal.set_owner(*process_identity(os.getpid()))  # as chatd.lifecycle does once it serves
+    with serving(first):
+        a, b = chatting_pair(first)
+    if not owner_left:
+        first.journal.set_owner(0, 0)  # as a handover or a stop does
+    commits = first.journal.committed
+    die(first)
+
+    second = ChatServer(Holders([holder]), 8)
+    summary = restore(second)
+    assert summary["ended"] == ended
+    with serving(second):
+        a.send("MSG two")
+        assert b.line() == "FROM A 2 two"
+    assert count(second, "chatd_messages_relayed_total") == 2, "one before the crash, one after"
+    assert count(second, "chatd_crashes_survived_total", how="killed") == (1 if owner_left else 0)
+    assert count(second, "chatd_planned_restarts_total") == (0 if owner_left else 1)
+    assert count(second, "chatd_restore_duration_seconds_count") == 1
+    assert count(second, "chatd_last_restore_duration_seconds") == summary["milliseconds"] / 1000
+    assert count(second, "chatd_journal_commits_total") > commits
+    assert count(second, "chatd_clients") == 2 and count(second, "chatd_pairs") == 1
+    a.close(), b.close()
+    holder.forget_all()
+
+
 def test_without_the_journal_clients_keep_their_connections_as_new_members():
     holder = MemoryHolder()
     first = ChatServer(Holders([holder]), 8)
