@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from ctl.launch import Launcher, wait_until  # noqa: E402
+from browser.test_browser import open_page  # noqa: E402
 from process.test_standby import TakingTurns  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -69,15 +70,7 @@ def open_pair(browser, http_port: int, index: int):
     names = (f"p{index}a", f"p{index}b")
     pages = []
     for nick, peer in (names, names[::-1]):
-        page = browser.new_page(viewport={"width": 480, "height": 600})
-        page.goto(f"http://127.0.0.1:{http_port}/")
-        page.wait_for_function("window.chat.opens === 1")
-        page.fill("#nick", nick)
-        page.click("#nick-form button")
-        page.wait_for_function(f"window.chat.nick === {nick!r}")
-        page.fill("#peer", peer)
-        page.click("#pair-form button")
-        pages.append(page)
+        pages.append(open_page(browser, None, nick, peer, port=http_port))
     for page, peer in zip(pages, names[::-1]):
         page.wait_for_function(f"window.chat.paired === {peer!r}")
     return pages

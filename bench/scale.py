@@ -270,9 +270,40 @@ def median_and_worst(values: list) -> dict:
     return {"median": round(statistics.median(values), 1), "worst": max(values)} if values else None
 
 
+class IdleWorkers:
+    """``size`` idle clients of chatd on ``port``, spread over worker processes (``worker``, e.g.
+    :func:`idle_worker`, :data:`PER_WORKER` clients each), told what to do by queue."""
+
+    def __init__(self, worker, port: int, size: int):
+        self.commands, self.results, self.workers = [], multiprocessing.Queue(), []
+        for start in range(0, size, PER_WORKER):
+            queue = multiprocessing.Queue()
+            process = multiprocessing.Process(target=worker, args=(port, min(PER_WORKER, size - start), queue,
+                                                                   self.results), daemon=True)
+            process.start()
+            self.commands.append(queue)
+            self.workers.append(process)
+        for _ in self.workers:
+            assert self.results.get(timeout=600)[0] == "connected"
+
+    def check(self) -> int:
+        """Each client asks chatd once more; how many were answered."""
+        for queue in self.commands:
+            queue.put("check")
+        return sum(self.results.get(timeout=300)[1] for _ in self.workers)
+
+    def stop(self, machine, others: int) -> None:
+        """Every client leaves; wait until chatd holds only the ``others``."""
+        for queue in self.commands:
+            queue.put("quit")
+        for _ in self.workers:
+            self.results.get(timeout=300)
+        for worker in self.workers:
+            worker.join(30)
+        wait_until(lambda: chatctl(machine, "status")["chatd"]["clients"] <= others, 120, "the idle clients to leave")
+
+
 def measure_size(machine, port: int, size: int, pair: Pair, crashes_each: int = CRASHES) -> dict:
-    commands, results = [], multiprocessing.Queue()
-    workers = []
     cpu_before = pid1_cpu(machine)
     serving_pid = host_pid(machine, serving_unit(machine))
     holderd_pid = host_pid(machine, "holderd")
@@ -280,15 +311,7 @@ def measure_size(machine, port: int, size: int, pair: Pair, crashes_each: int = 
     rss_before = {"chatd": rss_kib(serving_pid), "holderd": rss_kib(holderd_pid), "pid1": rss_kib(machine.pid1),
                   "standby": rss_kib(standby_pid)}
     began = time.time()
-    for start in range(0, size, PER_WORKER):
-        queue = multiprocessing.Queue()
-        worker = multiprocessing.Process(target=idle_worker, args=(port, min(PER_WORKER, size - start), queue,
-                                                                    results), daemon=True)
-        worker.start()
-        commands.append(queue)
-        workers.append(worker)
-    for _ in workers:
-        assert results.get(timeout=300)[0] == "connected"
+    idle = IdleWorkers(idle_worker, port, size)
     wait_until(lambda: chatctl(machine, "status")["chatd"]["clients"] >= size + 2, 300, f"{size} clients accepted")
     connected = time.time()
     row = {
@@ -307,12 +330,10 @@ def measure_size(machine, port: int, size: int, pair: Pair, crashes_each: int = 
         crashes = []
         for _ in range(crashes_each):
             crash = crash_and_measure(machine, pair, size, cold=mode == "cold",
-                                      commands=commands if mode == "standby, every client active" else (),
-                                      results=results)
+                                      commands=idle.commands if mode == "standby, every client active" else (),
+                                      results=idle.results)
             if mode != "standby, every client active":
-                for queue in commands:
-                    queue.put("check")
-                crash["answered"] = sum(results.get(timeout=300)[1] for _ in workers)
+                crash["answered"] = idle.check()
             print(f"  {size} clients, {mode}: {crash}", flush=True)
             crashes.append(crash)
         row[mode] = {"crashes": crashes, **{key: median_and_worst([c.get(key) for c in crashes]) for key in (
@@ -320,13 +341,7 @@ def measure_size(machine, port: int, size: int, pair: Pair, crashes_each: int = 
             "holderd_passed_lease_ms", "restore_ms", "kill_to_every_client_answered_ms", "restart_timer_ms",
             "exec_to_ready_ms")}}
         row[mode]["answered"] = min(c.get("answered", c.get("answered_ping", 0)) for c in crashes)
-    for queue in commands:
-        queue.put("quit")
-    for _ in workers:
-        results.get(timeout=300)
-    for worker in workers:
-        worker.join(30)
-    wait_until(lambda: chatctl(machine, "status")["chatd"]["clients"] <= 2, 120, "the idle clients to leave")
+    idle.stop(machine, others=2)
     return row
 
 
@@ -391,7 +406,8 @@ def main() -> int:
     return 0
 
 
-def _cell(figure: dict | None) -> str:
+def cell(figure: dict | None) -> str:
+    """A figure as a table shows it: the median, the worst in brackets."""
     return "-" if not figure else f"{figure['median']:g} ({figure['worst']:g})"
 
 
@@ -404,17 +420,17 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         for mode in MODES:
             m = row[mode]
-            print(f"| {row['clients']:,} | {mode} | {_cell(m['kill_to_first_relayed_ms'])} ms "
-                  f"| {_cell(m['kill_to_served_ms'])} ms | {_cell(m['kill_to_all_adopted_ms'])} ms "
-                  f"| {_cell(m['kill_to_every_client_answered_ms'])} ms | {m['answered']:,} |")
+            print(f"| {row['clients']:,} | {mode} | {cell(m['kill_to_first_relayed_ms'])} ms "
+                  f"| {cell(m['kill_to_served_ms'])} ms | {cell(m['kill_to_all_adopted_ms'])} ms "
+                  f"| {cell(m['kill_to_every_client_answered_ms'])} ms | {m['answered']:,} |")
     print("\n| clients | holderd passes the lease | restore begins | restore (served) | cold: restart timer "
           "| cold: exec -> READY |")
     print("|" + " --- |" * 6)
     for row in rows:
         standby, cold = row["standby"], row["cold"]
-        print(f"| {row['clients']:,} | {_cell(standby['holderd_passed_lease_ms'])} ms "
-              f"| {_cell(standby['kill_to_restore_began_ms'])} ms | {_cell(standby['restore_ms'])} ms "
-              f"| {_cell(cold['restart_timer_ms'])} ms | {_cell(cold['exec_to_ready_ms'])} ms |")
+        print(f"| {row['clients']:,} | {cell(standby['holderd_passed_lease_ms'])} ms "
+              f"| {cell(standby['kill_to_restore_began_ms'])} ms | {cell(standby['restore_ms'])} ms "
+              f"| {cell(cold['restart_timer_ms'])} ms | {cell(cold['exec_to_ready_ms'])} ms |")
     print("\n| clients | PID 1 CPU while they connect | accepts/s | pair worst delay while others connect "
           "| bytes/client: chatd serving, standby, holderd, PID 1 |")
     print("|" + " --- |" * 5)

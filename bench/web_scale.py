@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import resource
 import socket
@@ -47,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import scale  # noqa: E402  (puts tests/ and tests/systemd on the path too)
-from bench.scale import BootedSystemd, chatctl, crash_and_measure, free_port, median_and_worst  # noqa: E402
+from bench.scale import BootedSystemd, cell, chatctl, crash_and_measure, free_port, median_and_worst  # noqa: E402
 from chatd.protocols.web import text_frame  # noqa: E402
 from ctl.launch import wait_until  # noqa: E402
 
@@ -195,17 +194,8 @@ def measure(machine, ports: dict[str, int], kind: str, size: int, pairs: dict[st
             crashes_each: int) -> dict:
     """``size`` idle clients of ``kind`` held, and each mode's crashes, as in bench/scale.py."""
     worker_of = {"line": scale.idle_worker, "web": web_idle_worker}[kind]
-    commands, results, workers = [], multiprocessing.Queue(), []
     began = time.time()
-    for start in range(0, size, scale.PER_WORKER):
-        queue = multiprocessing.Queue()
-        worker = multiprocessing.Process(target=worker_of, args=(ports[kind], min(scale.PER_WORKER, size - start),
-                                                                 queue, results), daemon=True)
-        worker.start()
-        commands.append(queue)
-        workers.append(worker)
-    for _ in workers:
-        assert results.get(timeout=600)[0] == "connected"
+    idle = scale.IdleWorkers(worker_of, ports[kind], size)
     wait_until(lambda: chatctl(machine, "status")["chatd"]["clients"] >= size + 4, 300, f"{size} clients accepted")
     row = {"kind": kind, "clients": size, "connects_per_s": round(size / (time.time() - began))}
     time.sleep(2)  # the bundles get packed in the background, the standby reads ahead
@@ -214,15 +204,13 @@ def measure(machine, ports: dict[str, int], kind: str, size: int, pairs: dict[st
         for _ in range(crashes_each):
             quiet_enough()
             load = os.getloadavg()[0]
-            crash = crash_and_measure(machine, pairs["line"], size, cold=mode == "cold", commands=commands,
-                                      results=results)
+            crash = crash_and_measure(machine, pairs["line"], size, cold=mode == "cold", commands=idle.commands,
+                                      results=idle.results)
             crash["loadavg_1min"] = round(load, 2)
             crash["line_pair_first_relayed_ms"] = crash["kill_to_first_relayed_ms"]
             first = pairs["web"].first_after(crash["killed_at"])
             crash["web_pair_first_relayed_ms"] = round((first - crash["killed_at"]) * 1000, 1) if first else None
-            for queue in commands:
-                queue.put("check")
-            crash["answered"] = sum(results.get(timeout=300)[1] for _ in workers)
+            crash["answered"] = idle.check()
             print(f"  {size} {kind} clients, {mode}: " + ", ".join(
                 f"{key} {crash.get(key)}" for key in (*KEYS, "answered_ping", "answered", "loadavg_1min")), flush=True)
             crashes.append(crash)
@@ -230,13 +218,7 @@ def measure(machine, ports: dict[str, int], kind: str, size: int, pairs: dict[st
                      "answered_ping": min(c["answered_ping"] for c in crashes),
                      "answered": min(c["answered"] for c in crashes),
                      "loadavg_1min": [c["loadavg_1min"] for c in crashes]}
-    for queue in commands:
-        queue.put("quit")
-    for _ in workers:
-        results.get(timeout=300)
-    for worker in workers:
-        worker.join(30)
-    wait_until(lambda: chatctl(machine, "status")["chatd"]["clients"] <= 4, 120, "the idle clients to leave")
+    idle.stop(machine, others=4)
     return row
 
 
@@ -278,10 +260,6 @@ def main() -> int:
     return 0
 
 
-def _cell(figure: dict | None) -> str:
-    return "-" if not figure else f"{figure['median']:g} ({figure['worst']:g})"
-
-
 def print_table(rows: list[dict]) -> None:
     print("\n| idle clients | mode | kill -> line pair's next message | kill -> web pair's next message "
           "| kill -> every idle client answered (all ping at once) | restore (served) | answered after |")
@@ -289,9 +267,9 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         for mode in MODES:
             m = row[mode]
-            print(f"| {row['clients']:,} {row['kind']} | {mode} | {_cell(m['line_pair_first_relayed_ms'])} ms "
-                  f"| {_cell(m['web_pair_first_relayed_ms'])} ms | {_cell(m['kill_to_every_client_answered_ms'])} ms "
-                  f"| {_cell(m['restore_ms'])} ms | {m['answered']:,} of {row['clients']:,} |")
+            print(f"| {row['clients']:,} {row['kind']} | {mode} | {cell(m['line_pair_first_relayed_ms'])} ms "
+                  f"| {cell(m['web_pair_first_relayed_ms'])} ms | {cell(m['kill_to_every_client_answered_ms'])} ms "
+                  f"| {cell(m['restore_ms'])} ms | {m['answered']:,} of {row['clients']:,} |")
 
 
 def plot(rows: list[dict], path: str) -> None:

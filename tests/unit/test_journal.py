@@ -7,6 +7,7 @@ import pytest
 from chatd.journal import HEADER_SIZE, PAGE, UNKNOWN_FORMAT, VERSION, Journal
 from chatd.records import Record
 from fdkeep.errors import Error
+from recording_journal import Recording
 
 
 def test_records_survive_through_another_descriptor():
@@ -94,18 +95,6 @@ def test_a_damaged_journal_of_this_version_is_damage_not_another_format():
         Journal.attach(fd)
     assert caught.value.code == "bad-state" and "damaged" in caught.value.message
     os.close(fd)
-
-
-class Recording(Journal):
-    """A journal that logs every byte it writes, and can stop mid-commit like a crash."""
-
-    def __init__(self, *args):
-        self.writes: list[tuple[int, bytes]] = []
-        super().__init__(*args)
-
-    def _write(self, offset, data):
-        self.writes.append((offset, bytes(data)))
-        super()._write(offset, data)
 
 
 def image(journal) -> bytes:

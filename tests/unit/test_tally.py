@@ -8,6 +8,7 @@ import pytest
 from chatd.journal import PAGE, Journal
 from chatd.records import Record
 from chatd.tally import NAMES, RESTORE_BUCKETS, Tally
+from recording_journal import Recording
 
 
 def state_of(data: bytes) -> tuple:
@@ -18,16 +19,6 @@ def state_of(data: bytes) -> tuple:
         return journal.read(0), journal.tally["messages_relayed"], journal.tally["refused_max_clients"]
     finally:
         journal.close()
-
-
-class Recording(Journal):
-    def __init__(self, *args):
-        self.writes: list[tuple[int, bytes]] = []
-        super().__init__(*args)
-
-    def _write(self, offset, data):
-        self.writes.append((offset, bytes(data)))
-        super()._write(offset, data)
 
 
 @pytest.mark.parametrize("commits_before", [1, 2], ids=["copy-1-spare", "copy-0-spare"])
