@@ -22,17 +22,25 @@ open fds (``process_open_fds``) against its limit (``process_max_fds``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from fdkeep.loop import Loop
 from fdkeep.metrics import MetricsEndpoint
 
-if TYPE_CHECKING:
-    from .daemon import Holderd
+
+class Observed(Protocol):
+    """What the metrics read of the daemon (holderd.daemon.Holderd), at a scrape's snapshot:
+    its protocol core (names held, leases), its peers by uid, its limits, and its loop."""
+
+    core: object
+    by_uid: dict
+    limits: object
+    loop: Loop
 
 
-def families(daemon: "Holderd") -> list:
+def families(daemon: Observed) -> list:
     names: dict[str, int] = {}
     fds: dict[tuple[str, str], int] = {}
     for uid, held in daemon.core.held_items():
@@ -61,5 +69,5 @@ def families(daemon: "Holderd") -> list:
     return [held_names, held_fds, connections, held, waiting, passes, limit]
 
 
-def endpoint(daemon: "Holderd", address: str, port: int, log) -> MetricsEndpoint:
+def endpoint(daemon: Observed, address: str, port: int, log) -> MetricsEndpoint:
     return MetricsEndpoint(daemon.loop, log, address, port, lambda: families(daemon))

@@ -62,13 +62,19 @@ def offline_wheels(directory) -> None:
         os.remove(own)  # provision builds the checkout itself
 
 
-def needs_root_to_act_as_another_uid() -> None:
+def skip_or_fail(reason: str, tests: str) -> None:
+    """Skip where a test lacks what it needs (``reason``); under CI (CI=true: scripts/test installs
+    all of it) fail instead, so that CI never passes by skipping ``tests``."""
     import pytest
 
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI=true, so {tests} must not be skipped")
+    pytest.skip(reason)
+
+
+def needs_root_to_act_as_another_uid() -> None:
     if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI runs as root: this test must not be skipped there")
-        pytest.skip("needs root to act as another uid")
+        skip_or_fail("needs root to act as another uid", "the tests as another uid")
 
 
 class OtherUser:
@@ -134,29 +140,20 @@ class OtherUser:
 
 def require_nats() -> None:
     """Skip where nats-server or nats-py is missing; under CI, fail instead: they must run."""
-    import pytest
-
     from ctl.hosts import missing_for_cluster
 
     missing = missing_for_cluster()
     if missing:
-        reason = f"needs {missing}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true, so the cluster tests must not be skipped")
-        pytest.skip(reason)
+        skip_or_fail(f"needs {missing}", "the cluster tests")
 
 
 def require_haproxy() -> None:
     """Skip where haproxy is missing; under CI, fail instead: scripts/test installs it."""
-    import pytest
-
     from ctl.haproxy import missing_haproxy
 
     missing = missing_haproxy()
     if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"needs {missing}; CI=true, so the HAProxy tests must not be skipped")
-        pytest.skip(f"needs {missing}")
+        skip_or_fail(f"needs {missing}", "the HAProxy tests")
 
 
 def previous_release(into: Path, parts: tuple[str, ...] = ("chatd", "fdkeep", "holderd")) -> tuple[str, Path]:

@@ -22,6 +22,7 @@ import pytest
 
 from ctl.launch import wait_until
 from ctl.probe import LineClient
+from helpers import skip_or_fail
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR", Path(__file__).resolve().parents[2] / "test-artifacts"))
@@ -30,10 +31,7 @@ ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR", Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def browser():
     if not shutil.which("chromium"):
-        reason = "Debian's chromium is not installed (apt-get install chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true, so the browser tests must not be skipped")
-        pytest.skip(reason)
+        skip_or_fail("Debian's chromium is not installed (apt-get install chromium)", "the browser tests")
     from playwright.sync_api import sync_playwright
 
     playwright = sync_playwright().start()

@@ -32,7 +32,7 @@ import pytest
 
 from ctl.haproxy import HAProxy
 from ctl.launch import wait_until
-from helpers import free_port, require_haproxy
+from helpers import free_port, require_haproxy, skip_or_fail
 from test_browser import (CHROMIUM, TYPE, WATCH_BADGE, assert_received_once_in_order, open_page, received,
                           screenshot, stop_typing, typed, typing, wait_for_messages)
 from testkit.tlscerts import make_test_pki, missing_tls_tools, nss_home
@@ -51,9 +51,7 @@ TYPE_SLOWER = typing(50)
 
 def require(missing: str | None, what: str) -> None:
     if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{what} needs {missing}; CI=true, so the TLS tests must not be skipped")
-        pytest.skip(f"{what} needs {missing}")
+        skip_or_fail(f"{what} needs {missing}", "the TLS tests")
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,19 @@ def page(proxy: HAProxy, nick: str, pair: str) -> WebSocketClient:
     return socket
 
 
+def first_messages_both_ways(clients, carl_says: str, dana_says: str, wanda_says: str, lee_says: str) -> None:
+    """carl (a chatctl client) and dana, wanda (a page's WebSocket) and lee: each pair's first
+    message each way arrives, numbered 1."""
+    carl, dana, wanda, lee = clients
+    carl.type(carl_says)
+    assert dana.line() == f"FROM carl 1 {carl_says}"
+    dana.send(f"MSG {dana_says}")
+    carl.wait_for_count(f"FROM dana 1 {dana_says}", 1, timeout=TIMEOUT)
+    wanda.send({"type": "msg", "text": wanda_says})
+    assert lee.line() == f"FROM wanda 1 {wanda_says}"
+    lee.send(f"MSG {lee_says}")
+    assert wanda.messages(1) == [{"type": "from", "from": "lee", "n": 1, "text": lee_says}]
+
 def test_clients_chat_through_haproxy_and_come_back_through_it_to_a_live_host_after_a_host_is_lost(
         behind_haproxy):
     cluster, proxy = behind_haproxy
@@ -134,14 +147,7 @@ def test_clients_chat_through_haproxy_and_come_back_through_it_to_a_live_host_af
         assert dana.line() == "PAIRED carl" and lee.line() == "PAIRED wanda" and ann.line() == "PAIRED bob"
         assert bob.line() == "PAIRED ann" and wanda.messages(1) == [{"type": "paired", "peer": "lee"}]
         carl.wait_for("[carl] < PAIRED dana", timeout=TIMEOUT)
-        carl.type("hello dana")
-        assert dana.line() == "FROM carl 1 hello dana"
-        dana.send("MSG hello carl")
-        carl.wait_for_count("FROM dana 1 hello carl", 1, timeout=TIMEOUT)
-        wanda.send({"type": "msg", "text": "from the page"})
-        assert lee.line() == "FROM wanda 1 from the page"
-        lee.send("MSG to the page")
-        assert wanda.messages(1) == [{"type": "from", "from": "lee", "n": 1, "text": "to the page"}]
+        first_messages_both_ways((carl, dana, wanda, lee), "hello dana", "hello carl", "from the page", "to the page")
         ann.send("MSG before")
         assert bob.line() == "FROM ann 1 before"
         assert set(proxy.states().values()) == {"UP"}, "every host ready again after the steering"
@@ -189,14 +195,8 @@ def test_clients_chat_through_haproxy_and_come_back_through_it_to_a_live_host_af
               f"{FALL}); carl and wanda paired again through it {time.monotonic() - lost:.1f} s after it "
               f"(lease {LEASE:g} s)")
 
-        carl_again.type("back through HAProxy")
-        assert dana.line() == "FROM carl 1 back through HAProxy"
-        dana.send("MSG welcome back")
-        carl_again.wait_for_count("FROM dana 1 welcome back", 1, timeout=TIMEOUT)
-        wanda_again.send({"type": "msg", "text": "back too"})
-        assert lee.line() == "FROM wanda 1 back too"
-        lee.send("MSG welcome back")
-        assert wanda_again.messages(1) == [{"type": "from", "from": "lee", "n": 1, "text": "welcome back"}]
+        first_messages_both_ways((carl_again, dana, wanda_again, lee), "back through HAProxy", "welcome back",
+                                 "back too", "welcome back")
 
         # Every new connection lands on a live host while h0 is out.
         for number in range(6):

@@ -9,7 +9,6 @@ on across the crash (no reset: they live in the journal), and the alert that fir
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from ctl import control
 from ctl.launch import wait_for_answer, wait_until
 from testkit.prometheus import Prometheus, listening_ports, missing_prometheus, scrape_config
 
+from helpers import skip_or_fail
+
 ALERTS = Path(__file__).resolve().parents[2] / "docs" / "prometheus" / "chatd-alerts.yml"
 
 
@@ -30,9 +31,7 @@ def require_prometheus() -> None:
     """Skip where prometheus or promtool is missing; under CI, fail instead: scripts/test installs them."""
     missing = missing_prometheus()
     if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"needs {missing}; CI=true, so the Prometheus tests must not be skipped")
-        pytest.skip(f"needs {missing}")
+        skip_or_fail(f"needs {missing}", "the Prometheus tests")
 
 
 def lease_chatd(procs, instance: str, metrics_port: int, role: str) -> tuple[subprocess.Popen, dict]:
