@@ -67,6 +67,8 @@ log = logging.getLogger("chatd")
 
 #: How often systemd hears the status line (when it changed).
 STATUS_INTERVAL = 1.0
+#: Seconds after it begins to serve that chatd's metrics listen (see Lifecycle.serve).
+METRICS_AFTER = 1.0
 
 
 #: Every legal change of role.
@@ -88,12 +90,14 @@ class HandedOver(SystemExit):
 @dataclass(frozen=True)
 class Where:
     """Where chatd serves, as its options say: the line port's address and the web port
-    (None: no web port), and whether it may only restore (``--restore``)."""
+    (None: no web port), whether it may only restore (``--restore``), and the metrics'
+    address and port (``--metrics-address``, ``--metrics-port``; None: no metrics)."""
 
     host: str
     port: int
     http_port: int | None
     restore_only: bool = False
+    metrics: tuple[str, int] | None = None
 
 
 class Lifecycle:
@@ -170,9 +174,17 @@ class Lifecycle:
         self.server.journal.set_owner(*process_identity(os.getpid()))
         self._to(Role.SERVING)
         self.announce_ready()
-        if self.server.metrics is not None:
-            self.server.metrics.start()  # only the chatd serving answers scrapes (chatd.metrics)
+        if where.metrics is not None and self.server.metrics is None:
+            # Only the chatd serving answers scrapes (chatd.metrics); and not before its clients
+            # are served: importing prometheus-client takes about 0.1 s, kept off the takeover.
+            self.server.loop.call_later(METRICS_AFTER, lambda: self._start_metrics(*where.metrics))
         faults.start_counting()  # test crash points count from here: not in chatd's own restore
+
+    def _start_metrics(self, address: str, port: int) -> None:
+        from .metrics import endpoint
+
+        self.server.metrics = endpoint(self.server, address, port, log)
+        self.server.metrics.start()
 
     def restore_now(self) -> dict:
         """``chatctl restore``: a waiting chatd takes its sockets back now; the restore's summary."""

@@ -290,12 +290,9 @@ def main(argv=None) -> int:
             state_dir.set_aside("--fresh")
     # With --lease each process answers at its own socket, and at args.control once it serves.
     own_control = instance_socket(args.control, args.instance) if args.lease else args.control
+    metrics = (args.metrics_address, args.metrics_port) if args.metrics_port is not None else None
     lifecycle = Lifecycle(server, Where(args.host, args.port, None if args.http_port < 0 else args.http_port,
-                                        restore_only=args.restore))
-    if args.metrics_port is not None:
-        from .metrics import endpoint
-
-        server.metrics = endpoint(server, args.metrics_address, args.metrics_port, log)
+                                        restore_only=args.restore, metrics=metrics))
     try:
         control = ControlServer(server, own_control, restore_now=lifecycle.restore_now)
     except OSError as exc:

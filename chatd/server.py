@@ -164,8 +164,8 @@ class ChatServer:
         self.role = Role.STARTING
         #: This process's name among the chatd taking turns (``--instance``); None alone.
         self.instance: str | None = None
-        #: ``--metrics-port``: the metrics endpoint (chatd.metrics), which chatd.lifecycle starts
-        #: once this chatd serves; None without the flag.
+        #: ``--metrics-port``: the metrics endpoint (chatd.metrics), which chatd.lifecycle makes
+        #: and starts a second after this chatd begins to serve; None until then, or without the flag.
         self.metrics = None
         #: Members whose record must be committed; slots to free; connections to wake.
         self._dirty: set[int] = set()

@@ -38,9 +38,13 @@ def lease_chatd(procs, instance: str, metrics_port: int, role: str) -> tuple[sub
     proc = procs.spawn("chatd", "chatd", "--port", str(procs.port or 0), "--http-port", "-1",
                        "--control", procs.control_socket, "--holder", procs.holder_socket,
                        "--lease", "--instance", instance, "--metrics-port", str(metrics_port))
-    status = wait_for_answer(proc, lambda: control.call("status", instance_socket(procs.control_socket, instance)),
-                             15, "chatd")
+    def asked() -> dict:
+        return control.call("status", instance_socket(procs.control_socket, instance))
+
+    status = wait_for_answer(proc, asked, 15, "chatd")
     assert status["role"] == role, status
+    if role == "serving":  # its metrics listen a moment after it serves (chatd.lifecycle.METRICS_AFTER)
+        status = wait_until(lambda: (found := asked())["metrics"] and found, 10, "chatd's metrics to listen")
     return proc, status
 
 
@@ -177,7 +181,7 @@ def test_across_hosts_the_stream_and_the_forwards_are_scraped(tmp_path):
             assert ann.line() == "PAIRED bob" and bob.line() == "PAIRED ann"
             ann.send("MSG hello", "MSG across")
             assert bob.lines(2) == ["FROM ann 1 hello", "FROM ann 2 across"]
-            receiver = cluster.status(1)["metrics"]
+            receiver = wait_until(lambda: cluster.status(1)["metrics"], 10, "h1's metrics to listen")
             found = wait_until(lambda: (got := scraped(receiver)) and got.get(("chatd_messages_relayed_total", ()))
                                == 2 and got, 10, "h1's scrape to count the two messages")
             assert found[("chatd_cluster_connected", ())] == 1
@@ -185,7 +189,7 @@ def test_across_hosts_the_stream_and_the_forwards_are_scraped(tmp_path):
             assert found[("chatd_cluster_forwards_in_flight", ())] == 0
             assert found[("chatd_cluster_stashed", ())] == 0
             assert found.get(("chatd_cluster_stream_lag_messages", ())) == 0
-            sender = scraped(cluster.status(0)["metrics"])
+            sender = scraped(wait_until(lambda: cluster.status(0)["metrics"], 10, "h0's metrics to listen"))
             assert sender[("chatd_messages_relayed_total", ())] == 0, "h0 forwarded them: h1 relayed them"
         finally:
             ann.close(), bob.close()

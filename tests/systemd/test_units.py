@@ -219,8 +219,14 @@ def test_the_serving_units_metrics_count_the_crash_in_its_sandbox(machine):
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{machine.metrics_port}/metrics", timeout=5) as answer:
-        scraped = answer.read().decode()
+    def scrape() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{machine.metrics_port}/metrics", timeout=5) as answer:
+                return answer.read().decode()
+        except OSError:
+            return None  # the chatd serving listens a moment after it serves (chatd.lifecycle.METRICS_AFTER)
+
+    scraped = wait_until(scrape, 15, "the serving chatd's metrics")
     samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
                for family in text_string_to_metric_families(scraped) for sample in family.samples}
     crashes = samples[("chatd_crashes_survived_total", (("how", "killed"),))]
