@@ -36,8 +36,7 @@ log = logging.getLogger("chatd")
 class AcrossHosts(Protocol):
     """What the server asks of the other hosts (see the module's docstring)."""
 
-    #: Whether clients may have sessions (chatd.sessions): on one host; a session kept in the
-    #: cluster, for any host to take back, is not built yet.
+    #: Whether clients may have sessions (chatd.sessions).
     keeps_sessions: bool
 
     @property
@@ -69,6 +68,10 @@ class AcrossHosts(Protocol):
 
     def closed(self, connection: "Connection") -> None:
         """A client is closed."""
+
+    def session_moved(self, old_id: int, old_outbox: "Outbox | None", connection: "Connection") -> None:
+        """A session went on from member ``old_id`` to ``connection`` (its old slot is freed in
+        this commit): what its old outbox had not seen acknowledged goes on from the new one."""
 
     def wake(self, nick: str | None) -> None:
         """The output ring of the member with ``nick`` has room again."""
@@ -112,6 +115,9 @@ class SingleHost:
     def closed(self, connection: "Connection") -> None:
         pass
 
+    def session_moved(self, old_id: int, old_outbox: "Outbox | None", connection: "Connection") -> None:
+        pass
+
     def wake(self, nick: str | None) -> None:
         pass
 
@@ -128,14 +134,23 @@ class ServedMembers(Protocol):
     def is_connected(self, member_id: int) -> bool:
         """Whether the member's client is still served here."""
 
+    def holds(self, member_id: int) -> bool:
+        """Whether the member is served here: its client is connected, or its session is
+        detached and waits for it (chatd.sessions), nick and all."""
+
     def connected_ids(self) -> list[int]:
         """Every member whose client is served here."""
 
     def outbox(self, member_id: int) -> "Outbox | None":
         """The member's outbox of forwards (None: not connected)."""
 
+    def detached_outboxes(self) -> "list[tuple[int, Outbox]]":
+        """The outboxes of detached sessions (chatd.sessions), by member id: what a restore
+        found in them was handled and must still be published."""
+
     def output_has_room(self, member_id: int) -> bool:
-        """Whether the member's output ring can take another event."""
+        """Whether the member's output ring (its connection's, or its detached session's) can
+        take another event; True for a member with neither."""
 
     def apply(self, outcome: "Outcome") -> None:
         """Carry out what the room decided (events, records to commit, closes, forwards)."""

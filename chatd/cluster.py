@@ -109,7 +109,7 @@ HOST_ID_RE = NAME_RE
 class Cluster:
     """The server's hooks across hosts (:class:`~chatd.across.AcrossHosts`), and the bus's results."""
 
-    keeps_sessions = False  # not yet: a session kept in the cluster (issue 24)
+    keeps_sessions = True
 
     def __init__(self, bus: Bus, host_id: str, room: Room, members: "ServerMembers", loop: Loop, *,
                  outbox: bool = True, cursor: bool = True, durable_same_host: bool = True):
@@ -145,6 +145,8 @@ class Cluster:
         self.bus.start(cursor)
         for member_id in self.members.connected_ids():
             self.publisher.publish_next(member_id)
+        for member_id, outbox in self.members.detached_outboxes():
+            self.publisher.closed(member_id, outbox)
         log.info("cluster: host %s, reading the stream after sequence %s", self.host_id,
                  cursor if cursor is not None else "the consumer's own position (--no-cursor)")
 
@@ -195,6 +197,9 @@ class Cluster:
         """A client is closed: its NICK in flight is forgotten; forwards it left go on from memory."""
         self.directory.forget_claim(connection.member_id)
         self.publisher.closed(connection.member_id, connection.forwards)
+
+    def session_moved(self, old_id: int, old_outbox: "Outbox | None", connection: "Connection") -> None:
+        self.publisher.moved(old_id, old_outbox, connection.forwards)
 
     def wake(self, nick: str | None) -> None:
         """Room in a receiver's output ring: messages from other hosts may wait for it."""
@@ -266,15 +271,23 @@ class ServerMembers:
     def is_connected(self, member_id: int) -> bool:
         return member_id in self.server.connections
 
+    def holds(self, member_id: int) -> bool:
+        return member_id in self.server.connections or member_id in self.server.sessions.detached
+
     def connected_ids(self) -> list[int]:
         return list(self.server.connections)
+
+    def detached_outboxes(self) -> "list[tuple[int, Outbox]]":
+        return [(member_id, detached.forwards) for member_id, detached in self.server.sessions.detached.items()
+                if detached.forwards is not None]
 
     def outbox(self, member_id: int) -> "Outbox | None":
         connection = self.server.connections.get(member_id)
         return connection.forwards if connection is not None else None
 
     def output_has_room(self, member_id: int) -> bool:
-        return self.server.output_has_room(self.server.connections[member_id])
+        output = self.server.output(member_id)
+        return output is None or self.server.output_has_room(output)
 
     def apply(self, outcome: Outcome) -> None:
         self.server.apply(outcome)

@@ -177,9 +177,9 @@ class DirectoryView:
             self.sync(member)
 
     def _holder(self, nick: str) -> Member | None:
-        """The connected member here holding ``nick``."""
+        """The member served here holding ``nick`` (connected, or a detached session)."""
         member = self.room.member_by_nick(nick)
-        return member if member is not None and self.members.is_connected(member.id) else None
+        return member if member is not None and self.members.holds(member.id) else None
 
     def _entry(self, target: str | None) -> bytes:
         return json.dumps({"host": self.host_id, "target": target}, separators=(",", ":")).encode()
@@ -246,7 +246,7 @@ class DirectoryView:
         for nick in [nick for nick in self.own if self._holder(nick) is None and not self.claiming(nick)]:
             self.release(nick)  # ours from an earlier life, its member gone
         for member in list(self.room.members.values()):
-            if member.nick is not None and self.members.is_connected(member.id):
+            if member.nick is not None and self.members.holds(member.id):
                 self.sync(member)
         log.info("cluster: directory read (%s on other hosts, %s alive)", plural(len(self.entries), "member"),
                  plural(len(self.alive_hosts), "other host"))

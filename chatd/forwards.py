@@ -229,6 +229,25 @@ class Publisher:
                 self.members.outbox_freed(member_id)
         self.publish_next(member_id)
 
+    def moved(self, old_id: int, old_outbox: Outbox | None, new_outbox: Outbox) -> None:
+        """A session went on from member ``old_id``'s connection to a new one (chatd.sessions):
+        the forwards not yet acknowledged, published from memory or still in the old outbox, are
+        the first of the new outbox, in order, in the commit that frees the old slot; the old
+        member publishes nothing more. A batch of it in flight stays until its ack comes: the
+        new outbox's first batch starts at that batch's first forward and follows it (the bus
+        keeps one publish a subject in flight, in call order), so whichever of the two the
+        stream stores first, the receiving room takes each k once, in order."""
+        orphans = self._orphans.pop(old_id, None)
+        if orphans is not None:
+            entries = list(orphans)
+        else:
+            entries = old_outbox.entries() if old_outbox is not None else []
+        in_flight = self.in_flight.get(old_id)
+        if in_flight is not None:
+            self._orphans[old_id] = deque(entries[:in_flight[1]])  # its ack takes them off
+        for _, _, payload in entries:
+            new_outbox.append(payload)
+
     def closed(self, member_id: int, outbox: Outbox | None) -> None:
         """The member's client is closed: what its outbox holds is published from memory."""
         if outbox is not None and outbox:

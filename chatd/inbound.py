@@ -112,8 +112,7 @@ class Inbound:
     def _take(self, incoming: Incoming) -> bool:
         """Hand one message to the room; False if it must wait."""
         member = self.room.member_by_nick(incoming.receiver)
-        if member is not None and self.members.is_connected(member.id) \
-                and not self.members.output_has_room(member.id):
+        if member is not None and not self.members.output_has_room(member.id):
             return False
         outcome = self.room.receive(incoming.receiver, incoming.sender, incoming.incarnation, incoming.k,
                                     incoming.text)

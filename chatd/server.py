@@ -402,10 +402,10 @@ class ChatServer:
         if self.room.through_stream(member.peer) and not self.cluster.has_room(connection, member):
             return False
         # A peer of this host holds its sender back by its own ring, through the stream too.
-        peer = None if isinstance(member.peer, Remote) else self._output(member.peer.id)
+        peer = None if isinstance(member.peer, Remote) else self.output(member.peer.id)
         return peer is None or peer.outbox.free >= RESERVE
 
-    def _output(self, member_id: int) -> Connection | Detached | None:
+    def output(self, member_id: int) -> Connection | Detached | None:
         """Where the member's events go: its connection, or its detached session's output ring."""
         return self.sessions.detached.get(member_id) or self.connection(member_id)
 
@@ -423,7 +423,7 @@ class ChatServer:
                 tally.add("sessions_resumed")
             elif kind is Busy:
                 tally.add("refused_resume_rate")
-            connection = self._output(member_id)
+            connection = self.output(member_id)
             if connection is None or connection.finishing:
                 continue
             try:

@@ -43,8 +43,14 @@ What a session promises, and how:
   (:class:`ResumeGate`); when it is empty the client hears ``ERR busy <seconds>``
   (on the web ``retry_after``) and tries again then: its session waits meanwhile.
 
-Across hosts (``--cluster``) there are no sessions yet: ``SESSION`` answers
-``ERR sessions-off`` (a session kept in the cluster is issue 24's).
+Across hosts (``--cluster``) a session is its host's: a resume on another host
+answers ``ERR unknown-session`` (a session kept in the cluster, which any host
+takes back, is planned: docs/host-loss.md). A load balancer in front sends a
+client back to its host (HAProxy: ``balance source``, chatctl haproxy-config).
+What a session sent that the stream has not acknowledged yet moves with it to
+its new connection's outbox (:meth:`chatd.forwards.Publisher.moved`), ahead of
+anything it sends there, so that its receivers take every message once, in
+order.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ from .protocols import Codec, codec_for, froms_in
 #: codec may have closed, and what waits for it must still be encoded.
 OPEN_WEBSOCKET = b"W"
 from .records import Record
-from .rings import InRing, OutRing
+from .rings import InRing, OutRing, Outbox
 from .room import Ack, Busy, Failed, Handled, Outcome, Resume, StartSession
 
 if TYPE_CHECKING:
@@ -252,8 +258,15 @@ class Sessions:
             log.warning("member %d: resuming session %s needs %d bytes of output ring, %d are free: busy",
                         member_id, shown(command.token), needed, connection.outbox.free)
             return Outcome().tell(member_id, Busy(1))
+        if holder.forwards is not None and connection.forwards is not None \
+                and holder.forwards.end - holder.forwards.published > connection.forwards.free:
+            log.warning("member %d: resuming session %s needs its forwards' room in the new outbox: busy",
+                        member_id, shown(command.token))
+            return Outcome().tell(member_id, Busy(1))
         old = session.id
         self._let_go_of(old)
+        # Its forwards not yet in the stream go on from the new connection's outbox, in this commit.
+        self.server.cluster.session_moved(old, holder.forwards, connection)
         outcome = room.resume(member_id, old)
         connection.outbox.retain()
         log.debug("member %d resumed the session of member %d (%s): %d messages sent again from n %d",
@@ -297,7 +310,10 @@ class Sessions:
         inbox = InRing(journal.in_ring(slot), record.in_handled, record.in_handled)
         outbox = OutRing(journal.out_ring(slot), record.out_end, record.out_end, kept=record.out_start)
         codec = codec_for(record.protocol, record.in_handled, record.codec)
-        self._wait(Detached(slot, inbox, outbox, codec))
+        # Across hosts, what its outbox holds was handled: published from memory once the cluster
+        # starts (chatd.cluster), and moved to the connection that resumes it.
+        forwards = Outbox(journal.box_ring(slot), record.box_start, record.box_end) if journal.box_size else None
+        self._wait(Detached(slot, inbox, outbox, codec, forwards))
 
     def _wait(self, detached: Detached) -> None:
         detached.expiry = self.loop.call_later(self.grace, lambda: self._expire(detached.member_id))

@@ -86,8 +86,14 @@ class FakeMembers:
     def is_connected(self, member_id):
         return member_id in self.connected
 
+    def holds(self, member_id):
+        return member_id in self.connected
+
     def connected_ids(self):
         return sorted(self.connected)
+
+    def detached_outboxes(self):
+        return []
 
     def outbox(self, member_id):
         return self.outboxes.get(member_id) if member_id in self.connected else None
