@@ -241,7 +241,7 @@ class Publisher:
         if orphans is not None:
             entries = list(orphans)
         else:
-            entries = old_outbox.entries() if old_outbox is not None else []
+            entries = old_outbox.entries(uncommitted=True) if old_outbox is not None else []
         in_flight = self.in_flight.get(old_id)
         if in_flight is not None:
             self._orphans[old_id] = deque(entries[:in_flight[1]])  # its ack takes them off
@@ -249,9 +249,10 @@ class Publisher:
             new_outbox.append(payload)
 
     def closed(self, member_id: int, outbox: Outbox | None) -> None:
-        """The member's client is closed: what its outbox holds is published from memory."""
-        if outbox is not None and outbox:
+        """The member's client is closed: what its outbox holds is published from memory (what
+        it handled in this very turn too: its commit may come after the close)."""
+        if outbox is not None and outbox.end > outbox.published:
             # All not acknowledged, the batch in flight first: its ack takes it off.
-            self._orphans[member_id] = deque(outbox.entries())
+            self._orphans[member_id] = deque(outbox.entries(uncommitted=True))
             if member_id not in self.in_flight:
                 self.publish_next(member_id)

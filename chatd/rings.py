@@ -220,16 +220,18 @@ class Outbox:
             return bytes(self.view[a:a + count])
         return bytes(self.view[a:]) + bytes(self.view[:count - (self.size - a)])
 
-    def entries(self, start: int | None = None) -> list[tuple[int, int, bytes]]:
-        """(start, end, payload) of each committed entry from ``start`` (default: the
-        first not yet published) on."""
+    def entries(self, start: int | None = None, *, uncommitted: bool = False) -> list[tuple[int, int, bytes]]:
+        """(start, end, payload) of each committed entry (``uncommitted``: and those appended
+        since the last commit, which a member that goes in this turn leaves too) from ``start``
+        (default: the first not yet published) on."""
         offset = self.published if start is None else start
+        last = self.end if uncommitted else self.committed
         found = []
-        while offset < self.committed:
+        while offset < last:
             (length,) = self.ENTRY.unpack(self._read(offset, self.ENTRY.size))
             end = offset + self.ENTRY.size + length
-            if end > self.committed:
-                raise ValueError(f"the outbox entry at {offset} runs past the committed end {self.committed}")
+            if end > last:
+                raise ValueError(f"the outbox entry at {offset} runs past the end {last}")
             found.append((offset, end, self._read(offset + self.ENTRY.size, length)))
             offset = end
         return found
