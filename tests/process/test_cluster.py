@@ -185,6 +185,23 @@ def test_pairs_on_a_host_and_across_hosts_stream_exactly_once_through_fifty_chat
     assert tally.received == tally.sent
 
 
+def test_sessions_resume_on_their_hosts_exactly_once_through_chatd_kills_and_cut_connections(hosts):
+    """Sessions in a cluster: every client has one, connections are cut (reset, closed, gone
+    silent) and the clients resume on the host that holds their session, while chatd is killed
+    on random hosts. A resumed session's forwards not yet in the stream go on from its new
+    connection, ahead of what it sends there (they once went beside it, out of order, and its
+    receiver dropped them as seen)."""
+    cluster = hosts(3, lease=SOAK_LEASE)
+    kill_chatd = kill_some_host(cluster)
+    ports = [port for port in cluster.ports for _ in (0, 1)]
+    tally = soak.run(ports, pairs=10, crashes=20, crash=kill_chatd, interval=(0.05, 0.3), settle=120,
+                     sessions=True, cuts=60)
+    print("cluster sessions test:", tally.row())
+    assert tally.crashes == 20 and tally.resumes >= 60 and tally.sent > 1000
+    assert tally.problems() == 0, (tally.row(), tally.notes)
+    assert tally.received == tally.sent
+
+
 @pytest.mark.parametrize("switch", ["--no-outbox", "--no-cursor"])
 def test_the_cluster_fault_test_sees_loss_without_the_outbox_or_the_cursor(hosts, switch):
     cluster = hosts(3, lease=SOAK_LEASE, chatd_args=(switch,))
