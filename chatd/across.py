@@ -73,6 +73,9 @@ class AcrossHosts(Protocol):
         """A session went on from member ``old_id`` to ``connection`` (its old slot is freed in
         this commit): what its old outbox had not seen acknowledged goes on from the new one."""
 
+    def session_ended(self, hashed: bytes) -> None:
+        """The session whose token hashes to ``hashed`` ended here (QUIT, or its grace ran out)."""
+
     def wake(self, nick: str | None) -> None:
         """The output ring of the member with ``nick`` has room again."""
 
@@ -118,6 +121,9 @@ class SingleHost:
     def session_moved(self, old_id: int, old_outbox: "Outbox | None", connection: "Connection") -> None:
         pass
 
+    def session_ended(self, hashed: bytes) -> None:
+        pass
+
     def wake(self, nick: str | None) -> None:
         pass
 
@@ -158,6 +164,21 @@ class ServedMembers(Protocol):
     def resume_parked(self, member_id: int, end: int, outcome: "Outcome") -> None:
         """The member's parked command, which ends at input offset ``end``, came to ``outcome``:
         carry it out and take its next commands."""
+
+    def answer_parked(self, member_id: int, end: int, command, started=None) -> None:
+        """Answer the member's parked session command (chatd.sessions carries it out; ``started``:
+        the token and hash a SESSION is to have) and take its next commands."""
+
+    def resume_taken_over(self, member_id: int, end: int, outcome: "Outcome") -> None:
+        """The member's parked RESUME took over a session held elsewhere (chatd.keeper): its
+        output is kept from now on, as a session's, and ``outcome`` carried out."""
+
+    def admit_resume(self) -> int:
+        """0 if a resume may go now (it is counted), else the seconds its client is to wait."""
+
+    def moved(self, member_id: int, why: str) -> None:
+        """The member's session (or nick) is another host's now: its client is told ``ERR moved``
+        and closed, and it leaves this host's room without a word to the cluster about it."""
 
     def resume(self, member_id: int) -> None:
         """Take the member's commands again (they were held back)."""

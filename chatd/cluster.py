@@ -88,11 +88,12 @@ from fdkeep.errors import Error
 from fdkeep.loop import IN, Loop
 
 from .bus import (Bus, BusError, Claimed, Connected, Delivered, DirectoryComplete, Disconnected, HostChanged,
-                  NickChanged, Published, Released, Updated)
+                  NickChanged, Published, Released, Replayed, SessionRead, SessionWritten, Updated)
 from .directory import DirectoryView
 from .forwards import MAX_FORWARD, Publisher
 from .inbound import Inbound
-from .room import NAME_RE, Command, Forward, Member, Nick, Outcome, Room
+from .keeper import Keeper
+from .room import NAME_RE, SESSION_COMMANDS, Command, Forward, Member, Nick, Outcome, Room
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -126,6 +127,11 @@ class Cluster:
         self.directory = DirectoryView(bus, host_id, room, members)
         self.inbound = Inbound(room, members)
         self.publisher = Publisher(bus, members, use_outbox=outbox)
+        self.keeper = Keeper(bus, host_id, room, members, self.inbound, self.directory, loop,
+                             pending=self.publisher.pending)
+        self.inbound.taken = self.keeper.taken
+        self.publisher.drained = self.keeper.outbox_drained
+        self.directory.lost = self.keeper.lost_nick
         #: Members whose commands wait for the directory (restored paired across hosts).
         self._held_back: set[int] = set()
         self.connected = False
@@ -158,6 +164,8 @@ class Cluster:
     def parks(self, connection: "Connection", end: int, command: Command) -> bool:
         """Whether ``command`` waits for the cluster (a NICK to claim); the server then keeps
         its input unhandled and stops taking this client's commands until the claim is answered."""
+        if isinstance(command, SESSION_COMMANDS):
+            return self.keeper.parks(connection, end, command)
         if not isinstance(command, Nick):
             return False
         if not self.directory.claim(self.room.members[connection.member_id], end, command.name):
@@ -201,6 +209,9 @@ class Cluster:
     def session_moved(self, old_id: int, old_outbox: "Outbox | None", connection: "Connection") -> None:
         self.publisher.moved(old_id, old_outbox, connection.forwards)
 
+    def session_ended(self, hashed: bytes) -> None:
+        self.keeper.ended(hashed)
+
     def wake(self, nick: str | None) -> None:
         """Room in a receiver's output ring: messages from other hosts may wait for it."""
         self.inbound.wake(nick)
@@ -219,7 +230,16 @@ class Cluster:
             elif isinstance(result, DirectoryComplete):
                 self._directory_read()
             elif isinstance(result, Claimed):
-                self.directory.claimed(result)
+                if isinstance(result.token, tuple) and result.token[0] == "takeover":
+                    self.keeper.claimed(result)
+                else:
+                    self.directory.claimed(result)
+            elif isinstance(result, SessionRead):
+                self.keeper.read(result)
+            elif isinstance(result, SessionWritten):
+                self.keeper.written(result)
+            elif isinstance(result, Replayed):
+                self.keeper.replayed(result)
             elif isinstance(result, Updated):
                 self.directory.updated(result)
             elif isinstance(result, Released):
@@ -254,6 +274,7 @@ class Cluster:
             "cursor": self.cursor,
             "forwards_in_flight": len(self.publisher.in_flight),
             "stashed": self.inbound.stashed,
+            **self.keeper.status(),
             "bus": self.bus.status(),
         }
 
@@ -294,6 +315,21 @@ class ServerMembers:
 
     def resume_parked(self, member_id: int, end: int, outcome: Outcome) -> None:
         self.server.resume_parked(self.server.connections[member_id], end, outcome)
+
+    def answer_parked(self, member_id: int, end: int, command, started=None) -> None:
+        connection = self.server.connections[member_id]
+        self.server.resume_parked(connection, end, self.server.sessions.handle(connection, command, started))
+
+    def resume_taken_over(self, member_id: int, end: int, outcome: Outcome) -> None:
+        connection = self.server.connections[member_id]
+        connection.outbox.retain()  # what it is sent from now on is kept until ACKed, as a session's
+        self.server.resume_parked(connection, end, outcome)
+
+    def admit_resume(self) -> int:
+        return self.server.sessions.gate.admit()
+
+    def moved(self, member_id: int, why: str) -> None:
+        self.server.session_moved_away(member_id, why)
 
     def resume(self, member_id: int) -> None:
         connection = self.server.connections[member_id]

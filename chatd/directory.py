@@ -70,6 +70,10 @@ class DirectoryView:
         #: Nicks with a call in flight, and the target it sends (one call a nick at a time).
         self._busy: dict[str, str | None] = {}
         self._to_release: set[str] = set()  # left while busy
+        #: Nicks of sessions being taken over by this host (chatd.keeper): ours, their member coming.
+        self._taking: set[str] = set()
+        #: Told of a member here whose nick the directory shows on another host: it lost it.
+        self.lost: Callable[[Member], None] = lambda member: None
         #: Parked NICKs: member id -> (input offset after the command, the name).
         self._claims: dict[int, tuple[int, str]] = {}
         self.complete = False
@@ -88,7 +92,24 @@ class DirectoryView:
         return True
 
     def claiming(self, name: str) -> bool:
-        return any(claimed == name for _, claimed in self._claims.values())
+        return name in self._taking or any(claimed == name for _, claimed in self._claims.values())
+
+    def take_over(self, token, nick: str, target: str | None) -> None:
+        """A session this host takes over holds ``nick``: make it this host's, whoever holds it
+        (the session's fence is written: chatd.keeper). :class:`Claimed` goes to the keeper."""
+        self._taking.add(nick)
+        self._busy[nick] = target
+        self.bus.take(token, nick, self._entry(target))
+
+    def took(self, result: Claimed) -> None:
+        """The nick of a session taken over is this host's (its member comes: :meth:`adopted`)."""
+        self._answered(result.nick, result.ok, result.revision)
+        self.entries.pop(result.nick, None)
+
+    def adopted(self, nick: str) -> None:
+        """The taking over of ``nick`` is done (its member is here, or is not coming)."""
+        self._taking.discard(nick)
+        self._after_call(nick)
 
     def forget_claim(self, member_id: int) -> None:
         """The member is closed: its NICK in flight is answered to no one."""
@@ -206,6 +227,12 @@ class DirectoryView:
             if self.complete and self._holder(change.nick) is None and not self.claiming(change.nick):
                 self.release(change.nick)
             return None
+        holder = self._holder(change.nick)
+        if holder is not None and change.nick not in self._taking:
+            # Ours, and now another host's: it took the member's session over (chatd.keeper),
+            # or its lease lapsed and the nick was taken. This host stops serving it.
+            self.own.pop(change.nick, None)
+            self.lost(holder)
         self.entries[change.nick] = (host, target)
         if host not in self.alive_hosts:
             return None

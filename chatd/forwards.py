@@ -163,6 +163,8 @@ class Publisher:
         self.in_flight: dict[int, tuple[int, int]] = {}
         #: Forwards of members closed before the stream had them all: published from here.
         self._orphans: dict[int, deque[tuple[int, int, bytes]]] = {}
+        #: Told when a member's forwards are all acknowledged (chatd.keeper writes a parked ACK then).
+        self.drained = lambda member_id: None
 
     def forward(self, forward: Forward) -> None:
         """A message for another host, from a command being handled: into the sender's outbox
@@ -228,6 +230,15 @@ class Publisher:
                 outbox.published_to(end)
                 self.members.outbox_freed(member_id)
         self.publish_next(member_id)
+        if not self.pending(member_id):
+            self.drained(member_id)
+
+    def pending(self, member_id: int) -> bool:
+        """Whether some of the member's forwards are not acknowledged yet (committed or not)."""
+        if member_id in self.in_flight:
+            return True
+        outbox = self.members.outbox(member_id)
+        return outbox is not None and outbox.end > outbox.published
 
     def moved(self, old_id: int, old_outbox: Outbox | None, new_outbox: Outbox) -> None:
         """A session went on from member ``old_id``'s connection to a new one (chatd.sessions):

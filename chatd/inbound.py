@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Callable
 
 from fdkeep.text import plural
 
@@ -32,7 +33,7 @@ from .across import ServedMembers
 from .bus import Delivered
 from .bus.payloads import BusPayloadError, Complaints
 from .forwards import Incoming, chat_forwards
-from .room import Room
+from .room import From, Outcome, Room
 
 log = logging.getLogger("chatd")
 
@@ -45,10 +46,21 @@ STASH_OVERHEAD = 64
 class Inbound:
     """The stream's side of one host: hold, stash, hand over, and the cursor."""
 
-    def __init__(self, room: Room, members: ServedMembers, *, stash_limit: int = STASH_LIMIT):
+    def __init__(self, room: Room, members: ServedMembers, *, stash_limit: int = STASH_LIMIT,
+                 taken: Callable[[Incoming, Outcome], None] = lambda incoming, outcome: None):
         self.room = room
         self.members = members
         self.stash_limit = stash_limit
+        #: Told of each message the room took, with what it made of it (chatd.keeper marks a
+        #: session's messages by their stream sequence).
+        self.taken = taken
+        #: Receivers whose messages wait, whatever comes, until released: a session being taken
+        #: over by this host (chatd.keeper), whose messages before these are read again.
+        self._reserved: set[str] = set()
+        #: A receiver taken over: its messages read again up to this sequence (later copies are
+        #: dropped), and the n up to which what it is given is not sent (its client has it).
+        self._floor: dict[str, int] = {}
+        self._quiet: dict[str, int] = {}
         #: Messages that wait, by receiver nick, in stream order, and their size.
         self._stash: dict[str, deque[Incoming]] = {}
         self._stash_bytes: dict[str, int] = {}
@@ -79,6 +91,14 @@ class Inbound:
         return sum(len(queue) for queue in self._stash.values())
 
     def delivered(self, result: Delivered) -> None:
+        # Every host reads every host's subjects (chatd.bus.engine): what is for no one here is
+        # handled unread. The subject names the receiver (chat.<host>.<receiver>), the forwards
+        # inside say it again and are checked when read.
+        receiver = result.subject.rpartition(".")[2]
+        if self.room.member_by_nick(receiver) is None and receiver not in self._reserved \
+                and not self._stash.get(receiver) and self._held is None:
+            self._handled_to = max(self._handled_to, result.seq)
+            return
         try:
             forwards = chat_forwards(result.seq, result.payload)
         except BusPayloadError as exc:
@@ -95,6 +115,33 @@ class Inbound:
         for incoming in held:
             self._incoming(incoming)
 
+    @property
+    def handled_to(self) -> int | None:
+        """The highest stream sequence handed over (or skipped): what a reserve's replay ends at."""
+        return self._handled_to
+
+    def reserve(self, nick: str) -> None:
+        """Messages for ``nick`` wait from now on, until :meth:`release`."""
+        self._reserved.add(nick)
+
+    def release(self, nick: str, replayed: list[Incoming] = (), floor: int = 0, quiet: int = 0) -> None:
+        """What waited for ``nick`` goes to the room now: first ``replayed`` (its messages read again
+        from the stream, up to sequence ``floor``: one that comes again at or below it is dropped),
+        then what came meanwhile; its messages numbered ``quiet`` or less are not sent (its client
+        has them: it said so resuming)."""
+        self._reserved.discard(nick)
+        if floor:
+            self._floor[nick] = floor
+        if quiet:
+            self._quiet[nick] = quiet
+        queue = self._stash.get(nick)
+        waiting = [incoming for incoming in queue if incoming.seq > floor] if queue else []
+        self._stash.pop(nick, None)
+        self._stash_bytes.pop(nick, None)
+        for incoming in [*replayed, *waiting]:
+            self._stash_one(incoming)
+        self.wake(nick)
+
     def wake(self, nick: str | None) -> None:
         """Room in a receiver's output ring, or a change in the directory: try its stash."""
         if nick is not None and self._stash.get(nick):
@@ -104,7 +151,13 @@ class Inbound:
         if self._held is not None:
             self._held.append(incoming)
             return
-        if self._stash.get(incoming.receiver) or not self._take(incoming):
+        floor = self._floor.get(incoming.receiver)
+        if floor is not None:
+            if incoming.seq <= floor:  # read again when its receiver was taken over: handled
+                self._handled_to = max(self._handled_to, incoming.seq)
+                return
+            del self._floor[incoming.receiver]
+        if incoming.receiver in self._reserved or self._stash.get(incoming.receiver) or not self._take(incoming):
             self._stash_one(incoming)
             return
         self._handled_to = max(self._handled_to, incoming.seq)
@@ -121,6 +174,14 @@ class Inbound:
                       "waits" if outcome is None else "delivered" if outcome.deliveries else "dropped")
         if outcome is None:
             return False
+        if outcome.deliveries:
+            self.taken(incoming, outcome)
+            quiet = self._quiet.get(incoming.receiver)
+            if quiet is not None:
+                outcome.deliveries = [(member_id, event) for member_id, event in outcome.deliveries
+                                      if type(event) is not From or event.n > quiet]
+                if outcome.deliveries:
+                    del self._quiet[incoming.receiver]
         self.members.apply(outcome)
         return True
 
@@ -143,12 +204,14 @@ class Inbound:
             self._handled_to = max(self._handled_to, queue[-1].seq)
 
     def _take_stash(self, nick: str) -> None:
+        if nick in self._reserved:
+            return
         queue = self._stash[nick]
         while queue:
             incoming = queue[0]
             if not self._take(incoming):
                 member = self.room.member_by_nick(nick)
-                if member is not None and member.target == incoming.sender:
+                if member is not None and (member.token or member.target == incoming.sender):
                     return  # it waits for room, or for the directory to show the pairing
                 # no one here takes it any more: dropped (handled), like the room would
             queue.popleft()

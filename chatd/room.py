@@ -95,6 +95,7 @@ ERROR_CODES = (
     "crashed-server", "internal-error",  # chatd itself, not what the command said
     "server-full", "too-many-connections",  # a connection refused
     "unknown-session", "no-session", "sessions-off", "busy",  # SESSION, RESUME, ACK
+    "moved",  # across hosts: the session is another host's now (chatd.keeper)
 )
 
 
@@ -461,11 +462,16 @@ class Room:
         the caller keeps it and asks again later."""
         outcome = Outcome()
         member = self._by_nick.get(receiver)
-        if member is None or member.target != sender:
+        if member is None:
+            return outcome
+        if not member.token and member.target != sender:
             return outcome
         if incarnation == member.peer_incarnation and k <= member.last_k:
             return outcome
-        if member.peer is None or member.peer.nick != sender:
+        # A session takes what the stream holds for it, whatever its target now: its host may be
+        # lost, and the host that takes it over must number the stream's messages as this one
+        # did, from the stream alone (chatd.keeper). The sender's host forwarded it paired.
+        if not member.token and (member.peer is None or member.peer.nick != sender):
             return None
         member.peer_incarnation, member.last_k = incarnation, k
         member.received += 1
@@ -535,6 +541,52 @@ class Room:
         outcome.changed.add(member_id)
         return outcome.tell(member_id, Resumed(member.nick, peer.nick if peer is not None else None,
                                                member.handled))
+
+    def adopt_session(self, member_id: int, digest: bytes, nick: str | None, target: str | None, *,
+                      handled: int, received: int, incarnation: int, sent: int, peer_incarnation: int,
+                      last_k: int) -> Outcome:
+        """Member ``member_id`` (a new connection's) takes back a session another host held, as
+        the cluster kept it (chatd.keeper): its nick (the directory made it this host's), target,
+        counts and ids. A remote member of that nick, as the directory showed it, is this one now:
+        a peer of it here goes on with it silently; a peer that names it and was not paired is
+        told ``Paired``. The member is told ``Resumed``."""
+        member = self.members[member_id]
+        outcome = Outcome(changed={member_id})
+        if member.peer is not None:
+            self._unpair(member, outcome)
+        if member.nick is not None:
+            del self._by_nick[member.nick]
+        if member.token:
+            del self._by_token[member.token]
+        was_paired = None
+        if nick is not None:
+            remote = self.remote.pop(nick, None)
+            if remote is not None and remote.peer is not None:
+                was_paired, remote.peer.peer = remote.peer, None
+            holder = self._by_nick.get(nick)
+            if holder is not None and holder is not member:
+                raise ValueError(f"nick {nick} is held here by member {holder.id}")
+            self._by_nick[nick] = member
+        member.nick, member.target, member.peer = nick, target, None
+        member.token, member.handled, member.received = digest, handled, received
+        member.incarnation, member.sent = incarnation, sent
+        member.peer_incarnation, member.last_k = peer_incarnation, last_k
+        member.remote_paired = False
+        self._by_token[digest] = member
+        peer = self._mutual_target(member)
+        if peer is not None:
+            if isinstance(peer, Remote):
+                if peer.peer is not None:
+                    self._remote_left(peer, outcome)
+                member.remote_paired = True
+            elif peer.peer is not None and peer.peer is not member:
+                self._unpair(peer, outcome)
+            member.peer, peer.peer = peer, member
+            if isinstance(peer, Member):
+                outcome.changed.add(peer.id)
+                if peer is not was_paired:
+                    outcome.tell(peer.id, Paired(nick))
+        return outcome.tell(member_id, Resumed(nick, peer.nick if peer is not None else None, handled))
 
     def users(self) -> Users:
         named = [m for m in self.members.values() if m.nick is not None] + list(self.remote.values())

@@ -464,6 +464,8 @@ class ChatServer:
             return
         if member.nick is not None:
             self.cluster.nick_left(member.nick)
+        if member.token:
+            self.cluster.session_ended(member.token)
         self.apply(self.room.leave(member_id))
 
     def _lost(self, connection: Connection, reason: str) -> None:
@@ -481,6 +483,23 @@ class ChatServer:
             self.sessions.detach(connection, reason)
             return
         self.free_slot(member_id)
+        self.leave_room(member_id)
+
+    def session_moved_away(self, member_id: int, why: str) -> None:
+        """Another host serves this member's session (or nick) now (chatd.keeper): its client is
+        told ``ERR moved`` and closed (it resumes where the load balancer sends it), a detached
+        session ends, and the member leaves the room here."""
+        log.info("member %d: its session moved to another host (%s): closed with ERR moved", member_id, why)
+        connection = self.connections.get(member_id)
+        if connection is not None and not connection.finishing:
+            self.apply(Outcome().tell(member_id, Failed("moved")))
+            self.finish([member_id], "its session moved to another host")
+            return
+        detached = self.sessions.detached.pop(member_id, None)
+        if detached is not None:
+            if detached.expiry is not None:
+                detached.expiry.cancel()
+            self.free_slot(member_id)
         self.leave_room(member_id)
 
     def drop_connection(self, member_id: int, reason: str, quiet: bool = False) -> Connection | None:

@@ -185,14 +185,16 @@ class Sessions:
         return len(self.detached)
 
     # -- the session's commands -----------------------------------------------------------
-    def handle(self, connection: "Connection", command) -> Outcome:
+    def handle(self, connection: "Connection", command, started: tuple[str, bytes] | None = None) -> Outcome:
+        """Carry out a session's command (``started``: the token and hash a SESSION gets, if
+        the cluster made them first: chatd.keeper)."""
         member_id = connection.member_id
         room = self.server.room
         if isinstance(command, StartSession):
             if not self.server.cluster.keeps_sessions:
                 return Outcome().tell(member_id, Failed("sessions-off"))
             connection.outbox.retain()
-            token, hashed = new_token()
+            token, hashed = started or new_token()
             log.debug("member %d: session %s begins", member_id, shown(token))
             return room.start_session(member_id, token, hashed)
         member = room.members[member_id]

@@ -125,6 +125,25 @@ class Hosts:
         """A new chatd for host ``index``, taking back what its holderd keeps (as systemd would start it)."""
         self.hosts[index].start_chatd("--restore", *self.host_args(index), *extra, wait=wait)
 
+    def lose_host(self, index: int) -> None:
+        """Host ``index`` is lost whole, as a machine that dies: its chatd and holderd SIGKILLed
+        together, so the connections and the journal they kept die with them."""
+        host = self.hosts[index]
+        for proc in (host.chatd, host.holderd):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        for proc in (host.chatd, host.holderd):
+            if proc is not None:
+                proc.wait(20)
+        self._holderd_deaths_told.add(index)
+
+    def start_host_again(self, index: int) -> None:
+        """A lost host comes back empty, on its ports: a new holderd and a fresh chatd."""
+        host = self.hosts[index]
+        host.start_holderd()
+        host.start_chatd(*self.host_args(index))
+        self._holderd_deaths_told.discard(index)
+
     def revive(self) -> list[str]:
         """Start again every chatd and NATS node that died since the last call, as systemd would;
         one line for each death. Raises :class:`CrashLoop` (with the log's tail) for one that died

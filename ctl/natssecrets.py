@@ -52,7 +52,7 @@ import os
 from fdkeep.errors import Error
 
 #: The stream and buckets chatd uses (chatd.bus.Bus's defaults).
-STREAM, NICK_BUCKET, HOST_BUCKET = "CHATD", "chatd_nicks", "chatd_hosts"
+STREAM, NICK_BUCKET, HOST_BUCKET, SESSION_BUCKET = "CHATD", "chatd_nicks", "chatd_hosts", "chatd_sessions"
 #: The names a node's certificate is good for unless told otherwise: loopback.
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 CA_DAYS, CERT_DAYS = 3650, 825
@@ -64,14 +64,16 @@ def inbox_prefix(host: str) -> str:
 
 
 def host_permissions(host: str, *, stream: str = STREAM, nick_bucket: str = NICK_BUCKET,
-                     host_bucket: str = HOST_BUCKET) -> dict:
+                     host_bucket: str = HOST_BUCKET, session_bucket: str = SESSION_BUCKET) -> dict:
     """The nats-server permissions of chatd host ``host``: everything not allowed is refused."""
     api = "$JS.API"
-    streams = (stream, f"KV_{nick_bucket}", f"KV_{host_bucket}")
+    streams = (stream, f"KV_{nick_bucket}", f"KV_{host_bucket}", f"KV_{session_bucket}")
     publish = [
         "chat.*.*",  # a forward to any host's receiver: chat.<to_host>.<receiver>
         f"$KV.{nick_bucket}.*",  # claim, update, release a nick (compare-and-set, see README)
         f"$KV.{host_bucket}.{host}",  # its own lease, no other host's
+        f"$KV.{session_bucket}.*",  # a session's entry: any host may take a session over (chatd.keeper)
+        f"{api}.STREAM.MSG.GET.{stream}",  # a session's messages again, taking it over (chatd.bus.sessions)
         "$JS.FC.>",  # flow control answers of its ordered consumers
     ]
     for name in streams:
@@ -79,7 +81,7 @@ def host_permissions(host: str, *, stream: str = STREAM, nick_bucket: str = NICK
                     # ephemeral (ordered) consumers: nats-py's create request names no filter subject,
                     # so any subject of the stream can be read (README: what NATS cannot express)
                     f"{api}.CONSUMER.CREATE.{name}"]
-    for bucket in (nick_bucket, host_bucket):
+    for bucket in (nick_bucket, host_bucket, session_bucket):
         publish += [f"{api}.DIRECT.GET.KV_{bucket}.>", f"{api}.DIRECT.GET.KV_{bucket}",
                     f"{api}.STREAM.MSG.GET.KV_{bucket}"]
     return {"publish": {"allow": publish}, "subscribe": {"allow": [f"{inbox_prefix(host)}.>"]}}

@@ -83,6 +83,7 @@ class Tally:
     cuts: int = 0
     resumes: int = 0
     busy: int = 0
+    moved: int = 0
     notes: list[str] = field(default_factory=list)
 
     def problems(self) -> int:
@@ -127,7 +128,17 @@ class Client:
         self.queue(f"NICK {nick}\nPAIR {partner}\n".encode() + (b"SESSION\n" if traffic.sessions else b""))
 
     def _connect(self) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.traffic.port_for(self.nick)), timeout=10)
+        # Its own port first; a port that refuses (its host lost) is passed over for the next, as a
+        # load balancer's health check would.
+        ports = self.traffic.ports
+        first = ports.index(self.traffic.port_for(self.nick))
+        for attempt in range(len(ports)):
+            try:
+                sock = socket.create_connection(("127.0.0.1", ports[(first + attempt) % len(ports)]), timeout=10)
+                break
+            except ConnectionRefusedError:
+                if attempt == len(ports) - 1:
+                    raise
         sock.setblocking(False)
         if self.slow:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
@@ -313,6 +324,8 @@ class Client:
             self.retry_at = time.monotonic() + self.traffic.rng.uniform(0, int(words[2]))
         elif words[0] == "HANDLED" and len(words) == 2:
             self.confirmed(int(words[1]))
+        elif words == ["ERR", "moved"]:
+            self.traffic.tally.moved += 1  # another host holds its session: it closes, and we resume
         else:
             self.traffic.tally.garbled += 1
             self.traffic.tally.note(f"{self.nick} got an unexpected line: {line[:80]!r}")

@@ -116,11 +116,12 @@ from .access import check_files
 from .checks import check_token, holder
 from .mailbox import Mailbox
 from .results import (BusError, Claimed, Connected, Delivered, DirectoryComplete, Disconnected, HostChanged,
-                      NickChanged, Published, Released, Updated)
+                      NickChanged, Published, Released, Replayed, SessionRead, SessionWritten, Updated)
 from .state import BusSettings, Gauges
 
 __all__ = ["Bus", "BusError", "Claimed", "Connected", "Delivered", "DirectoryComplete", "Disconnected",
-           "HostChanged", "NickChanged", "Published", "Released", "Updated"]
+           "HostChanged", "NickChanged", "Published", "Released", "Replayed", "SessionRead", "SessionWritten",
+           "Updated"]
 
 
 class Bus:
@@ -209,6 +210,29 @@ class Bus:
             raise Error("bad-revision", f"release needs the revision the claim returned, not {revision!r}: "
                                         "a delete without one could delete another host's claim")
         self._command(("release", None, nick, revision))
+
+    def take(self, token, nick: str, value: bytes) -> None:
+        """Make ``nick`` this host's whoever holds it (a session this host took over holds it:
+        chatd.keeper); :class:`Claimed` (``token``)."""
+        self._check_nick_value(nick, value)
+        self._command(("take", token, nick, bytes(value)))
+
+    def session_get(self, token, sid: str) -> None:
+        """The session's entry in the sessions bucket; :class:`SessionRead` (``token``)."""
+        check_token("session id", sid)
+        self._command(("session_get", token, sid))
+
+    def session_put(self, token, sid: str, value: bytes, revision: int) -> None:
+        """Create the session's entry (``revision`` 0) or replace it if still at ``revision``;
+        :class:`SessionWritten` (``token``)."""
+        check_token("session id", sid)
+        self._command(("session_put", token, sid, bytes(value), int(revision)))
+
+    def replay(self, token, receiver: str, first: int, last: int) -> None:
+        """The stream's messages for ``receiver`` (any host's subject) from sequence ``first`` to
+        ``last``; :class:`Replayed` (``token``)."""
+        check_token("receiver", receiver)
+        self._command(("replay", token, receiver, int(first), int(last)))
 
     def results(self) -> list:
         """Everything that came back since the last call, oldest first (and the eventfd read)."""

@@ -84,6 +84,8 @@ class Directory:
         async def attempt(tries: int):
             if kind == "claim":
                 return await self._claim(token, nick, command[3])
+            if kind == "take":
+                return await self._take(token, nick, command[3])
             if kind == "update":
                 return await self._update(token, nick, *command[3:], tries)
             return await self._release(nick, command[3], tries)
@@ -115,6 +117,23 @@ class Directory:
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue  # another host moved first: look again
             return Claimed(token, nick, False, entry.revision, named)
+
+    async def _take(self, token, nick: str, value: bytes) -> Claimed:
+        """The nick, whoever holds it: a compare-and-set on the revision read, again until it wins."""
+        await self._leased.wait()
+        while True:
+            try:
+                entry = await self.nicks.get(nick)
+            except nats.js.errors.KeyNotFoundError:
+                entry = None
+            try:
+                if entry is None:
+                    revision = await self.nicks.create(nick, value)
+                else:
+                    revision = await self.nicks.update(nick, value, last=entry.revision)
+                return Claimed(token, nick, True, revision, self.settings.host_id)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # changed since: look again
 
     @staticmethod
     def _holder(value: bytes) -> tuple[str | None, bool]:

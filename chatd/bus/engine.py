@@ -33,6 +33,7 @@ from .access import connect_options, new_client, refused
 from .checks import (DUPLICATE_WINDOW, MAX_AGE, STREAM_SUBJECTS, bucket_refusal, cursor_refusal, describe,
                      stream_refusal, unread_expired)
 from .directory import Directory
+from .sessions import SessionWork
 from .mailbox import Mailbox
 from .results import BusError, Connected, Delivered, Disconnected, Published
 from .state import BusSettings, Gauges
@@ -51,6 +52,8 @@ HEARTBEAT = 0.5
 #: did), so short, for the reason of ACK_TIMEOUT: a request sent during an election goes again
 #: soon after it. Three streams elect at once when a node dies (the messages', two buckets').
 API_TIMEOUT = 1.0
+#: A session's entry goes this long after its last write (a client away for a day starts anew).
+SESSION_TTL = 24 * 3600.0
 #: Delivery pauses while this many Delivered results wait for chatd to take them.
 DELIVERY_BACKLOG = 10_000
 #: A BusError that goes on is said again at most this often.
@@ -76,6 +79,7 @@ class Engine:
         self._tasks: set[asyncio.Task] = set()
         self._publishes = Lanes(self.spawn, self._publish)
         self.directory = Directory(self)
+        self.sessions = SessionWork(self)
 
     # -- the thread --------------------------------------------------------------------
     def run(self) -> None:
@@ -146,6 +150,8 @@ class Engine:
         for command in self.mailbox.take_commands():
             if command[0] == "publish":
                 self._publishes.add(command[2], command)
+            elif command[0] in ("session_get", "session_put", "replay"):
+                self.sessions.queue(command)
             else:
                 self.directory.queue(command)
         if self.mailbox.closed:
@@ -216,9 +222,11 @@ class Engine:
             self.say("messages-expired", expired)
         nicks = await self._ensure_bucket(settings.nick_bucket, ttl=None)
         hosts = await self._ensure_bucket(settings.host_bucket, ttl=settings.host_lease)
-        if nicks is None or hosts is None:
+        sessions = await self._ensure_bucket(settings.session_bucket, ttl=SESSION_TTL)
+        if nicks is None or hosts is None or sessions is None:
             return False
         self.directory.use_buckets(nicks, hosts)
+        self.sessions.use_bucket(sessions)
         return True
 
     async def _ensure_stream(self, want):
@@ -299,7 +307,11 @@ class Engine:
             config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW)
         else:
             config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
-        await self.follow(f"chat.{settings.host_id}.>", settings.stream, self._on_delivery, config)
+        # Every host's subjects, not only its own: a session's receiver may be taken over by this
+        # host from any other (chatd.keeper), and its messages come on the subject its senders
+        # last saw. NATS 2.9 gives a consumer one filter subject; what is for no member here is
+        # dropped unread by chatd (chatd.inbound).
+        await self.follow("chat.>", settings.stream, self._on_delivery, config)
 
     async def follow(self, subject: str, stream: str, callback, config) -> None:
         """``callback(msg)`` for each message of ``stream`` on ``subject`` from where ``config`` says,

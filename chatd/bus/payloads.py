@@ -157,3 +157,30 @@ class Complaints:
             self.say(f"{what}: {seen[1]} more refused for {exc.kind!r} (the latest {where}: {exc}); "
                      f"{seen[0]} in all")
             seen[1], seen[2] = 0, now
+
+
+#: The most messages one replay (chatd.bus.sessions) gives back; more are asked for in parts.
+MAX_REPLAY = 2_000
+#: A replay's last sequence that means "to the stream's end".
+NO_END = 2 ** 63 - 1
+#: A session's entry's version (chatd.keeper): its "v" field.
+SESSION_VERSION = 1
+#: The largest session entry (an honest one is under 300 bytes).
+MAX_SESSION = 1024
+#: A session entry's fields (chatd.keeper.SessionEntry names them).
+SESSION_FIELDS = ("v", "host", "nick", "target", "handled", "inc", "sent", "n", "seq", "pinc", "pk")
+def read_session(value: bytes) -> dict:
+    """A session's entry in the sessions bucket as its fields; BusPayloadError if it is not one
+    this release writes (``ended``: a session that ended, whose entry is kept empty)."""
+    if not value:
+        raise BusPayloadError("ended", "the session ended")
+    if len(value) > MAX_SESSION:
+        raise BusPayloadError("length", f"a session entry of {len(value)} bytes (at most {MAX_SESSION})")
+    fields = json_object(value, "a session entry", SESSION_FIELDS)
+    version(fields, "a session entry", SESSION_VERSION)
+    name(fields, "host", "a session entry", TOKEN)
+    name(fields, "nick", "a session entry", optional=True)
+    name(fields, "target", "a session entry", optional=True)
+    for field in ("handled", "inc", "sent", "n", "seq", "pinc", "pk"):
+        count(fields, field, "a session entry", 0, 2 ** 64 - 1)  # the journal's 8 bytes
+    return fields

@@ -89,3 +89,29 @@ class Connected:
 @dataclass(frozen=True, slots=True)
 class Disconnected:
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRead:
+    """A session's entry in the sessions bucket (``value`` None: there is none), with its revision."""
+    token: Any
+    sid: str
+    value: bytes | None
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionWritten:
+    """A session's entry written (``ok``) or not: another write came first (``revision``: the entry's now, 0 if gone)."""
+    token: Any
+    sid: str
+    ok: bool
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """The stream's messages for ``receiver`` from ``first`` to ``last`` (sequence, subject, payload), in order."""
+    token: Any
+    receiver: str
+    messages: tuple

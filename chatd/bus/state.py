@@ -24,6 +24,7 @@ class BusSettings:
     replicas: int
     creds: str | None = None  # this host's nkey seed file (--nats-creds): see chatd.bus.access
     ca: str | None = None  # the CA that signed the servers' certificates (--nats-ca): TLS, verified
+    session_bucket: str = "chatd_sessions"  # sessions kept in the cluster (chatd.keeper)
 
 
 @dataclass(slots=True)

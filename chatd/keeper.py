@@ -1,0 +1,447 @@
+"""Sessions kept in the cluster: a session's client resumes on any host, exactly once both ways.
+
+Theory of operation
+-------------------
+On one host a session lives in the journal (:mod:`chatd.sessions`). Across hosts
+(``--cluster``) a host can be lost whole, journal and all, so what a client must
+get back is kept in the cluster too: one entry per session in the sessions
+bucket (key: the hex of its token's hash, which reveals nothing of the token),
+:data:`ENTRY_FIELDS`: the host holding it, its nick and target, ``handled``
+(its chat commands handled), its nick's incarnation and ``sent`` (the ``k`` of
+its last forward), and a *checkpoint* of what it received: ``n``, and the stream
+sequence, sender incarnation and ``k`` of the message numbered ``n``.
+
+**Told only what the cluster holds.** A client hears a handled count (``SESSION``'s,
+``HANDLED``, ``RESUMED``) only once the bucket holds one at least as high, with the
+state those commands made. An ``ACK`` is *parked* (its client's commands wait, as a
+``NICK`` claim's do) until its member's outbox is empty, every forward acknowledged
+by the stream (nothing new joins it: the client is parked), then the entry is
+written, compare-and-set on the revision this host holds, and only then is the ACK
+answered (:meth:`chatd.sessions.Sessions.handle`). The checkpoint written is the
+one of the message the client acknowledged (this host marks each message it gives
+a session with its sequence, :meth:`Keeper.taken`); a host restarted after a crash
+has no marks and keeps the entry's checkpoint, which is older: safe, only longer to
+read again.
+
+**``n`` follows from the stream.** A session takes every message the stream holds
+for its nick, whatever its target at that moment (:meth:`chatd.room.Room.receive`),
+dropping a repeat by its sender's incarnation and ``k``. So the numbering is a
+function of the stream alone from a checkpoint, and any host reading the stream from
+there numbers as the lost host did.
+
+**A resume elsewhere** (``RESUME`` of a session this host does not hold) is parked
+and goes through :class:`Step`: the entry is read (none, or ended: ``ERR
+unknown-session``); written back naming this host, compare-and-set on the revision
+read (*the fence*: a host that held it fails its next write on it, and learns it lost
+the session); its nick is taken in the directory, whoever holds it; then the stream's
+messages for the nick from the checkpoint's sequence to what this host has read are
+read again (:meth:`chatd.bus.Bus.replay`) while newer ones wait
+(:meth:`chatd.inbound.Inbound.reserve`). Then, in one commit, the session's member is
+made from the entry (:meth:`chatd.room.Room.adopt_session`), the messages read again
+are numbered by the room's rule, and the client is told ``RESUMED`` and every
+``FROM`` above the ``n`` it gave. It resends the commands above ``handled``: they
+get the ``k`` they had, and receivers drop what they have.
+
+**Fencing.** A host that learns it lost a session (its write fails on the
+revision, or the directory shows the session's nick on another host) tells the
+client ``ERR moved`` and closes it: the client resumes wherever the load balancer
+sends it. What the old host still delivers meanwhile, from messages it had read,
+carries the ``n`` any host would give; what it handled but did not make durable
+was never counted to the client.
+
+Limits, honestly: the single sender incarnation a receiver remembers
+(:class:`chatd.room.Member`) drops a repeat only if no other sender's message came
+between (a session receiving from two senders around a re-pairing, with a crash of
+one's host, may see one message twice); a session not resumed before its lost
+host's lease lapses is shown gone to its peers meanwhile (``UNPAIRED``, then
+``PAIRED`` when it is back); entries of sessions whose host was lost and whose
+client never came back are removed only by the bucket's age (a day).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .bus import Bus, Claimed, Replayed, SessionRead, SessionWritten
+from .bus.payloads import MAX_REPLAY, NO_END, BusPayloadError, Complaints, read_session
+from .forwards import Incoming, chat_forwards
+from .room import Ack, Busy, Failed, From, Outcome, Resume, Room, StartSession
+from .sessions import digest, new_token, shown
+
+if TYPE_CHECKING:
+    from fdkeep.loop import Loop
+
+    from .across import ServedMembers
+    from .connection import Connection
+    from .directory import DirectoryView
+    from .inbound import Inbound
+    from .room import Member
+
+log = logging.getLogger("chatd")
+
+#: A session entry's fields (chatd.bus.payloads.read_session reads them).
+ENTRY_FIELDS = ("v", "host", "nick", "target", "handled", "inc", "sent", "n", "seq", "pinc", "pk")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a session had received at one message: its ``n``, the stream sequence it came in,
+    and its sender's incarnation and ``k`` (the room's repeat check from there on)."""
+
+    n: int
+    seq: int
+    inc: int
+    k: int
+
+
+def sid_of(hashed: bytes) -> str:
+    """A session's key in the bucket: its token's hash, in hex."""
+    return hashed.hex()
+
+
+class Step(enum.Enum):
+    """Where a resume of a session held elsewhere stands; each step waits for one bus answer."""
+
+    READING = "reading its entry"
+    FENCING = "writing its entry back, naming this host"
+    TAKING_NICK = "taking its nick in the directory"
+    REPLAYING = "reading its messages again"
+
+
+@dataclass
+class Takeover:
+    member_id: int
+    end: int  # the RESUME's input end
+    command: Resume
+    hashed: bytes
+    step: Step = Step.READING
+    entry: dict | None = None
+    last: int = 0  # what this host had read when it reserved the nick
+    messages: tuple = ()  # read again so far
+
+
+class Keeper:
+    """This host's side of the sessions bucket: parked SESSION, ACK and RESUME commands,
+    checkpoints, takeovers and fencing."""
+
+    def __init__(self, bus: Bus, host_id: str, room: Room, members: "ServedMembers", inbound: "Inbound",
+                 directory: "DirectoryView", loop: "Loop", pending=lambda member_id: False):
+        self.bus = bus
+        self.host_id = host_id
+        self.room = room
+        self.members = members
+        self.inbound = inbound
+        self.directory = directory
+        self.loop = loop
+        #: Whether a member's forwards are not all acknowledged yet (chatd.forwards.Publisher).
+        self.pending = pending
+        #: By token hash: the entry's revision this host wrote or read (its fence).
+        self._revisions: dict[bytes, int] = {}
+        #: By token hash: the checkpoint the entry holds, and the marks since (n -> checkpoint).
+        self._checkpoints: dict[bytes, Checkpoint] = {}
+        self._marks: dict[bytes, deque[Checkpoint]] = {}
+        #: Parked: ACKs by token hash (member id, input end, n); SESSIONs by member id.
+        self._acks: dict[bytes, tuple[int, int, int]] = {}
+        self._starts: dict[int, tuple[int, str, bytes, int]] = {}
+        self._writing: set[bytes] = set()
+        self._takeovers: dict[str, Takeover] = {}
+        self.complaints = Complaints(lambda line: log.warning("cluster: %s", line))
+
+    # -- parking the session's commands ---------------------------------------------------
+    def parks(self, connection: "Connection", end: int, command) -> bool:
+        member = self.room.members[connection.member_id]
+        if isinstance(command, StartSession):
+            return self._start(connection, member, end)
+        if isinstance(command, Ack):
+            if not member.token:
+                return False  # answered ERR no-session
+            self._acks[member.token] = (member.id, end, command.n)
+            connection.park()
+            self._checkpoint(member.token)
+            return True
+        if isinstance(command, Resume):
+            return self._resume_elsewhere(connection, end, command)
+        return False
+
+    def _start(self, connection: "Connection", member: "Member", end: int) -> bool:
+        token, hashed = new_token()
+        cursor = self.inbound.handled_to or 0
+        checkpoint = Checkpoint(member.received, cursor, member.peer_incarnation, member.last_k)
+        self._checkpoints[hashed] = checkpoint
+        handled = member.handled if member.token else 0
+        self._starts[member.id] = (end, token, hashed, handled)
+        connection.park()
+        self.bus.session_put(("start", member.id), sid_of(hashed), self._entry(member, checkpoint, handled), 0)
+        return True
+
+    def _entry(self, member: "Member", checkpoint: Checkpoint, handled: int | None = None) -> bytes:
+        return json.dumps({"v": 1, "host": self.host_id, "nick": member.nick, "target": member.target,
+                           "handled": member.handled if handled is None else handled, "inc": member.incarnation,
+                           "sent": member.sent, "n": checkpoint.n, "seq": checkpoint.seq, "pinc": checkpoint.inc,
+                           "pk": checkpoint.k}, separators=(",", ":")).encode()
+
+    # -- what the room gave sessions ---------------------------------------------------------
+    def taken(self, incoming: Incoming, outcome: Outcome) -> None:
+        """The room took a message from the stream: a session's is marked with its sequence."""
+        for member_id, event in outcome.deliveries:
+            if type(event) is From:
+                member = self.room.members.get(member_id)
+                if member is not None and member.token:
+                    self._marks.setdefault(member.token, deque()).append(
+                        Checkpoint(event.n, incoming.seq, incoming.incarnation, incoming.k))
+
+    # -- ACK: the entry written, then answered ---------------------------------------------
+    def outbox_drained(self, member_id: int) -> None:
+        """The member's forwards are all acknowledged: a parked ACK of it may be written now."""
+        member = self.room.members.get(member_id)
+        if member is not None and member.token in self._acks:
+            self._checkpoint(member.token)
+
+    def _checkpoint(self, hashed: bytes) -> None:
+        member_id, end, n = self._acks[hashed]
+        member = self.room.members.get(member_id)
+        if member is None or member.token != hashed or not self.members.is_connected(member_id):
+            del self._acks[hashed]
+            return
+        if hashed in self._writing or self.pending(member_id):
+            return  # again when the write is answered, or the outbox drained
+        revision = self._revisions.get(hashed)
+        if revision is None:  # restarted since it was written: read it first (its revision, its checkpoint)
+            self._writing.add(hashed)
+            self.bus.session_get(("ack", hashed), sid_of(hashed))
+            return
+        marks = self._marks.get(hashed)
+        checkpoint = self._checkpoints.get(hashed)
+        while marks and marks[0].n <= n:
+            checkpoint = marks.popleft()
+        self._checkpoints[hashed] = checkpoint
+        self._writing.add(hashed)
+        self.bus.session_put(("ack", hashed), sid_of(hashed), self._entry(member, checkpoint), revision)
+
+    # -- RESUME of a session held elsewhere ------------------------------------------------
+    def _resume_elsewhere(self, connection: "Connection", end: int, command: Resume) -> bool:
+        if not command.token:
+            return False
+        hashed = digest(command.token)
+        if self.room.session(hashed) is not None:
+            return False  # this host holds it: chatd.sessions resumes it
+        sid = sid_of(hashed)
+        connection.park()
+        if sid in self._takeovers:
+            self._answer_later(connection.member_id, end, Outcome().tell(connection.member_id, Busy(1)))
+            return True
+        wait = self.members.admit_resume()
+        if wait:
+            self._answer_later(connection.member_id, end, Outcome().tell(connection.member_id, Busy(wait)))
+            return True
+        self._takeovers[sid] = Takeover(connection.member_id, end, command, hashed)
+        log.debug("member %d: resuming session %s, held elsewhere: %s", connection.member_id,
+                  shown(command.token), Step.READING.value)
+        self.bus.session_get(("takeover", sid), sid)
+        return True
+
+    def _answer_later(self, member_id: int, end: int, outcome: Outcome) -> None:
+        """Answer a parked command from the loop (not from inside the server's reading of it)."""
+        self.loop.call_later(0, lambda: self._answer(member_id, end, outcome))
+
+    def _answer(self, member_id: int, end: int, outcome: Outcome) -> None:
+        if self.members.is_connected(member_id):
+            self.members.resume_parked(member_id, end, outcome)
+
+    def _give_up(self, sid: str, outcome_event, why: str) -> None:
+        takeover = self._takeovers.pop(sid)
+        log.info("member %d: resuming session %s… failed at %s: %s", takeover.member_id, sid[:4],
+                 takeover.step.value, why)
+        if takeover.step in (Step.TAKING_NICK, Step.REPLAYING) and takeover.entry["nick"] is not None:
+            self.inbound.release(takeover.entry["nick"])
+            self.directory.adopted(takeover.entry["nick"])
+        self._answer(takeover.member_id, takeover.end, Outcome().tell(takeover.member_id, outcome_event))
+
+    # -- the bus's answers -----------------------------------------------------------------
+    def read(self, result: SessionRead) -> None:
+        kind, key = result.token
+        if kind == "ack":
+            self._writing.discard(key)
+            self._ack_read(key, result)
+            return
+        takeover = self._takeovers.get(key)
+        if takeover is None:
+            return
+        if not self.members.is_connected(takeover.member_id):
+            self._takeovers.pop(key)
+            return
+        try:
+            entry = read_session(result.value) if result.value is not None else None
+        except BusPayloadError as exc:
+            if exc.kind != "ended":
+                self.complaints("session entry", exc, f"{key[:8]}…")
+            entry = None
+        if entry is None:
+            self._give_up(key, Failed("unknown-session"), "no such session in the cluster")
+            return
+        takeover.entry = entry
+        takeover.step = Step.FENCING
+        fenced = dict(entry, host=self.host_id)
+        self.bus.session_put(("takeover", key), key, json.dumps(fenced, separators=(",", ":")).encode(),
+                             result.revision)
+
+    def _ack_read(self, hashed: bytes, result: SessionRead) -> None:
+        try:
+            entry = read_session(result.value) if result.value is not None else None
+        except BusPayloadError:
+            entry = None
+        if entry is None or entry["host"] != self.host_id:
+            self._moved(hashed, "its entry in the cluster names another host" if entry else "its entry is gone")
+            return
+        self._revisions[hashed] = result.revision
+        self._checkpoints.setdefault(hashed, Checkpoint(entry["n"], entry["seq"], entry["pinc"], entry["pk"]))
+        if hashed in self._acks:
+            self._checkpoint(hashed)
+
+    def written(self, result: SessionWritten) -> None:
+        kind, key = result.token
+        if kind == "start":
+            self._started(key, result)
+        elif kind == "ack":
+            self._acked(key, result)
+        elif kind == "takeover":
+            self._fenced(key, result)
+        # ("end", …): an ended session's entry emptied; nothing waits for it
+
+    def _started(self, member_id: int, result: SessionWritten) -> None:
+        end, token, hashed, _ = self._starts.pop(member_id)
+        if not result.ok or not self.members.is_connected(member_id):
+            self._checkpoints.pop(hashed, None)
+            if self.members.is_connected(member_id):
+                self._answer(member_id, end, Outcome().tell(member_id, Failed("internal-error")))
+            return
+        old = self.room.members[member_id].token
+        if old:
+            self._forget(old)
+        self._revisions[hashed] = result.revision
+        self.members.answer_parked(member_id, end, StartSession(), (token, hashed))
+
+    def _acked(self, hashed: bytes, result: SessionWritten) -> None:
+        self._writing.discard(hashed)
+        if not result.ok:
+            self._moved(hashed, "its entry in the cluster was written by another host")
+            return
+        self._revisions[hashed] = result.revision
+        parked = self._acks.pop(hashed, None)
+        if parked is None:
+            return
+        member_id, end, n = parked
+        member = self.room.members.get(member_id)
+        if member is not None and member.token == hashed and self.members.is_connected(member_id):
+            self.members.answer_parked(member_id, end, Ack(n))
+
+    def _fenced(self, sid: str, result: SessionWritten) -> None:
+        takeover = self._takeovers.get(sid)
+        if takeover is None:
+            return
+        if not result.ok:
+            self._give_up(sid, Busy(1), "another host wrote its entry meanwhile")
+            return
+        self._revisions[takeover.hashed] = result.revision
+        entry = takeover.entry
+        checkpoint = Checkpoint(entry["n"], entry["seq"], entry["pinc"], entry["pk"])
+        self._checkpoints[takeover.hashed] = checkpoint
+        self._marks.pop(takeover.hashed, None)
+        if entry["nick"] is None:
+            self._adopt(sid, ())
+            return
+        takeover.step = Step.TAKING_NICK
+        self.inbound.reserve(entry["nick"])
+        takeover.last = self.inbound.handled_to or 0  # what this host read for no member: read again
+        self.directory.take_over(("takeover", sid), entry["nick"], entry["target"])
+
+    def claimed(self, result: Claimed) -> None:
+        sid = result.token[1]
+        takeover = self._takeovers.get(sid)
+        self.directory.took(result)
+        if takeover is None:
+            self.directory.adopted(result.nick)
+            return
+        takeover.step = Step.REPLAYING
+        checkpoint = self._checkpoints[takeover.hashed]
+        # To the stream's end, not only to what this host has read: a host behind (one started
+        # afresh reads the stream from its start) would otherwise number later messages for it
+        # again as they come, from an n its client already has.
+        self.bus.replay(("takeover", sid), result.nick, checkpoint.seq, NO_END)
+
+    def replayed(self, result: Replayed) -> None:
+        sid = result.token[1]
+        takeover = self._takeovers.get(sid)
+        if takeover is None:
+            return
+        takeover.messages += result.messages
+        if len(result.messages) >= MAX_REPLAY:  # more than one answer holds: the next part
+            self.bus.replay(("takeover", sid), result.receiver, result.messages[-1][0] + 1, NO_END)
+            return
+        self._adopt(sid, takeover.messages)
+
+    def _adopt(self, sid: str, messages) -> None:
+        takeover = self._takeovers.pop(sid)
+        entry, member_id = takeover.entry, takeover.member_id
+        nick = entry["nick"]
+        floor = max([takeover.last, *(seq for seq, _, _ in messages)])
+        if not self.members.is_connected(member_id):
+            # Its client is gone: the entry names this host, with no member here; the next
+            # RESUME anywhere takes it from the same checkpoint.
+            if nick is not None:
+                self.inbound.release(nick, floor=floor)
+                self.directory.adopted(nick)
+            return
+        replayed = []
+        for seq, _, payload in messages:
+            try:
+                replayed += [incoming for incoming in chat_forwards(seq, payload) if incoming.receiver == nick]
+            except BusPayloadError:
+                continue  # refused when first read too (chatd.inbound): handled, skipped
+        outcome = self.room.adopt_session(
+            member_id, takeover.hashed, nick, entry["target"], handled=entry["handled"], received=entry["n"],
+            incarnation=entry["inc"], sent=entry["sent"], peer_incarnation=entry["pinc"], last_k=entry["pk"])
+        log.info("member %d took session %s… over from host %s: %d messages read again from sequence %d, "
+                 "its client has up to n %d", member_id, sid[:4], entry["host"], len(replayed),
+                 self._checkpoints[takeover.hashed].seq, takeover.command.n)
+        self.members.resume_taken_over(member_id, takeover.end, outcome)
+        if nick is not None:
+            self.directory.adopted(nick)
+            # Numbered by the room's rule, as the lost host did; sent from the client's n on.
+            self.inbound.release(nick, replayed, floor=floor, quiet=takeover.command.n)
+
+    # -- fencing and endings ---------------------------------------------------------------
+    def _moved(self, hashed: bytes, why: str) -> None:
+        self._acks.pop(hashed, None)
+        self._forget(hashed, end=False)
+        member = self.room.session(hashed)
+        if member is not None:
+            self.members.moved(member.id, why)
+
+    def lost_nick(self, member: "Member") -> None:
+        """The directory shows this member's nick on another host: its session moved there."""
+        if member.token:
+            self._moved(member.token, f"the directory shows its nick {member.nick} on another host")
+        else:
+            self.members.moved(member.id, f"the directory shows its nick {member.nick} on another host")
+
+    def ended(self, hashed: bytes) -> None:
+        """A session ended here (QUIT, or its grace ran out): its entry is emptied."""
+        self._forget(hashed)
+
+    def _forget(self, hashed: bytes, end: bool = True) -> None:
+        revision = self._revisions.pop(hashed, None)
+        self._checkpoints.pop(hashed, None)
+        self._marks.pop(hashed, None)
+        if end and revision is not None:
+            self.bus.session_put(("end", hashed), sid_of(hashed), b"", revision)
+
+    def status(self) -> dict:
+        return {"sessions_kept": len(self._revisions), "takeovers": {sid[:8]: t.step.value
+                                                                    for sid, t in self._takeovers.items()}}
+
