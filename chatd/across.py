@@ -176,9 +176,10 @@ class ServedMembers(Protocol):
     def admit_resume(self) -> int:
         """0 if a resume may go now (it is counted), else the seconds its client is to wait."""
 
-    def moved(self, member_id: int, why: str) -> None:
-        """The member's session (or nick) is another host's now: its client is told ``ERR moved``
-        and closed, and it leaves this host's room without a word to the cluster about it."""
+    def moved(self, member_id: int, why: str, host: str | None = None) -> None:
+        """The member's session (or nick) is another host's now (``host``, if known): its client
+        is told ``ERR moved`` and closed, and it leaves this host's room (a member of ``host``
+        from then on)."""
 
     def resume(self, member_id: int) -> None:
         """Take the member's commands again (they were held back)."""

@@ -328,8 +328,8 @@ class ServerMembers:
     def admit_resume(self) -> int:
         return self.server.sessions.gate.admit()
 
-    def moved(self, member_id: int, why: str) -> None:
-        self.server.session_moved_away(member_id, why)
+    def moved(self, member_id: int, why: str, host: str | None = None) -> None:
+        self.server.session_moved_away(member_id, why, host)
 
     def resume(self, member_id: int) -> None:
         connection = self.server.connections[member_id]

@@ -73,7 +73,7 @@ class DirectoryView:
         #: Nicks of sessions being taken over by this host (chatd.keeper): ours, their member coming.
         self._taking: set[str] = set()
         #: Told of a member here whose nick the directory shows on another host: it lost it.
-        self.lost: Callable[[Member], None] = lambda member: None
+        self.lost: Callable[[Member, str], None] = lambda member, host: None
         #: Parked NICKs: member id -> (input offset after the command, the name).
         self._claims: dict[int, tuple[int, str]] = {}
         self.complete = False
@@ -232,7 +232,7 @@ class DirectoryView:
             # Ours, and now another host's: it took the member's session over (chatd.keeper),
             # or its lease lapsed and the nick was taken. This host stops serving it.
             self.own.pop(change.nick, None)
-            self.lost(holder)
+            self.lost(holder, host)
         self.entries[change.nick] = (host, target)
         if host not in self.alive_hosts:
             return None

@@ -416,19 +416,21 @@ class Keeper:
             self.inbound.release(nick, replayed, floor=floor, quiet=takeover.command.n)
 
     # -- fencing and endings ---------------------------------------------------------------
-    def _moved(self, hashed: bytes, why: str) -> None:
+    def _moved(self, hashed: bytes, why: str, host: str | None = None) -> None:
         self._acks.pop(hashed, None)
         self._forget(hashed, end=False)
         member = self.room.session(hashed)
         if member is not None:
-            self.members.moved(member.id, why)
+            self.members.moved(member.id, why, host)
 
-    def lost_nick(self, member: "Member") -> None:
-        """The directory shows this member's nick on another host: its session moved there."""
+    def lost_nick(self, member: "Member", host: str) -> None:
+        """The directory shows this member's nick on ``host``: its session moved there (or this
+        host was cut off long enough for its lease to lapse, and the nick was taken)."""
+        why = f"the directory shows its nick {member.nick} on host {host}"
         if member.token:
-            self._moved(member.token, f"the directory shows its nick {member.nick} on another host")
+            self._moved(member.token, why, host)
         else:
-            self.members.moved(member.id, f"the directory shows its nick {member.nick} on another host")
+            self.members.moved(member.id, why, host)
 
     def ended(self, hashed: bytes) -> None:
         """A session ended here (QUIT, or its grace ran out): its entry is emptied."""

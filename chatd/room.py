@@ -588,6 +588,29 @@ class Room:
                     outcome.tell(peer.id, Paired(nick))
         return outcome.tell(member_id, Resumed(nick, peer.nick if peer is not None else None, handled))
 
+    def move_away(self, member_id: int, host: str) -> Outcome:
+        """The member's session (and nick) is ``host``'s now (chatd.keeper): it leaves this room
+        without a word, and is a remote member on ``host`` from here on, its pairing unbroken."""
+        member = self.members.pop(member_id)
+        outcome = Outcome()
+        if member.token:
+            del self._by_token[member.token]
+        if member.nick is None:
+            if member.peer is not None:
+                self._unpair(member, outcome)
+            return outcome
+        del self._by_nick[member.nick]
+        self._awaiting.pop(member.nick, None)
+        remote = self.remote[member.nick] = Remote(member.nick, host, member.target)
+        peer, member.peer = member.peer, None
+        if isinstance(peer, Member):
+            peer.peer, remote.peer = remote, peer
+            peer.remote_paired = True
+            outcome.changed.add(peer.id)
+        elif isinstance(peer, Remote):
+            peer.peer = None
+        return outcome
+
     def users(self) -> Users:
         named = [m for m in self.members.values() if m.nick is not None] + list(self.remote.values())
         return Users(tuple((m.nick, self._peer_nick(m)) for m, _ in zip(named, range(MAX_USERS))))

@@ -485,11 +485,15 @@ class ChatServer:
         self.free_slot(member_id)
         self.leave_room(member_id)
 
-    def session_moved_away(self, member_id: int, why: str) -> None:
-        """Another host serves this member's session (or nick) now (chatd.keeper): its client is
-        told ``ERR moved`` and closed (it resumes where the load balancer sends it), a detached
-        session ends, and the member leaves the room here."""
-        log.info("member %d: its session moved to another host (%s): closed with ERR moved", member_id, why)
+    def session_moved_away(self, member_id: int, why: str, host: str | None = None) -> None:
+        """Another host (``host``, if known) serves this member's session (or nick) now
+        (chatd.keeper): its client is told ``ERR moved`` and closed (it resumes where the load
+        balancer sends it), a detached session ends, and the member leaves the room here: as a
+        member of ``host`` from now on, its peer here none the wiser."""
+        log.info("member %d: its session moved to %s (%s): closed with ERR moved", member_id,
+                 f"host {host}" if host else "another host", why)
+        if host is not None and member_id in self.room.members:
+            self.apply(self.room.move_away(member_id, host))
         connection = self.connections.get(member_id)
         if connection is not None and not connection.finishing:
             self.apply(Outcome().tell(member_id, Failed("moved")))
