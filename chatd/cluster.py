@@ -93,6 +93,7 @@ from .directory import DirectoryView
 from .forwards import MAX_FORWARD, Publisher
 from .inbound import Inbound
 from .keeper import Keeper
+from .sessions import GRACE
 from .room import NAME_RE, SESSION_COMMANDS, Command, Forward, Member, Nick, Outcome, Room
 
 if TYPE_CHECKING:
@@ -113,7 +114,8 @@ class Cluster:
     keeps_sessions = True
 
     def __init__(self, bus: Bus, host_id: str, room: Room, members: "ServerMembers", loop: Loop, *,
-                 outbox: bool = True, cursor: bool = True, durable_same_host: bool = True):
+                 outbox: bool = True, cursor: bool = True, durable_same_host: bool = True,
+                 session_grace: float = GRACE):
         self.bus = bus
         self.host_id = host_id
         self.room = room
@@ -132,6 +134,8 @@ class Cluster:
         self.inbound.taken = self.keeper.taken
         self.publisher.drained = self.keeper.outbox_drained
         self.directory.lost = self.keeper.lost_nick
+        self.directory.session_nick = self.keeper.answer_when_kept
+        self.directory.later = lambda call: loop.call_later(session_grace, call)
         #: Members whose commands wait for the directory (restored paired across hosts).
         self._held_back: set[int] = set()
         self.connected = False
@@ -333,6 +337,8 @@ class ServerMembers:
 
     def resume(self, member_id: int) -> None:
         connection = self.server.connections[member_id]
+        if connection.finishing:  # its session moved to another host meanwhile (chatd.keeper)
+            return
         connection.open()
         self.server.take_input(connection)
 

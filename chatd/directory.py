@@ -72,6 +72,12 @@ class DirectoryView:
         self._to_release: set[str] = set()  # left while busy
         #: Nicks of sessions being taken over by this host (chatd.keeper): ours, their member coming.
         self._taking: set[str] = set()
+        #: ``session_nick(member, end, outcome)``: a session's NICK claimed, answered once its entry
+        #: has it (chatd.keeper).
+        self.session_nick: Callable[[Member, int, Outcome], None] = \
+            lambda member, end, outcome: self.members.resume_parked(member.id, end, outcome)
+        #: ``later(call)``: call it once a detached session's grace has run out (chatd.cluster).
+        self.later: Callable[[Callable[[], None]], None] = lambda call: call()
         #: Told of a member here whose nick the directory shows on another host: it lost it.
         self.lost: Callable[[Member, str], None] = lambda member, host: None
         #: Parked NICKs: member id -> (input offset after the command, the name).
@@ -167,7 +173,11 @@ class DirectoryView:
                 self.release(old)
         else:
             outcome = Outcome().tell(member_id, Failed("nick-taken"))
-        self.members.resume_parked(member_id, end, outcome)
+        member = self.room.members[member_id]
+        if result.ok and member.token:
+            self.session_nick(member, end, outcome)  # its session's entry says it first (chatd.keeper)
+        else:
+            self.members.resume_parked(member_id, end, outcome)
         self._after_call(result.nick)
 
     def updated(self, result: Updated) -> None:
@@ -225,19 +235,25 @@ class DirectoryView:
             if change.revision > self.own.get(change.nick, (None, 0))[1]:
                 self.own[change.nick] = (target, change.revision)
             if self.complete and self._holder(change.nick) is None and not self.claiming(change.nick):
-                self.release(change.nick)
+                self.later(lambda: self._release_unheld([change.nick]))  # as read() does
             return None
         holder = self._holder(change.nick)
-        if holder is not None and change.nick not in self._taking:
-            # Ours, and now another host's: it took the member's session over (chatd.keeper),
-            # or its lease lapsed and the nick was taken. This host stops serving it.
-            self.own.pop(change.nick, None)
-            self.lost(holder, host)
+        if change.nick not in self._taking:
+            self.own.pop(change.nick, None)  # another host's now
+            if holder is not None:
+                # Ours, and now another host's: it took the member's session over (chatd.keeper),
+                # or its lease lapsed and the nick was taken. This host stops serving it.
+                self.lost(holder, host)
         self.entries[change.nick] = (host, target)
         if host not in self.alive_hosts:
             return None
         self.members.apply(self.room.remote_changed(change.nick, host, target))
         return target
+
+    def _release_unheld(self, nicks: list[str]) -> None:
+        for nick in nicks:
+            if nick in self.own and self._holder(nick) is None and not self.claiming(nick):
+                self.release(nick)
 
     def _overwritten(self, nick: str) -> None:
         """Our entry for ``nick`` was overwritten with what names no host (the hosts keep the
@@ -270,8 +286,12 @@ class DirectoryView:
             return False
         self.complete = True
         self.members.apply(self.room.directory_complete())
-        for nick in [nick for nick in self.own if self._holder(nick) is None and not self.claiming(nick)]:
-            self.release(nick)  # ours from an earlier life, its member gone
+        # Ours from an earlier life, no member here holding it: a client of this host before it was
+        # lost, whose session another host may take over (chatd.keeper) within the grace; released
+        # then if still ours and held by no one (a nick of a client without a session waits too).
+        earlier = [nick for nick in self.own if self._holder(nick) is None and not self.claiming(nick)]
+        if earlier:
+            self.later(lambda: self._release_unheld(earlier))
         for member in list(self.room.members.values()):
             if member.nick is not None and self.members.holds(member.id):
                 self.sync(member)

@@ -145,8 +145,9 @@ class Keeper:
         #: By token hash: the checkpoint the entry holds, and the marks since (n -> checkpoint).
         self._checkpoints: dict[bytes, Checkpoint] = {}
         self._marks: dict[bytes, deque[Checkpoint]] = {}
-        #: Parked: ACKs by token hash (member id, input end, n); SESSIONs by member id.
-        self._acks: dict[bytes, tuple[int, int, int]] = {}
+        #: Parked: ACKs and NICKs by token hash (member id, input end, the ACK's n, or the NICK's
+        #: outcome); SESSIONs by member id.
+        self._acks: dict[bytes, tuple[int, int, int | None, Outcome | None]] = {}
         self._starts: dict[int, tuple[int, str, bytes, int]] = {}
         self._writing: set[bytes] = set()
         self._takeovers: dict[str, Takeover] = {}
@@ -160,7 +161,7 @@ class Keeper:
         if isinstance(command, Ack):
             if not member.token:
                 return False  # answered ERR no-session
-            self._acks[member.token] = (member.id, end, command.n)
+            self._acks[member.token] = (member.id, end, command.n, None)
             connection.park()
             self._checkpoint(member.token)
             return True
@@ -202,8 +203,15 @@ class Keeper:
         if member is not None and member.token in self._acks:
             self._checkpoint(member.token)
 
+    def answer_when_kept(self, member: "Member", end: int, outcome: Outcome) -> None:
+        """A session's parked NICK was claimed (``outcome``: the room took it): written to its entry
+        before it is answered, as an ACK is. A client resends what the entry does not count, and a
+        NICK resent to another host before the entry had it would find its own nick taken."""
+        self._acks[member.token] = (member.id, end, None, outcome)
+        self._checkpoint(member.token)
+
     def _checkpoint(self, hashed: bytes) -> None:
-        member_id, end, n = self._acks[hashed]
+        member_id, end, n, _ = self._acks[hashed]
         member = self.room.members.get(member_id)
         if member is None or member.token != hashed or not self.members.is_connected(member_id):
             del self._acks[hashed]
@@ -217,7 +225,7 @@ class Keeper:
             return
         marks = self._marks.get(hashed)
         checkpoint = self._checkpoints.get(hashed)
-        while marks and marks[0].n <= n:
+        while marks and n is not None and marks[0].n <= n:
             checkpoint = marks.popleft()
         self._checkpoints[hashed] = checkpoint
         self._writing.add(hashed)
@@ -232,7 +240,9 @@ class Keeper:
             return False  # this host holds it: chatd.sessions resumes it
         sid = sid_of(hashed)
         connection.park()
-        if sid in self._takeovers:
+        if sid in self._takeovers or not self.directory.complete:
+            # Taken over before the directory is read, it could not see its peer: the client comes
+            # back in a second (a host just started, or reconnecting to NATS).
             self._answer_later(connection.member_id, end, Outcome().tell(connection.member_id, Busy(1)))
             return True
         wait = self.members.admit_resume()
@@ -269,6 +279,9 @@ class Keeper:
             self._writing.discard(key)
             self._ack_read(key, result)
             return
+        if kind == "lost":
+            self._ack_read(key, result)  # names another host now: moved there
+            return
         takeover = self._takeovers.get(key)
         if takeover is None:
             return
@@ -296,7 +309,8 @@ class Keeper:
         except BusPayloadError:
             entry = None
         if entry is None or entry["host"] != self.host_id:
-            self._moved(hashed, "its entry in the cluster names another host" if entry else "its entry is gone")
+            self._moved(hashed, "its entry in the cluster names another host" if entry else "its entry is gone",
+                        entry["host"] if entry else None)
             return
         self._revisions[hashed] = result.revision
         self._checkpoints.setdefault(hashed, Checkpoint(entry["n"], entry["seq"], entry["pinc"], entry["pk"]))
@@ -329,15 +343,22 @@ class Keeper:
     def _acked(self, hashed: bytes, result: SessionWritten) -> None:
         self._writing.discard(hashed)
         if not result.ok:
-            self._moved(hashed, "its entry in the cluster was written by another host")
+            # Another host wrote it: it took the session over. Which one, the entry says: this
+            # host's member becomes that host's remote member, its peers here none the wiser.
+            self._revisions.pop(hashed, None)
+            self.bus.session_get(("lost", hashed), sid_of(hashed))
             return
         self._revisions[hashed] = result.revision
         parked = self._acks.pop(hashed, None)
         if parked is None:
             return
-        member_id, end, n = parked
+        member_id, end, n, outcome = parked
         member = self.room.members.get(member_id)
-        if member is not None and member.token == hashed and self.members.is_connected(member_id):
+        if member is None or member.token != hashed or not self.members.is_connected(member_id):
+            return
+        if outcome is not None:
+            self.members.resume_parked(member_id, end, outcome)
+        else:
             self.members.answer_parked(member_id, end, Ack(n))
 
     def _fenced(self, sid: str, result: SessionWritten) -> None:

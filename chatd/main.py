@@ -321,7 +321,7 @@ def main(argv=None) -> int:
                                                               ("TLS (--nats-ca)", args.nats_ca)) if not given))
         server.cluster = Cluster(bus, args.host_id, server.room, ServerMembers(server), server.loop,
                                  outbox=not args.no_outbox, cursor=not args.no_cursor,
-                                 durable_same_host=not args.direct_same_host)
+                                 durable_same_host=not args.direct_same_host, session_grace=args.session_grace)
 
     stopped = False
     try:

@@ -374,7 +374,10 @@ class ChatServer:
 
     def resume_parked(self, connection: Connection, end: int, outcome: Outcome) -> None:
         """The cluster answered a parked command (which ends at input offset ``end``): carry
-        out its outcome and take the client's next commands."""
+        out its outcome and take the client's next commands. A connection that is finishing
+        meanwhile (its session moved to another host: chatd.keeper) takes nothing more."""
+        if connection.finishing:
+            return
         connection.open()
         connection.inbox.consume(end)
         self._dirty.add(connection.member_id)

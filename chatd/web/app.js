@@ -24,8 +24,8 @@
 // keeps its token in sessionStorage: per tab, so a reload of the tab takes it back too.
 // From the moment it asks, the page numbers every chat command it sends (1, 2, 3 …,
 // pings included, as chatd counts them) and keeps each message, nick, pair and who in
-// `outbox` until chatd has handled it: a pong handles everything sent before its ping,
-// and {"type":"handled","count":h} (the answer to the acks the page sends after every
+// `outbox` until chatd has handled it: a pong shows everything sent before its ping handled
+// (and forgets what was sent before the session), and {"type":"handled","count":h} (the answer to the acks the page sends after every
 // ACK_EVERY messages shown or sent, or ACK_IDLE ms after the last) everything up to
 // h. On a new connection the page sends {"type":"resume","token":T,"n":<the n of the
 // last message shown>}; chatd answers {"type":"resumed",…,"handled":h} and sends again
@@ -250,7 +250,7 @@ function ping() {
 }
 
 function countPending() {
-  window.chat.pending = outbox.filter((entry) => entry.item).length;
+  window.chat.pending = outbox.filter((entry) => entry.item && entry.item.classList.contains("pending")).length;
   window.chat.kept = outbox.length;
 }
 
@@ -267,7 +267,15 @@ function handledUpTo(test) {
 // -- is chatd answering? ------------------------------------------------------------------
 function answered() {
   const entry = pings.shift();
-  if (entry) handledUpTo((kept) => kept.seq < entry.seq);
+  if (entry) {
+    // Handled by the host that answered: shown so. But a command the session numbered is kept
+    // until a handled count covers it: in a cluster another host may take the session over from
+    // its last count, and this page then sends again what that count does not cover.
+    const before = (kept) => kept.seq < entry.seq;
+    outbox.filter(before).forEach((kept) => kept.item && kept.item.classList.remove("pending"));
+    handledUpTo((kept) => before(kept) && kept.number === null);
+    countPending();
+  }
   if (window.chat.state === "waiting" && !late(ANSWER)) setState("open");
 }
 

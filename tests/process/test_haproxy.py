@@ -18,6 +18,7 @@ again before the loss. Every process is ended after the test, failed or not.
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import time
 import types
@@ -33,9 +34,12 @@ from ctl.probe import LineClient, WebSocketClient
 from fdkeep.errors import Error
 from helpers import free_port, line_client, require_haproxy, require_nats
 from test_lineclient import ClientProcess
+from testkit import soak
 
 #: Seconds a lost host keeps its nicks: short, so that its clients' nicks come free soon.
 LEASE = 2.0
+#: The fault test's lease: long, so that a storm of kills never lets a live host's lease lapse.
+SOAK_LEASE = 20.0
 #: Checks every 300 ms, out after 2 failures, back after 2 successes (the README's: 2 s, 3, 2).
 INTER_MS, FALL, RISE = 300, 2, 2
 TIMEOUT = 15
@@ -43,9 +47,18 @@ TIMEOUT = 15
 
 @pytest.fixture
 def behind_haproxy(tmp_path, request):
+    yield from haproxy_in_front(tmp_path, request, LEASE)
+
+
+@pytest.fixture
+def soak_behind_haproxy(tmp_path, request):
+    yield from haproxy_in_front(tmp_path, request, SOAK_LEASE, getattr(request, "param", ()))
+
+
+def haproxy_in_front(tmp_path, request, lease: float, chatd_args: tuple[str, ...] = ()):
     require_nats()
     require_haproxy()
-    cluster = Hosts(3, 3, lease=LEASE, workdir=str(tmp_path / "hosts"))
+    cluster = Hosts(3, 3, lease=lease, workdir=str(tmp_path / "hosts"), chatd_args=chatd_args)
     proxy = None
     try:
         cluster.start()
@@ -208,3 +221,63 @@ def test_clients_chat_through_haproxy_and_come_back_through_it_to_a_live_host_af
             process.close()
         for client in (dana, ann, lee, bob):
             client.close()
+
+
+def host_loss_soak(cluster: Hosts, proxy: HAProxy, losses: int, crashes: int) -> soak.Tally:
+    """20 pairs with sessions stream through HAProxy's line port while faults land in a random order:
+    ``crashes`` chatd kills on random hosts, ``losses`` whole-host losses (chatd and holderd SIGKILLed,
+    their connections and journal gone; the host comes back empty at the next fault), and a NATS node
+    killed a third of the way in, started again two thirds in. Every cut client resumes through
+    HAProxy, on whatever host it is given; 20 connections are cut besides."""
+    steps = ["loss"] * losses + ["crash"] * crashes
+    random.Random(losses * 31 + crashes).shuffle(steps)
+    node = random.Random(crashes).randrange(len(cluster.nats.nodes))
+    lost: list[int] = []
+    done = []
+
+    def fault(rng: random.Random) -> None:
+        step = steps[len(done)]
+        done.append(step)
+        if lost:  # the host lost at the last fault comes back, empty
+            cluster.start_host_again(lost.pop())
+        if len(done) == len(steps) // 3:
+            cluster.nats.kill(node)
+        elif len(done) == 2 * len(steps) // 3:
+            cluster.nats.restart(node, wait=False)
+        index = rng.randrange(len(cluster.hosts))
+        if step == "loss":
+            cluster.lose_host(index)
+            lost.append(index)
+            return
+        chatd = cluster.hosts[index].chatd
+        chatd.send_signal(rng.choice((signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT)))
+        chatd.wait(20)
+        cluster.restart_chatd(index)
+
+    try:
+        return soak.run([proxy.line_port], pairs=20, crashes=losses + crashes, crash=fault, interval=(0.3, 1.0),
+                        settle=120, sessions=True, cuts=20)
+    finally:
+        if lost:
+            cluster.start_host_again(lost.pop())
+
+
+def test_sessions_through_haproxy_survive_whole_host_losses_chatd_kills_and_a_nats_node_exactly_once(
+        soak_behind_haproxy):
+    cluster, proxy = soak_behind_haproxy
+    tally = host_loss_soak(cluster, proxy, losses=4, crashes=12)
+    print("host loss test:", tally.row())
+    assert tally.crashes == 16 and tally.resumes >= 20 and tally.sent > 1000
+    assert tally.problems() == 0, (tally.row(), tally.notes)
+    assert tally.received == tally.sent
+
+
+@pytest.mark.parametrize("soak_behind_haproxy", [("--direct-same-host",)], indirect=True)
+def test_the_host_loss_test_sees_loss_when_same_host_messages_skip_the_stream(soak_behind_haproxy):
+    """--direct-same-host tells a message between two clients of one host at once, as one host
+    does: what a lost host told that way is nowhere else, and the test must see it."""
+    cluster, proxy = soak_behind_haproxy
+    tally = host_loss_soak(cluster, proxy, losses=4, crashes=4)
+    print("host loss test with --direct-same-host:", tally.row())
+    assert tally.lost + tally.garbled + tally.n_gaps + tally.repeated + tally.n_repeats + tally.dropped > 0, \
+        "the host loss test must be able to fail"
