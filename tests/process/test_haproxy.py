@@ -17,7 +17,6 @@ again before the loss. Every process is ended after the test, failed or not.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
 import types
@@ -26,70 +25,18 @@ import urllib.request
 import pytest
 
 from ctl.haproxy import LINE_BACKEND, WEB_BACKEND, HAProxy
-from ctl.hosts import Hosts
 from ctl.launch import wait_until
 from ctl.lineclient import LOST
 from ctl.probe import LineClient, WebSocketClient
-from fdkeep.errors import Error
-from helpers import free_port, line_client, require_haproxy, require_nats
+from haproxied import FALL, INTER_MS, LEASE, TIMEOUT, host_of, hosts_behind_haproxy, only
+from helpers import line_client
 from test_lineclient import ClientProcess
-
-#: Seconds a lost host keeps its nicks: short, so that its clients' nicks come free soon.
-LEASE = 2.0
-#: Checks every 300 ms, out after 2 failures, back after 2 successes (the README's: 2 s, 3, 2).
-INTER_MS, FALL, RISE = 300, 2, 2
-TIMEOUT = 15
 
 
 @pytest.fixture
 def behind_haproxy(tmp_path, request):
-    require_nats()
-    require_haproxy()
-    cluster = Hosts(3, 3, lease=LEASE, workdir=str(tmp_path / "hosts"))
-    proxy = None
-    try:
-        cluster.start()
-        line_port = free_port()
-        web_port = free_port()
-        while web_port == line_port:
-            web_port = free_port()
-        proxy = HAProxy(str(tmp_path / "haproxy"), [(host.port, host.http_port) for host in cluster.hosts],
-                        line_port, web_port, inter_ms=INTER_MS, fall=FALL, rise=RISE).start()
-        wait_until(lambda: set(proxy.states().values()) == {"UP"}, TIMEOUT, "HAProxy to see every host UP")
-        yield cluster, proxy
-    finally:
-        if hasattr(request.node, "rep_call") and request.node.rep_call.failed:
-            print(cluster.logs()[-20000:])
-            if proxy is not None:
-                print(f"=== haproxy\n{proxy.log_tail(8000)}")
-        if proxy is not None:
-            proxy.close()
-        cluster.close()
-
-
-@contextlib.contextmanager
-def only(proxy: HAProxy, backend: str, index: int):
-    """New connections to ``backend`` go to host ``index`` alone while inside (the others drained)."""
-    others = [server for server in proxy.servers if server != f"h{index}"]
-    for server in others:
-        proxy.command(f"set server {backend}/{server} state drain")
-    try:
-        yield
-    finally:
-        for server in others:
-            proxy.command(f"set server {backend}/{server} state ready")
-
-
-def host_of(cluster: Hosts, nick: str) -> int | None:
-    """The host whose chatd has a client named ``nick`` (hosts that do not answer are skipped)."""
-    for index, host in enumerate(cluster.hosts):
-        try:
-            rows = host.control("clients")["clients"]
-        except Error:
-            continue
-        if any(row["nick"] == nick for row in rows):
-            return index
-    return None
+    with hosts_behind_haproxy(tmp_path, request) as both:
+        yield both
 
 
 def through(proxy: HAProxy, nick: str, pair: str | None = None) -> LineClient:
