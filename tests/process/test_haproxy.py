@@ -17,7 +17,6 @@ again before the loss. Every process is ended after the test, failed or not.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import signal
 import time
@@ -31,78 +30,27 @@ from ctl.hosts import Hosts
 from ctl.launch import wait_until
 from ctl.lineclient import LOST
 from ctl.probe import LineClient, WebSocketClient
-from fdkeep.errors import Error
-from helpers import free_port, line_client, require_haproxy, require_nats
+from haproxied import FALL, INTER_MS, LEASE, TIMEOUT, host_of, hosts_behind_haproxy, only
+from helpers import line_client
 from test_lineclient import ClientProcess
 from testkit import soak
 
-#: Seconds a lost host keeps its nicks: short, so that its clients' nicks come free soon.
-LEASE = 2.0
 #: The fault test's lease: long, so that a storm of kills never lets a live host's lease lapse.
 SOAK_LEASE = 20.0
-#: Checks every 300 ms, out after 2 failures, back after 2 successes (the README's: 2 s, 3, 2).
-INTER_MS, FALL, RISE = 300, 2, 2
-TIMEOUT = 15
 
 
 @pytest.fixture
 def behind_haproxy(tmp_path, request):
-    yield from haproxy_in_front(tmp_path, request, LEASE)
+    with hosts_behind_haproxy(tmp_path, request) as both:
+        yield both
 
 
 @pytest.fixture
 def soak_behind_haproxy(tmp_path, request):
-    yield from haproxy_in_front(tmp_path, request, SOAK_LEASE, getattr(request, "param", ()))
-
-
-def haproxy_in_front(tmp_path, request, lease: float, chatd_args: tuple[str, ...] = ()):
-    require_nats()
-    require_haproxy()
-    cluster = Hosts(3, 3, lease=lease, workdir=str(tmp_path / "hosts"), chatd_args=chatd_args)
-    proxy = None
-    try:
-        cluster.start()
-        line_port = free_port()
-        web_port = free_port()
-        while web_port == line_port:
-            web_port = free_port()
-        proxy = HAProxy(str(tmp_path / "haproxy"), [(host.port, host.http_port) for host in cluster.hosts],
-                        line_port, web_port, inter_ms=INTER_MS, fall=FALL, rise=RISE).start()
-        wait_until(lambda: set(proxy.states().values()) == {"UP"}, TIMEOUT, "HAProxy to see every host UP")
-        yield cluster, proxy
-    finally:
-        if hasattr(request.node, "rep_call") and request.node.rep_call.failed:
-            print(cluster.logs()[-20000:])
-            if proxy is not None:
-                print(f"=== haproxy\n{proxy.log_tail(8000)}")
-        if proxy is not None:
-            proxy.close()
-        cluster.close()
-
-
-@contextlib.contextmanager
-def only(proxy: HAProxy, backend: str, index: int):
-    """New connections to ``backend`` go to host ``index`` alone while inside (the others drained)."""
-    others = [server for server in proxy.servers if server != f"h{index}"]
-    for server in others:
-        proxy.command(f"set server {backend}/{server} state drain")
-    try:
-        yield
-    finally:
-        for server in others:
-            proxy.command(f"set server {backend}/{server} state ready")
-
-
-def host_of(cluster: Hosts, nick: str) -> int | None:
-    """The host whose chatd has a client named ``nick`` (hosts that do not answer are skipped)."""
-    for index, host in enumerate(cluster.hosts):
-        try:
-            rows = host.control("clients")["clients"]
-        except Error:
-            continue
-        if any(row["nick"] == nick for row in rows):
-            return index
-    return None
+    """As behind_haproxy, with a long lease (a storm of kills never lets a live host's lease lapse);
+    ``request.param``: more chatd options."""
+    with hosts_behind_haproxy(tmp_path, request, lease=SOAK_LEASE, chatd_args=getattr(request, "param", ())) as both:
+        yield both
 
 
 def through(proxy: HAProxy, nick: str, pair: str | None = None) -> LineClient:
