@@ -94,7 +94,7 @@ from .forwards import MAX_FORWARD, Publisher
 from .inbound import Inbound
 from .keeper import Keeper
 from .sessions import GRACE
-from .room import NAME_RE, SESSION_COMMANDS, Command, Forward, Member, Nick, Outcome, Room
+from .room import NAME_RE, SESSION_COMMANDS, Command, Forward, Member, Nick, Outcome, Pair, Room
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -170,6 +170,13 @@ class Cluster:
         its input unhandled and stops taking this client's commands until the claim is answered."""
         if isinstance(command, SESSION_COMMANDS):
             return self.keeper.parks(connection, end, command)
+        member = self.room.members[connection.member_id]
+        if isinstance(command, Pair) and member.token:
+            # A session's PAIR is answered once its entry has the target: a resume elsewhere gives
+            # its peers the target it had, not an older one (they would hear UNPAIRED, PAIRED).
+            connection.park()
+            self.keeper.answer_when_kept(member, end, self.room.handle(member.id, command))
+            return True
         if not isinstance(command, Nick):
             return False
         if not self.directory.claim(self.room.members[connection.member_id], end, command.name):
