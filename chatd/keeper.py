@@ -88,6 +88,12 @@ log = logging.getLogger("chatd")
 ENTRY_FIELDS = ("v", "host", "nick", "target", "handled", "inc", "sent", "n", "seq", "pinc", "pk")
 
 
+#: Takeovers under way at once, at most; more are answered ``ERR busy 1`` (a lost host's herd
+#: otherwise runs every admitted takeover at once, each waiting on all the others, and the
+#: publishes of the clients chatting on wait behind them: bench/host_loss.py).
+MAX_TAKEOVERS = 64
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """What a session had received at one message: its ``n``, the stream sequence it came in,
@@ -240,9 +246,10 @@ class Keeper:
             return False  # this host holds it: chatd.sessions resumes it
         sid = sid_of(hashed)
         connection.park()
-        if sid in self._takeovers or not self.directory.complete:
+        if sid in self._takeovers or not self.directory.complete or len(self._takeovers) >= MAX_TAKEOVERS:
             # Taken over before the directory is read, it could not see its peer: the client comes
-            # back in a second (a host just started, or reconnecting to NATS).
+            # back in a second (a host just started, or reconnecting to NATS). Past MAX_TAKEOVERS
+            # at once, the same: a herd is taken over a bounded number at a time.
             self._answer_later(connection.member_id, end, Outcome().tell(connection.member_id, Busy(1)))
             return True
         wait = self.members.admit_resume()

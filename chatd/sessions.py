@@ -43,14 +43,12 @@ What a session promises, and how:
   (:class:`ResumeGate`); when it is empty the client hears ``ERR busy <seconds>``
   (on the web ``retry_after``) and tries again then: its session waits meanwhile.
 
-Across hosts (``--cluster``) a session is its host's: a resume on another host
-answers ``ERR unknown-session`` (a session kept in the cluster, which any host
-takes back, is planned: docs/host-loss.md). A load balancer in front sends a
-client back to its host (HAProxy: ``balance source``, chatctl haproxy-config).
-What a session sent that the stream has not acknowledged yet moves with it to
-its new connection's outbox (:meth:`chatd.forwards.Publisher.moved`), ahead of
-anything it sends there, so that its receivers take every message once, in
-order.
+Across hosts (``--cluster``) a session is kept in the cluster too, and a resume
+on any host takes it back (:mod:`chatd.keeper`: the cluster's side of the
+commands above). On its own host, what a session sent that the stream has not
+acknowledged yet moves with it to its new connection's outbox
+(:meth:`chatd.forwards.Publisher.moved`), ahead of anything it sends there, so
+that its receivers take every message once, in order.
 """
 
 from __future__ import annotations

@@ -755,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     kept = client.add_mutually_exclusive_group()
     kept.add_argument("--no-session", action="store_true",
                       help="ask for no session: a lost connection ends the client (exit 3), as on a chatd "
-                      "in a cluster (ERR sessions-off); /session, /resume and /ack are then sent as typed")
+                      "that keeps none (ERR sessions-off); /session, /resume and /ack are then sent as typed")
     kept.add_argument("--session-file", metavar="FILE",
                       help="keep the session in FILE too (created mode 0600; refused if others may read it): "
                       "the token, the n of the last message shown and the commands not yet handled, so that "

@@ -21,10 +21,9 @@ shows its output): two front doors, one address each, over the same hosts.
   tunnel`` (an hour) governs it instead of the short HTTP timeouts. Also
   ``balance leastconn``, for the same reason: a page's WebSocket is as
   long-lived as a line client, and the page's other requests (``/``, its
-  files, ``/healthz``) are stateless, so nothing needs stickiness. (Nothing
-  may need it yet: a chatd in ``--cluster`` keeps no sessions, ``ERR
-  sessions-off``, so a client that reconnects, wherever it lands, is a new
-  client.)
+  files, ``/healthz``) are stateless, so nothing needs stickiness: a
+  session is kept in the cluster, and a client that reconnects resumes it on
+  whichever host it lands (chatd.keeper).
 - **TLS** (optional, ``tls_cert``): the web port is then ``https://`` and
   ``wss://`` (``bind … ssl crt <pem>``), and HAProxy is where TLS ends. It
   has to end in front of chatd, not in it: a TLS session's state (keys,

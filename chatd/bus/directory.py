@@ -121,19 +121,21 @@ class Directory:
     async def _take(self, token, nick: str, value: bytes) -> Claimed:
         """The nick, whoever holds it: a compare-and-set on the revision read, again until it wins."""
         await self._leased.wait()
+        known = self._nick_revision.get(nick)  # the watch's latest: most often still the entry's
         while True:
+            if known is None:
+                try:
+                    known = (await self.nicks.get(nick)).revision
+                except nats.js.errors.KeyNotFoundError:
+                    known = 0
             try:
-                entry = await self.nicks.get(nick)
-            except nats.js.errors.KeyNotFoundError:
-                entry = None
-            try:
-                if entry is None:
-                    revision = await self.nicks.create(nick, value)
+                if known:
+                    revision = await self.nicks.update(nick, value, last=known)
                 else:
-                    revision = await self.nicks.update(nick, value, last=entry.revision)
+                    revision = await self.nicks.create(nick, value)
                 return Claimed(token, nick, True, revision, self.settings.host_id)
             except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # changed since: look again
+                known = None  # changed since: look again
 
     @staticmethod
     def _holder(value: bytes) -> tuple[str | None, bool]:

@@ -1,6 +1,6 @@
 """The room across hosts, pure: the directory's members in, forwards and events out."""
 
-from chatd.room import Forward, From, Member, Msg, Nick, Pair, Paired, Room, Unpaired, Users, Who
+from chatd.room import Forward, From, Member, Msg, Nick, Pair, Paired, Resumed, Room, Unpaired, Users, Who
 
 
 def room_with_ann_targeting(remote_nick="bob"):
@@ -126,3 +126,49 @@ def test_with_a_durable_host_a_message_to_a_member_of_this_host_goes_through_the
         "ann paired elsewhere while cid still names her: it waits, as a message across hosts does"
     room.handle(2, Pair("dee"))
     assert room.receive("cid", "ann", 111, 2, "late").deliveries == [], "cid names ann no longer: dropped"
+
+
+# -- sessions kept in the cluster (chatd.keeper) ---------------------------------------------
+def test_a_session_takes_what_the_stream_holds_for_it_whatever_its_target_so_n_follows_the_stream():
+    room = room_with_ann_targeting()
+    room.start_session(1, "token", b"digest")
+    assert room.receive("ann", "bob", 7, 1, "early").deliveries == [(1, From("bob", 1, "early"))], \
+        "not waiting for the directory: the sender's host forwarded it paired"
+    room.handle(1, Pair("carl"))
+    assert room.receive("ann", "bob", 7, 2, "late").deliveries == [(1, From("bob", 2, "late"))], \
+        "sent while paired, taken after ann named carl: a host reading the stream again gives the same n"
+    assert room.receive("ann", "bob", 7, 2, "late").deliveries == [], "a repeat is still dropped"
+
+
+def test_a_session_adopted_from_another_host_goes_on_with_its_counts_and_its_peer_here_silently():
+    room = Room()
+    room.durable_host = "h1"  # as in a cluster: a message to bob goes through the stream
+    room.join(5)
+    room.handle(5, Nick("bob"))
+    room.handle(5, Pair("ann"))
+    room.remote_changed("ann", "h0", "bob")  # ann on the lost host h0, paired with bob here
+    assert room.members[5].peer.nick == "ann"
+    room.join(9)  # ann's client, reconnected here
+    outcome = room.adopt_session(9, b"digest", "ann", "bob", handled=12, received=30, incarnation=111, sent=10,
+                                 peer_incarnation=7, last_k=30)
+    ann = room.members[9]
+    assert outcome.deliveries == [(9, Resumed("ann", "bob", 12))], "bob hears nothing: he was paired with ann"
+    assert ann.peer is room.members[5] and room.members[5].peer is ann and "ann" not in room.remote
+    assert (ann.received, ann.sent, ann.incarnation, ann.last_k) == (30, 10, 111, 30)
+    assert room.handle(9, Msg("back")).forwards[0].k == 11, "its next message gets the next k of its incarnation"
+    assert room.receive("ann", "bob", 7, 30, "seen").deliveries == [] and room.session(b"digest") is ann
+
+
+def test_a_member_whose_session_moved_away_becomes_remote_and_its_peer_here_stays_paired():
+    room = Room()
+    for member_id, nick, peer in ((1, "ann", "bob"), (2, "bob", "ann")):
+        room.join(member_id)
+        room.handle(member_id, Nick(nick))
+        room.handle(member_id, Pair(peer))
+    room.start_session(1, "token", b"digest")
+    outcome = room.move_away(1, "h2")
+    assert outcome.deliveries == [], "bob is not told: ann chats on from h2"
+    bob = room.members[2]
+    assert 1 not in room.members and room.session(b"digest") is None and room.remote["ann"].host == "h2"
+    assert bob.peer is room.remote["ann"] and bob.remote_paired
+    assert room.handle(2, Msg("still here")).forwards[0].host == "h2"
