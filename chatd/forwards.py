@@ -183,10 +183,13 @@ class Publisher:
         if member_id in self.in_flight:
             return
         orphans = self._orphans.get(member_id)
+        if orphans is not None and not orphans:
+            # The last of a closed member's forwards is in: a member served in its slot since
+            # (a session resumed there, a new client) publishes its own now, not at its next commit
+            # (a parked ACK waits for them, and commits nothing until answered).
+            del self._orphans[member_id]
+            orphans = None
         if orphans is not None:
-            if not orphans:
-                del self._orphans[member_id]
-                return
             entries = list(orphans)
         else:
             outbox = self.members.outbox(member_id)

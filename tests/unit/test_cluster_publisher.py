@@ -106,3 +106,26 @@ def test_without_the_outbox_a_forward_is_published_at_once(side):
     assert not members.outboxes[1]
     publisher.published(Published(token, 9, False))
     assert publisher.in_flight == {} and members.freed == []
+
+
+def test_a_closed_members_last_ack_lets_the_next_member_of_its_slot_publish_at_once(side):
+    """A session resumed in a slot whose last client's forwards were still publishing from memory:
+    the ack of the last of those publishes the new member's outbox then, not at its next commit
+    (its client may be parked on an ACK that waits for exactly those forwards)."""
+    publisher, bus, members = side
+    sent(publisher, members, forward(1))
+    publisher.publish_next(1)
+    [orphan] = bus.take()
+    publisher.closed(1, members.outboxes.pop(1))  # its client closed: published from memory
+    members.connected.discard(1)
+    members.connect(1, None)  # a new client in the same slot, with a forward of its own
+    drained = []
+    publisher.drained = drained.append
+    sent(publisher, members, Forward(1, "h2", "dan", "cat", 0xCD, 1, "mine"))
+    publisher.publish_next(1)
+    assert bus.take() == [], "the orphan is in flight: the slot waits"
+    publisher.published(Published(orphan[1], 60, False))
+    [mine] = bus.take()
+    assert mine[4] == "cat>dan:cd:1-1", "published at the orphan's ack, with no commit between"
+    publisher.published(Published(mine[1], 61, False))
+    assert drained == [1] and not publisher.pending(1)
