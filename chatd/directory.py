@@ -235,6 +235,7 @@ class DirectoryView:
             if change.revision > self.own.get(change.nick, (None, 0))[1]:
                 self.own[change.nick] = (target, change.revision)
             if self.complete and self._holder(change.nick) is None and not self.claiming(change.nick):
+                self._show_unheld(change.nick)
                 self.later(lambda: self._release_unheld([change.nick]))  # as read() does
             return None
         holder = self._holder(change.nick)
@@ -249,6 +250,12 @@ class DirectoryView:
             return None
         self.members.apply(self.room.remote_changed(change.nick, host, target))
         return target
+
+    def _show_unheld(self, nick: str) -> None:
+        """An entry of ours with no member here (an earlier life's) is shown to the room as a member
+        of this host away for now: a session that any host may take back within the grace. Its peers
+        here stay paired with it, and what they send it waits in the stream for whoever takes it."""
+        self.members.apply(self.room.remote_changed(nick, self.host_id, self.own[nick][0]))
 
     def _release_unheld(self, nicks: list[str]) -> None:
         for nick in nicks:
@@ -290,6 +297,8 @@ class DirectoryView:
         # lost, whose session another host may take over (chatd.keeper) within the grace; released
         # then if still ours and held by no one (a nick of a client without a session waits too).
         earlier = [nick for nick in self.own if self._holder(nick) is None and not self.claiming(nick)]
+        for nick in earlier:
+            self._show_unheld(nick)
         if earlier:
             self.later(lambda: self._release_unheld(earlier))
         for member in list(self.room.members.values()):

@@ -426,6 +426,9 @@ class ChatServer:
                 tally.add("sessions_resumed")
             elif kind is Busy:
                 tally.add("refused_resume_rate")
+            elif kind is Failed and event.code == "not-paired":  # DBGTMP
+                m = self.room.members.get(member_id)
+                log.warning("DBG member %d not-paired: nick %s target %s peer %r remote %r own %r", member_id, m and m.nick, m and m.target, m and m.peer and m.peer.nick, self.room.remote.get(m.target) if m and m.target else None, self.room.member_by_nick(m.target) if m and m.target else None)
             connection = self.output(member_id)
             if connection is None or connection.finishing:
                 continue
