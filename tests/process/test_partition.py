@@ -1,0 +1,85 @@
+"""A chatd host cut off from NATS by a real firewall rule, under load, then healed: exactly once.
+
+Three hosts over a 3-node NATS cluster (ctl.hosts.Hosts); h2 runs in a network namespace
+of its own (testkit.partition.Netns), its clients connecting to it over a veth. The
+partition is an nftables rule in that namespace dropping, silently, every packet to and from
+the NATS ports: no process is killed, the clients' connections to h2 stay up. The rule is
+held well past the host lease, so h2 fences itself (its clients are told ``ERR moved`` and
+move to h0 and h1), then deleted; everything each client sent must arrive once (see
+testkit.partition for the accounting). The namespace, its veth and its rules, and every
+process, are gone after the test, failed or not.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from ctl.hosts import Hosts
+from ctl.launch import wait_until
+from helpers import line_client, require_nats, skip_or_fail
+from testkit.partition import MovingPairs, Netns, missing_for_partitions
+
+#: Short, so that it lapses well within the partition; long enough that no healthy host's lapses
+#: on a busy 2-core machine.
+LEASE = 5.0
+#: How long h2 stays cut off (a CI run; bench/partition.py holds it longer).
+PARTITION = float(os.environ.get("PARTITION_SECONDS", "60"))
+PARTITIONED = 2
+
+
+@pytest.fixture
+def partitioned(tmp_path, request):
+    require_nats()
+    missing = missing_for_partitions()
+    if missing:
+        skip_or_fail(f"needs {missing}", "the partition test")
+    netns = Netns()
+    cluster = None
+    try:
+        netns.create()
+        cluster = Hosts(3, 3, lease=LEASE, workdir=str(tmp_path / "hosts"), nats_host=netns.outer,
+                        placement={PARTITIONED: (netns.inner, netns.prefix)})
+        cluster.start()
+        yield netns, cluster
+    finally:
+        if cluster is not None:
+            if hasattr(request.node, "rep_call") and request.node.rep_call.failed:
+                print(cluster.logs()[-40000:])
+            cluster.close()
+        netns.close()
+    assert netns.name not in os.listdir("/run/netns") if os.path.isdir("/run/netns") else True
+
+
+def placements(cluster: Hosts) -> tuple[list, list]:
+    """Pairs: a third with both clients on the cut-off host, a third across it and h0, a third
+    on h0 and h1 (never cut off); moved clients go to h0 and h1."""
+    address = [(cluster.addresses[i], cluster.ports[i]) for i in range(3)]
+    cut, h0, h1 = address[PARTITIONED], address[0], address[1]
+    pairs = [(cut, cut), (cut, h0), (h0, h1)] * 4
+    return pairs, [h0, h1]
+
+
+def test_a_host_cut_off_from_nats_under_load_fences_itself_and_loses_nothing(partitioned):
+    netns, cluster = partitioned
+    pairs, refuge = placements(cluster)
+    load = MovingPairs(pairs, refuge)
+    load.start()
+    time.sleep(5)
+    before = load.tally.received
+    netns.cut([node.client_port for node in cluster.nats.nodes])
+    cut_at = time.monotonic()
+    time.sleep(PARTITION)
+    during = load.tally.row()
+    netns.heal()
+    healed_at = time.monotonic()
+    time.sleep(10)
+    tally = load.finish(90)
+    print(f"partition {PARTITION:g} s (lease {LEASE:g} s): before {before} received; at the heal {during}; "
+          f"end {tally.row()}")
+    print("notes:", tally.notes)
+    for index, host in enumerate(cluster.hosts):
+        assert host.chatd.poll() is None and host.holderd.poll() is None, f"h{index}'s daemons are up"
+    assert tally.problems() == 0, (tally.row(), tally.notes)
