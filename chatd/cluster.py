@@ -88,8 +88,9 @@ from fdkeep.errors import Error
 from fdkeep.loop import IN, Loop
 
 from .bus import (Bus, BusError, Claimed, Connected, Delivered, DirectoryComplete, Disconnected, HostChanged,
-                  NickChanged, Published, Released, Updated)
+                  LeaseLapsed, LeaseRenewed, NickChanged, Published, Released, Updated)
 from .directory import DirectoryView
+from .fencing import Fence
 from .forwards import MAX_FORWARD, Publisher
 from .inbound import Inbound
 from .room import NAME_RE, Command, Forward, Member, Nick, Outcome, Room
@@ -126,6 +127,7 @@ class Cluster:
         self.directory = DirectoryView(bus, host_id, room, members)
         self.inbound = Inbound(room, members)
         self.publisher = Publisher(bus, members, use_outbox=outbox)
+        self.fence = Fence(room, members)  # its lease lapsed: its clients move (chatd.fencing)
         #: Members whose commands wait for the directory (restored paired across hosts).
         self._held_back: set[int] = set()
         self.connected = False
@@ -225,6 +227,10 @@ class Cluster:
             elif isinstance(result, Disconnected):
                 self.connected = False
                 log.warning("cluster: disconnected from NATS; reconnecting (messages wait in the outboxes)")
+            elif isinstance(result, LeaseLapsed):
+                self.fence.lapsed(result.seconds)
+            elif isinstance(result, LeaseRenewed):
+                self.fence.renewed()
             elif isinstance(result, BusError):
                 log.warning("cluster: %s", result.message)
 
@@ -243,6 +249,8 @@ class Cluster:
         return {
             "host": self.host_id,
             "connected": self.connected,
+            "fenced": self.fence.fenced,
+            "moved": self.fence.moved,
             "hosts_alive": sorted(self.directory.alive_hosts),
             "nicks_held_here": len(self.directory.own),
             "members_elsewhere": len(self.directory.entries),

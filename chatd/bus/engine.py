@@ -183,6 +183,7 @@ class Engine:
         self.ready.set()
         directory = self.directory
         self.spawn(directory.keep_lease())
+        self.spawn(directory.watch_own_lease())
         self.spawn(directory.watch_hosts_expiring())
         self.spawn(self.until_done("delivery", self._start_delivery))
         self.spawn(self.until_done("nick watch", directory.watch_nicks))
