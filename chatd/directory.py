@@ -206,7 +206,14 @@ class DirectoryView:
             if self.complete and self._holder(change.nick) is None and not self.claiming(change.nick):
                 self.release(change.nick)
             return None
+        previous = self.entries.get(change.nick)
         self.entries[change.nick] = (host, target)
+        if previous is not None and previous[0] != host:
+            # Another host holds the nick now (its member moved there: chatd.fencing): a new
+            # member, not the one our members were paired with. They are told UNPAIRED, then
+            # PAIRED again below; what they sent the old one went to its old host (and is lost
+            # with that member's connection), which they could not tell otherwise.
+            self.members.apply(self.room.remote_gone(change.nick))
         if host not in self.alive_hosts:
             return None
         self.members.apply(self.room.remote_changed(change.nick, host, target))

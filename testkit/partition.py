@@ -173,6 +173,8 @@ class Tally:
     excused: int = 0  # on their way to a moved client, or to a pairing that ended: not required
     excused_arrived: int = 0
     refused: int = 0  # ERR not-paired: sent while unpaired, not handled
+    held: int = 0  # handled by a host that then said ERR moved, not yet arrived at the move: owed still
+    held_arrived: int = 0
     nick_retries: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -199,6 +201,8 @@ class Client:
         #: The partner's messages received (by k).
         self.got: set[int] = set()
         self.resend: list[int] = []
+        #: Handled by a host that said ERR moved, and not arrived then: that host still owes them.
+        self.held: set[int] = set()
         self.moves = 0
         self.closed = False
         self.sock: socket.socket | None = None
@@ -324,6 +328,9 @@ class Client:
         tally.received += 1
         if k in partner.excused:
             tally.excused_arrived += 1
+        if k in partner.held:
+            partner.held.discard(k)
+            tally.held_arrived += 1
         partner.pending.discard(k)
 
     def owed(self) -> set[int]:
@@ -350,6 +357,9 @@ class Client:
             tally.note(f"{self.nick} moved after {self.refused_here} refusals: its pending excused")
             self.excuse_pending("refused")
         else:
+            held = set(self.sent_here[:handled]) & self.pending
+            self.held |= held
+            tally.held += len(held)
             unhandled = self.sent_here[handled:]
             self.resend = sorted(set(unhandled) | set(self.resend))
             tally.resent += len(unhandled)

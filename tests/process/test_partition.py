@@ -18,7 +18,7 @@ import time
 import pytest
 
 from ctl.hosts import Hosts
-from ctl.launch import wait_until
+from ctl.probe import LineClient
 from helpers import line_client, require_nats, skip_or_fail
 from testkit.partition import MovingPairs, Netns, missing_for_partitions
 
@@ -83,3 +83,20 @@ def test_a_host_cut_off_from_nats_under_load_fences_itself_and_loses_nothing(par
     for index, host in enumerate(cluster.hosts):
         assert host.chatd.poll() is None and host.holderd.poll() is None, f"h{index}'s daemons are up"
     assert tally.problems() == 0, (tally.row(), tally.notes)
+    on_cut_host = sum(2 if b == pairs[0][0] else 1 for a, b in pairs if a == pairs[0][0])
+    assert tally.moved == on_cut_host, "every client of the cut-off host was told to move, once"
+    assert tally.held > 0 and tally.held_arrived == tally.held, \
+        "what the cut-off host handled and had not published came when it was back"
+    assert tally.received > during["received"] + tally.held
+    status = cluster.status(PARTITIONED)["cluster"]
+    assert status["connected"] and not status["fenced"] and status["moved"] == on_cut_host
+    # It serves again: a new pair across it and h0.
+    ann = LineClient(cluster.ports[PARTITIONED], timeout=15, host=netns.inner)
+    ann.send("NICK ann", "PAIR bob")
+    assert ann.lines(2) == ["OK NICK ann", "OK PAIR bob"]
+    bob = line_client(cluster.ports[0], "bob", "ann", timeout=15)
+    assert ann.line() == "PAIRED bob" and bob.line() == "PAIRED ann"
+    ann.send("MSG back again")
+    assert bob.line() == "FROM ann 1 back again"
+    bob.send("MSG welcome")
+    assert ann.line() == "FROM bob 1 welcome"
