@@ -64,5 +64,5 @@ def test_the_lapse_is_told_after_the_lease_less_the_margin_and_the_renewal_after
     last_acked_before_cut = max(sent for sent in engine.acked_sends if sent < engine.cut)
     # Safe: not before the key can expire (the last acked put's sending, plus the lease) less the margin.
     assert lapsed_at >= last_acked_before_cut + LEASE - min(0.5, LEASE / 4)
-    assert lapsed.seconds >= LEASE - LEASE / 4
+    assert lapsed.seconds >= LEASE - LEASE / 4 - 0.001  # told rounded to the millisecond
     assert renewed_at >= engine.healed
