@@ -173,7 +173,8 @@ class Tally:
     excused: int = 0  # on their way to a moved client, or to a pairing that ended: not required
     excused_arrived: int = 0
     refused: int = 0  # ERR not-paired: sent while unpaired, not handled
-    held: int = 0  # handled by a host that then said ERR moved, not yet arrived at the move: owed still
+    #: Handled by a host that then said ERR moved, not arrived at the move, and owed (not excused since).
+    held: int = 0
     held_arrived: int = 0
     nick_retries: int = 0
     notes: list[str] = field(default_factory=list)
@@ -194,6 +195,7 @@ class Client:
         self.load = load
         self.nick, self.partner = nick, partner
         self.address = home
+        self.window = load.deep_window if home in load.deep else load.window
         self.next_k = 1
         #: My messages on their way, not yet received; those excused (need not arrive).
         self.pending: set[int] = set()
@@ -233,7 +235,7 @@ class Client:
             self.outbuf += f"NICK {self.nick}\n".encode()
         partner = self.load.clients[self.partner]
         while self.paired and not self.outbuf and (self.resend or (not self.load.stopping
-                                                                   and len(self.pending) < self.load.window)):
+                                                                   and len(self.pending) < self.window)):
             k = self.resend.pop(0) if self.resend else self._new_k()
             self.sent_here.append(k)
             self.outbuf += b"MSG " + f"{self.nick}:{k}:".encode() + body(self.nick, k) + b"\n"
@@ -341,6 +343,9 @@ class Client:
         """My messages on their way need not arrive (each still at most once)."""
         if self.pending:
             self.load.tally.excused += len(self.pending)
+            no_longer_owed = self.held & self.pending
+            self.held -= no_longer_owed
+            self.load.tally.held -= len(no_longer_owed)
             self.excused |= self.pending
             self.pending = set()
 
@@ -365,6 +370,7 @@ class Client:
             tally.resent += len(unhandled)
         self.load.clients[self.partner].excuse_pending("on its way to a moved client")
         self.address = self.load.move_to(self)
+        self.window = self.load.window
         self._connect()
 
     def drop(self, reason: str) -> None:
@@ -380,8 +386,11 @@ class MovingPairs:
     hosts a moved client connects to instead (in turn)."""
 
     def __init__(self, placements: list[tuple[tuple[str, int], tuple[str, int]]], refuge: list[tuple[str, int]],
-                 window: int = 16, seed: int = 1):
+                 window: int = 16, seed: int = 1, deep: tuple[tuple[str, int], ...] = (), deep_window: int = 400):
+        """``deep``: hosts whose clients send up to ``deep_window`` messages ahead (more than their
+        outboxes hold: chatd must hold them back) instead of ``window``."""
         self.window = window
+        self.deep, self.deep_window = deep, deep_window
         self.refuge = refuge
         self.rng = random.Random(seed)
         self.tally = Tally()
