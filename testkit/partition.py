@@ -140,6 +140,15 @@ class Netns:
             run("ip", "link", "delete", self.outer_veth, check=False)  # gone already, as a rule
             self._made = False
 
+    def leftovers(self) -> list[str]:
+        """What of this namespace is still there (nothing, after :meth:`close`)."""
+        left = []
+        if self.name in run("ip", "netns", "list").stdout.split():
+            left.append(f"network namespace {self.name}")
+        if run("ip", "link", "show", self.outer_veth, check=False).returncode == 0:
+            left.append(f"veth {self.outer_veth}")
+        return left
+
     def __enter__(self):
         return self
 
@@ -453,3 +462,73 @@ class MovingPairs:
             if not client.closed:
                 client._disconnect()
         return self.tally
+
+
+# -- the scenario the test and the bench share -------------------------------------------------
+def placements(addresses: list[tuple[str, int]], cut: int, pairs: int = 12) -> tuple[list, list]:
+    """Pairs over three hosts, ``cut`` the one to be cut off: a third with both clients on it, a
+    third across it and another host, a third on the two others (never cut off); moved clients go
+    to the two others."""
+    others = [address for index, address in enumerate(addresses) if index != cut]
+    kinds = [(addresses[cut], addresses[cut]), (addresses[cut], others[0]), (others[0], others[1])]
+    return [kinds[index % 3] for index in range(pairs)], others
+
+
+@dataclass
+class Outcome:
+    tally: Tally
+    before: dict  # the tally's row when the cut began, and when it healed
+    at_heal: dict
+    fenced_after: float | None  # s from the cut to the host's saying it is fenced
+    renewed_after: float  # s from the heal to its lease stored again
+    held_after: float  # s from the heal to the last of what it held arriving
+    moved_expected: int  # the clients of the cut-off host
+
+    def lines(self, seconds: float, lease: float) -> str:
+        return (f"partition {seconds:g} s (lease {lease:g} s): fenced {self.fenced_after} s after the cut; "
+                f"lease renewed {self.renewed_after:.1f} s after the heal, what it held delivered "
+                f"{self.held_after:.1f} s after it\nbefore the cut: {self.before}\nat the heal: {self.at_heal}\n"
+                f"at the end: {self.tally.row()}\nnotes: {self.tally.notes}")
+
+
+def cut_and_heal(netns: Netns, cluster, cut: int, seconds: float, warm_up: float = 5.0, pairs: int = 12,
+                 settle: float = 90.0) -> Outcome:
+    """Pairs stream (:class:`MovingPairs`; the cut-off host's clients send up to 400 ahead, far
+    more than their outboxes hold); host ``cut`` of ``cluster`` (a :class:`ctl.hosts.Hosts`
+    whose host ``cut`` runs in ``netns``) is cut off from every NATS node for ``seconds``,
+    then healed; the pairs stream on a while, stop, and what is on its way is waited for."""
+    addresses = [(cluster.addresses[i], cluster.ports[i]) for i in range(len(cluster.hosts))]
+    placed, refuge = placements(addresses, cut, pairs)
+    load = MovingPairs(placed, refuge, deep=(addresses[cut],))
+    moved_expected = sum((a == addresses[cut]) + (b == addresses[cut]) for a, b in placed)
+    load.start()
+    try:
+        time.sleep(warm_up)
+        before = load.tally.row()
+        netns.cut([node.client_port for node in cluster.nats.nodes])
+        cut_at = time.monotonic()
+        fenced_after = None
+        while time.monotonic() < cut_at + seconds:
+            if fenced_after is None and cluster.status(cut)["cluster"]["fenced"]:
+                fenced_after = round(time.monotonic() - cut_at, 2)
+            time.sleep(0.1)
+        at_heal = load.tally.row()
+        netns.heal()
+        healed_at = time.monotonic()
+        _wait(lambda: not cluster.status(cut)["cluster"]["fenced"], 120, "the lease to be stored again")
+        renewed_after = time.monotonic() - healed_at
+        _wait(lambda: load.tally.held_arrived >= load.tally.held, 120, "what the host held to arrive")
+        held_after = time.monotonic() - healed_at
+        time.sleep(warm_up)
+    except BaseException:
+        load.finish(0)
+        raise
+    return Outcome(load.finish(settle), before, at_heal, fenced_after, renewed_after, held_after, moved_expected)
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.1)

@@ -13,15 +13,13 @@ process, are gone after the test, failed or not.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from ctl.hosts import Hosts
-from ctl.launch import wait_until
 from ctl.probe import LineClient
 from helpers import line_client, require_nats, skip_or_fail
-from testkit.partition import MovingPairs, Netns, missing_for_partitions
+from testkit.partition import Netns, cut_and_heal, missing_for_partitions
 
 #: Short, so that it lapses well within the partition; long enough that no healthy host's lapses
 #: on a busy 2-core machine.
@@ -51,59 +49,28 @@ def partitioned(tmp_path, request):
                 print(cluster.logs()[-40000:])
             cluster.close()
         netns.close()
-    assert netns.name not in os.listdir("/run/netns") if os.path.isdir("/run/netns") else True
-
-
-def placements(cluster: Hosts) -> tuple[list, list]:
-    """Pairs: a third with both clients on the cut-off host, a third across it and h0, a third
-    on h0 and h1 (never cut off); moved clients go to h0 and h1."""
-    address = [(cluster.addresses[i], cluster.ports[i]) for i in range(3)]
-    cut, h0, h1 = address[PARTITIONED], address[0], address[1]
-    pairs = [(cut, cut), (cut, h0), (h0, h1)] * 4
-    return pairs, [h0, h1]
+    assert netns.leftovers() == [], "the namespace and its veth are gone"
 
 
 def test_a_host_cut_off_from_nats_under_load_fences_itself_and_loses_nothing(partitioned):
     netns, cluster = partitioned
-    pairs, refuge = placements(cluster)
-    # The cut-off host's clients send far more than their outboxes hold: it must hold them back.
-    load = MovingPairs(pairs, refuge, deep=(pairs[0][0],))
-    load.start()
-    time.sleep(5)
-    before = load.tally.row()
-    netns.cut([node.client_port for node in cluster.nats.nodes])
-    cut_at = time.monotonic()
-    fenced_after = None
-    while time.monotonic() < cut_at + PARTITION:
-        if fenced_after is None and cluster.status(PARTITIONED)["cluster"]["fenced"]:
-            fenced_after = time.monotonic() - cut_at
-        time.sleep(0.1)
-    during = load.tally.row()
-    netns.heal()
-    healed_at = time.monotonic()
-    wait_until(lambda: not cluster.status(PARTITIONED)["cluster"]["fenced"], 60, "h2's lease to be stored again")
-    renewed_after = time.monotonic() - healed_at
-    wait_until(lambda: load.tally.held_arrived >= load.tally.held, 60, "what h2 held to come")
-    held_after = time.monotonic() - healed_at
-    time.sleep(5)
-    tally = load.finish(90)
-    print(f"partition {PARTITION:g} s (lease {LEASE:g} s): fenced {fenced_after} s after the cut; lease "
-          f"renewed {renewed_after:.1f} s after the heal, what it held delivered {held_after:.1f} s after it")
-    print(f"before the cut: {before}\nat the heal: {during}\nat the end: {tally.row()}")
-    print("notes:", tally.notes)
-    # Fenced once the lease may have lapsed (a quarter of it, the renewal period, before at the earliest,
-    # with the margin), not at the first put that failed; tests/unit/test_bus_lease.py checks the bound.
-    assert fenced_after is not None and fenced_after > LEASE / 2, fenced_after
+    outcome = cut_and_heal(netns, cluster, PARTITIONED, PARTITION)
+    tally = outcome.tally
+    print(outcome.lines(PARTITION, LEASE))
     for index, host in enumerate(cluster.hosts):
         assert host.chatd.poll() is None and host.holderd.poll() is None, f"h{index}'s daemons are up"
     assert tally.problems() == 0, (tally.row(), tally.notes)
-    on_cut_host = sum(2 if b == pairs[0][0] else 1 for a, b in pairs if a == pairs[0][0])
-    assert tally.moved == on_cut_host, "every client of the cut-off host was told to move, once"
+    # Fenced once the lease may have lapsed (a quarter of it, the renewal period, before at the earliest,
+    # with the margin), not at the first put that failed; tests/unit/test_bus_lease.py checks the bound.
+    assert outcome.fenced_after is not None and outcome.fenced_after > LEASE / 2, outcome.fenced_after
+    assert tally.moved == outcome.moved_expected, "every client of the cut-off host was told to move, once"
+    assert outcome.at_heal["moved"] == tally.moved, "... while it was cut off"
+    assert tally.resent > 0, "the cut-off host held its clients back: what it had not handled was sent again"
     assert tally.held > 0 and tally.held_arrived == tally.held, \
         "what the cut-off host handled and had not published came when it was back"
-    assert tally.received > during["received"] + tally.held, "the pairs went on after the heal"
+    assert tally.received > outcome.at_heal["received"] + tally.held, "the pairs went on after the heal"
     status = cluster.status(PARTITIONED)["cluster"]
-    assert status["connected"] and not status["fenced"] and status["moved"] == on_cut_host
+    assert status["connected"] and not status["fenced"] and status["moved"] == tally.moved
     # It serves again: a new pair across it and h0.
     ann = LineClient(cluster.ports[PARTITIONED], timeout=15, host=netns.inner)
     ann.send("NICK ann", "PAIR bob")
