@@ -439,6 +439,10 @@ class MovingPairs:
         except BaseException as exc:  # said by finish(), not lost in a thread
             self.error = exc
 
+    def held_owed(self) -> dict[str, list[int]]:
+        """Per client, what a host that said ERR moved handled and still owes its partner."""
+        return {c.nick: sorted(c.held) for c in self.clients.values() if c.held}
+
     def on_their_way(self) -> int:
         return sum(len(c.owed()) for c in self.clients.values() if not c.closed)
 
@@ -517,7 +521,9 @@ def cut_and_heal(netns: Netns, cluster, cut: int, seconds: float, warm_up: float
         healed_at = time.monotonic()
         _wait(lambda: not cluster.status(cut)["cluster"]["fenced"], 120, "the lease to be stored again")
         renewed_after = time.monotonic() - healed_at
-        _wait(lambda: load.tally.held_arrived >= load.tally.held, 120, "what the host held to arrive")
+        _wait(lambda: load.tally.held_arrived >= load.tally.held, 120, "what the host held to arrive",
+              lambda: f"still owed: {load.held_owed()}; the hosts' clusters: "
+                      f"{[cluster.status(i)['cluster'] for i in range(len(cluster.hosts))]}")
         held_after = time.monotonic() - healed_at
         time.sleep(warm_up)
     except BaseException:
@@ -526,9 +532,9 @@ def cut_and_heal(netns: Netns, cluster, cut: int, seconds: float, warm_up: float
     return Outcome(load.finish(settle), before, at_heal, fenced_after, renewed_after, held_after, moved_expected)
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
+def _wait(predicate, timeout: float, what: str, why=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}; {why()}")
         time.sleep(0.1)

@@ -196,7 +196,9 @@ class Directory:
         while True:
             try:
                 sending = time.monotonic()
-                await self.engine.js.publish(subject, value, timeout=every)
+                # Bounded as a whole, not only the wait for the ack: a put queued in nats-py while it
+                # reconnects may be acked long after it was begun, and the lapse is counted from then.
+                await asyncio.wait_for(self.engine.js.publish(subject, value, timeout=every), every)
                 self.gauges.lease_renewed = time.monotonic()
                 self._lease_sent = max(sending, self._lease_sent or 0.0)
                 self._leased.set()

@@ -46,7 +46,7 @@ def partitioned(tmp_path, request):
     finally:
         if cluster is not None:
             if hasattr(request.node, "rep_call") and request.node.rep_call.failed:
-                print(cluster.logs()[-40000:])
+                print(cluster.logs(nats_tail=3000)[-80000:])
             cluster.close()
         netns.close()
     assert netns.leftovers() == [], "the namespace and its veth are gone"
