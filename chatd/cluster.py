@@ -188,6 +188,7 @@ class Cluster:
             member = self.room.members.get(connection.member_id)
             if member is not None and member.nick is not None:
                 self.directory.sync(member)
+                self.inbound.wake(member.nick)  # a pairing made here may be what its waiting messages wait for
 
     def nick_left(self, nick: str) -> None:
         """A member leaves the room (QUIT, or closed): its nick leaves the directory."""

@@ -50,6 +50,9 @@ CATCH_UP_LOOK = 1.0
 #: its nicks (a quarter of the lease at most).
 FENCE_MARGIN = 0.5
 
+#: Seconds one nick operation (a claim: create, get, update; each request 1 s at most) may take.
+NICK_ATTEMPT_LIMIT = 5.0
+
 #: JetStream's error code for "wrong last sequence" (a compare-and-set that lost).
 WRONG_LAST_SEQUENCE = (10071, 10164)
 
@@ -90,15 +93,23 @@ class Directory:
     async def _nick_job(self, command: tuple) -> None:
         kind, token, nick = command[:3]
 
-        async def attempt(tries: int):
+        async def one_try(tries: int):
             if kind == "claim":
                 return await self._claim(token, nick, command[3])
             if kind == "update":
                 return await self._update(token, nick, *command[3:], tries)
             return await self._release(nick, command[3], tries)
 
+        async def attempt(tries: int):
+            # Bounded as a whole (a few requests): over a silent link a request queued in nats-py can
+            # wait for good (chatd.bus.engine.ATTEMPT_LIMIT), and this nick's lane with it. A claim
+            # waits for the first lease first, which is not this attempt's to time.
+            if kind == "claim":
+                await self._leased.wait()
+            return await asyncio.wait_for(one_try(tries), NICK_ATTEMPT_LIMIT)
+
         def failed(exc: Exception) -> None:
-            if not isinstance(exc, nats.errors.TimeoutError):
+            if not isinstance(exc, (nats.errors.TimeoutError, asyncio.TimeoutError)):
                 self.engine.say("kv-retrying", f"a nick operation failed, retrying: {describe(exc)}")
 
         self.engine.put(await retry(attempt, failed, gate=self.engine.ready))
@@ -267,7 +278,7 @@ class Directory:
             for host, alive in list(self.hosts_alive.items()):
                 if alive and now - self._host_seen.get(host, now) > lease:
                     try:
-                        if await self._lease_held(host):
+                        if await asyncio.wait_for(self._lease_held(host), NICK_ATTEMPT_LIMIT):  # bounded: see _nick_job
                             self._host_seen[host] = time.monotonic()  # renewed, and we missed it
                         else:
                             self._host_is(host, False)
