@@ -257,8 +257,30 @@ class Client:
             except BlockingIOError:
                 return
             except OSError as exc:
-                return self.drop(f"write failed: {exc}")
+                return self._write_failed(exc)
             del self.outbuf[:sent]
+
+    def _write_failed(self, exc: OSError) -> None:
+        """chatd closed the connection: its last words (ERR moved) may wait unread, as a client
+        that writes before it reads finds out; read them before calling it dropped."""
+        moves = self.moves
+        sock = self.sock
+        sock.setblocking(True)
+        sock.settimeout(1.0)
+        try:
+            while self.sock is sock and not self.closed:
+                data = sock.recv(262144)
+                if not data:
+                    break
+                self.inbuf += data
+                while self.sock is sock and (end := self.inbuf.find(b"\n")) >= 0:
+                    line = bytes(self.inbuf[:end])
+                    del self.inbuf[:end + 1]
+                    self.line(line)
+        except OSError:
+            pass
+        if self.moves == moves and not self.closed:
+            self.drop(f"write failed: {exc}")
 
     def _new_k(self) -> int:
         k = self.next_k
