@@ -15,7 +15,8 @@ may take its nicks, and a client that takes one there would be a second
 holder of the same nick, counting its own ``k`` and ``n``. So the host
 *fences* itself: every client holding a nick is told ``ERR moved <sent>``
 (:class:`chatd.room.Moved`: of its messages since its NICK the first
-``sent`` were handled and will be delivered) and closed, so that it
+``sent`` were handled and will be delivered; with ``--direct-same-host``,
+those to a member of this host are delivered at once and not in that count) and closed, so that it
 reconnects through the load balancer to a host that serves (a load balancer
 that checks the hosts' health sends it elsewhere: ``chatctl status`` says
 ``fenced``). Nothing of theirs is counted or delivered here after that.
