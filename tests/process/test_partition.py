@@ -25,7 +25,7 @@ from testkit.partition import Netns, cut_and_heal, missing_for_partitions
 #: on a busy 2-core machine.
 LEASE = 5.0
 #: How long h2 stays cut off (a CI run; bench/partition.py holds it longer).
-PARTITION = float(os.environ.get("PARTITION_SECONDS", "60"))
+PARTITION = float(os.environ.get("PARTITION_SECONDS", "100"))
 PARTITIONED = 2
 
 
