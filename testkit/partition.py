@@ -87,7 +87,6 @@ class Netns:
         octet = _free_subnet()
         #: The root namespace's end (the NATS nodes listen here) and the namespace's end.
         self.outer, self.inner = f"10.203.{octet}.1", f"10.203.{octet}.2"
-        self.cut_ports: tuple[int, ...] = ()
         self.is_cut = False
         self._made = False
 
@@ -122,16 +121,13 @@ class Netns:
             listed, "drop")
         run(*inside, "nft", "add", "rule", "inet", self.TABLE, "in", "ip", "saddr", self.outer, "tcp", "sport",
             listed, "drop")
-        self.cut_ports, self.is_cut = tuple(ports), True
+        self.is_cut = True
 
     def heal(self) -> None:
         inside = ("ip", "netns", "exec", self.name)
         for chain in ("out", "in"):
             run(*inside, "nft", "flush", "chain", "inet", self.TABLE, chain)
         self.is_cut = False
-
-    def rules(self) -> str:
-        return run("ip", "netns", "exec", self.name, "nft", "list", "table", "inet", self.TABLE).stdout
 
     def close(self) -> None:
         """Delete the namespace (its veth end, and so the pair, and its nftables go with it)."""
@@ -314,7 +310,7 @@ class Client:
         words = line.decode(errors="replace").split()
         if words == ["PAIRED", self.partner]:
             if self.was_unpaired:  # what went to the pairing that ended need not arrive
-                self.excuse_pending("sent to a pairing that ended")
+                self.excuse_pending()  # sent to a pairing that ended
             self.paired, self.expect_n = True, 1
         elif words == ["UNPAIRED", self.partner]:
             self.paired, self.was_unpaired = False, True
@@ -370,7 +366,7 @@ class Client:
         """My messages that must still reach the partner."""
         return self.pending | (set(self.resend) - self.excused)
 
-    def excuse_pending(self, why: str) -> None:
+    def excuse_pending(self) -> None:
         """My messages on their way need not arrive (each still at most once)."""
         if self.pending:
             self.load.tally.excused += len(self.pending)
@@ -391,7 +387,7 @@ class Client:
             # chatd counts what it handled; with refusals on this connection the client cannot tell which
             # k those were: excuse its pending ones rather than guess (the test says how often).
             tally.note(f"{self.nick} moved after {self.refused_here} refusals: its pending excused")
-            self.excuse_pending("refused")
+            self.excuse_pending()
         else:
             held = set(self.sent_here[:handled]) & self.pending
             self.held |= held
@@ -399,7 +395,7 @@ class Client:
             unhandled = self.sent_here[handled:]
             self.resend = sorted(set(unhandled) | set(self.resend))
             tally.resent += len(unhandled)
-        self.load.clients[self.partner].excuse_pending("on its way to a moved client")
+        self.load.clients[self.partner].excuse_pending()  # on its way to a moved client
         self.address = self.load.move_to(self)
         self.window = self.load.window
         self._connect()
@@ -417,13 +413,12 @@ class MovingPairs:
     hosts a moved client connects to instead (in turn)."""
 
     def __init__(self, placements: list[tuple[tuple[str, int], tuple[str, int]]], refuge: list[tuple[str, int]],
-                 window: int = 16, seed: int = 1, deep: tuple[tuple[str, int], ...] = (), deep_window: int = 400):
+                 window: int = 16, deep: tuple[tuple[str, int], ...] = (), deep_window: int = 400):
         """``deep``: hosts whose clients send up to ``deep_window`` messages ahead (more than their
         outboxes hold: chatd must hold them back) instead of ``window``."""
         self.window = window
         self.deep, self.deep_window = deep, deep_window
         self.refuge = refuge
-        self.rng = random.Random(seed)
         self.tally = Tally()
         self.stopping = False
         self.selector = selectors.DefaultSelector()
