@@ -88,8 +88,10 @@ from fdkeep.errors import Error
 from fdkeep.loop import IN, Loop
 
 from .bus import (Bus, BusError, Claimed, Connected, Delivered, DirectoryComplete, Disconnected, HostChanged,
-                  NickChanged, Published, Released, Replayed, SessionRead, SessionWritten, Updated)
+                  LeaseLapsed, LeaseRenewed, NickChanged, Published, Released, Replayed, SessionRead,
+                  SessionWritten, Updated)
 from .directory import DirectoryView
+from .fencing import Fence
 from .forwards import MAX_FORWARD, Publisher
 from .inbound import Inbound
 from .keeper import Keeper
@@ -129,6 +131,7 @@ class Cluster:
         self.directory = DirectoryView(bus, host_id, room, members)
         self.inbound = Inbound(room, members)
         self.publisher = Publisher(bus, members, use_outbox=outbox)
+        self.fence = Fence(room, members)  # its lease lapsed: its clients move (chatd.fencing)
         self.keeper = Keeper(bus, host_id, room, members, self.inbound, self.directory, loop,
                              pending=self.publisher.pending)
         self.inbound.taken = self.keeper.taken
@@ -207,6 +210,7 @@ class Cluster:
             member = self.room.members.get(connection.member_id)
             if member is not None and member.nick is not None:
                 self.directory.sync(member)
+                self.inbound.wake(member.nick)  # a pairing made here may be what its waiting messages wait for
 
     def nick_left(self, nick: str) -> None:
         """A member leaves the room (QUIT, or closed): its nick leaves the directory."""
@@ -261,6 +265,10 @@ class Cluster:
             elif isinstance(result, Disconnected):
                 self.connected = False
                 log.warning("cluster: disconnected from NATS; reconnecting (messages wait in the outboxes)")
+            elif isinstance(result, LeaseLapsed):
+                self.fence.lapsed(result.seconds)
+            elif isinstance(result, LeaseRenewed):
+                self.fence.renewed()
             elif isinstance(result, BusError):
                 log.warning("cluster: %s", result.message)
 
@@ -279,6 +287,8 @@ class Cluster:
         return {
             "host": self.host_id,
             "connected": self.connected,
+            "fenced": self.fence.fenced,
+            "moved": self.fence.moved,
             "hosts_alive": sorted(self.directory.alive_hosts),
             "nicks_held_here": len(self.directory.own),
             "members_elsewhere": len(self.directory.entries),

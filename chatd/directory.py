@@ -245,7 +245,16 @@ class DirectoryView:
                 # Ours, and now another host's: it took the member's session over (chatd.keeper),
                 # or its lease lapsed and the nick was taken. This host stops serving it.
                 self.lost(holder, host)
+        previous = self.entries.get(change.nick)
         self.entries[change.nick] = (host, target)
+        if previous is not None and previous[0] != host and previous[0] not in self.alive_hosts:
+            # Another host holds the nick of a host whose lease lapsed (its members moved away:
+            # chatd.fencing): a new member, not the one our members were paired with. They are told
+            # UNPAIRED, then PAIRED again below; what they sent the old one went to its old host (and
+            # is lost with that member's connection), which they could not tell otherwise. From a
+            # host alive, it is a session taken over (chatd.keeper): the same member, its pairing
+            # goes on silently.
+            self.members.apply(self.room.remote_gone(change.nick))
         if host not in self.alive_hosts:
             return None
         self.members.apply(self.room.remote_changed(change.nick, host, target))

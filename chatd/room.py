@@ -95,7 +95,7 @@ ERROR_CODES = (
     "crashed-server", "internal-error",  # chatd itself, not what the command said
     "server-full", "too-many-connections",  # a connection refused
     "unknown-session", "no-session", "sessions-off", "busy",  # SESSION, RESUME, ACK
-    "moved",  # across hosts: the session is another host's now (chatd.keeper)
+    "moved",  # across hosts: the nick or session is another host's now (chatd.keeper, chatd.fencing)
 )
 
 
@@ -233,7 +233,15 @@ class Busy:
     seconds: int
 
 
-Event = Ok | Paired | Unpaired | From | Users | Pong | Bye | Failed | SessionStarted | Resumed | Handled | Busy
+@dataclass(frozen=True)
+class Moved:
+    """This host may have lost the member's nick to another (chatd.fencing): the member is closed,
+    and of its messages since its NICK the first ``sent`` were handled (they will be delivered)."""
+
+    sent: int
+
+
+Event = Ok | Paired | Unpaired | From | Users | Pong | Bye | Failed | SessionStarted | Resumed | Handled | Busy | Moved
 
 
 @dataclass

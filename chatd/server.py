@@ -79,7 +79,7 @@ from .lastwords import LastWords
 from .listeners import Listeners, refuse
 from .records import Record, record_of
 from .rings import RingFull
-from .room import SESSION_COMMANDS, Busy, Bye, Command, Failed, From, Member, Msg, Outcome, Remote, Resumed, Room
+from .room import SESSION_COMMANDS, Busy, Bye, Command, Failed, From, Member, Moved, Msg, Outcome, Remote, Resumed, Room
 from .sessions import GRACE, Detached, Sessions
 from .statedir import StateDir, new_journal
 
@@ -426,9 +426,6 @@ class ChatServer:
                 tally.add("sessions_resumed")
             elif kind is Busy:
                 tally.add("refused_resume_rate")
-            elif kind is Failed and event.code == "not-paired":  # DBGTMP
-                m = self.room.members.get(member_id)
-                log.warning("DBG member %d not-paired: nick %s target %s peer %r remote %r own %r", member_id, m and m.nick, m and m.target, m and m.peer and m.peer.nick, self.room.remote.get(m.target) if m and m.target else None, self.room.member_by_nick(m.target) if m and m.target else None)
             connection = self.output(member_id)
             if connection is None or connection.finishing:
                 continue
@@ -498,11 +495,13 @@ class ChatServer:
         member of ``host`` from now on, its peer here none the wiser."""
         log.info("member %d: its session moved to %s (%s): closed with ERR moved", member_id,
                  f"host {host}" if host else "another host", why)
+        member = self.room.members.get(member_id)
+        sent = member.sent if member is not None else 0
         if host is not None and member_id in self.room.members:
             self.apply(self.room.move_away(member_id, host))
         connection = self.connections.get(member_id)
         if connection is not None and not connection.finishing:
-            self.apply(Outcome().tell(member_id, Failed("moved")))
+            self.apply(Outcome().tell(member_id, Moved(sent)))
             self.finish([member_id], "its session moved to another host")
             return
         detached = self.sessions.detached.pop(member_id, None)

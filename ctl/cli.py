@@ -139,6 +139,8 @@ def cluster_line(cluster: dict) -> str:
     lag = "unknown yet" if bus["lag"] is None else plural(bus["lag"], "message")
     others = ", ".join(cluster["hosts_alive"]) or "none"
     problem = f"; FAILED: {bus['failed']}" if bus.get("failed") else ""
+    if cluster.get("fenced"):  # its lease may have lapsed: it told its clients to move (chatd.fencing)
+        problem += f"; FENCED: lease not renewed, {plural(cluster.get('moved', 0), 'client')} told to move"
     return (f"cluster: host {cluster['host']}, {link}; other hosts up: {others}; "
             f"{plural(cluster['nicks_held_here'], 'nick')} held here, {cluster['members_elsewhere']} elsewhere; "
             f"stream read to {cluster['cursor']}, lag {lag}; {cluster['forwards_in_flight']} forwards in flight, "

@@ -92,23 +92,31 @@ class RestartLimit:
 
 class Hosts:
     def __init__(self, hosts: int = 3, nats_nodes: int = 3, *, lease: float = 3.0, workdir: str | None = None,
-                 chatd_args: tuple[str, ...] = (), secure: bool = True):
+                 chatd_args: tuple[str, ...] = (), secure: bool = True, nats_host: str = "127.0.0.1",
+                 placement: dict[int, tuple[str, tuple[str, ...]]] | None = None):
+        """``nats_host``: the address the NATS nodes listen on for clients; ``placement``: host
+        index -> (the address its chatd listens on, the command prefix that runs its daemons),
+        for a host in a network namespace (testkit.partition); the others are on loopback."""
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="chatd-hosts-")
         self.lease = lease
         self.chatd_args = tuple(chatd_args)
         self.nats = NatsCluster(os.path.join(self.workdir, "nats"), nats_nodes, start=False, secure=secure,
-                                hosts=tuple(f"h{index}" for index in range(hosts)))
+                                hosts=tuple(f"h{index}" for index in range(hosts)), client_host=nats_host)
+        placement = placement or {}
+        #: The address each host's chatd listens on, for its clients.
+        self.addresses = [placement.get(index, ("127.0.0.1", ()))[0] for index in range(hosts)]
         self.hosts: list[Launcher] = []
         for index in range(hosts):
             directory = os.path.join(self.workdir, f"h{index}")
             os.makedirs(directory, exist_ok=True)
-            self.hosts.append(Launcher(directory))
+            self.hosts.append(Launcher(directory, prefix=placement.get(index, ("", ()))[1]))
         self._limits: dict[str, RestartLimit] = collections.defaultdict(RestartLimit)
         self._holderd_deaths_told: set[int] = set()
 
     def host_args(self, index: int) -> tuple[str, ...]:
-        return ("--cluster", ",".join(self.nats.urls), "--host-id", f"h{index}", "--host-lease", f"{self.lease:g}",
+        return ("--host", self.addresses[index], "--cluster", ",".join(self.nats.urls), "--host-id", f"h{index}",
+                "--host-lease", f"{self.lease:g}",
                 *self.nats.credentials(f"h{index}"), *self.chatd_args)
 
     def start(self, *extra: str, env: dict | None = None) -> "Hosts":

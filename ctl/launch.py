@@ -69,8 +69,11 @@ def wait_for_answer(proc: subprocess.Popen, ask, timeout: float, what: str):
 
 
 class Launcher:
-    def __init__(self, workdir: str | None = None, env: dict | None = None):
+    def __init__(self, workdir: str | None = None, env: dict | None = None, prefix: tuple[str, ...] = ()):
         self._own_workdir = workdir is None
+        #: Put before every command started: e.g. ``nsenter --net=/run/netns/NAME``, so that the
+        #: daemons run in a network namespace (testkit.partition); it must exec, keeping the pid.
+        self.prefix = tuple(prefix)
         self.workdir = workdir or tempfile.mkdtemp(prefix="process-backup-")
         self.holder_socket = os.path.join(self.workdir, "holderd.sock")
         self.control_socket = os.path.join(self.workdir, "control.sock")
@@ -98,7 +101,7 @@ class Launcher:
             resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
 
         with log:
-            proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen([*self.prefix, sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
                                     env={**self.env, **(env or {})}, cwd=self.workdir,
                                     preexec_fn=limit_fds if fd_limit else None)
         self.started.append(proc)

@@ -57,7 +57,7 @@ import urllib.request
 from fdkeep.errors import Error
 
 from .children import ClosedOnExit, die_with_parent, log_tail
-from .natssecrets import Secrets, make_secrets
+from .natssecrets import LOOPBACK_NAMES, Secrets, make_secrets
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 #: What nats-server logs once a reload (SIGHUP) took effect.
@@ -78,9 +78,9 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def accepts_tcp(port: int) -> bool:
+def accepts_tcp(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        socket.create_connection((host, port), timeout=0.5).close()
         return True
     except OSError:
         return False
@@ -103,8 +103,11 @@ def monitor_get(port: int, path: str) -> dict | None:
 class NatsNode:
     """One server of the cluster: its name, ports, files and (while it runs) its process."""
 
-    def __init__(self, index: int, workdir: str):
+    def __init__(self, index: int, workdir: str, client_host: str = "127.0.0.1"):
         self.index = index
+        #: The address it listens for clients on: loopback, or an address on a veth the caller
+        #: made so that a host in a network namespace reaches it (testkit.partition).
+        self.client_host = client_host
         self.name = f"n{index}"
         self.directory = os.path.join(workdir, self.name)
         self.config_path = os.path.join(self.directory, "nats.conf")
@@ -115,7 +118,7 @@ class NatsNode:
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.client_port}"
+        return f"nats://{self.client_host}:{self.client_port}"
 
     @property
     def running(self) -> bool:
@@ -126,7 +129,7 @@ class NatsNode:
         os.makedirs(self.store_dir, exist_ok=True)
         lines = [
             f"server_name: {self.name}",
-            f"listen: 127.0.0.1:{self.client_port}",
+            f"listen: {self.client_host}:{self.client_port}",
             f"http: 127.0.0.1:{self.monitor_port}",
             f'jetstream {{ store_dir: "{self.store_dir}" }}',
         ]
@@ -158,7 +161,7 @@ class NatsNode:
         """None once ready; else what it still waits for (for the timeout's message)."""
         if not self.running:
             return f"{self.name} exited with status {self.proc.returncode if self.proc else None}"
-        if not accepts_tcp(self.client_port):
+        if not accepts_tcp(self.client_port, self.client_host):
             return f"{self.name} to accept clients on port {self.client_port}"
         jsz = monitor_get(self.monitor_port, "/jsz")
         if jsz is None:
@@ -178,7 +181,8 @@ class NatsCluster(ClosedOnExit):
     """
 
     def __init__(self, workdir: str, nodes: int = 3, *, binary: str = NATS_SERVER, cluster_name: str = "chatd",
-                 start: bool = True, timeout: float = 30.0, secure: bool = True, hosts: tuple[str, ...] = ()):
+                 start: bool = True, timeout: float = 30.0, secure: bool = True, hosts: tuple[str, ...] = (),
+                 client_host: str = "127.0.0.1"):
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
         if not os.access(binary, os.X_OK):
@@ -188,7 +192,8 @@ class NatsCluster(ClosedOnExit):
         self.binary = binary
         self.cluster_name = cluster_name
         self.timeout = timeout
-        self.nodes = [NatsNode(index, workdir) for index in range(nodes)]
+        self.client_host = client_host
+        self.nodes = [NatsNode(index, workdir, client_host) for index in range(nodes)]
         #: The cluster's CA, node certificates and host keys (None: an open cluster).
         self.secrets = Secrets(os.path.join(workdir, "secrets")) if secure else None
         self.hosts: list[str] = list(dict.fromkeys(hosts))
@@ -370,6 +375,7 @@ class NatsCluster(ClosedOnExit):
 
     def _make_secrets(self, revoke: list[str] = ()) -> None:
         make_secrets(self.secrets.directory, self.hosts, [node.name for node in self.nodes],
+                     names=tuple(dict.fromkeys((*LOOPBACK_NAMES, self.client_host))),
                      cluster_name=self.cluster_name, revoke=revoke)
         if self.nodes[0].client_port:  # ports assigned: the configs exist and must say the new users
             self._write_configs()

@@ -324,7 +324,7 @@ class Client:
             self.retry_at = time.monotonic() + self.traffic.rng.uniform(0, int(words[2]))
         elif words[0] == "HANDLED" and len(words) == 2:
             self.confirmed(int(words[1]))
-        elif words == ["ERR", "moved"]:
+        elif words[:2] == ["ERR", "moved"]:
             self.traffic.tally.moved += 1  # another host holds its session: it closes, and we resume
         else:
             self.traffic.tally.garbled += 1

@@ -94,6 +94,15 @@ so a host whose lease was not renewed for ``host_lease`` is looked up and,
 if gone, reported dead by the bus itself. Work on one nick runs one at a time,
 in call order.
 
+**Its own lease, told.** A host cut off from NATS cannot hear that its
+lease expired: it works it out. The key expires ``host_lease`` after the
+server stored the last put, which is after that put was sent; so once
+``host_lease`` less :data:`~chatd.bus.directory.FENCE_MARGIN` has passed
+since the last acknowledged put was *sent*, and no later one is acknowledged,
+the bus says :class:`LeaseLapsed` (other hosts may take this host's nicks now,
+and chatd fences itself: :mod:`chatd.fencing`), and :class:`LeaseRenewed`
+when a put is acknowledged again. Before the first put there is no lease to lose.
+
 Closing the bus does not delete the lease: a chatd that stops to be restarted
 keeps its clients (and their nicks) through holderd, so only a lease that
 expires frees its nicks.
@@ -116,12 +125,13 @@ from .access import check_files
 from .checks import check_token, holder
 from .mailbox import Mailbox
 from .results import (BusError, Claimed, Connected, Delivered, DirectoryComplete, Disconnected, HostChanged,
-                      NickChanged, Published, Released, Replayed, SessionRead, SessionWritten, Updated)
+                      LeaseLapsed, LeaseRenewed, NickChanged, Published, Released, Replayed, SessionRead,
+                      SessionWritten, Updated)
 from .state import BusSettings, Gauges
 
 __all__ = ["Bus", "BusError", "Claimed", "Connected", "Delivered", "DirectoryComplete", "Disconnected",
-           "HostChanged", "NickChanged", "Published", "Released", "Replayed", "SessionRead", "SessionWritten",
-           "Updated"]
+           "HostChanged", "LeaseLapsed", "LeaseRenewed", "NickChanged", "Published", "Released", "Replayed",
+           "SessionRead", "SessionWritten", "Updated"]
 
 
 class Bus:

@@ -128,6 +128,10 @@ def refused(exc: BaseException, host_id: str, has_key: bool, has_ca: bool) -> st
         return (f"the NATS servers refused this host's key ({host_id}). Fix: is this host in the servers' "
                 "authorization (`chatctl nats-secrets DIR --hosts ...` lists it, and the servers were reloaded "
                 "since)? Is --nats-creds this host's own DIR/hosts/<host>.nk?")
+    if "timed out" in text:
+        # "SSL shutdown timed out": a connection closed while the link is silent (a partition, its TLS
+        # close never answered), not a refusal: said as any network trouble is.
+        return None
     if "certificate" in text or "ssl" in text or "tls" in text:
         if not has_ca:
             return ("the NATS servers require TLS. Fix: pass --nats-ca DIR/ca.pem (and --nats-creds "

@@ -24,7 +24,7 @@ from nats.js import api as js_api
 
 from .checks import describe, kv_entry
 from .payloads import BusPayloadError, Complaints, read_entry
-from .results import Claimed, DirectoryComplete, HostChanged, NickChanged, Released, Updated
+from .results import Claimed, DirectoryComplete, HostChanged, LeaseLapsed, LeaseRenewed, NickChanged, Released, Updated
 from .tasks import Lanes, retry
 
 
@@ -45,6 +45,14 @@ class EngineSide(Protocol):
 #: How often (s) a watch still reading a bucket's first values looks whether it has them all.
 CATCH_UP_LOOK = 1.0
 
+#: How long (s) before the earliest moment this host's lease can expire in NATS the host takes
+#: it for lapsed (LeaseLapsed): chatd's loop must have fenced itself before another host can take
+#: its nicks (a quarter of the lease at most).
+FENCE_MARGIN = 0.5
+
+#: Seconds one nick operation (a claim: create, get, update; each request 1 s at most) may take.
+NICK_ATTEMPT_LIMIT = 5.0
+
 #: JetStream's error code for "wrong last sequence" (a compare-and-set that lost).
 WRONG_LAST_SEQUENCE = (10071, 10164)
 
@@ -64,6 +72,10 @@ class Directory:
         self._work = Lanes(engine.spawn, self._nick_job)
         self.hosts_alive: dict[str, bool] = {}
         self._host_seen: dict[str, float] = {}
+        #: When (monotonic) the last acknowledged put of this host's lease was sent: the key
+        #: expires no sooner than host_lease after it. None before the first.
+        self._lease_sent: float | None = None
+        self._lapse_told = False
         self._nick_revision: dict[str, int] = {}
         #: The buckets whose first values have not all come yet (DirectoryComplete when none).
         self._catching_up = {"nicks", "hosts"}
@@ -81,7 +93,7 @@ class Directory:
     async def _nick_job(self, command: tuple) -> None:
         kind, token, nick = command[:3]
 
-        async def attempt(tries: int):
+        async def one_try(tries: int):
             if kind == "claim":
                 return await self._claim(token, nick, command[3])
             if kind == "take":
@@ -90,8 +102,16 @@ class Directory:
                 return await self._update(token, nick, *command[3:], tries)
             return await self._release(nick, command[3], tries)
 
+        async def attempt(tries: int):
+            # Bounded as a whole (a few requests): over a silent link a request queued in nats-py can
+            # wait for good (chatd.bus.engine.ATTEMPT_LIMIT), and this nick's lane with it. A claim
+            # waits for the first lease first, which is not this attempt's to time.
+            if kind == "claim":
+                await self._leased.wait()
+            return await asyncio.wait_for(one_try(tries), NICK_ATTEMPT_LIMIT)
+
         def failed(exc: Exception) -> None:
-            if not isinstance(exc, nats.errors.TimeoutError):
+            if not isinstance(exc, (nats.errors.TimeoutError, asyncio.TimeoutError)):
                 self.engine.say("kv-retrying", f"a nick operation failed, retrying: {describe(exc)}")
 
         self.engine.put(await retry(attempt, failed, gate=self.engine.ready))
@@ -199,32 +219,54 @@ class Directory:
 
     # -- hosts -------------------------------------------------------------------------
     async def keep_lease(self) -> None:
+        """Put this host's lease every quarter of it, for ever; whether it lapsed meanwhile is
+        :meth:`watch_own_lease`'s to say."""
         settings = self.settings
         value = json.dumps({"host": settings.host_id, "pid": os.getpid(), "since": time.time()}).encode()
         subject = f"$KV.{settings.host_bucket}.{settings.host_id}"
         every = settings.host_lease / 4
-        lapsed = False
-        began = time.monotonic()
         while True:
             try:
-                await self.engine.js.publish(subject, value, timeout=every)
+                sending = time.monotonic()
+                # Bounded as a whole, not only the wait for the ack: a put queued in nats-py while it
+                # reconnects may be acked long after it was begun, and the lapse is counted from then.
+                await asyncio.wait_for(self.engine.js.publish(subject, value, timeout=every), every)
                 self.gauges.lease_renewed = time.monotonic()
+                self._lease_sent = max(sending, self._lease_sent or 0.0)
                 self._leased.set()
-                if lapsed:
-                    lapsed = False
+                if self._lapse_told:
+                    self._lapse_told = False
+                    self.engine.put(LeaseRenewed())
                     self.engine.say("lease-renewed", f"this host's lease ({settings.host_id}) is renewed")
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                since = self.gauges.lease_renewed or began
-                if not lapsed and time.monotonic() - since > settings.host_lease:
-                    lapsed = True
-                    self.engine.say("lease-lapsed", f"this host's lease ({settings.host_id}) was not renewed for "
-                                                    f"{settings.host_lease:g} s ({describe(exc)}): other hosts may "
-                                                    "take its nicks. Fix: bring NATS back; the lease is renewed then")
+            except Exception:
+                pass  # tried again below; a lapse is watch_own_lease's to tell
             # Until it is first stored, no claim is answered: try again soon (a new bucket's
             # stream may take a moment to elect its leader).
             await asyncio.sleep(every if self._leased.is_set() else min(every, 0.1))
+
+    async def watch_own_lease(self) -> None:
+        """Say :class:`LeaseLapsed` once this host's lease may have expired in NATS (see
+        :mod:`chatd.bus`, "Its own lease, told"): worked out here, since a host cut off from
+        NATS hears nothing. Looks every eighth of the lease, and at the moment it is due."""
+        lease = self.settings.host_lease
+        margin = min(FENCE_MARGIN, lease / 4)
+        while True:
+            now = time.monotonic()
+            if self._lease_sent is None or self._lapse_told:
+                await asyncio.sleep(lease / 8)
+                continue
+            due = self._lease_sent + lease - margin
+            if now < due:
+                await asyncio.sleep(min(due - now, lease / 8))
+                continue
+            self._lapse_told = True
+            self.engine.put(LeaseLapsed(round(now - self._lease_sent, 3)))
+            self.engine.say("lease-lapsed", f"this host's lease ({self.settings.host_id}) may have expired: no "
+                                            f"put of it acknowledged for {now - self._lease_sent:.1f} s (lease "
+                                            f"{lease:g} s); its clients are told to go elsewhere. Fix: bring "
+                                            "NATS back; the host serves again once the lease is renewed")
 
     async def watch_hosts(self) -> None:
         await self._watch("hosts", self.settings.host_bucket, f"$KV.{self.settings.host_bucket}.", self._on_host,
@@ -257,7 +299,7 @@ class Directory:
             for host, alive in list(self.hosts_alive.items()):
                 if alive and now - self._host_seen.get(host, now) > lease:
                     try:
-                        if await self._lease_held(host):
+                        if await asyncio.wait_for(self._lease_held(host), NICK_ATTEMPT_LIMIT):  # bounded: see _nick_job
                             self._host_seen[host] = time.monotonic()  # renewed, and we missed it
                         else:
                             self._host_is(host, False)

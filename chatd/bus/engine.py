@@ -44,6 +44,10 @@ from .tasks import Lanes, retry
 #: died: an election takes 4-9 s on nats-server 2.9), and a publish sent during the election is
 #: answered by none: sent again soon, it is stored soon after the new leader is (bench/nats_stall.py).
 ACK_TIMEOUT = 1.0
+#: Seconds one publish attempt may take as a whole, not only its wait for the ack: over a link
+#: gone silent (a partition) nats-py's writes stop, and a publish queued behind them can wait for
+#: good, the connection it was queued on long gone; bounded, it is sent again on the new one.
+ATTEMPT_LIMIT = ACK_TIMEOUT + 1.0
 #: The ordered consumers' idle heartbeat: a consumer whose node died is remade after two missed
 #: (nats-py), so within a second; each remaking is one small request.
 HEARTBEAT = 0.5
@@ -189,6 +193,7 @@ class Engine:
         self.ready.set()
         directory = self.directory
         self.spawn(directory.keep_lease())
+        self.spawn(directory.watch_own_lease())
         self.spawn(directory.watch_hosts_expiring())
         self.spawn(self.until_done("delivery", self._start_delivery))
         self.spawn(self.until_done("nick watch", directory.watch_nicks))
@@ -289,11 +294,13 @@ class Engine:
         headers = {"Nats-Msg-Id": msg_id}
 
         def failed(exc: Exception) -> None:
-            if not isinstance(exc, nats.errors.TimeoutError):  # the usual way a dead server or a leader election shows
+            # A timeout is the usual way a dead server, a leader election or a silent link shows.
+            if not isinstance(exc, (nats.errors.TimeoutError, asyncio.TimeoutError)):
                 self.say("publish-retrying", f"publishing to {subject} failed, retrying: {describe(exc)}")
 
-        ack = await retry(lambda tries: self.js.publish(subject, payload, timeout=ACK_TIMEOUT, headers=dict(headers)),
-                          failed, gate=self.ready)
+        ack = await retry(lambda tries: asyncio.wait_for(
+            self.js.publish(subject, payload, timeout=ACK_TIMEOUT, headers=dict(headers)), ATTEMPT_LIMIT),
+            failed, gate=self.ready)
         self.gauges.publishes_done += 1
         self.put(Published(token, ack.seq, bool(ack.duplicate)))
 

@@ -67,6 +67,19 @@ class HostChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseLapsed:
+    """This host's lease may be gone from the hosts bucket: it was last stored by a put sent
+    ``seconds`` ago (no less than the lease, less a margin), and none since was acknowledged. Other
+    hosts may take its nicks: it must stop serving them (chatd.fencing). Told once per lapse."""
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRenewed:
+    """This host's lease is stored again after a :class:`LeaseLapsed`."""
+
+
+@dataclass(frozen=True, slots=True)
 class DirectoryComplete:
     """Every nick and host lease that existed when the bus connected has come (as
     :class:`NickChanged` and :class:`HostChanged`): what is not known now does not exist.

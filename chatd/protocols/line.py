@@ -30,6 +30,7 @@ event                    line(s)
 ``Resumed(nick, peer, h)`` ``RESUMED <nick-or--> <peer-or--> <handled>``
 ``Handled(count)``       ``HANDLED <count>``
 ``Busy(seconds)``        ``ERR busy <seconds>``
+``Moved(sent)``          ``ERR moved <sent>``
 =======================  ===================================================
 
 The session's commands (:mod:`chatd.sessions`): ``SESSION``; ``RESUME <token> <n>`` (a
@@ -41,8 +42,8 @@ again those a client lacks).
 from __future__ import annotations
 
 
-from ..room import (Ack, Busy, Bye, Command, Event, Failed, From, Handled, Invalid, Msg, Nick, Ok, Pair, Paired, Ping,
-                    Pong, Quit, Resume, Resumed, SessionStarted, StartSession, Unpaired, Users, Who)
+from ..room import (Ack, Busy, Bye, Command, Event, Failed, From, Handled, Invalid, Moved, Msg, Nick, Ok, Pair, Paired,
+                    Ping, Pong, Quit, Resume, Resumed, SessionStarted, StartSession, Unpaired, Users, Who)
 
 MAX_LINE = 64 * 1024
 DISCARDING = b"\x01"
@@ -108,6 +109,8 @@ def encode_event(event: Event) -> bytes:
         text = f"HANDLED {event.count}"
     elif isinstance(event, Busy):
         text = f"ERR busy {event.seconds}"
+    elif isinstance(event, Moved):
+        text = f"ERR moved {event.sent}"
     else:
         raise TypeError(f"not an event: {event!r}")
     return text.encode("utf-8") + b"\n"

@@ -68,8 +68,8 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
-from ..room import (Ack, Busy, Bye, Command, Event, Failed, From, Handled, Invalid, Msg, Nick, Ok, Pair, Paired, Ping,
-                    Pong, Quit, Resume, Resumed, SessionStarted, StartSession, Unpaired, Users, Who)
+from ..room import (Ack, Busy, Bye, Command, Event, Failed, From, Handled, Invalid, Moved, Msg, Nick, Ok, Pair, Paired,
+                    Ping, Pong, Quit, Resume, Resumed, SessionStarted, StartSession, Unpaired, Users, Who)
 
 MAX_HEAD = 16 * 1024
 MAX_MESSAGE = 64 * 1024
@@ -222,6 +222,8 @@ def event_json(event: Event) -> dict:
         return {"type": "handled", "count": event.count}
     if isinstance(event, Busy):
         return {"type": "error", "code": "busy", "retry_after": event.seconds}
+    if isinstance(event, Moved):
+        return {"type": "error", "code": "moved", "sent": event.sent}
     raise TypeError(f"not an event: {event!r}")
 
 

@@ -80,3 +80,21 @@ def test_a_member_restored_paired_across_hosts_waits_for_the_directory_then_goes
     assert (1, From("bob", 1, "while you were away")) in members.deliveries() and made.cursor == 6
     assert not made.holds_back(connection), "read: nothing waits any more"
     assert made.status()["members_elsewhere"] == 1 and made.status()["hosts_alive"] == ["h2"]
+
+
+def test_messages_waiting_for_a_pairing_made_on_this_host_go_once_it_is_committed(cluster):
+    """bob was on h2 and was cut off; his last messages for ann (here) came after ann had heard
+    he was gone, so they wait for the pairing. bob comes back *here*: the pairing is made by this
+    host's room, not shown by the directory, and its commit must let them go (they waited for good)."""
+    made, bus, members, room, loop = cluster
+    members.connect(1, "ann", "bob")
+    made.start(SimpleNamespace(box_size=4096, cursor=0))
+    forward = Forward(0, "h1", "ann", "bob", 7, 1, "sent before the cut")
+    bus.waiting = [DirectoryComplete(), Delivered(6, "chat.h1.ann", {}, encode_forward(forward))]
+    loop.watched[-1](None)
+    assert members.deliveries() == [] and made.inbound.stashed == 1, "ann is paired with no bob: it waits"
+    members.connect(2, "bob", "ann")  # bob, back on this host: paired with ann by the room
+    assert room.members[1].peer is room.members[2]
+    made.committed([SimpleNamespace(member_id=1, forwards=None), SimpleNamespace(member_id=2, forwards=None)])
+    assert members.deliveries()[-1] == (1, From("bob", 1, "sent before the cut")) and made.inbound.stashed == 0
+    assert made.cursor == 6

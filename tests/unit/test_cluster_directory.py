@@ -178,3 +178,37 @@ def test_our_own_entry_seen_with_no_one_holding_it_is_released(side):
     members.connect(1, "ann")
     directory.nick_changed(NickChanged("ann", entry("h1"), 4))
     assert bus.take() == [] and directory.own["ann"] == (None, 4)
+
+
+def test_a_nick_taken_over_by_another_host_is_a_new_member_to_its_peer_here(side):
+    """bob's host was cut off and fenced (its lease lapsed); bob connected to h3 and took his nick
+    back there. ann, paired with the old bob, hears UNPAIRED then PAIRED: what she sent the old
+    one went to h2."""
+    directory, bus, members, room = side
+    members.connect(1, "ann", "bob")
+    directory.host_changed(HostChanged("h2", True))
+    directory.host_changed(HostChanged("h3", True))
+    directory.nick_changed(NickChanged("bob", entry("h2", "ann"), 3))
+    assert members.deliveries() == [(1, Paired("bob"))]
+    directory.host_changed(HostChanged("h2", False))
+    assert members.deliveries()[1:] == [(1, Unpaired("bob"))], "h2's members leave with its lease"
+    members.applied.clear()
+    directory.nick_changed(NickChanged("bob", entry("h3", "ann"), 7))
+    assert members.deliveries() == [(1, Paired("bob"))]
+    assert room.members[1].peer.host == "h3"
+    directory.nick_changed(NickChanged("bob", entry("h3", "ann"), 8))
+    assert members.deliveries()[1:] == [], "the same holder again: nothing to tell"
+
+
+def test_a_session_taken_over_from_a_live_host_goes_on_paired_silently(side):
+    """bob's session was resumed on h3 while h2 lives (his connection was cut, the load balancer
+    sent him to h3): the same member, so ann hears nothing and her messages go to h3."""
+    directory, bus, members, room = side
+    members.connect(1, "ann", "bob")
+    directory.host_changed(HostChanged("h2", True))
+    directory.host_changed(HostChanged("h3", True))
+    directory.nick_changed(NickChanged("bob", entry("h2", "ann"), 3))
+    directory.nick_changed(NickChanged("bob", entry("h3", "ann"), 7))
+    assert members.deliveries() == [(1, Paired("bob"))]
+    assert room.members[1].peer.host == "h3"
+

@@ -31,7 +31,7 @@ from chatd.protocols import codec_for
 from chatd.protocols.line import MAX_LINE
 from chatd.protocols.web import MAX_MESSAGE
 from chatd.room import (Ack, Bye, Command, Event, Failed, From, Invalid, Msg, Nick, Ok, Pair, Paired, Ping, Pong, Quit,
-                        Busy, Handled, Resume, Resumed, SessionStarted, StartSession, Unpaired, Users, Who)
+                        Busy, Handled, Moved, Resume, Resumed, SessionStarted, StartSession, Unpaired, Users, Who)
 from testkit.fuzz import ws_frame
 from proptools import WS_HANDSHAKE, feed_in_pieces, take
 
@@ -236,6 +236,7 @@ EVENTS = [
     (Resumed(None, None, 0), ["RESUMED - - 0"], [{"type": "resumed", "nick": None, "peer": None, "handled": 0}]),
     (Handled(3), ["HANDLED 3"], [{"type": "handled", "count": 3}]),
     (Busy(2), ["ERR busy 2"], [{"type": "error", "code": "busy", "retry_after": 2}]),
+    (Moved(5), ["ERR moved 5"], [{"type": "error", "code": "moved", "sent": 5}]),
     (Bye(), ["BYE"], [{"type": "bye"}]),  # last: on the WebSocket, a close follows it
 ]
 

@@ -10,8 +10,8 @@ from chatd.room import ERROR_CODES
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: The calls that make a client-facing error, and which argument is its code.
 CODE_ARGUMENT = {"Failed": 0, "Invalid": 0, "refusal": 1, "refuse": 2}
-#: The calls that make an error of one code always (``ERR busy <seconds>``).
-FIXED_CODE = {"Busy": "busy"}
+#: The calls that make an error of one code always (``ERR busy <seconds>``, ``ERR moved <sent>``).
+FIXED_CODE = {"Busy": "busy", "Moved": "moved"}
 
 
 def codes_made(path: pathlib.Path) -> set[str]:

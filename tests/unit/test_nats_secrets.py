@@ -117,3 +117,5 @@ def test_refusals_are_told_with_the_fix_and_other_errors_are_not_refusals():
     plain = Exception("nats: the server offered no TLS, and this host was given --nats-ca: not connecting in the clear")
     assert "not connecting in the clear. Fix:" in refused(plain, "a", has_key=True, has_ca=True)
     assert refused(ConnectionRefusedError(111, "Connect call failed"), "a", has_key=True, has_ca=True) is None
+    # A connection closed over a silent link (a partition): its TLS close times out, no refusal.
+    assert refused(TimeoutError("SSL shutdown timed out"), "a", has_key=True, has_ca=True) is None
