@@ -65,7 +65,7 @@ import json
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .bus import Bus, Claimed, Replayed, SessionRead, SessionWritten
 from .bus.payloads import MAX_REPLAY, NO_END, BusPayloadError, Complaints, read_session
@@ -108,6 +108,19 @@ class Checkpoint:
 def sid_of(hashed: bytes) -> str:
     """A session's key in the bucket: its token's hash, in hex."""
     return hashed.hex()
+
+
+@dataclass
+class Waiting:
+    """A parked command of a session, answered once the session's entry is written: an ACK, a
+    NICK or PAIR, or a RESUME of a session this host holds (whose count it tells)."""
+
+    session_id: int  # the session's member: its state is what is written
+    parked_id: int  # the connection whose command waits (the same member, but for a RESUME)
+    n: int | None  # an ACK's n: the checkpoint moves up to it
+    answer: Callable[[], None]
+    #: A RESUME's: the session turned out to be another host's (the write failed on the fence).
+    moved: Callable[[], None] | None = None
 
 
 class Step(enum.Enum):
@@ -153,7 +166,7 @@ class Keeper:
         self._marks: dict[bytes, deque[Checkpoint]] = {}
         #: Parked: ACKs and NICKs by token hash (member id, input end, the ACK's n, or the NICK's
         #: outcome); SESSIONs by member id.
-        self._acks: dict[bytes, tuple[int, int, int | None, Outcome | None]] = {}
+        self._acks: dict[bytes, Waiting] = {}
         self._starts: dict[int, tuple[int, str, bytes, int]] = {}
         self._writing: set[bytes] = set()
         self._takeovers: dict[str, Takeover] = {}
@@ -167,7 +180,8 @@ class Keeper:
         if isinstance(command, Ack):
             if not member.token:
                 return False  # answered ERR no-session
-            self._acks[member.token] = (member.id, end, command.n, None)
+            self._acks[member.token] = Waiting(member.id, member.id, command.n,
+                                               lambda: self.members.answer_parked(member.id, end, command))
             connection.park()
             self._checkpoint(member.token)
             return True
@@ -213,16 +227,18 @@ class Keeper:
         """A session's parked NICK was claimed (``outcome``: the room took it): written to its entry
         before it is answered, as an ACK is. A client resends what the entry does not count, and a
         NICK resent to another host before the entry had it would find its own nick taken."""
-        self._acks[member.token] = (member.id, end, None, outcome)
+        self._acks[member.token] = Waiting(member.id, member.id, None,
+                                           lambda: self.members.resume_parked(member.id, end, outcome))
         self._checkpoint(member.token)
 
     def _checkpoint(self, hashed: bytes) -> None:
-        member_id, end, n, _ = self._acks[hashed]
-        member = self.room.members.get(member_id)
-        if member is None or member.token != hashed or not self.members.is_connected(member_id):
+        waiting = self._acks[hashed]
+        n = waiting.n
+        member = self.room.members.get(waiting.session_id)
+        if member is None or member.token != hashed or not self.members.is_connected(waiting.parked_id):
             del self._acks[hashed]
             return
-        if hashed in self._writing or self.pending(member_id):
+        if hashed in self._writing or self.pending(waiting.session_id):
             return  # again when the write is answered, or the outbox drained
         revision = self._revisions.get(hashed)
         if revision is None:  # restarted since it was written: read it first (its revision, its checkpoint)
@@ -242,25 +258,40 @@ class Keeper:
         if not command.token:
             return False
         hashed = digest(command.token)
-        if self.room.session(hashed) is not None:
-            return False  # this host holds it: chatd.sessions resumes it
-        sid = sid_of(hashed)
+        session = self.room.session(hashed)
+        member_id = connection.member_id
+        if session is not None and session.id == member_id:
+            return False  # the connection that holds it: chatd.sessions answers
         connection.park()
+        if session is not None:
+            # This host holds it: chatd.sessions resumes it, once the entry says this host still
+            # does and holds the count RESUMED tells (another host may have taken it over).
+            self._acks[hashed] = Waiting(session.id, member_id, None,
+                                         lambda: self.members.answer_parked(member_id, end, command),
+                                         lambda: self._take_over(member_id, end, command))
+            self._checkpoint(hashed)
+            return True
+        self._take_over(member_id, end, command)
+        return True
+
+    def _take_over(self, member_id: int, end: int, command: Resume) -> None:
+        """The parked RESUME of a session another host holds (or held)."""
+        hashed = digest(command.token)
+        sid = sid_of(hashed)
         if sid in self._takeovers or not self.directory.complete or len(self._takeovers) >= MAX_TAKEOVERS:
             # Taken over before the directory is read, it could not see its peer: the client comes
             # back in a second (a host just started, or reconnecting to NATS). Past MAX_TAKEOVERS
             # at once, the same: a herd is taken over a bounded number at a time.
-            self._answer_later(connection.member_id, end, Outcome().tell(connection.member_id, Busy(1)))
-            return True
+            self._answer_later(member_id, end, Outcome().tell(member_id, Busy(1)))
+            return
         wait = self.members.admit_resume()
         if wait:
-            self._answer_later(connection.member_id, end, Outcome().tell(connection.member_id, Busy(wait)))
-            return True
-        self._takeovers[sid] = Takeover(connection.member_id, end, command, hashed)
-        log.debug("member %d: resuming session %s, held elsewhere: %s", connection.member_id,
-                  shown(command.token), Step.READING.value)
+            self._answer_later(member_id, end, Outcome().tell(member_id, Busy(wait)))
+            return
+        self._takeovers[sid] = Takeover(member_id, end, command, hashed)
+        log.debug("member %d: resuming session %s, held elsewhere: %s", member_id, shown(command.token),
+                  Step.READING.value)
         self.bus.session_get(("takeover", sid), sid)
-        return True
 
     def _answer_later(self, member_id: int, end: int, outcome: Outcome) -> None:
         """Answer a parked command from the loop (not from inside the server's reading of it)."""
@@ -356,17 +387,12 @@ class Keeper:
             self.bus.session_get(("lost", hashed), sid_of(hashed))
             return
         self._revisions[hashed] = result.revision
-        parked = self._acks.pop(hashed, None)
-        if parked is None:
+        waiting = self._acks.pop(hashed, None)
+        if waiting is None:
             return
-        member_id, end, n, outcome = parked
-        member = self.room.members.get(member_id)
-        if member is None or member.token != hashed or not self.members.is_connected(member_id):
-            return
-        if outcome is not None:
-            self.members.resume_parked(member_id, end, outcome)
-        else:
-            self.members.answer_parked(member_id, end, Ack(n))
+        member = self.room.members.get(waiting.session_id)
+        if member is not None and member.token == hashed and self.members.is_connected(waiting.parked_id):
+            waiting.answer()
 
     def _fenced(self, sid: str, result: SessionWritten) -> None:
         takeover = self._takeovers.get(sid)
@@ -445,11 +471,13 @@ class Keeper:
 
     # -- fencing and endings ---------------------------------------------------------------
     def _moved(self, hashed: bytes, why: str, host: str | None = None) -> None:
-        self._acks.pop(hashed, None)
+        waiting = self._acks.pop(hashed, None)
         self._forget(hashed, end=False)
         member = self.room.session(hashed)
         if member is not None:
             self.members.moved(member.id, why, host)
+        if waiting is not None and waiting.moved is not None and self.members.is_connected(waiting.parked_id):
+            waiting.moved()  # a RESUME here of what another host holds now: taken over from it
 
     def lost_nick(self, member: "Member", host: str) -> None:
         """The directory shows this member's nick on ``host``: its session moved there (or this

@@ -18,6 +18,7 @@ import pytest
 
 from ctl.hosts import Hosts
 from ctl.probe import LineClient
+from ctl.launch import wait_until
 from helpers import line_client, require_nats, skip_or_fail
 from testkit.partition import Netns, cut_and_heal, missing_for_partitions
 
@@ -81,3 +82,57 @@ def test_a_host_cut_off_from_nats_under_load_fences_itself_and_loses_nothing(par
     assert bob.line() == "FROM ann 1 back again"
     bob.send("MSG welcome")
     assert ann.line() == "FROM bob 1 welcome"
+
+
+def test_a_session_of_a_cut_off_host_resumed_elsewhere_is_served_there_alone_once_the_host_is_back(partitioned):
+    """Fencing, with a session (issue 24): ann's host h2 is cut off from NATS; once its lease may
+    have lapsed it closes her connection (her session waits), and she resumes on h1, which takes
+    the session over (its entry written with the revision it read: the fence). When h2 is back it
+    learns the session moved (the directory shows ann on h1) and lets go of it: it neither serves
+    nor counts anything for her; ann and bob chat on, every message once, n going on."""
+    netns, cluster = partitioned
+    ann = LineClient(cluster.ports[PARTITIONED], timeout=15, host=netns.inner)
+    ann.send("NICK ann", "PAIR bob", "SESSION")
+    assert ann.lines(2) == ["OK NICK ann", "OK PAIR bob"]
+    words = ann.line().split()
+    assert words[0] == "SESSION" and words[2] == "0", words
+    token = words[1]
+    bob = line_client(cluster.ports[0], "bob", "ann", timeout=15)
+    assert ann.line() == "PAIRED bob" and bob.line() == "PAIRED ann"
+    ann.send("MSG one")
+    assert bob.line() == "FROM ann 1 one"
+    bob.send("MSG hello")
+    assert ann.line() == "FROM bob 1 hello"
+    ann.send("ACK 1")
+    assert ann.line() == "HANDLED 1"
+
+    netns.cut([node.client_port for node in cluster.nats.nodes])
+    try:
+        ann.sock.settimeout(LEASE * 6)
+        with pytest.raises((EOFError, ConnectionError)):
+            ann.line()  # closed by h2 once fenced: nothing else comes first
+        assert cluster.status(PARTITIONED)["cluster"]["fenced"]
+        again = LineClient(cluster.ports[1], timeout=30)
+        again.send(f"RESUME {token} 1")
+        assert again.line() == "RESUMED ann bob 1", "taken over on h1: nick, peer, what was handled"
+        again.send("MSG two")
+        assert bob.line() == "FROM ann 2 two"
+        bob.send("MSG and on h1")
+        assert again.line() == "FROM bob 2 and on h1"
+    finally:
+        netns.heal()
+
+    def let_go() -> bool:
+        status = cluster.status(PARTITIONED)
+        nicks = [client["nick"] for client in cluster.hosts[PARTITIONED].control("clients")["clients"]]
+        return not status["cluster"]["fenced"] and "ann" not in nicks
+
+    wait_until(let_go, 120, "h2 to be back and to have let go of ann's session")
+    again.send("MSG three")
+    assert bob.line() == "FROM ann 3 three", "nothing of ann's came twice, nothing went missing"
+    bob.send("MSG done")
+    assert again.line() == "FROM bob 3 done"
+    again.send("ACK 3")
+    assert again.line() == "HANDLED 3", "h1 counts ann's commands: h2's write of her entry would fail"
+    for client in (ann, again, bob):
+        client.close()
