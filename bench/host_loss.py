@@ -530,7 +530,8 @@ def main() -> int:
         print({k: v for k, v in rows[-1].items() if k not in ("resumed_s", "survivors")}, flush=True)
         if args.json:
             with open(args.json, "w") as out:
-                json.dump(rows, out, indent=1)
+                # One run a line: each holds every session's time (the plot's), thousands of numbers.
+                out.write("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")
     columns = ("sessions", "resumed", "busy", "resumed_median_ms", "resumed_p99_ms", "resumed_worst_ms",
                "resumes_per_s", "answer_median_ms", "answer_p99_ms", "stream_before_worst_ms", "stream_during_worst_ms")
     print("| " + " | ".join(columns) + " |")

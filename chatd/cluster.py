@@ -65,8 +65,8 @@ backpressure across hosts (a receiver that takes nothing has its messages
 stashed in its host's memory, and is closed past :data:`chatd.inbound.STASH_LIMIT`); a
 member that leaves with forwards not yet acknowledged has them published from
 memory (a crash of its host in that moment loses them); a host lost with its
-machine loses its clients' TCP connections, while their messages stay in the
-stream (README).
+machine loses its clients' TCP connections: a client with a session resumes it on
+another host (:mod:`chatd.keeper`), one without comes back as a new client.
 
 Who does what. :class:`Cluster` is the server's :class:`~chatd.across.AcrossHosts`
 with ``--cluster``: it takes the bus's results off the loop and hands each to
@@ -75,7 +75,8 @@ server but :class:`~chatd.across.ServedMembers` (here :class:`ServerMembers`):
 :class:`chatd.directory.DirectoryView` (claims, releases, everyone's entries and
 hosts), :class:`chatd.inbound.Inbound` (held and stashed messages, the cursor)
 and :class:`chatd.forwards.Publisher` (the outboxes published in order, and the
-forwards' wire form). The cluster itself holds only the members whose commands
+forwards' wire form), :class:`chatd.keeper.Keeper` (sessions kept in the cluster: their
+entries, takeovers, fencing) and :class:`chatd.fencing.Fence` (a lease that may have lapsed). The cluster itself holds only the members whose commands
 wait for the directory, and whether the bus is connected.
 """
 
@@ -169,8 +170,9 @@ class Cluster:
 
     # -- the server's hooks --------------------------------------------------------------
     def parks(self, connection: "Connection", end: int, command: Command) -> bool:
-        """Whether ``command`` waits for the cluster (a NICK to claim); the server then keeps
-        its input unhandled and stops taking this client's commands until the claim is answered."""
+        """Whether ``command`` waits for the cluster: a NICK to claim, or a session's command
+        (and a session's PAIR) answered once its entry in the cluster says so (chatd.keeper); the
+        server then keeps its input unhandled and stops taking this client's commands until then."""
         if isinstance(command, SESSION_COMMANDS):
             return self.keeper.parks(connection, end, command)
         member = self.room.members[connection.member_id]

@@ -52,8 +52,9 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from . import soak
 from .soak import body
 
 
@@ -164,16 +165,10 @@ def missing_for_partitions() -> str | None:
 
 # -- the load --------------------------------------------------------------------------------
 @dataclass
-class Tally:
-    sent: int = 0
-    received: int = 0
-    lost: int = 0
-    repeated: int = 0
-    garbled: int = 0
+class Tally(soak.Tally):
+    """testkit.soak's tally, and what moving clients add."""
+
     phantom: int = 0  # arrived though chatd said it did not handle it
-    n_gaps: int = 0
-    dropped: int = 0
-    moved: int = 0
     resent: int = 0
     excused: int = 0  # on their way to a moved client, or to a pairing that ended: not required
     excused_arrived: int = 0
@@ -182,17 +177,9 @@ class Tally:
     held: int = 0
     held_arrived: int = 0
     nick_retries: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def problems(self) -> int:
-        return self.lost + self.repeated + self.garbled + self.phantom + self.n_gaps + self.dropped
-
-    def row(self) -> dict:
-        return {key: value for key, value in self.__dict__.items() if key != "notes"}
-
-    def note(self, text: str) -> None:
-        if len(self.notes) < 30:
-            self.notes.append(text)
+        return super().problems() + self.phantom
 
 
 class Client:

@@ -12,7 +12,8 @@ wake-up is lost). Besides it they share the frozen
 :class:`~chatd.bus.state.Gauges`, which only the bus thread writes:
 
 * chatd's thread calls :meth:`Bus.publish`, :meth:`Bus.claim`,
-  :meth:`Bus.update`, :meth:`Bus.release`. Each posts a command and returns
+  :meth:`Bus.update`, :meth:`Bus.release`, :meth:`Bus.take`, and the sessions'
+  :meth:`Bus.session_get`, :meth:`Bus.session_put`, :meth:`Bus.replay`. Each posts a command and returns
   at once: it never waits for the network. The bus thread is woken
   (``call_soon_threadsafe``) only if it is not already due to look, so a burst
   of publishes costs one wake-up.
@@ -34,14 +35,16 @@ restarting after a crash restores its clients without waiting for them, so
   thread checks the files, the bus thread connects with them).
 * the bus thread only: :mod:`~chatd.bus.engine` (the connection, the setup,
   publishing, delivery), :mod:`~chatd.bus.directory` (nicks and leases),
+  :mod:`~chatd.bus.sessions` (the sessions bucket, a receiver's messages read again),
   :mod:`~chatd.bus.tasks` (the one retry loop, the per-key lanes).
 
 What the bus thread does with the network:
 
 **The stream and buckets.** On connecting it makes sure of the stream
 ``CHATD`` (subjects ``chat.>``, file storage, ``replicas``, a 10-minute
-duplicate window, messages kept a day) and two KV buckets: nicks (no expiry,
-one revision a key) and hosts (entries expire after ``host_lease``). A stream
+duplicate window, messages kept a day) and three KV buckets: nicks (no expiry,
+one revision a key), hosts (entries expire after ``host_lease``) and sessions
+(entries expire a day after their last write). A stream
 or bucket another host made first is accepted as it is if it gives what
 matters, and then it **reads each configuration back**: nats-server 2.9
 ignores options it does not know without a word, and an exactly-once design
@@ -64,7 +67,9 @@ what it has seen would lose k. Publishes to different subjects are pipelined,
 so the rate comes from many pairs at once. :class:`Published` results come in
 call order per subject.
 
-**Delivery in stream order.** Messages for ``chat.<host_id>.>`` come through
+**Delivery in stream order.** Messages for ``chat.>`` (every host's: a session may be
+taken over from any host, :mod:`chatd.keeper`; chatd drops unread what is for no member
+of its own) come through
 nats-py's *ordered consumer*: an ephemeral push consumer, no acks, started at
 stream sequence ``cursor + 1`` (from the first message when ``cursor`` is 0),
 which checks every message's consumer sequence and, on a gap or when its
