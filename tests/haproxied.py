@@ -18,8 +18,10 @@ from ctl.launch import wait_until
 from fdkeep.errors import Error
 from helpers import free_port, require_haproxy, require_nats
 
-#: Seconds a lost host keeps its nicks: short, so that its clients' nicks come free soon.
-LEASE = 2.0
+#: Seconds a lost host keeps its nicks: short, so that a client without a session gets its nick
+#: back soon, yet longer than a client with one takes to resume through HAProxy (a session taken
+#: over past the lease is shown gone to its peer meanwhile).
+LEASE = 6.0
 #: Checks every 300 ms, out after 2 failures, back after 2 successes (the README's: 2 s, 3, 2).
 INTER_MS, FALL, RISE = 300, 2, 2
 TIMEOUT = 15

@@ -37,9 +37,15 @@ BOUND_MS = 60000
 TYPE = typing(50)
 
 
+#: The hosts' lease: longer than the lost page takes to come back through HAProxy, so that its
+#: session is taken over while the lost host's lease stands (past it, the session's peer is
+#: shown it gone meanwhile: UNPAIRED, then PAIRED; README, "A host's loss is a reconnect").
+LEASE = 20.0
+
+
 @pytest.fixture
 def behind_haproxy(tmp_path, request):
-    with hosts_behind_haproxy(tmp_path, request) as both:
+    with hosts_behind_haproxy(tmp_path, request, lease=LEASE) as both:
         yield both
 
 
