@@ -166,7 +166,11 @@ class Keeper:
         self._marks: dict[bytes, deque[Checkpoint]] = {}
         #: Parked: ACKs and NICKs by token hash (member id, input end, the ACK's n, or the NICK's
         #: outcome); SESSIONs by member id.
-        self._acks: dict[bytes, Waiting] = {}
+        self._acks: dict[bytes, dict[int, Waiting]] = {}  # by token hash, then the parked connection
+        #: The parked connections a write in flight answers (those parked when it was made), and
+        #: the handled count it writes.
+        self._covering: dict[bytes, set[int]] = {}
+        self._written: dict[bytes, int] = {}
         self._starts: dict[int, tuple[int, str, bytes, int]] = {}
         self._writing: set[bytes] = set()
         self._takeovers: dict[str, Takeover] = {}
@@ -180,8 +184,8 @@ class Keeper:
         if isinstance(command, Ack):
             if not member.token:
                 return False  # answered ERR no-session
-            self._acks[member.token] = Waiting(member.id, member.id, command.n,
-                                               lambda: self.members.answer_parked(member.id, end, command))
+            self._wait(member.token, Waiting(member.id, member.id, command.n,
+                                             lambda: self.members.answer_parked(member.id, end, command)))
             connection.park()
             self._checkpoint(member.token)
             return True
@@ -227,19 +231,31 @@ class Keeper:
         """A session's parked NICK was claimed (``outcome``: the room took it): written to its entry
         before it is answered, as an ACK is. A client resends what the entry does not count, and a
         NICK resent to another host before the entry had it would find its own nick taken."""
-        self._acks[member.token] = Waiting(member.id, member.id, None,
-                                           lambda: self.members.resume_parked(member.id, end, outcome))
+        self._wait(member.token, Waiting(member.id, member.id, None,
+                                         lambda: self.members.resume_parked(member.id, end, outcome)))
         self._checkpoint(member.token)
 
+    def _wait(self, hashed: bytes, waiting: Waiting) -> None:
+        # More than one connection may wait on one session: a client that left one silently sends
+        # RESUME on a new one while the old one's ACK, already read, waits too.
+        self._acks.setdefault(hashed, {})[waiting.parked_id] = waiting
+
     def _checkpoint(self, hashed: bytes) -> None:
-        waiting = self._acks[hashed]
-        n = waiting.n
-        member = self.room.members.get(waiting.session_id)
-        if member is None or member.token != hashed or not self.members.is_connected(waiting.parked_id):
-            del self._acks[hashed]
+        waitings = self._acks.get(hashed, {})
+        for parked_id, waiting in list(waitings.items()):
+            member = self.room.members.get(waiting.session_id)
+            if member is None or member.token != hashed or not self.members.is_connected(parked_id):
+                del waitings[parked_id]
+        if not waitings:
+            self._acks.pop(hashed, None)
             return
-        if hashed in self._writing or self.pending(waiting.session_id):
-            return  # again when the write is answered, or the outbox drained
+        if hashed in self._writing:
+            return  # again when the write in flight is answered
+        session_id = next(iter(waitings.values())).session_id
+        member = self.room.members[session_id]
+        if self.pending(session_id):
+            return  # again when its outbox is drained
+        n = max((waiting.n for waiting in waitings.values() if waiting.n is not None), default=None)
         revision = self._revisions.get(hashed)
         if revision is None:  # restarted since it was written: read it first (its revision, its checkpoint)
             self._writing.add(hashed)
@@ -251,6 +267,8 @@ class Keeper:
             checkpoint = marks.popleft()
         self._checkpoints[hashed] = checkpoint
         self._writing.add(hashed)
+        self._covering[hashed] = set(waitings)
+        self._written[hashed] = member.handled
         self.bus.session_put(("ack", hashed), sid_of(hashed), self._entry(member, checkpoint), revision)
 
     # -- RESUME of a session held elsewhere ------------------------------------------------
@@ -266,9 +284,9 @@ class Keeper:
         if session is not None:
             # This host holds it: chatd.sessions resumes it, once the entry says this host still
             # does and holds the count RESUMED tells (another host may have taken it over).
-            self._acks[hashed] = Waiting(session.id, member_id, None,
-                                         lambda: self.members.answer_parked(member_id, end, command),
-                                         lambda: self._take_over(member_id, end, command))
+            self._wait(hashed, Waiting(session.id, member_id, None,
+                                       lambda: self.members.answer_parked(member_id, end, command),
+                                       lambda: self._take_over(member_id, end, command)))
             self._checkpoint(hashed)
             return True
         self._take_over(member_id, end, command)
@@ -387,12 +405,24 @@ class Keeper:
             self.bus.session_get(("lost", hashed), sid_of(hashed))
             return
         self._revisions[hashed] = result.revision
-        waiting = self._acks.pop(hashed, None)
-        if waiting is None:
-            return
-        member = self.room.members.get(waiting.session_id)
-        if member is not None and member.token == hashed and self.members.is_connected(waiting.parked_id):
-            waiting.answer()
+        waitings = self._acks.get(hashed, {})
+        written = self._written.pop(hashed, None)
+        for parked_id in self._covering.pop(hashed, set()):
+            waiting = waitings.get(parked_id)
+            if waiting is None:
+                continue
+            member = self.room.members.get(waiting.session_id)
+            if member is not None and member.token == hashed and member.handled != written:
+                # A RESUME here, while the connection it replaces (not parked) handled more since:
+                # RESUMED would tell a count the cluster does not hold yet. Written again first.
+                continue
+            del waitings[parked_id]
+            if member is not None and member.token == hashed and self.members.is_connected(parked_id):
+                waiting.answer()
+        if waitings:
+            self._checkpoint(hashed)  # parked since the write was made: a write of their own
+        else:
+            self._acks.pop(hashed, None)
 
     def _fenced(self, sid: str, result: SessionWritten) -> None:
         takeover = self._takeovers.get(sid)
@@ -471,13 +501,16 @@ class Keeper:
 
     # -- fencing and endings ---------------------------------------------------------------
     def _moved(self, hashed: bytes, why: str, host: str | None = None) -> None:
-        waiting = self._acks.pop(hashed, None)
+        waitings = self._acks.pop(hashed, {})
+        self._covering.pop(hashed, None)
+        self._written.pop(hashed, None)
         self._forget(hashed, end=False)
         member = self.room.session(hashed)
         if member is not None:
             self.members.moved(member.id, why, host)
-        if waiting is not None and waiting.moved is not None and self.members.is_connected(waiting.parked_id):
-            waiting.moved()  # a RESUME here of what another host holds now: taken over from it
+        for parked_id, waiting in waitings.items():
+            if waiting.moved is not None and self.members.is_connected(parked_id):
+                waiting.moved()  # a RESUME here of what another host holds now: taken over from it
 
     def lost_nick(self, member: "Member", host: str) -> None:
         """The directory shows this member's nick on ``host``: its session moved there (or this

@@ -87,6 +87,7 @@ def first_messages_both_ways(clients, carl_says: str, dana_says: str, wanda_says
 def test_clients_chat_through_haproxy_and_come_back_through_it_to_a_live_host_after_a_host_is_lost(
         behind_haproxy):
     cluster, proxy = behind_haproxy
+    wanda_again = None
     assert healthz(proxy) == (200, b"ok\n"), "chatd's /healthz answers through HAProxy's web port"
     chatctl_env = types.SimpleNamespace(port=proxy.line_port, env=cluster.hosts[0].env)
 
@@ -174,8 +175,9 @@ def test_clients_chat_through_haproxy_and_come_back_through_it_to_a_live_host_af
             probe.close()
     finally:
         carl.close()
-        for client in (dana, ann, lee, bob):
-            client.close()
+        for client in (dana, ann, lee, bob, wanda, wanda_again):
+            if client is not None:
+                client.close()  # not left to the garbage collector: a later test counts its fds
 
 
 def host_loss_soak(cluster: Hosts, proxy: HAProxy, losses: int, crashes: int) -> soak.Tally:

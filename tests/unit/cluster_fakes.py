@@ -46,6 +46,18 @@ class FakeBus:
     def publish(self, token, to_host, receiver, msg_id, payload):
         self.calls.append(("publish", token, to_host, receiver, msg_id, payload))
 
+    def session_get(self, token, sid):
+        self.calls.append(("session_get", token, sid))
+
+    def session_put(self, token, sid, value, revision):
+        self.calls.append(("session_put", token, sid, json.loads(value) if value else None, revision))
+
+    def take_nick(self, token, nick, value):  # Bus.take: named apart from take() below
+        self.calls.append(("take", token, nick, json.loads(value)))
+
+    def replay(self, token, receiver, first, last):
+        self.calls.append(("replay", token, receiver, first, last))
+
     def take(self) -> list[tuple]:
         calls, self.calls = self.calls, []
         return calls
