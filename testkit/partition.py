@@ -318,9 +318,7 @@ class Client:
     def _from(self, line: bytes, partner: "Client") -> None:
         tally = self.load.tally
         try:
-            _, sender, n, text = line.split(b" ", 3)
-            nick, k, payload = text.split(b":", 2)
-            n, k = int(n), int(k)
+            sender, n, nick, k, payload = soak.read_from(line)
         except ValueError:
             tally.garbled += 1
             tally.note(f"{self.nick} got a garbled line: {line[:80]!r}")

@@ -275,9 +275,7 @@ class Client:
             tally.note(f"{self.nick} got an unexpected line: {line[:80]!r}")
             return
         try:
-            _, sender, n, text = line.split(b" ", 3)
-            nick, k, payload = text.split(b":", 2)
-            n, k = int(n), int(k)
+            sender, n, nick, k, payload = read_from(line)
         except ValueError:
             tally.garbled += 1
             tally.note(f"{self.nick} got a garbled line: {line[:80]!r}…")
@@ -426,6 +424,14 @@ class Traffic:
             for sock in client.abandoned:
                 sock.close()
         return self.tally
+
+
+def read_from(line: bytes) -> tuple[bytes, int, bytes, int, bytes]:
+    """A ``FROM <sender> <n> <nick>:<k>:<body>`` line's sender, ``n``, nick, ``k`` and body
+    (ValueError if garbled)."""
+    _, sender, n, text = line.split(b" ", 3)
+    nick, k, payload = text.split(b":", 2)
+    return sender, int(n), nick, int(k), payload
 
 
 def run(port: int | list[int], pairs: int, crashes: int, crash, seed: int = 1, interval=(0.05, 0.5),
