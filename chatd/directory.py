@@ -247,13 +247,17 @@ class DirectoryView:
                 self.lost(holder, host)
         previous = self.entries.get(change.nick)
         self.entries[change.nick] = (host, target)
-        if previous is not None and previous[0] != host and previous[0] not in self.alive_hosts:
+        if previous is not None and previous[0] != host and (previous[0] not in self.alive_hosts
+                                                             or previous[0] in change.lapsing):
             # Another host holds the nick of a host whose lease lapsed (its members moved away:
             # chatd.fencing): a new member, not the one our members were paired with. They are told
             # UNPAIRED, then PAIRED again below; what they sent the old one went to its old host (and
             # is lost with that member's connection), which they could not tell otherwise. From a
             # host alive, it is a session taken over (chatd.keeper): the same member, its pairing
-            # goes on silently.
+            # goes on silently. A lease this host has not yet seen expire, but which had not been
+            # renewed for half of it when the nick moved (``lapsing``), counts as lapsed: a new member
+            # taken for the same would have our members' messages to it lost unsaid; a session taken
+            # for a new member only has its peers here told UNPAIRED and PAIRED.
             self.members.apply(self.room.remote_gone(change.nick))
         if host not in self.alive_hosts:
             return None

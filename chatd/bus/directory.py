@@ -72,6 +72,8 @@ class Directory:
         self._work = Lanes(engine.spawn, self._nick_job)
         self.hosts_alive: dict[str, bool] = {}
         self._host_seen: dict[str, float] = {}
+        #: When (NATS's time, epoch seconds) each host's last lease put seen here was stored.
+        self._lease_stored: dict[str, float] = {}
         #: When (monotonic) the last acknowledged put of this host's lease was sent: the key
         #: expires no sooner than host_lease after it. None before the first.
         self._lease_sent: float | None = None
@@ -215,7 +217,18 @@ class Directory:
         if revision <= self._nick_revision.get(nick, 0):
             return
         self._nick_revision[nick] = revision
-        self.engine.put(NickChanged(nick, None if deleted else msg.data, revision))
+        self.engine.put(NickChanged(nick, None if deleted else msg.data, revision,
+                                    self._lapsing_at(msg.metadata.timestamp.timestamp())))
+
+    def _lapsing_at(self, stored: float) -> frozenset[str]:
+        """The hosts alive here whose last lease put seen was stored more than half a lease before
+        ``stored``. A host alive renews every quarter of the lease; a host whose nick another took
+        because its lease expired in NATS had not renewed for a whole one. This host learns of
+        the expiry only later (watch_hosts_expiring), so the nick change says it: compared in
+        NATS's own times, it does not depend on when either watch delivered."""
+        half = self.settings.host_lease / 2
+        return frozenset(host for host, put in self._lease_stored.items()
+                         if self.hosts_alive.get(host) and stored - put > half)
 
     # -- hosts -------------------------------------------------------------------------
     async def keep_lease(self) -> None:
@@ -282,6 +295,7 @@ class Directory:
             self._host_is(host, False)
         else:
             self._host_seen[host] = time.monotonic()
+            self._lease_stored[host] = msg.metadata.timestamp.timestamp()
             self._host_is(host, True)
 
     def _host_is(self, host: str, alive: bool) -> None:

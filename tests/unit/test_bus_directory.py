@@ -1,17 +1,19 @@
 """The directory's watch knows when it has a bucket's first values, even if the delivery that
-says "nothing pending" never comes (a consumer remade while a new stream elects its leader)."""
+says "nothing pending" never comes (a consumer remade while a new stream elects its leader);
+a nick change says which hosts' leases were lapsing when it was stored."""
 
 import asyncio
+import datetime
 from types import SimpleNamespace
 
 from chatd.bus import directory as directory_module
 from chatd.bus.directory import Directory
-from chatd.bus.results import DirectoryComplete
+from chatd.bus.results import DirectoryComplete, NickChanged
 
 
 class FakeEngine:
     def __init__(self, stream_state, deliveries):
-        self.settings = SimpleNamespace(nick_bucket="nicks", host_bucket="hosts", host_id="h0")
+        self.settings = SimpleNamespace(nick_bucket="nicks", host_bucket="hosts", host_id="h0", host_lease=4.0)
         self.gauges = SimpleNamespace()
         self.ready = asyncio.Event()
         self.put_results = []
@@ -37,9 +39,12 @@ class FakeEngine:
             await callback(message(subject[:-1] + f"k{seq}", seq, pending))
 
 
-def message(subject, seq, pending):
+def message(subject, seq, pending, stored=0.0):
+    """A KV bucket's message as nats-py gives it; ``stored``: when NATS stored it (epoch seconds)."""
     return SimpleNamespace(subject=subject, headers=None, data=b"{}",
-                           metadata=SimpleNamespace(sequence=SimpleNamespace(stream=seq), num_pending=pending))
+                           metadata=SimpleNamespace(sequence=SimpleNamespace(stream=seq), num_pending=pending,
+                                                    timestamp=datetime.datetime.fromtimestamp(
+                                                        stored, datetime.timezone.utc)))
 
 
 def complete(engine, timeout=5.0):
@@ -78,3 +83,23 @@ def test_not_complete_while_the_streams_last_message_is_unread(monkeypatch):
     engine = FakeEngine({"KV_nicks": {"messages": 2, "last_seq": 9}, "KV_hosts": {"messages": 0, "last_seq": 0}},
                         {"KV_nicks": [(4, 1), (7, 1)]})
     assert not complete(engine, timeout=0.5)
+
+
+def test_a_nick_change_names_the_hosts_alive_whose_lease_went_unrenewed_for_half_a_lease_before_it():
+    """Measured in NATS's times (the lease 4 s): h1 last renewed 2.5 s before the change, h2 1 s
+    before, h3's lease was deleted; only h1 is lapsing (one that renews every second is not)."""
+    engine = FakeEngine({}, {})
+    directory = Directory(engine)
+
+    async def run():
+        await directory._on_host(message("$KV.hosts.h1", 1, 0, stored=1000.0))
+        await directory._on_host(message("$KV.hosts.h2", 2, 0, stored=1001.5))
+        await directory._on_host(message("$KV.hosts.h3", 3, 0, stored=999.0))
+        deleted = message("$KV.hosts.h3", 4, 0, stored=1001.0)
+        deleted.headers = {"KV-Operation": "DEL"}
+        await directory._on_host(deleted)
+        await directory._on_nick(message("$KV.nicks.bob", 9, 0, stored=1002.5))
+
+    asyncio.run(run())
+    [change] = [result for result in engine.put_results if isinstance(result, NickChanged)]
+    assert change.nick == "bob" and change.lapsing == frozenset({"h1"})
