@@ -96,8 +96,12 @@ lease key every ``host_lease / 4`` s. Both buckets are watched (all current
 values, then every change), giving :class:`NickChanged` and
 :class:`HostChanged`. nats-server 2.9 writes no marker when a key expires,
 so a host whose lease was not renewed for ``host_lease`` is looked up and,
-if gone, reported dead by the bus itself. Work on one nick runs one at a time,
-in call order.
+if gone, reported dead by the bus itself. That look comes a while after the
+expiry, and another host may take a nick of the dead host first: so each
+:class:`NickChanged` names the hosts whose last lease put was stored more than
+half a lease before the change was (``lapsing``, in NATS's own times), and a
+nick moving from one of them is taken for a new member, not a session moved.
+Work on one nick runs one at a time, in call order.
 
 **Its own lease, told.** A host cut off from NATS cannot hear that its
 lease expired: it works it out. The key expires ``host_lease`` after the
