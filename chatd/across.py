@@ -79,6 +79,10 @@ class AcrossHosts(Protocol):
     def wake(self, nick: str | None) -> None:
         """The output ring of the member with ``nick`` has room again."""
 
+    def unhealthy(self) -> str | None:
+        """Why a load balancer should send this host no new clients (its ``/healthz`` answers
+        503 with it), or None while it serves."""
+
     def status(self) -> dict | None:
         """What ``chatctl status`` shows of it (None on one host)."""
 
@@ -126,6 +130,9 @@ class SingleHost:
 
     def wake(self, nick: str | None) -> None:
         pass
+
+    def unhealthy(self) -> None:
+        return None
 
     def status(self) -> None:
         return None

@@ -17,10 +17,12 @@ holder of the same nick, counting its own ``k`` and ``n``. So the host
 (:class:`chatd.room.Moved`: of its messages since its NICK the first
 ``sent`` were handled and will be delivered; with ``--direct-same-host``,
 those to a member of this host are delivered at once and not in that count) and closed, so that it
-reconnects through the load balancer to a host that serves. (Not yet told
-to the load balancer: ``/healthz`` still answers 200, so behind HAProxy a
-client may land here again, and its NICK waits for NATS; ``chatctl status``
-says ``FENCED``.) Nothing of theirs is counted or delivered here after that.
+reconnects through the load balancer to a host that serves. The load
+balancer is told too: while fenced, ``/healthz`` answers 503 (its body says
+why), so HAProxy takes the host out after its next failed checks and sends
+new clients elsewhere; one that lands here before that waits for NATS with
+its NICK, as any client does. ``chatctl status`` says ``FENCED``. Nothing of
+theirs is counted or delivered here after that.
 
 What those clients had sent and the host had handled is in their outboxes,
 not yet published: it goes on to the stream from memory when the host is

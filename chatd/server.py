@@ -74,6 +74,7 @@ from .backup import Backup
 from .bundles import ClientBundles
 from .connection import Connection
 from .holders import Holders
+from .protocols import HEALTH_ASKED
 from .journal import Journal
 from .lastwords import LastWords
 from .listeners import Listeners, refuse
@@ -284,6 +285,9 @@ class ChatServer:
                 break  # paired across hosts before a crash: its commands wait for the directory
             start = connection.codec.consumed
             command = connection.codec.next_command()
+            if command is HEALTH_ASKED:  # a load balancer's probe: this host's, not the room's
+                connection.codec.answer_health(self.cluster.unhealthy())
+                command = None
             if command is not None and self.cluster.parks(connection, connection.codec.consumed, command):
                 break  # the cluster answers it (chatd.cluster): its input stays unhandled till then
             if connection.codec.consumed != connection.inbox.handled:

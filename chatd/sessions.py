@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from fdkeep.loop import Loop
 
-from .protocols import Codec, codec_for, froms_in
+from .protocols import HEALTH_ASKED, Codec, codec_for, froms_in
 
 #: A web codec's state with its WebSocket open (chatd.protocols.web): a detached page's own
 #: codec may have closed, and what waits for it must still be encoded.
@@ -219,7 +219,7 @@ class Sessions:
         ahead = codec_for(codec.protocol, codec.consumed, codec.state)
         ahead.feed(inbox.bytes(codec.consumed, inbox.received))
         acked = None
-        while (command := ahead.next_command()) is not None:
+        while (command := ahead.next_command()) is not None and command is not HEALTH_ASKED:
             if isinstance(command, Ack):
                 acked = command.n if acked is None else max(acked, command.n)
         if acked is not None:

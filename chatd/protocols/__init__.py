@@ -14,6 +14,11 @@ answer, a WebSocket pong): :meth:`take_output`; and it may end its connection
 (``finished``). ``consumed`` and ``state`` say where in the stream the codec
 stands and in which parse state: a codec made from them and fed the bytes from
 ``consumed`` on goes on exactly as this one would (chatd's journal relies on it).
+
+One question a codec cannot answer alone: a health probe (the web port's
+``GET /healthz``, asked by a load balancer) depends on the host, not the
+connection. The codec gives :data:`HEALTH_ASKED` from :meth:`next_command`, and
+chatd answers at once with :meth:`answer_health`, before anything else is read.
 """
 
 from __future__ import annotations
@@ -23,6 +28,16 @@ import sys
 from typing import Protocol
 
 from ..room import Command, Event
+
+
+class HealthAsked:
+    """A health probe, for chatd to answer (:meth:`Codec.answer_health`): not a room command."""
+
+    def __repr__(self) -> str:
+        return "HEALTH_ASKED"
+
+
+HEALTH_ASKED = HealthAsked()
 
 
 class Codec(Protocol):
@@ -39,7 +54,11 @@ class Codec(Protocol):
 
     def feed(self, data: bytes) -> None: ...
 
-    def next_command(self) -> Command | None: ...
+    def next_command(self) -> Command | HealthAsked | None: ...
+
+    def answer_health(self, problem: str | None) -> None:
+        """The answer to the :data:`HEALTH_ASKED` just given: healthy if ``problem`` is None
+        (only a codec that gives HEALTH_ASKED has it)."""
 
     def take_output(self) -> bytes: ...
 

@@ -5,7 +5,8 @@ Theory of operation
 A connection to the web port starts in HTTP. :class:`WebCodec` waits for a
 whole request head (at most :data:`MAX_HEAD` bytes), lets h11 parse it, and
 answers: ``GET /`` and the page's files from chatd/web/, ``GET /healthz``
-for probes, ``GET /ws`` with a WebSocket upgrade by switching to the
+for probes (asked of chatd: 200, or 503 while the host must get no new clients,
+e.g. fenced: :mod:`chatd.fencing`), ``GET /ws`` with a WebSocket upgrade by switching to the
 WebSocket (wsproto's server handshake checks the method, version and key, and
 writes the ``101``); anything else gets a proper HTTP error. A plain HTTP
 answer ends the connection (``Connection: close``): :attr:`WebCodec.finished`.
@@ -68,6 +69,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
+from . import HEALTH_ASKED, HealthAsked
 from ..room import (Ack, Busy, Bye, Command, Event, Failed, From, Handled, Invalid, Moved, Msg, Nick, Ok, Pair, Paired,
                     Ping, Pong, Quit, Resume, Resumed, SessionStarted, StartSession, Unpaired, Users, Who)
 
@@ -291,15 +293,17 @@ class WebCodec:
         del self._buffer[:count]
         self.consumed += count
 
-    def next_command(self) -> Command | None:
+    def next_command(self) -> Command | HealthAsked | None:
         if self.phase == HTTP and not self.finished:
-            self._http()  # answers, or switches to the WebSocket (and frames may follow at once)
+            # Answers, asks chatd (a probe), or switches to the WebSocket (and frames may follow at once).
+            if self._http() is HEALTH_ASKED:
+                return HEALTH_ASKED
         if self.finished or self.phase != OPEN:
             return None
         return self._frames()
 
     # -- HTTP ---------------------------------------------------------------------------
-    def _http(self) -> None:
+    def _http(self) -> HealthAsked | None:
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0 and len(self._buffer) <= MAX_HEAD:
             return
@@ -323,12 +327,20 @@ class WebCodec:
         elif target == "/ws":
             self._upgrade(head, request)
         elif target == "/healthz":
-            self._answer(200, b"ok\n")
+            return HEALTH_ASKED  # the request stays unconsumed until answer_health
         elif target in PAGES:
             name, content_type = PAGES[target]
             self._answer(200, page(name), content_type)
         else:
             self._answer(404, b"not found: the chat page is at /, its WebSocket at /ws\n")
+
+    def answer_health(self, problem: str | None) -> None:
+        """``/healthz``: 200 while this host serves, 503 naming why not (a load balancer sends new
+        clients elsewhere)."""
+        if problem is None:
+            self._answer(200, b"ok\n")
+        else:
+            self._answer(503, f"{problem}\n".encode())
 
     def _answer(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
                 extra: list[tuple[bytes, bytes]] = ()) -> None:

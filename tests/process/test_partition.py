@@ -13,6 +13,8 @@ process, are gone after the test, failed or not.
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -28,6 +30,15 @@ LEASE = 5.0
 #: How long h2 stays cut off (a CI run; bench/partition.py holds it longer).
 PARTITION = float(os.environ.get("PARTITION_SECONDS", "100"))
 PARTITIONED = 2
+
+
+def healthz(address: str, port: int) -> tuple[int, bytes]:
+    """chatd's answer to a load balancer's probe: (status, body)."""
+    try:
+        with urllib.request.urlopen(f"http://{address}:{port}/healthz", timeout=15) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as answer:
+        return answer.code, answer.read()
 
 
 @pytest.fixture
@@ -112,6 +123,8 @@ def test_a_session_of_a_cut_off_host_resumed_elsewhere_is_served_there_alone_onc
         with pytest.raises((EOFError, ConnectionError)):
             ann.line()  # closed by h2 once fenced: nothing else comes first
         assert cluster.status(PARTITIONED)["cluster"]["fenced"]
+        status, reason = healthz(netns.inner, cluster.hosts[PARTITIONED].http_port)
+        assert status == 503 and reason.startswith(b"fenced for "), "a load balancer sends new clients elsewhere"
         again = LineClient(cluster.ports[1], timeout=30)
         again.send(f"RESUME {token} 1")
         assert again.line() == "RESUMED ann bob 1", "taken over on h1: nick, peer, what was handled"
@@ -128,6 +141,7 @@ def test_a_session_of_a_cut_off_host_resumed_elsewhere_is_served_there_alone_onc
         return not status["cluster"]["fenced"] and "ann" not in nicks
 
     wait_until(let_go, 120, "h2 to be back and to have let go of ann's session")
+    assert healthz(netns.inner, cluster.hosts[PARTITIONED].http_port) == (200, b"ok\n"), "back in the balance"
     again.send("MSG three")
     assert bob.line() == "FROM ann 3 three", "nothing of ann's came twice, nothing went missing"
     bob.send("MSG done")

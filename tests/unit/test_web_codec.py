@@ -12,6 +12,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage
 
+from chatd.protocols import HEALTH_ASKED
 from chatd.protocols.web import CLOSING, MAX_MESSAGE, OPEN, STRIDED_FROM, WebCodec, unmask
 from chatd import room
 from chatd.room import Bye, Invalid, Msg, Nick, Pair, Quit, Room, Who
@@ -90,6 +91,17 @@ def test_the_page_and_the_health_probe():
         take(codec, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         answer = codec.take_output()
         assert answer.split(b" ")[1] == status and kind in answer.lower(), answer[:200]
+
+
+def test_the_health_probe_is_asked_of_chatd_and_answered_503_with_the_reason_while_the_host_is_unhealthy():
+    codec, probe = WebCodec(), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    codec.feed(probe)
+    assert codec.next_command() is HEALTH_ASKED and codec.take_output() == b""
+    assert codec.next_command() is HEALTH_ASKED, "asked until answered: the request is not consumed before"
+    codec.answer_health("fenced for 3 s: its clients go to other hosts")
+    answer = codec.take_output()
+    assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"\r\n\r\nfenced for 3 s: its clients go to other hosts\n")
+    assert codec.finished and codec.next_command() is None and codec.consumed == len(probe)
 
 
 def test_messages_become_commands():
