@@ -14,7 +14,7 @@ shows its output): two front doors, one address each, over the same hosts.
   accepts, which holderd's kept listening socket does even while no chatd
   serves; so the check is chatd's own ``GET /healthz`` on the host's web port
   (``option httpchk`` with ``check port <web>``): a host whose chatd answers
-  HTTP is serving.
+  200 is serving (one fenced, cut off from NATS, answers 503: chatd.fencing).
 - The **web port** (``frontend web``) is HTTP (``mode http``), so HAProxy
   sees the page's requests, logs them, and lets the WebSocket upgrade of
   ``/ws`` through; once upgraded, the connection is a tunnel and ``timeout
