@@ -255,9 +255,8 @@ class DirectoryView:
             # is lost with that member's connection), which they could not tell otherwise. From a
             # host alive, it is a session taken over (chatd.keeper): the same member, its pairing
             # goes on silently. A lease this host has not yet seen expire, but which had not been
-            # renewed for half of it when the nick moved (``lapsing``), counts as lapsed: a new member
-            # taken for the same would have our members' messages to it lost unsaid; a session taken
-            # for a new member only has its peers here told UNPAIRED and PAIRED.
+            # renewed for a lease when the nick moved (``lapsing``), counts as lapsed: a new member
+            # taken for the same would have our members' messages to it lost unsaid.
             self.members.apply(self.room.remote_gone(change.nick))
         if host not in self.alive_hosts:
             return None

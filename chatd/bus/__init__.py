@@ -98,8 +98,8 @@ values, then every change), giving :class:`NickChanged` and
 so a host whose lease was not renewed for ``host_lease`` is looked up and,
 if gone, reported dead by the bus itself. That look comes a while after the
 expiry, and another host may take a nick of the dead host first: so each
-:class:`NickChanged` names the hosts whose last lease put was stored more than
-half a lease before the change was (``lapsing``, in NATS's own times), and a
+:class:`NickChanged` names the hosts whose last lease put was stored a lease or more
+before the change was (``lapsing``, in NATS's own times), and a
 nick moving from one of them is taken for a new member, not a session moved.
 Work on one nick runs one at a time, in call order.
 

@@ -50,6 +50,11 @@ CATCH_UP_LOOK = 1.0
 #: its nicks (a quarter of the lease at most).
 FENCE_MARGIN = 0.5
 
+#: How far apart (s) the clocks of the NATS nodes leading the nicks and the hosts buckets may be:
+#: a nick change stored this much less than a lease after a host's last lease put may still be a
+#: claim of that host's nicks (:meth:`Directory._lapsing_at`).
+CLOCKS_APART = 0.25
+
 #: Seconds one nick operation (a claim: create, get, update; each request 1 s at most) may take.
 NICK_ATTEMPT_LIMIT = 5.0
 
@@ -221,14 +226,15 @@ class Directory:
                                     self._lapsing_at(msg.metadata.timestamp.timestamp())))
 
     def _lapsing_at(self, stored: float) -> frozenset[str]:
-        """The hosts alive here whose last lease put seen was stored more than half a lease before
-        ``stored``. A host alive renews every quarter of the lease; a host whose nick another took
-        because its lease expired in NATS had not renewed for a whole one. This host learns of
-        the expiry only later (watch_hosts_expiring), so the nick change says it: compared in
-        NATS's own times, it does not depend on when either watch delivered."""
-        half = self.settings.host_lease / 2
+        """The hosts alive here whose last lease put seen was stored at least a lease (less
+        :data:`CLOCKS_APART`) before ``stored``. Another host claims a nick of a host only once
+        that host's lease key has expired in NATS, a lease after its last put was stored; this
+        host learns of the expiry only later (watch_hosts_expiring), so the nick change says it.
+        Compared in NATS's own times, it does not depend on when either watch delivered. A
+        session taken over sooner (chatd.keeper takes the nick whoever holds it) is not one."""
+        since = self.settings.host_lease - CLOCKS_APART
         return frozenset(host for host, put in self._lease_stored.items()
-                         if self.hosts_alive.get(host) and stored - put > half)
+                         if self.hosts_alive.get(host) and stored - put >= since)
 
     # -- hosts -------------------------------------------------------------------------
     async def keep_lease(self) -> None:

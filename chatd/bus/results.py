@@ -54,9 +54,9 @@ class Delivered:
 @dataclass(frozen=True, slots=True)
 class NickChanged:
     """The nicks bucket changed: ``value`` None when the nick was released. ``lapsing``: the hosts
-    taken for alive whose lease, when this change was stored, had gone unrenewed for over half the
-    lease (their lease puts' and this change's times, both NATS's): the change may be another host
-    taking the nick of one whose lease expired, which this host has not yet seen."""
+    taken for alive whose lease, when this change was stored, had gone unrenewed for a lease (their
+    lease puts' and this change's times, both NATS's): the change may be another host taking the
+    nick of one whose lease expired, which this host has not yet seen."""
     nick: str
     value: bytes | None
     revision: int

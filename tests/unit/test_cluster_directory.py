@@ -217,7 +217,7 @@ def test_a_session_taken_over_from_a_live_host_goes_on_paired_silently(side):
 def test_a_nick_taken_from_a_host_whose_lease_is_lapsing_is_a_new_member_though_the_host_seems_alive(side):
     """The race the partition test found: h2 was cut off and fenced, its lease expired in NATS,
     and bob took his nick back on h3 before this host's own look at h2's lease said it was gone.
-    The change itself says h2 had not renewed for half a lease (``lapsing``): ann hears UNPAIRED
+    The change itself says h2 had not renewed for a lease (``lapsing``): ann hears UNPAIRED
     then PAIRED, and knows what she sent the old bob may be lost, as when h2 is seen gone first."""
     directory, bus, members, room = side
     members.connect(1, "ann", "bob")
