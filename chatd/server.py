@@ -502,7 +502,11 @@ class ChatServer:
         member = self.room.members.get(member_id)
         sent = member.sent if member is not None else 0
         if host is not None and member_id in self.room.members:
-            self.apply(self.room.move_away(member_id, host))
+            moved = self.room.move_away(member_id, host)
+            self.apply(moved)
+            # Its peer here may be held back by this member's output ring (_has_room), which is no
+            # longer its peer's: taken again now, as no output of its own moved to wake it.
+            self._wake.update(moved.changed)
         connection = self.connections.get(member_id)
         if connection is not None and not connection.finishing:
             self.apply(Outcome().tell(member_id, Moved(sent)))

@@ -112,3 +112,44 @@ def test_a_receivers_ring_draining_wakes_what_waits_in_the_stream_for_it_whateve
     turn_until(server, lambda: "bob" in woken.nicks)
     ann.sock.close(), bob.sock.close()
     server.loop.close()
+
+
+def test_a_sender_held_back_by_its_peers_ring_goes_on_once_the_peers_session_moved_to_another_host():
+    """bob reads nothing: ann's messages fill his output ring and chatd holds her back (a peer of
+    this host holds its sender back by its ring). Then bob's session moves to another host
+    (chatd.keeper, through the directory): his ring holds ann back no more, and she is taken
+    again at once; nothing she is sent wakes her, since the move tells her nothing."""
+    server = ChatServer(Holders([]), 8)
+    server.bind("127.0.0.1", 0)
+    a, b = Client(server.port), Client(server.port)
+    turn_until(server, lambda: len(server.connections) == 2)
+    ids = {connection.sock.getpeername()[1]: slot for slot, connection in server.connections.items()}
+    ann, bob = ids[a.sock.getsockname()[1]], ids[b.sock.getsockname()[1]]
+    a.send("NICK ann", "PAIR bob")
+    b.send("NICK bob", "PAIR ann")
+    turn_until(server, lambda: server.room.members[ann].peer is server.room.members[bob])
+    b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    a.sock.setblocking(False)
+    message = ("MSG " + "x" * 30000 + "\n").encode()
+    unsent = message * 400  # far more than bob's ring and socket buffers hold
+    connection = server.connections[ann]
+
+    def send_some() -> None:
+        nonlocal unsent
+        try:
+            unsent = unsent[a.sock.send(unsent):]
+        except BlockingIOError:
+            pass
+
+    turn_until(server, lambda: send_some() or connection.blocked, turns=5000)
+    handled = connection.inbox.handled
+    for _ in range(20):
+        send_some()
+        server.loop.run_once(0.01)
+    assert connection.blocked and connection.inbox.handled == handled, "held back while bob's ring is full"
+    server.session_moved_away(bob, "a test moved it", host="h9")
+    turn_until(server, lambda: send_some() or connection.inbox.handled > handled)
+    a.sock.close(), b.sock.close()
+    for connection in list(server.connections.values()):
+        connection.close()
+    server.loop.close()
