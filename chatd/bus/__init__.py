@@ -99,8 +99,9 @@ so a host whose lease was not renewed for ``host_lease`` is looked up and,
 if gone, reported dead by the bus itself. That look comes a while after the
 expiry, and another host may take a nick of the dead host first: so each
 :class:`NickChanged` names the hosts whose last lease put was stored a lease or more
-before the change was (``lapsing``, in NATS's own times), and a
-nick moving from one of them is taken for a new member, not a session moved.
+before the change was (``lapsing``, in NATS's own times) and whose key a look
+finds gone (this host's watch of the leases may be behind), and a nick moving
+from one of them is taken for a new member, not a session moved.
 Work on one nick runs one at a time, in call order.
 
 **Its own lease, told.** A host cut off from NATS cannot hear that its

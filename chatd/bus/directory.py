@@ -55,6 +55,9 @@ FENCE_MARGIN = 0.5
 #: claim of that host's nicks (:meth:`Directory._lapsing_at`).
 CLOCKS_APART = 0.25
 
+#: Seconds a look at one host's lease key may take while the nick watch waits for it.
+LEASE_LOOK_LIMIT = 1.0
+
 #: Seconds one nick operation (a claim: create, get, update; each request 1 s at most) may take.
 NICK_ATTEMPT_LIMIT = 5.0
 
@@ -222,8 +225,10 @@ class Directory:
         if revision <= self._nick_revision.get(nick, 0):
             return
         self._nick_revision[nick] = revision
-        self.engine.put(NickChanged(nick, None if deleted else msg.data, revision,
-                                    self._lapsing_at(msg.metadata.timestamp.timestamp())))
+        lapsing = self._lapsing_at(msg.metadata.timestamp.timestamp())
+        if lapsing:  # rare: a host lost, or this host's view of the leases behind (a stalled watch)
+            lapsing = await self._gone_of(lapsing)
+        self.engine.put(NickChanged(nick, None if deleted else msg.data, revision, lapsing))
 
     def _lapsing_at(self, stored: float) -> frozenset[str]:
         """The hosts alive here whose last lease put seen was stored at least a lease (less
@@ -235,6 +240,23 @@ class Directory:
         since = self.settings.host_lease - CLOCKS_APART
         return frozenset(host for host, put in self._lease_stored.items()
                          if self.hosts_alive.get(host) and stored - put >= since)
+
+    async def _gone_of(self, hosts: frozenset[str]) -> frozenset[str]:
+        """Of ``hosts``, those whose lease key is not in the bucket now. This host's last put seen of
+        a host may be old because its own watch of the leases stalled (a NATS node's death): a host
+        whose key is there was alive when the nick moved, and the move was a session taken over.
+        One that cannot be looked up (NATS busy) counts as gone: its peers here hear UNPAIRED and
+        PAIRED, rather than have what they send a new member lost unsaid."""
+        gone = set()
+        for host in sorted(hosts):
+            try:
+                if not await asyncio.wait_for(self._lease_held(host), LEASE_LOOK_LIMIT):
+                    gone.add(host)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                gone.add(host)
+        return frozenset(gone)
 
     # -- hosts -------------------------------------------------------------------------
     async def keep_lease(self) -> None:

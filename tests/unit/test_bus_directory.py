@@ -6,6 +6,8 @@ import asyncio
 import datetime
 from types import SimpleNamespace
 
+import nats.js.errors
+
 from chatd.bus import directory as directory_module
 from chatd.bus.directory import Directory
 from chatd.bus.results import DirectoryComplete, NickChanged
@@ -86,17 +88,26 @@ def test_not_complete_while_the_streams_last_message_is_unread(monkeypatch):
 
 
 def test_a_nick_change_names_the_hosts_alive_whose_lease_went_unrenewed_for_a_lease_before_it():
-    """Measured in NATS's times (the lease 4 s): h1 last renewed 4 s before the change (its key
-    expired: the change may be a claim of its nick), h2 2.5 s before (alive for all NATS knows:
-    only a session taken over moves a nick of it), h3's lease was deleted."""
+    """Measured in NATS's times (the lease 4 s): h1 last renewed 4 s before the change and its key
+    is gone (the change may be a claim of its nick); h2 2.5 s before (alive for all NATS knew:
+    only a session taken over moves a nick of it); h3's lease was deleted; h4's last put seen
+    here is as old as h1's, but its key is there (this host's watch of the leases fell behind)."""
     engine = FakeEngine({}, {})
     directory = Directory(engine)
+
+    async def get(host):
+        if host == "h1":
+            raise nats.js.errors.KeyNotFoundError()
+        return SimpleNamespace(key=host, revision=1)
+
+    directory.hosts = SimpleNamespace(get=get)
 
     async def run():
         await directory._on_host(message("$KV.hosts.h1", 1, 0, stored=1000.0))
         await directory._on_host(message("$KV.hosts.h2", 2, 0, stored=1001.5))
         await directory._on_host(message("$KV.hosts.h3", 3, 0, stored=999.0))
-        deleted = message("$KV.hosts.h3", 4, 0, stored=1001.0)
+        await directory._on_host(message("$KV.hosts.h4", 4, 0, stored=999.5))
+        deleted = message("$KV.hosts.h3", 5, 0, stored=1001.0)
         deleted.headers = {"KV-Operation": "DEL"}
         await directory._on_host(deleted)
         await directory._on_nick(message("$KV.nicks.bob", 9, 0, stored=1004.0))
