@@ -74,10 +74,10 @@ from .backup import Backup
 from .bundles import ClientBundles
 from .connection import Connection
 from .holders import Holders
-from .protocols import HEALTH_ASKED
 from .journal import Journal
 from .lastwords import LastWords
 from .listeners import Listeners, refuse
+from .protocols import HEALTH_ASKED
 from .records import Record, record_of
 from .rings import RingFull
 from .room import SESSION_COMMANDS, Busy, Bye, Command, Failed, From, Member, Moved, Msg, Outcome, Remote, Resumed, Room
