@@ -167,6 +167,9 @@ class Client:
         self.pieces.clear()  # what was half written is sent again whole, if chatd did not handle it
         self.inbuf.clear()
         self.resuming = True
+        # A retry the last connection's ERR busy asked for is this RESUME: sent again on top of it,
+        # it would be answered RESUMED twice (a second RESUME on the connection holding the session).
+        self.retry_at = 0.0
         self.sock.sendall(f"RESUME {self.token} {self.expect_n - 1}\n".encode())
         self.resumed_from = self.expect_n - 1
 
