@@ -83,7 +83,6 @@ wait for the directory, and whether the bus is connected.
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from fdkeep.errors import Error
@@ -287,10 +286,7 @@ class Cluster:
 
     # -- reports -------------------------------------------------------------------------
     def unhealthy(self) -> str | None:
-        if self.fence.fenced:
-            return (f"fenced for {time.monotonic() - self.fence.since:.0f} s: host {self.host_id}'s lease may "
-                    "have lapsed (no put of it acknowledged by NATS); its clients go to other hosts")
-        return None
+        return self.fence.why(self.host_id)
 
     def status(self) -> dict:
         return {

@@ -66,6 +66,13 @@ class Fence:
     def fenced(self) -> bool:
         return self.since is not None
 
+    def why(self, host_id: str) -> str | None:
+        """Why this host must get no new clients (its ``/healthz`` says it), or None."""
+        if self.since is None:
+            return None
+        return (f"fenced for {time.monotonic() - self.since:.0f} s: host {host_id}'s lease may have lapsed "
+                "(no put of it acknowledged by NATS); its clients go to other hosts")
+
     def lapsed(self, seconds: float) -> None:
         """The lease may be gone: every client holding a nick is told to move, and closed."""
         if self.since is None:

@@ -177,6 +177,16 @@ class Directory:
         except BusPayloadError as exc:
             return None, exc.kind != "version"
 
+    async def _lease_looked(self, host_id: str, limit: float) -> bool | None:
+        """:meth:`_lease_held`, bounded by ``limit`` s (over a silent link a request can wait for
+        good: see _nick_job); None if NATS did not tell."""
+        try:
+            return await asyncio.wait_for(self._lease_held(host_id), limit)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return None
+
     async def _lease_held(self, host_id: str) -> bool:
         try:
             await self.hosts.get(host_id)
@@ -247,16 +257,8 @@ class Directory:
         whose key is there was alive when the nick moved, and the move was a session taken over.
         One that cannot be looked up (NATS busy) counts as gone: its peers here hear UNPAIRED and
         PAIRED, rather than have what they send a new member lost unsaid."""
-        gone = set()
-        for host in sorted(hosts):
-            try:
-                if not await asyncio.wait_for(self._lease_held(host), LEASE_LOOK_LIMIT):
-                    gone.add(host)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                gone.add(host)
-        return frozenset(gone)
+        return frozenset([host for host in sorted(hosts)
+                          if await self._lease_looked(host, LEASE_LOOK_LIMIT) is not True])
 
     # -- hosts -------------------------------------------------------------------------
     async def keep_lease(self) -> None:
@@ -340,15 +342,12 @@ class Directory:
             now = time.monotonic()
             for host, alive in list(self.hosts_alive.items()):
                 if alive and now - self._host_seen.get(host, now) > lease:
-                    try:
-                        if await asyncio.wait_for(self._lease_held(host), NICK_ATTEMPT_LIMIT):  # bounded: see _nick_job
-                            self._host_seen[host] = time.monotonic()  # renewed, and we missed it
-                        else:
-                            self._host_is(host, False)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        pass  # ask again next round
+                    held = await self._lease_looked(host, NICK_ATTEMPT_LIMIT)
+                    if held:
+                        self._host_seen[host] = time.monotonic()  # renewed, and we missed it
+                    elif held is False:
+                        self._host_is(host, False)
+                    # None: NATS did not tell; ask again next round
 
     # -- watching a bucket -------------------------------------------------------------
     async def _watch(self, which: str, bucket: str, prefix: str, callback, headers_only: bool) -> None:
