@@ -15,7 +15,9 @@ chatd has output queued, and writes to them in part).
 Each receiver checks every ``FROM`` line as it comes: the sender's ``k`` must
 be the next one (else it is *lost* — skipped — or *repeated*), the body must
 be the expected bytes (else *garbled*), and chatd's ``n`` must count 1, 2, 3 …
-(``n-gaps``, ``n-repeats``). A connection that ends is *dropped*. At the end
+(``n-gaps``, ``n-repeats``). A connection that ends is *dropped*; a pairing
+chatd ends (``UNPAIRED``: the partner's host counted dead) is *unpaired*, and
+its ``PAIRED`` again starts ``n`` from 1, as the protocol says. At the end
 every sender stops, and what is still on its way is waited for, then counted
 *lost* if it never comes.
 
@@ -33,6 +35,8 @@ client sends again its messages after the ``handled`` count (its ``k`` is its
 count of chat commands since ``SESSION``). Then a lost, repeated or garbled
 message, or a gap in ``n``, is counted as without sessions; a client whose
 session is refused counts as *dropped*. ``ERR busy <s>``: it tries again then.
+An ``UNPAIRED`` is counted *away*, not a problem: a session's ``n`` goes on over
+it, and a peer whose host is lost shows as gone until its session is resumed.
 """
 
 from __future__ import annotations
@@ -84,10 +88,15 @@ class Tally:
     resumes: int = 0
     busy: int = 0
     moved: int = 0
+    #: Without sessions: pairings chatd broke (UNPAIRED). With them: a peer shown gone for a while
+    #: (its host lost, and the session not yet resumed elsewhere), counted in ``away``.
+    unpaired: int = 0
+    away: int = 0
     notes: list[str] = field(default_factory=list)
 
     def problems(self) -> int:
-        return self.lost + self.repeated + self.garbled + self.n_gaps + self.n_repeats + self.dropped
+        return (self.lost + self.repeated + self.garbled + self.n_gaps + self.n_repeats + self.dropped
+                + self.unpaired)
 
     def row(self) -> dict:
         return {key: value for key, value in self.__dict__.items() if key != "notes"}
@@ -266,7 +275,17 @@ class Client:
     def line(self, line: bytes) -> None:
         tally = self.traffic.tally
         if line == f"PAIRED {self.partner}".encode():
+            if self.paired and not self.traffic.sessions:
+                self.expect_n = 1  # a new pairing counts from 1 (chatd.room); its UNPAIRED was counted
             self.paired = True
+            return
+        if line == f"UNPAIRED {self.partner}".encode():
+            if self.traffic.sessions:
+                tally.away += 1
+            else:
+                tally.unpaired += 1
+                tally.note(f"{self.nick} was told UNPAIRED after n {self.expect_n - 1} (its partner's host "
+                           "counted dead? see the hosts' logs: 'is gone')")
             return
         if line.startswith((b"SESSION ", b"RESUMED ", b"HANDLED ", b"ERR ")) and self.traffic.sessions:
             self.session_line(line)

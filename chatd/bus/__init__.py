@@ -92,7 +92,11 @@ lease expired), or no host at all (garbage someone wrote over it:
 :mod:`~chatd.bus.payloads`), it takes it with a compare-and-set update on the
 revision it read; otherwise the claim is refused. A change under a key that is
 no nick or host id is ignored, said once per kind. While the bus runs it puts this host's
-lease key every ``host_lease / 4`` s. Both buckets are watched (all current
+lease key every ``host_lease / 4`` s, from the moment it is connected (before the stream and
+buckets are checked: chatd serves its clients from the start, and a host whose chatd is
+restarted again and again, each time in the middle of a slow setup, must not go unleased for
+so long that it counts as dead); a put that failed is tried again within
+:data:`~chatd.bus.directory.LEASE_RETRY`, not a quarter lease later. Both buckets are watched (all current
 values, then every change), giving :class:`NickChanged` and
 :class:`HostChanged`. nats-server 2.9 writes no marker when a key expires,
 so a host whose lease was not renewed for ``host_lease`` is looked up and,

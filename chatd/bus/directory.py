@@ -55,6 +55,11 @@ FENCE_MARGIN = 0.5
 #: claim of that host's nicks (:meth:`Directory._lapsing_at`).
 CLOCKS_APART = 0.25
 
+#: Seconds before a lease put that failed (no leader for the bucket yet, NATS away) is tried
+#: again: a renewal is late already, and a quarter lease more (with the failed put's own wait)
+#: is half the lease gone.
+LEASE_RETRY = 0.2
+
 #: Seconds a look at one host's lease key may take while the nick watch waits for it.
 LEASE_LOOK_LIMIT = 1.0
 
@@ -262,13 +267,14 @@ class Directory:
 
     # -- hosts -------------------------------------------------------------------------
     async def keep_lease(self) -> None:
-        """Put this host's lease every quarter of it, for ever; whether it lapsed meanwhile is
-        :meth:`watch_own_lease`'s to say."""
+        """Put this host's lease every quarter of it, for ever (a put that failed again within
+        :data:`LEASE_RETRY`); whether it lapsed meanwhile is :meth:`watch_own_lease`'s to say."""
         settings = self.settings
         value = json.dumps({"host": settings.host_id, "pid": os.getpid(), "since": time.time()}).encode()
         subject = f"$KV.{settings.host_bucket}.{settings.host_id}"
         every = settings.host_lease / 4
         while True:
+            renewed = False
             try:
                 sending = time.monotonic()
                 # Bounded as a whole, not only the wait for the ack: a put queued in nats-py while it
@@ -277,6 +283,7 @@ class Directory:
                 self.gauges.lease_renewed = time.monotonic()
                 self._lease_sent = max(sending, self._lease_sent or 0.0)
                 self._leased.set()
+                renewed = True
                 if self._lapse_told:
                     self._lapse_told = False
                     self.engine.put(LeaseRenewed())
@@ -284,10 +291,10 @@ class Directory:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                pass  # tried again below; a lapse is watch_own_lease's to tell
-            # Until it is first stored, no claim is answered: try again soon (a new bucket's
-            # stream may take a moment to elect its leader).
-            await asyncio.sleep(every if self._leased.is_set() else min(every, 0.1))
+                pass  # tried again soon; a lapse is watch_own_lease's to tell
+            # A put that failed is tried again soon: the bucket's stream may be electing its leader
+            # (a NATS node died), or not made yet (this host's first setup makes it).
+            await asyncio.sleep(every if renewed else min(every, LEASE_RETRY))
 
     async def watch_own_lease(self) -> None:
         """Say :class:`LeaseLapsed` once this host's lease may have expired in NATS (see

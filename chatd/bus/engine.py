@@ -187,13 +187,19 @@ class Engine:
         self.gauges.max_payload = self.nc.max_payload
         self.put(Connected(self.gauges.server))
         self.js = self.nc.jetstream(timeout=API_TIMEOUT)
+        directory = self.directory
+        # The lease first: this host is alive from the moment chatd runs (it serves its clients
+        # from holderd before NATS answers). Put only after the setup, a host whose chatd was
+        # restarted again and again during a slow setup (a NATS node's death) went unleased for
+        # as long, and other hosts counted it dead: their members' pairs with it broke.
+        lease = self.spawn(directory.keep_lease())
+        lapse_watch = self.spawn(directory.watch_own_lease())
         if await self.until_done("setup", self._setup) is False:
-            return  # failed for good: said
+            lease.cancel()  # failed for good (said): a host that serves no cluster holds no nicks
+            lapse_watch.cancel()
+            return
         self.gauges.ready = True
         self.ready.set()
-        directory = self.directory
-        self.spawn(directory.keep_lease())
-        self.spawn(directory.watch_own_lease())
         self.spawn(directory.watch_hosts_expiring())
         self.spawn(self.until_done("delivery", self._start_delivery))
         self.spawn(self.until_done("nick watch", directory.watch_nicks))

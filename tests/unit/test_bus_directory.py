@@ -6,6 +6,7 @@ import asyncio
 import datetime
 from types import SimpleNamespace
 
+import nats.errors
 import nats.js.errors
 
 from chatd.bus import directory as directory_module
@@ -115,3 +116,32 @@ def test_a_nick_change_names_the_hosts_alive_whose_lease_went_unrenewed_for_a_le
     asyncio.run(run())
     [change] = [result for result in engine.put_results if isinstance(result, NickChanged)]
     assert change.nick == "bob" and change.lapsing == frozenset({"h1"})
+
+
+def test_a_lease_put_that_failed_is_tried_again_soon_not_a_quarter_lease_later():
+    """A NATS node's death leaves the hosts bucket without a leader for seconds: each put then
+    fails, and trying again a quarter lease after each failure left a host unleased for half its
+    lease and more (and a chatd killed meanwhile, for longer: other hosts counted it dead)."""
+    engine = FakeEngine({}, {})
+    engine.settings.host_lease = 4.0  # a put every second while they succeed
+    puts = []
+
+    async def publish(subject, value, timeout):
+        puts.append(asyncio.get_running_loop().time())
+        if len(puts) in (2, 3):
+            raise nats.errors.NoRespondersError  # the bucket's stream has no leader for now
+
+    engine.js.publish = publish
+
+    async def run():
+        directory = Directory(engine)
+        task = asyncio.create_task(directory.keep_lease())
+        await asyncio.sleep(1.9)
+        task.cancel()
+        return directory
+
+    directory = asyncio.run(run())
+    assert len(puts) == 4, puts  # renewed, failed twice (each tried again soon), renewed
+    assert puts[1] - puts[0] >= 0.9  # a quarter lease after a put that succeeded
+    assert puts[3] - puts[1] < 3 * directory_module.LEASE_RETRY
+    assert directory._leased.is_set()
